@@ -1,0 +1,131 @@
+"""`PagedAttention`: the module every generated attention class calls."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from runtime.attention.metadata import InputMetadata
+from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
+
+BACKENDS = ("torch", "triton")
+
+
+def select_backend(device: torch.device) -> str:
+    """`HF2PAGED_ATTENTION_BACKEND` (torch|triton) wins; else Triton on CUDA, torch elsewhere.
+
+    On CPU, Triton runs only under `TRITON_INTERPRET=1` (tests on small shapes).
+    """
+    forced = os.environ.get("HF2PAGED_ATTENTION_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"HF2PAGED_ATTENTION_BACKEND={forced!r}; expected one of {BACKENDS}")
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+class PagedAttention(nn.Module):
+    """Causal attention over a block-structured KV cache.
+
+    ``forward(q, k, v, kv_cache, input_metadata)`` stores this step's k/v into
+    ``kv_cache`` (``[2, num_blocks, block_size, num_kv_heads, head_dim]``) at
+    ``input_metadata.slot_mapping`` and returns ``[T, num_heads * head_dim]``.
+    ``scale`` is the source model's own scaling (never defaulted here). ``sliding_window``
+    follows transformers: key j is visible to query i iff ``i - W < j <= i``.
+    ``alibi_slopes`` holds this rank's heads' slopes.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | list[float] | None = None,
+        logits_soft_cap: float | None = None,
+        kv_cache_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = float(scale)
+        # transformers uses None (and sometimes 0 / negative) for "no window".
+        self.sliding_window = int(sliding_window) if sliding_window and sliding_window > 0 else None
+        self.logits_soft_cap = (
+            float(logits_soft_cap) if logits_soft_cap and logits_soft_cap > 0 else None
+        )
+        self.kv_cache_index = kv_cache_index
+        if alibi_slopes is not None:
+            slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32).flatten()
+            if slopes.numel() != num_heads:
+                raise ValueError(f"{slopes.numel()} ALiBi slopes for {num_heads} heads")
+            self.register_buffer("alibi_slopes", slopes, persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"scale={self.scale:g}, sliding_window={self.sliding_window}, "
+            f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, Hq*D] or [T, Hq, D]
+        key: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        input_metadata: InputMetadata,
+    ) -> torch.Tensor:  # [T, Hq*D]
+        num_tokens = query.shape[0]
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if kv_cache.shape[3] != self.num_kv_heads or kv_cache.shape[4] != self.head_dim:
+            raise ValueError(
+                f"kv_cache {tuple(kv_cache.shape)} does not hold {self.num_kv_heads} kv heads "
+                f"of dim {self.head_dim}"
+            )
+        if select_backend(query.device) == "triton":
+            from runtime.attention import triton_ops
+
+            triton_ops.reshape_and_cache(key, value, kv_cache, input_metadata.slot_mapping)
+            out = triton_ops.paged_attention(
+                query,
+                kv_cache,
+                input_metadata,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                alibi_slopes=self.alibi_slopes,
+                logits_soft_cap=self.logits_soft_cap,
+            )
+        else:
+            reshape_and_cache_ref(key, value, kv_cache, input_metadata.slot_mapping)
+            out = paged_attention_ref(
+                query,
+                kv_cache,
+                input_metadata,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                alibi_slopes=self.alibi_slopes,
+                logits_soft_cap=self.logits_soft_cap,
+            )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+
+def attention_layers(model: nn.Module) -> list[PagedAttention]:
+    """Every `PagedAttention` of ``model`` in module order, numbering `kv_cache_index`
+    in that order where the converter did not set it."""
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    for i, layer in enumerate(layers):
+        if layer.kv_cache_index is None:
+            layer.kv_cache_index = i
+    return layers

@@ -1,0 +1,84 @@
+"""Torch reference backend: readable, slow, and the oracle every kernel is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.attention.metadata import InputMetadata
+
+
+def reshape_and_cache_ref(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64, < 0 = skip
+) -> None:
+    """Store each token's K/V at its slot (``block * block_size + offset``)."""
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
+    kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
+
+
+def gather_sequence_kv(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_table: torch.Tensor,  # [max_blocks]
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``seq_len`` cached K and V of one sequence, each ``[seq_len, Hkv, D]``."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D], this step's K/V already stored
+    metadata: InputMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention of every new token over its sequence's cached context.
+
+    Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
+    position ``p = L - Q + i`` and sees keys ``j`` with ``p - W < j <= p`` (``W`` the
+    sliding window, transformers' convention). Scores: ``q.k * scale``, then soft-capping
+    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p)``; softmax in fp32.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc.tolist()
+    seq_lens = metadata.host_seq_lens()
+    for b, seq_len in enumerate(seq_lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        if q_end == q_start:
+            continue
+        q = query[q_start:q_end].float().transpose(0, 1)  # [Hq, Q, D]
+        k, v = gather_sequence_kv(kv_cache, metadata.block_tables[b], seq_len)
+        k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hq, Q, L]
+        if logits_soft_cap is not None and logits_soft_cap > 0:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+        q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        rel = k_pos[None, :] - q_pos[:, None]  # [Q, L]
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * rel[None]
+        visible = rel <= 0
+        if sliding_window is not None and sliding_window > 0:
+            visible &= rel > -sliding_window
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
+    assert out.shape == (query.shape[0], num_heads, head_dim)
+    return out
