@@ -1,0 +1,92 @@
+"""Parallel state: single-process TP=1, helpers, and a gloo TP=2 group via run_distributed."""
+
+import pytest
+import torch
+from distributed import run_distributed
+
+from runtime.parallel import state
+from runtime.parallel.state import (
+    destroy_parallel,
+    divide,
+    get_tp_group,
+    get_tp_rank,
+    get_tp_size,
+    init_parallel,
+    local_num_heads,
+    local_num_kv_heads,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+
+
+def test_divide():
+    assert divide(12, 4) == 3
+    with pytest.raises(ValueError, match="not divisible"):
+        divide(10, 4)
+
+
+def test_single_process_needs_no_group():
+    init_parallel(1)
+    try:
+        assert (get_tp_size(), get_tp_rank(), get_tp_group()) == (1, 0, None)
+        x = torch.randn(3, 4)
+        assert tensor_model_parallel_all_reduce(x) is x
+        assert tensor_model_parallel_all_gather(x) is x
+        assert local_num_heads(12) == 12 and local_num_kv_heads(4) == 4
+    finally:
+        destroy_parallel()
+
+
+def test_multi_rank_without_rendezvous_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        init_parallel(2, rank=0)
+    destroy_parallel()
+
+
+@pytest.mark.parametrize(
+    "tp,total_kv,expected",
+    [(2, 8, 4), (4, 4, 1), (4, 2, 1), (8, 1, 1), (2, 3, None), (4, 3, None), (3, 2, None)],
+)
+def test_local_num_kv_heads(monkeypatch, tp, total_kv, expected):
+    monkeypatch.setattr(state, "_TP_SIZE", tp)
+    if expected is None:
+        with pytest.raises(ValueError, match="key/value heads"):
+            local_num_kv_heads(total_kv)
+    else:
+        assert local_num_kv_heads(total_kv) == expected
+
+
+def test_local_num_heads_error(monkeypatch):
+    monkeypatch.setattr(state, "_TP_SIZE", 4)
+    assert local_num_heads(8) == 2
+    with pytest.raises(ValueError, match="6 attention heads"):
+        local_num_heads(6)
+
+
+def _collectives(rank, world_size):
+    assert get_tp_size() == world_size and get_tp_rank() == rank
+    assert get_tp_group() is not None
+    x = torch.full((2, 3), float(rank + 1))
+    summed = tensor_model_parallel_all_reduce(x.clone())
+    assert torch.equal(summed, torch.full((2, 3), float(sum(range(1, world_size + 1)))))
+    gathered = tensor_model_parallel_all_gather(x, dim=-1)  # [2, 3 * world]
+    expected = torch.cat([torch.full((2, 3), float(r + 1)) for r in range(world_size)], dim=-1)
+    assert torch.equal(gathered, expected)
+    gathered0 = tensor_model_parallel_all_gather(x, dim=0)  # [2 * world, 3]
+    assert gathered0.shape == (2 * world_size, 3)
+    return rank * 10
+
+
+def _fails_on_rank_1(rank, world_size):
+    if rank == 1:
+        raise KeyError("boom from rank 1")
+    # Rank 0 waits in a collective that rank 1 never joins: the launcher must not hang.
+    tensor_model_parallel_all_reduce(torch.ones(1))
+
+
+def test_gloo_collectives_and_failure_propagation():
+    assert run_distributed(_collectives, 2) == [0, 10]
+    with pytest.raises(RuntimeError, match="(?s)rank 1 of 2 failed.*KeyError.*boom from rank 1"):
+        run_distributed(_fails_on_rank_1, 2, timeout=120)
