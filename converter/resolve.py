@@ -1,0 +1,111 @@
+"""Find the modeling file to convert: a model type (`opt`) in the installed transformers,
+or a path to a `modeling_<type>.py` file."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from converter.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One conversion input: the file and the model type it defines."""
+
+    path: Path
+    model_type: str
+
+
+@cache
+def transformers_root() -> Path:
+    """The installed transformers package directory (found without importing it)."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(
+            "transformers is not installed", hint="pip install 'transformers==5.24.0'"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@cache
+def transformers_version() -> str:
+    return importlib.metadata.version("transformers")
+
+
+def installed_model_types() -> list[str]:
+    models = transformers_root() / "models"
+    return sorted(
+        p.parent.name
+        for p in models.glob("*/modeling_*.py")
+        if p.stem == f"modeling_{p.parent.name}"
+    )
+
+
+def modeling_file(model_type: str) -> Path:
+    """`models/<type>/modeling_<type>.py` of the installed transformers."""
+    name = model_type.replace("-", "_")
+    path = transformers_root() / "models" / name / f"modeling_{name}.py"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, installed_model_types(), n=3)
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else "pass a path to a modeling_<type>.py file"
+        )
+        raise ConversionError(
+            f"unknown model type {model_type!r}: transformers {transformers_version()} has no "
+            f"models/{name}/modeling_{name}.py",
+            hint=hint,
+        )
+    return path
+
+
+def configuration_file(model_type: str) -> Path | None:
+    """`models/<type>/configuration_<type>.py`, or None when the type has none installed."""
+    name = model_type.replace("-", "_")
+    path = transformers_root() / "models" / name / f"configuration_{name}.py"
+    return path if path.is_file() else None
+
+
+def _looks_like_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target or Path(target).exists()
+
+
+def resolve(target: str) -> Source:
+    """A model type or a path -> the modeling file and its model type."""
+    if not _looks_like_path(target):
+        return Source(modeling_file(target), target.replace("-", "_"))
+    path = Path(target)
+    if not path.exists():
+        raise ConversionError(
+            "no such file", path=path, hint="pass a modeling_<type>.py path or a model type"
+        )
+    if path.is_dir():
+        raise ConversionError(
+            "is a directory, not a modeling file",
+            path=path,
+            hint="pass models/<type>/modeling_<type>.py",
+        )
+    if path.suffix != ".py":
+        raise ConversionError("not a Python file", path=path, hint="pass a modeling_<type>.py file")
+    if not path.stem.startswith("modeling_") or path.stem == "modeling_":
+        raise ConversionError(
+            "cannot tell the model type from the file name",
+            path=path,
+            hint="name the file modeling_<type>.py",
+        )
+    return Source(path.resolve(), path.stem[len("modeling_") :])
+
+
+def display_path(path: Path) -> str:
+    """`models/<type>/modeling_<type>.py` for installed files (stable across machines),
+    the path as given otherwise."""
+    try:
+        return path.resolve().relative_to(transformers_root()).as_posix()
+    except ValueError:
+        return path.name
