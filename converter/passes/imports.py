@@ -1,0 +1,49 @@
+"""Pass: relative imports -> absolute (`from ...utils import X` -> `from transformers.utils import X`).
+
+Generated modules live outside transformers, so every relative import must name its
+package. ``from ... import initialization as init`` has no module part: it becomes
+``from transformers import initialization as init``. Unused imports are left to ruff.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from converter.analysis import dotted
+from converter.context import ConversionContext
+
+
+def absolute_module(package: str, dots: int, module: str | None) -> str:
+    """``("transformers.models.llama", 3, "utils")`` -> ``"transformers.utils"``."""
+    parts = package.split(".")
+    if dots - 1 > len(parts) - 1:
+        raise ValueError(f"relative import climbs above {package!r}")
+    base = parts[: len(parts) - (dots - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def _module_expr(name: str) -> cst.Attribute | cst.Name:
+    parts = name.split(".")
+    expr: cst.Attribute | cst.Name = cst.Name(parts[0])
+    for part in parts[1:]:
+        expr = cst.Attribute(value=expr, attr=cst.Name(part))
+    return expr
+
+
+class _Absolute(cst.CSTTransformer):
+    def __init__(self, ctx: ConversionContext) -> None:
+        self.ctx = ctx
+
+    def leave_ImportFrom(self, original: cst.ImportFrom, updated: cst.ImportFrom) -> cst.ImportFrom:
+        if not updated.relative:
+            return updated
+        module = dotted(updated.module) if updated.module is not None else None
+        try:
+            target = absolute_module(self.ctx.package, len(updated.relative), module)
+        except ValueError as exc:
+            raise self.ctx.error(str(exc), original, hint="pass the file's package") from None
+        return updated.with_changes(relative=[], module=_module_expr(target))
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    return module.visit(_Absolute(ctx))

@@ -1,0 +1,108 @@
+"""The conversion pipeline: source text -> parse -> passes -> finish (render) -> text.
+
+Each pass is ``run(module, ctx) -> module`` in ``converter/passes/``, one concern each.
+Analysis (`converter.analysis.analyze`) runs once on the parsed source, before any pass,
+so every pass sees the roles of the ORIGINAL file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import libcst as cst
+import tomllib
+
+from converter.analysis import analyze
+from converter.context import ConversionContext
+from converter.errors import ConversionError
+from converter.passes import imports
+
+Pass = Callable[[cst.Module, ConversionContext], cst.Module]
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+STAGES: list[Pass] = [
+    # --- C1: core passes (order matters; see each pass's docstring) ---
+    imports.run,
+    # --- C2: tp, weights: add stages below this line ---
+]
+
+
+def _plain_code(module: cst.Module, ctx: ConversionContext) -> str:
+    return module.code
+
+
+# C2's render step (header, ruff) replaces this.
+finish: Callable[[cst.Module, ConversionContext], str] = _plain_code
+
+
+@dataclass
+class Conversion:
+    code: str
+    module: cst.Module
+    ctx: ConversionContext
+
+
+def load_rules(rules_dir: Path = RULES_DIR) -> dict:
+    """Every ``rules/*.toml`` table, keyed by file stem (``rules["training"]``)."""
+    rules: dict = {}
+    for path in sorted(rules_dir.glob("*.toml")):
+        with path.open("rb") as fh:
+            rules[path.stem] = tomllib.load(fh)
+    return rules
+
+
+_RULES_CACHE: dict[Path, dict] = {}
+
+
+def package_of(path: Path, model_type: str) -> str:
+    """``.../site-packages/transformers/models/llama/modeling_llama.py`` ->
+    ``transformers.models.llama``; files outside transformers are assumed to be a copy
+    of ``transformers.models.<model_type>``."""
+    parts = path.resolve().parts
+    if "transformers" in parts:
+        idx = len(parts) - 1 - parts[::-1].index("transformers")
+        return ".".join(parts[idx:-1])
+    return f"transformers.models.{model_type}"
+
+
+def model_type_of(path: Path) -> str:
+    stem = path.stem
+    if not stem.startswith("modeling_"):
+        raise ValueError(f"{path}: expected a modeling_<type>.py file")
+    return stem[len("modeling_") :]
+
+
+def convert_source(
+    source: str,
+    path: str | Path,
+    model_type: str | None = None,
+    package: str | None = None,
+    rules: dict | None = None,
+    stages: list[Pass] | None = None,
+) -> Conversion:
+    """Run the whole pipeline on `source` (the text of `path`)."""
+    path = Path(path)
+    model_type = model_type or model_type_of(path)
+    ctx = ConversionContext.from_source(
+        source, path, model_type, package or package_of(path, model_type)
+    )
+    if rules is None:
+        rules = _RULES_CACHE.get(RULES_DIR) or _RULES_CACHE.setdefault(RULES_DIR, load_rules())
+    ctx.rules = rules
+    try:
+        module = cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        raise ConversionError(
+            f"cannot parse: {exc.message}", path=path, line=exc.raw_line
+        ) from None
+    analyze(module, ctx)
+    for stage in STAGES if stages is None else stages:
+        module = stage(module, ctx)
+    return Conversion(finish(module, ctx), module, ctx)
+
+
+def convert_file(path: str | Path, model_type: str | None = None) -> Conversion:
+    path = Path(path)
+    return convert_source(path.read_text(), path, model_type)
