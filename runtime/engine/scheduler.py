@@ -1,0 +1,166 @@
+"""`Scheduler`: decides which tokens of which sequences the next step computes.
+
+Continuous batching with chunked prefill, in the manner of vLLM v1: there is no separate
+prefill or decode phase. Each step spends a token budget (`max_num_batched_tokens`)
+first on running sequences in arrival order (a decode costs one token, an unfinished
+prompt takes the next chunk that fits), then admits waiting sequences first come, first
+served. When a running sequence needs a block and none is free, the most recently
+admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.cache import BlockManager
+from runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, starting at its
+    `num_computed_tokens`. `sample[i]` says whether that chunk reaches the sequence's last
+    token, so the step samples its next token."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def sampled_seqs(self) -> list[Sequence]:
+        return [s for s, sample in zip(self.seqs, self.sample) if sample]
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; the block manager owns the blocks."""
+
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_seqs and max_num_batched_tokens must be >= 1, got "
+                f"{max_num_seqs}, {max_num_batched_tokens}"
+            )
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.status is SequenceStatus.WAITING and not seq.block_table
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # Running sequences first, oldest first; victims come off the tail, which has not
+        # been scheduled yet in this step.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            while not bm.can_append(seq):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.append_slot(seq)
+                self._schedule(out, seq, budget)
+                budget -= out.num_new_tokens[-1]
+                i += 1
+
+        # Admit waiting sequences unless this step had to preempt (the blocks are short).
+        if not out.preempted or out.is_empty:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                if not bm.can_allocate(seq):
+                    break
+                self.waiting.popleft()
+                bm.allocate(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self._schedule(out, seq, budget)
+                budget -= out.num_new_tokens[-1]
+        assert not out.is_empty or not self.has_unfinished(), "a step scheduled nothing"
+        return out
+
+    def _schedule(self, out: SchedulerOutput, seq: Sequence, budget: int) -> None:
+        n = min(seq.num_uncomputed_tokens, budget)
+        assert n > 0, f"{seq} has nothing to compute"
+        out.seqs.append(seq)
+        out.num_new_tokens.append(n)
+        out.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
+        self.block_manager.publish(seq, seq.num_computed_tokens + n)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the blocks, keep the tokens, go to the front of the queue."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ after the step
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Record the step: advance computed counts, append the sampled tokens (one per
+        `sample` entry, in order), finish sequences that hit EOS, a stop token or their
+        length limit. Returns the sequences that got a new token."""
+        assert len(sampled_token_ids) == sum(out.sample), "one sampled token per sampling sequence"
+        tokens = iter(sampled_token_ids)
+        grown = []
+        for seq, n, sample in zip(out.seqs, out.num_new_tokens, out.sample):
+            assert seq.status is SequenceStatus.RUNNING, f"{seq} changed state during its step"
+            seq.num_computed_tokens += n
+            if not sample:
+                continue
+            token_id = next(tokens)
+            seq.append_token(token_id)
+            grown.append(seq)
+            status = seq.stop_reason(token_id)
+            if status is not None:
+                self._release(seq, status)
+        if any(s.is_finished for s in grown):
+            self.running = [s for s in self.running if not s.is_finished]
+        return grown
+
+    def _release(self, seq: Sequence, status: SequenceStatus) -> None:
+        self.block_manager.free(seq)
+        seq.status = status
+
+    def finish(self, seq: Sequence, status: SequenceStatus = SequenceStatus.FINISHED_STOPPED) -> None:
+        """End `seq` now (a stop string matched, or an abort): its blocks are freed at once."""
+        assert status.is_finished
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._release(seq, status)
+
+    def abort(self, seq: Sequence) -> None:
+        self.finish(seq, SequenceStatus.FINISHED_ABORTED)
