@@ -73,7 +73,8 @@ class VocabParallelEmbedding(nn.Module):
         full = (self.num_embeddings, *param.shape[1:])  # weight [V, D] or LM-head bias [V]
         check_loaded_shape(loaded_weight, full, param)
         n = self.num_real_rows
-        copy_checked(param.data[:n], loaded_weight.narrow(0, self.vocab_start_index, n))
+        if n > 0:  # a small vocabulary can leave a rank with padding only
+            copy_checked(param.data[:n], loaded_weight.narrow(0, self.vocab_start_index, n))
         param.data[n:].zero_()  # padding rows: zero logits/embeddings, trimmed anyway
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
