@@ -212,6 +212,10 @@ class _ClassCollector(cst.CSTVisitor):
         if self._class and is_interface_lookup(node):
             self._class[-1].calls_attention_interface = True
 
+    def visit_Attribute(self, node: cst.Attribute) -> None:
+        if self._class and dotted(node.value) in ("config", "self.config"):
+            self._class[-1].config_reads.add(node.attr.value)
+
     def visit_Subscript(self, node: cst.Subscript) -> None:
         if self._class and is_interface_lookup(node):
             self._class[-1].calls_attention_interface = True

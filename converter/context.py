@@ -42,6 +42,7 @@ class ClassInfo:
     calls_attention_interface: bool = False
     param_attrs: list[str] = field(default_factory=list)  # self.X = nn.Parameter(...)
     forward_params: list[str] = field(default_factory=list)
+    config_reads: set[str] = field(default_factory=set)  # X of config.X / self.config.X
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Turn the rewritten module into the bytes of `generated/<type>.py`.
 
-Absolute imports (the generated file lives outside transformers), the provenance
-header, then the pinned ruff: `ruff check --fix` (unused imports, import order) and
+The provenance header, then the pinned ruff: `ruff check --fix` (unused imports, import order) and
 `ruff format`. Every ruff setting is passed on the command line with `--isolated`, so
 the output never depends on the current directory's configuration. Ruff failing is a
 conversion error, never silently skipped: `F821` (an undefined name) in generated
@@ -63,32 +62,6 @@ def header(hf2paged_ver: str, transformers_ver: str, source_display: str, sha256
     )
 
 
-class _AbsoluteImports(cst.CSTTransformer):
-    """`from ..x import y` -> `from transformers.<...>.x import y`, resolved against the
-    package the source file came from (`transformers.models.<type>`)."""
-
-    def __init__(self, package: str) -> None:
-        self.package = package.split(".")
-
-    def leave_ImportFrom(self, original: cst.ImportFrom, updated: cst.ImportFrom) -> cst.ImportFrom:
-        level = len(updated.relative)
-        if level == 0:
-            return updated
-        if level > len(self.package):
-            raise ConversionError(
-                f"relative import goes above the package {'.'.join(self.package)}",
-                construct=cst.Module([]).code_for_node(original),
-            )
-        base = self.package[: len(self.package) - level + 1]
-        if updated.module is not None:
-            base = base + cst.Module([]).code_for_node(updated.module).split(".")
-        return updated.with_changes(module=cst.parse_expression(".".join(base)), relative=())
-
-
-def absolute_imports(module: cst.Module, package: str) -> cst.Module:
-    return module.visit(_AbsoluteImports(package))
-
-
 @cache
 def ruff_binary() -> str:
     """The ruff installed with this Python (pinned in pyproject), not whatever is on PATH."""
@@ -134,13 +107,11 @@ def ruff_clean(text: str, filename: str) -> str:
 def render(
     module: cst.Module,
     *,
-    package: str,
     source_display: str,
     source_text: str,
     transformers_ver: str,
     filename: str,
 ) -> str:
     """The final text of a generated module (deterministic for a given input)."""
-    module = absolute_imports(module, package)
     head = header(hf2paged_version(), transformers_ver, source_display, source_sha256(source_text))
     return ruff_clean(head + module.code, filename)

@@ -1,0 +1,351 @@
+"""Pass 3, attention sink: the attention-interface call becomes paged attention.
+
+``out, weights = attention_interface(self, q, k, v, mask, dropout=..., scaling=s, ...)``
+-> ``out = self.attn(q.transpose(1, 2)[0], k..., v..., kv_cache, input_metadata)[None]``
+(q/k/v are ``[1, H, T, D]`` by the interface's contract; ``self.attn`` returns
+``[T, Hq*D]``, so ``out`` is ``[1, T, Hq*D]`` and HF's own ``reshape(*input_shape, -1)``
+still applies). Later reads of ``weights`` become ``None``. The interface lookup goes.
+
+``__init__`` gains ``self.attn = PagedAttention(heads, head_dim, s, num_kv_heads=...,
+sliding_window=..., logits_soft_cap=...)`` built from the call's OWN keyword expressions
+(`KWARGS` maps them; an unknown keyword stops the conversion) and the head sizes the
+source itself uses in its q/k ``view``/``reshape`` (falling back to the config fields it
+reads). ``forward`` gains ``kv_cache`` and ``input_metadata`` parameters.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from converter.analysis import BUILTINS, is_interface_lookup, methods_of
+from converter.context import ConversionContext
+from converter.passes.select import names_read
+
+# attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
+KWARGS: dict[str, str | None] = {
+    "scaling": "scale",
+    "sliding_window": "sliding_window",
+    "softcap": "logits_soft_cap",
+    "dropout": None,
+    "position_ids": None,  # flash-attention varlen hint; paged metadata replaces it
+}
+VIEW_METHODS = ("view", "reshape")
+IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def _statements(body) -> list[cst.BaseStatement]:
+    """All statements of a block, nested blocks flattened, in source order."""
+    out: list[cst.BaseStatement] = []
+    for stmt in body:
+        out.append(stmt)
+        for block in ("body", "orelse"):
+            inner = getattr(stmt, block, None)
+            if isinstance(inner, cst.BaseSuite):
+                out += _statements(inner.body)
+            elif isinstance(inner, (cst.If, cst.Else)):
+                out += _statements([inner] if isinstance(inner, cst.If) else inner.body.body)
+    return out
+
+
+def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
+    found: dict[str, list[cst.BaseExpression]] = {}
+    for stmt in stmts:
+        if not isinstance(stmt, cst.SimpleStatementLine):
+            continue
+        for small in stmt.body:
+            if isinstance(small, cst.Assign):
+                targets = [t.target for t in small.targets]
+            elif isinstance(small, cst.AnnAssign) and small.value is not None:
+                targets = [small.target]
+            else:
+                continue
+            for target in targets:
+                elts = target.elements if isinstance(target, cst.Tuple) else [target]
+                for el in elts:
+                    node = el.value if isinstance(el, cst.Element) else el
+                    if isinstance(node, cst.Name):
+                        found.setdefault(node.value, []).append(small.value)
+    return found
+
+
+class _Views(cst.CSTVisitor):
+    def __init__(self) -> None:
+        self.calls: list[cst.Call] = []
+
+    def visit_Call(self, node: cst.Call) -> None:
+        if isinstance(node.func, cst.Attribute) and node.func.attr.value in VIEW_METHODS:
+            self.calls.append(node)
+
+
+def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
+    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first)."""
+    queue, seen = [name], {name}
+    while queue:
+        current = queue.pop(0)
+        for rhs in assigns.get(current, []):
+            finder = _Views()
+            rhs.visit(finder)
+            for call in finder.calls:
+                dims = [a.value for a in call.args]
+                if len(dims) == 1 and isinstance(dims[0], cst.Name):
+                    resolved = assigns.get(dims[0].value, [])
+                    dims = [resolved[0]] if resolved else dims
+                if len(dims) == 1 and isinstance(dims[0], cst.Tuple):
+                    dims = [el.value for el in dims[0].elements]
+                if len(dims) >= 3:
+                    return dims
+        for rhs in assigns.get(current, []):
+            for ref in sorted(names_read(rhs) - seen):
+                seen.add(ref)
+                queue.append(ref)
+    return None
+
+
+class _Sink(cst.CSTTransformer):
+    """Rewrites one attention forward; fills `self.ctor` with PagedAttention arguments."""
+
+    def __init__(self, ctx: ConversionContext, cls: str) -> None:
+        self.ctx, self.cls = ctx, cls
+        self.interface: str | None = None
+        self.weights: str | None = None
+        self.call: cst.Call | None = None
+        self.operands: list[cst.BaseExpression] = []
+
+    def leave_SimpleStatementLine(self, original, updated):
+        small = updated.body[0] if len(updated.body) == 1 else None
+        value = getattr(small, "value", None)
+        if isinstance(small, (cst.Assign, cst.AnnAssign)) and value is not None:
+            if is_interface_lookup(value):
+                target = small.targets[0].target if isinstance(small, cst.Assign) else small.target
+                self.interface = _code(target)
+                return cst.RemoveFromParent()
+            if (
+                isinstance(value, cst.Call)
+                and self.interface
+                and _code(value.func) == self.interface
+            ):
+                return self._rewrite(original, small, value)
+        return updated
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
+        if self.weights is not None and updated.value == self.weights:
+            return cst.Name("None")
+        return updated
+
+    def _rewrite(self, stmt, small, call: cst.Call):
+        scope = f"{self.cls}.forward"
+        if self.call is not None:
+            raise self.ctx.error("two attention-interface calls in one forward", stmt, scope=scope)
+        positional = [a for a in call.args if a.keyword is None and not a.star]
+        if len(positional) != 5:
+            raise self.ctx.error(
+                "attention-interface call without (module, q, k, v, mask) positional arguments",
+                stmt,
+                scope=scope,
+                hint="extend converter/passes/attention.py",
+            )
+        for arg in call.args:
+            key = arg.keyword.value if arg.keyword is not None else None
+            if arg.star == "**" or key is None:
+                continue
+            if key not in KWARGS:
+                raise self.ctx.error(
+                    f"attention-interface keyword {key}= has no paged-attention equivalent",
+                    stmt,
+                    scope=scope,
+                    hint="map it in converter/passes/attention.py KWARGS (or extend PagedAttention)",
+                )
+        target = small.targets[0].target if isinstance(small, cst.Assign) else small.target
+        if isinstance(target, cst.Tuple) and len(target.elements) == 2:
+            out, weights = (el.value for el in target.elements)
+            if isinstance(weights, cst.Name):
+                self.weights = weights.value
+        else:
+            raise self.ctx.error(
+                "attention-interface result is not unpacked as (output, weights)", stmt, scope=scope
+            )
+        self.call = call
+        self.operands = [a.value for a in positional[1:4]]
+        ops = [self._operand(e) for e in self.operands]
+        new = cst.parse_statement(
+            f"{_code(out)} = self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata)[None]"
+        )
+        return new.with_changes(leading_lines=stmt.leading_lines)
+
+    @staticmethod
+    def _operand(expr: cst.BaseExpression) -> str:
+        code = _code(expr)
+        simple = (cst.Name, cst.Attribute, cst.Call, cst.Subscript)
+        return f"{code if isinstance(expr, simple) else f'({code})'}.transpose(1, 2)[0]"
+
+
+def _ctor_args(ctx, cls: str, sink: _Sink, init: cst.FunctionDef, forward: cst.FunctionDef):
+    scope = f"{cls}.forward"
+    kwargs = {a.keyword.value: a.value for a in sink.call.args if a.keyword is not None}
+    if "scaling" not in kwargs:
+        raise ctx.error(
+            "attention-interface call without scaling=",
+            forward,
+            scope=scope,
+            hint="the scale must come from the source; extend converter/passes/attention.py",
+        )
+    body = forward.body.body
+    assigns = _assignments(_statements(body))
+    q_dims = head_shape(_code(sink.operands[0]), assigns)
+    k_dims = head_shape(_code(sink.operands[1]), assigns)
+    if q_dims is None or k_dims is None:
+        raise ctx.error(
+            "cannot find the q/k view that splits heads",
+            forward,
+            scope=scope,
+            hint="extend converter/passes/attention.py head_shape",
+        )
+    config = (
+        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
+    )
+    config_reads = ctx.classes[cls].config_reads
+    heads = _heads(q_dims[-2], "num_attention_heads", config, config_reads)
+    kv = _heads(k_dims[-2], "num_key_value_heads", config, config_reads)
+    if heads is None:
+        raise ctx.error(
+            "cannot tell the number of attention heads",
+            forward,
+            scope=scope,
+            hint="the q view must name it, or the class read config.num_attention_heads",
+        )
+    args = {"num_heads": heads, "head_dim": _code(q_dims[-1]), "scale": _code(kwargs["scaling"])}
+    if kv is not None and kv != heads:
+        args["num_kv_heads"] = kv
+    for key, target in KWARGS.items():
+        if target and key != "scaling" and key in kwargs:
+            args[target] = _code(kwargs[key])
+    allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
+    init_attrs = {a for a in _self_stores(init)}
+    for name, code in args.items():
+        expr = cst.parse_expression(code)
+        free = names_read(expr) - allowed - {"self"}
+        missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
+        if free or missing:
+            raise ctx.error(
+                f"PagedAttention {name}={code} uses forward-local values {sorted(free | missing)}",
+                forward,
+                scope=scope,
+                hint="compute it in __init__ in the source or extend the pass",
+            )
+    return args
+
+
+def _heads(dim, field, config, config_reads) -> str | None:
+    """The view's head-count dim, unless it is inferred (``-1``): then the config field."""
+    if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
+        return _code(dim)
+    return f"{config}.{field}" if field in config_reads else None
+
+
+def _self_stores(func: cst.FunctionDef) -> set[str]:
+    found: set[str] = set()
+    for targets in _assignments(_statements(func.body.body)):
+        found.add(targets)
+
+    class _V(cst.CSTVisitor):
+        def visit_AssignTarget(self, node: cst.AssignTarget) -> None:
+            t = node.target
+            if (
+                isinstance(t, cst.Attribute)
+                and isinstance(t.value, cst.Name)
+                and t.value.value == "self"
+            ):
+                found.add(t.attr.value)
+
+    func.visit(_V())
+    return found
+
+
+def _self_loads(expr: cst.CSTNode) -> set[str]:
+    found: set[str] = set()
+
+    class _V(cst.CSTVisitor):
+        def visit_Attribute(self, node: cst.Attribute) -> None:
+            if isinstance(node.value, cst.Name) and node.value.value == "self":
+                found.add(node.attr.value)
+
+    expr.visit(_V())
+    return found
+
+
+def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.FunctionDef:
+    """Add required parameters (name, annotation) before the first defaulted one; call
+    sites pass them by keyword."""
+    params = list(func.params.params)
+    have = {p.name.value for p in params}
+    at = next((i for i, p in enumerate(params) if p.default is not None), len(params))
+    new = [
+        cst.Param(cst.Name(n), cst.Annotation(cst.parse_expression(a)))
+        for n, a in names
+        if n not in have
+    ]
+    params[at:at] = new
+    params = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params]
+    return func.with_changes(params=func.params.with_changes(params=params))
+
+
+def _append_init(init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:
+    positional = [args["num_heads"], args["head_dim"], args["scale"]]
+    keywords = [f"{k}={v}" for k, v in args.items() if k not in ("num_heads", "head_dim", "scale")]
+    stmt = cst.parse_statement(f"self.attn = PagedAttention({', '.join(positional + keywords)})")
+    return init.with_changes(body=init.body.with_changes(body=[*init.body.body, stmt]))
+
+
+class _Classes(cst.CSTTransformer):
+    def __init__(self, ctx: ConversionContext) -> None:
+        self.ctx = ctx
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        cls = updated.name.value
+        if cls not in self.ctx.attention_classes:
+            return updated
+        methods = methods_of(updated)
+        forward, init = methods.get("forward"), methods.get("__init__")
+        if forward is None or init is None:
+            raise self.ctx.error(f"attention class {cls} lacks forward or __init__", original)
+        sink = _Sink(self.ctx, cls)
+        new_forward = forward.visit(sink)
+        if sink.call is None:
+            raise self.ctx.error(
+                f"{cls}.forward looks up the attention interface but never calls it",
+                forward,
+                scope=f"{cls}.forward",
+            )
+        args = _ctor_args(self.ctx, cls, sink, init, forward)
+        self.ctx.paged_attention[cls] = args
+        new_forward = add_params(
+            new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
+        )
+        new_init = _append_init(init, args)
+        body = [
+            new_forward if s is forward else new_init if s is init else s for s in updated.body.body
+        ]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+
+def add_import(module: cst.Module, line: str) -> cst.Module:
+    """Insert an import after the last module-level import."""
+    body = list(module.body)
+    last = 0
+    for i, stmt in enumerate(body):
+        if isinstance(stmt, cst.SimpleStatementLine) and isinstance(
+            stmt.body[0], (cst.Import, cst.ImportFrom)
+        ):
+            last = i + 1
+    body.insert(last, cst.parse_statement(line))
+    return module.with_changes(body=body)
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    module = module.visit(_Classes(ctx))
+    return add_import(module, IMPORT)

@@ -1,0 +1,271 @@
+"""Pass 1, select: keep the ``*ForCausalLM`` class and what it needs; drop the rest.
+
+- Records the HF model machinery's class attributes (``base_model_prefix``,
+  ``_tied_weights_keys``, ``_checkpoint_conversion_mapping``, ``_tp_plan``, ...) into ctx
+  BEFORE the ``*PreTrainedModel`` class goes.
+- Bases listed in ``rules/training.toml [bases]`` (and local subclasses of them) become
+  ``nn.Module``; ``super().__init__(config)`` -> ``super().__init__()`` + ``self.config =
+  config``; ``self.post_init()`` and class-level HF attributes are dropped.
+- Methods: ``__init__``, ``forward``, ``extra_repr`` and what they reach through
+  ``self.<name>``; module level: the dependency closure of the LM class (`shake`).
+- Docstrings go.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import libcst as cst
+import libcst.matchers as m
+
+from converter.analysis import bound_names
+from converter.context import ConversionContext
+
+KEPT_METHODS = ("__init__", "forward", "extra_repr")
+HF_ATTRS = {
+    "base_model_prefix": "base_model_prefix",
+    "_tied_weights_keys": "tied_weights_keys",
+    "_checkpoint_conversion_mapping": "checkpoint_conversion_mapping",
+    "_tp_plan": "tp_plan",
+    "_keys_to_ignore_on_load_unexpected": "keys_to_ignore_on_load_unexpected",
+    "_keys_to_ignore_on_load_missing": "keys_to_ignore_on_load_missing",
+}
+SUPER_INIT = m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__")))
+POST_INIT = m.SimpleStatementLine(
+    body=[m.Expr(value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("post_init"))))]
+)
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+class _Names(cst.CSTVisitor):
+    """Names a subtree reads (not attribute fields, keywords or parameter names)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        node.value.visit(self)
+        return False
+
+    def visit_Arg(self, node: cst.Arg) -> bool:
+        node.value.visit(self)
+        return False
+
+    def visit_Param(self, node: cst.Param) -> bool:
+        for part in (node.annotation, node.default):
+            if part is not None:
+                part.visit(self)
+        return False
+
+
+def names_read(node: cst.CSTNode) -> set[str]:
+    visitor = _Names()
+    node.visit(visitor)
+    return visitor.names
+
+
+def self_refs(node: cst.CSTNode) -> set[str]:
+    """Attribute names read as ``self.<name>``."""
+    found: set[str] = set()
+
+    class _V(cst.CSTVisitor):
+        def visit_Attribute(self, n: cst.Attribute) -> None:
+            if m.matches(n.value, m.Name("self")):
+                found.add(n.attr.value)
+
+    node.visit(_V())
+    return found
+
+
+def shake(module: cst.Module, roots: set[str]) -> cst.Module:
+    """Keep module-level statements binding a name in the closure of `roots` (plus
+    imports, which ruff prunes later); drop everything else (``__all__``, other heads)."""
+    binders: dict[str, list[int]] = {}
+    for i, stmt in enumerate(module.body):
+        for name in bound_names(stmt):
+            binders.setdefault(name, []).append(i)
+    keep: set[int] = set()
+    work = list(roots)
+    seen: set[str] = set()
+    while work:
+        name = work.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for i in binders.get(name, []):
+            if i not in keep:
+                keep.add(i)
+                work.extend(names_read(module.body[i]) - seen)
+    body = []
+    for i, stmt in enumerate(module.body):
+        is_import = m.matches(stmt, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))
+        if i in keep or is_import:
+            body.append(stmt)
+    return module.with_changes(body=body)
+
+
+def _literal(node: cst.BaseExpression):
+    try:
+        return ast.literal_eval(_code(node))
+    except (ValueError, SyntaxError):
+        return None
+
+
+def record_hf_attrs(module: cst.Module, ctx: ConversionContext, family: list[str]) -> None:
+    """Literal class attributes of the PreTrainedModel family, LM class last (it wins)."""
+    classes = {s.name.value: s for s in module.body if isinstance(s, cst.ClassDef)}
+    order = [c for c in family if c != ctx.lm_class] + [ctx.lm_class]
+    for name in order:
+        node = classes[name]
+        for stmt in node.body.body:
+            if not isinstance(stmt, cst.SimpleStatementLine):
+                continue
+            for small in stmt.body:
+                if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                    target, value = small.targets[0].target, small.value
+                elif isinstance(small, cst.AnnAssign) and small.value is not None:
+                    target, value = small.target, small.value
+                else:
+                    continue
+                if isinstance(target, cst.Name):
+                    val = _literal(value)
+                    if val is not None and (
+                        name == ctx.lm_class or target.value not in ctx.hf_attrs
+                    ):
+                        ctx.hf_attrs[target.value] = val
+    for attr, field_name in HF_ATTRS.items():
+        if attr in ctx.hf_attrs:
+            val = ctx.hf_attrs[attr]
+            if attr == "_tied_weights_keys" and isinstance(val, list):
+                val = {k: "" for k in val}  # older list form: targets unknown
+            setattr(ctx, field_name, val)
+
+
+def hf_family(ctx: ConversionContext) -> list[str]:
+    """Local classes deriving (transitively) from a `to_module` base such as PreTrainedModel."""
+    roots = set(ctx.rules.get("training", {}).get("bases", {}).get("to_module", []))
+    pretrained = {r for r in roots if r.endswith("PreTrainedModel")}
+    family: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for name, info in ctx.classes.items():
+            if name in family:
+                continue
+            if any(b.split(".")[-1] in pretrained or b in family for b in info.bases):
+                family.append(name)
+                changed = True
+    return family
+
+
+class _Select(cst.CSTTransformer):
+    def __init__(self, ctx: ConversionContext, family: list[str]) -> None:
+        self.ctx = ctx
+        self.family = set(family)
+        bases = ctx.rules.get("training", {}).get("bases", {})
+        self.to_module = set(bases.get("to_module", [])) | self.family
+        self.drop = set(bases.get("drop", []))
+        self.depth = 0
+        self.in_family = False
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self.in_family = node.name.value in self.family
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        self.depth -= 1
+        if self.depth:
+            return updated
+        in_family = original.name.value in self.family
+        bases, has_module = [], False
+        for arg in updated.bases:
+            name = _code(arg.value).split(".")[-1]
+            if name in self.drop:
+                continue
+            if name in self.to_module or _code(arg.value) in self.to_module:
+                if has_module:
+                    continue
+                arg = arg.with_changes(value=cst.parse_expression("nn.Module"))
+                has_module = True
+            bases.append(arg.with_changes(comma=cst.MaybeSentinel.DEFAULT))
+        body = list(updated.body.body)
+        body = [s for s in body if not _is_docstring(s)]
+        if in_family:  # HF class attributes were recorded in ctx; the model machinery goes
+            body = [s for s in body if not isinstance(s, cst.SimpleStatementLine)]
+        methods = {s.name.value: s for s in body if isinstance(s, cst.FunctionDef)}
+        keep = {n for n in KEPT_METHODS if n in methods}
+        work = list(keep)
+        while work:
+            for ref in self_refs(methods[work.pop()]):
+                if ref in methods and ref not in keep:
+                    keep.add(ref)
+                    work.append(ref)
+        body = [s for s in body if not isinstance(s, cst.FunctionDef) or s.name.value in keep]
+        if not body:
+            body = [cst.SimpleStatementLine([cst.Pass()])]
+        parens = (
+            {} if bases else {"lpar": cst.MaybeSentinel.DEFAULT, "rpar": cst.MaybeSentinel.DEFAULT}
+        )
+        return updated.with_changes(
+            bases=bases, body=updated.body.with_changes(body=body), **parens
+        )
+
+    def leave_FunctionDef(
+        self, original: cst.FunctionDef, updated: cst.FunctionDef
+    ) -> cst.FunctionDef:
+        if not isinstance(updated.body, cst.IndentedBlock):
+            return updated
+        body = [s for s in updated.body.body if not _is_docstring(s)]
+        if original.name.value == "__init__":
+            body = self._fix_init(body)
+        if not body:
+            body = [cst.SimpleStatementLine([cst.Pass()])]
+        return updated.with_changes(body=updated.body.with_changes(body=body))
+
+    def _fix_init(self, body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        out: list[cst.BaseStatement] = []
+        for stmt in body:
+            if m.matches(stmt, POST_INIT):
+                continue
+            call = _super_init_call(stmt)
+            # only the HF family's __init__(config); e.g. nn.Embedding subclasses keep args
+            if call is not None and len(call.args) == 1 and self.in_family:
+                first = call.args[0].value
+                out.append(stmt.with_changes(body=[cst.Expr(call.with_changes(args=[]))]))
+                out.append(
+                    cst.SimpleStatementLine(
+                        [cst.Assign([cst.AssignTarget(cst.parse_expression("self.config"))], first)]
+                    )
+                )
+                continue
+            out.append(stmt)
+        return out
+
+
+def _super_init_call(stmt: cst.BaseStatement) -> cst.Call | None:
+    if m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(value=SUPER_INIT)])):
+        return stmt.body[0].value
+    return None
+
+
+def _is_docstring(stmt: cst.CSTNode) -> bool:
+    return m.matches(
+        stmt, m.SimpleStatementLine(body=[m.Expr(value=m.SimpleString() | m.ConcatenatedString())])
+    )
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    family = hf_family(ctx)
+    record_hf_attrs(module, ctx, family)
+    module = module.visit(_Select(ctx, family))
+    body = [s for s in module.body if not _is_docstring(s)]
+    module = module.with_changes(body=body)
+    return shake(module, {ctx.lm_class})

@@ -1,0 +1,150 @@
+"""Pass 2, strip: training- and API-only code, as listed in ``rules/training.toml``.
+
+- decorators: `strip` ones go, `keep` ones stay, an unknown one stops the conversion;
+- dropout: ``nn.Dropout`` attributes (found in the ownership graph) and their calls,
+  functional dropout (-> its input), ``dropout_add(x, r, ...)`` -> ``(x + r)``;
+- ``**kwargs`` parameters of every ``forward`` (the plumbing; prune drops their uses);
+- ``return SomeOutput(field=expr, ...)`` -> ``return expr`` for output dataclasses, and
+  the forward return annotations naming them;
+- identity calls (``slice_logits_to_keep(h, n)`` -> ``h``); listed ``self.<attr> =`` stores.
+Labels/loss, caches, masks and output flags are left to the dataflow pruner.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from converter.analysis import dotted, self_attr
+from converter.context import ConversionContext
+from converter.passes.select import names_read
+
+
+def _decorator_name(dec: cst.Decorator) -> str:
+    expr = dec.decorator.func if isinstance(dec.decorator, cst.Call) else dec.decorator
+    return dotted(expr) or cst.Module(body=[]).code_for_node(expr)
+
+
+class _Strip(cst.CSTTransformer):
+    def __init__(self, ctx: ConversionContext, output_names: set[str]) -> None:
+        rules = ctx.rules.get("training", {})
+        self.ctx = ctx
+        self.strip = set(rules.get("decorators", {}).get("strip", []))
+        self.keep = set(rules.get("decorators", {}).get("keep", []))
+        calls = rules.get("calls", {})
+        self.identity = set(calls.get("identity", [])) | set(calls.get("identity_functions", []))
+        self.adds = set(calls.get("add_functions", []))
+        modules = set(calls.get("identity_modules", []))
+        self.fields = rules.get("outputs", {}).get("fields", [])
+        self.drop_attrs = set(rules.get("attributes", {}).get("drop", []))
+        self.output_names = output_names
+        self.dropout_attrs: dict[str, set[str]] = {
+            cls: {a for a, c in info.children.items() if c.ctor in modules}
+            for cls, info in ctx.classes.items()
+        }
+        self.cls: list[str] = []
+        self.func: list[str] = []
+
+    # --- scopes ---
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.cls.append(node.name.value)
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        self.cls.pop()
+        return updated.with_changes(decorators=self._decorators(original, updated.decorators))
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.func.append(node.name.value)
+
+    def leave_FunctionDef(
+        self, original: cst.FunctionDef, updated: cst.FunctionDef
+    ) -> cst.FunctionDef:
+        self.func.pop()
+        changes: dict = {"decorators": self._decorators(original, updated.decorators)}
+        if original.name.value == "forward" and self.cls and not self.func:
+            if updated.params.star_kwarg is not None:
+                changes["params"] = updated.params.with_changes(star_kwarg=None)
+                self.ctx.kwargs_stripped.add(f"{self.cls[-1]}.forward")
+            if updated.returns is not None and names_read(updated.returns) & self.output_names:
+                changes["returns"] = None
+        return updated.with_changes(**changes)
+
+    def _decorators(self, node: cst.CSTNode, decorators) -> list[cst.Decorator]:
+        kept = []
+        for dec in decorators:
+            name = _decorator_name(dec)
+            if name in self.strip:
+                continue
+            if name not in self.keep:
+                raise self.ctx.error(
+                    f"unknown decorator @{name}",
+                    node,
+                    hint="list it under [decorators] strip or keep in rules/training.toml",
+                )
+            kept.append(dec)
+        return kept
+
+    # --- statements ---
+    def leave_SimpleStatementLine(self, original, updated):
+        body = []
+        for small in updated.body:
+            if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                attr = self_attr(small.targets[0].target)
+                cls = self.cls[-1] if self.cls else ""
+                if attr is not None and (
+                    attr in self.drop_attrs or attr in self.dropout_attrs.get(cls, ())
+                ):
+                    continue
+            body.append(small)
+        if not body:
+            return cst.RemoveFromParent()
+        return updated.with_changes(body=body)
+
+    def leave_Return(self, original: cst.Return, updated: cst.Return) -> cst.Return:
+        value = updated.value
+        if isinstance(value, cst.Call) and dotted(value.func) in self.output_names:
+            by_name = {a.keyword.value: a.value for a in value.args if a.keyword is not None}
+            for name in self.fields:
+                if name in by_name:
+                    return updated.with_changes(value=by_name[name])
+            raise self.ctx.error(
+                f"output dataclass return without any of the fields {self.fields}",
+                original,
+                hint="extend [outputs] fields in rules/training.toml",
+            )
+        return updated
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        name = dotted(updated.func)
+        cls = self.cls[-1] if self.cls else ""
+        attr = self_attr(updated.func)
+        positional = [a for a in updated.args if a.keyword is None and not a.star]
+        if attr is not None and attr in self.dropout_attrs.get(cls, ()) and positional:
+            return positional[0].value
+        if name in self.identity and positional:
+            return positional[0].value
+        if name in self.adds and len(positional) >= 2:
+            lhs, rhs = positional[0].value, positional[1].value
+            return cst.BinaryOperation(
+                lhs, cst.Add(), rhs, lpar=[cst.LeftParen()], rpar=[cst.RightParen()]
+            )
+        return updated
+
+
+def output_names(module: cst.Module, ctx: ConversionContext) -> set[str]:
+    """Names imported from the output-dataclass modules."""
+    modules = set(ctx.rules.get("training", {}).get("outputs", {}).get("modules", []))
+    found: set[str] = set()
+    for stmt in module.body:
+        if m.matches(stmt, m.SimpleStatementLine(body=[m.ImportFrom()])):
+            imp = stmt.body[0]
+            if imp.module is not None and dotted(imp.module) in modules:
+                if not isinstance(imp.names, cst.ImportStar):
+                    found |= {
+                        (a.asname.name.value if a.asname else dotted(a.name)) for a in imp.names
+                    }
+    return found
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    return module.visit(_Strip(ctx, output_names(module, ctx)))

@@ -1,0 +1,376 @@
+"""Pass: tensor parallelism, driven by the plan `converter.tp_plan` resolves.
+
+- ``nn.Linear`` -> ``ColumnParallelLinear`` / ``RowParallelLinear`` (same arguments);
+  the LM head -> ``ParallelLMHead(vocab, hidden, bias=...)``; the token embedding (or
+  the base of its local ``nn.Embedding`` subclass) -> ``VocabParallelEmbedding``.
+- Separate q/k/v (gate/up) projections of one input fuse into ``QKVParallelLinear``
+  (``MergedColumnParallelLinear``); their calls become a split of the fused output, and
+  ``ctx.stacked_params`` records ``(fused, checkpoint name, shard id)`` for load_weights.
+  Checkpoints that already hold the fusion (Phi-3 ``qkv_proj``) load with shard id None.
+- Head counts: the ``PagedAttention`` ctor gets ``local_num_heads(...)`` /
+  ``local_num_kv_heads(...)``, and every other method of the attention class reads the
+  head-count expressions through them (``__init__`` keeps totals: the parallel layers
+  take full sizes). Views with ``-1`` need nothing.
+With TP size 1 every parallel layer is a plain local layer: no process group needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+
+from converter.analysis import dotted, methods_of, self_attr
+from converter.context import ConversionContext
+from converter.passes.tp_fuse import Fusion, plan_fusions, split_statement
+from converter.tp_plan import Decision, resolve_plan
+
+_EMPTY = cst.Module([])
+PARALLEL_CTORS = {
+    "colwise": "ColumnParallelLinear",
+    "colwise_gather_output": "ColumnParallelLinear",
+    "rowwise": "RowParallelLinear",
+    "rowwise_split_input": "RowParallelLinear",
+}
+
+
+def code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def expr(text: str) -> cst.BaseExpression:
+    return cst.parse_expression(text)
+
+
+@dataclass
+class LinearArgs:
+    in_: str
+    out: str
+    bias: str
+
+
+def linear_args(call: cst.Call, ctx: ConversionContext, where: str) -> LinearArgs:
+    names = ["in_features", "out_features", "bias"]
+    got: dict[str, str] = {}
+    for i, arg in enumerate(call.args):
+        key = arg.keyword.value if arg.keyword else (names[i] if i < 3 else None)
+        if key not in names:
+            raise ctx.error(
+                f"{where}: nn.Linear argument {code(arg).strip()!r} has no parallel equivalent",
+                call,
+                hint="extend converter/passes/tp.py",
+            )
+        got[key] = code(arg.value)
+    return LinearArgs(got["in_features"], got["out_features"], got.get("bias", "True"))
+
+
+def _wrap(fn: str, node: cst.BaseExpression) -> cst.Call:
+    return cst.Call(func=cst.Name(fn), args=[cst.Arg(node)])
+
+
+class _HeadCounts(cst.CSTTransformer):
+    """Wraps reads of head-count expressions in methods other than ``__init__``."""
+
+    def __init__(self, heads: set[str], kv_heads: set[str]) -> None:
+        self.heads, self.kv_heads = heads, kv_heads
+        self.used: set[str] = set()
+
+    def leave_Attribute(
+        self, original: cst.Attribute, updated: cst.Attribute
+    ) -> cst.BaseExpression:
+        text = code(original)
+        fn = (
+            "local_num_heads"
+            if text in self.heads
+            else "local_num_kv_heads"
+            if text in self.kv_heads
+            else None
+        )
+        if fn is None:
+            return updated
+        self.used.add(fn)
+        return _wrap(fn, updated)
+
+
+def _equivalents(text: str) -> set[str]:
+    """`config.x` and `self.config.x` name the same value inside a module."""
+    out = {text}
+    if text.startswith("config."):
+        out.add("self." + text)
+    if text.startswith("self.config."):
+        out.add(text[len("self.") :])
+    return out
+
+
+def head_expressions(init: cst.FunctionDef, seed: str | None) -> set[str]:
+    """The PA ctor's head-count expression plus every `self.X` aliasing it in __init__."""
+    if seed is None:
+        return set()
+    found = _equivalents(seed)
+    assigns = []
+    for line in init.body.body:
+        for small in getattr(line, "body", []):
+            if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                attr = self_attr(small.targets[0].target)
+                if attr:
+                    assigns.append((f"self.{attr}", code(small.value)))
+    changed = True
+    while changed:
+        changed = False
+        for target, value in assigns:
+            if (value in found) != (target in found):
+                found |= _equivalents(value) | {target}
+                changed = True
+    return found
+
+
+def _paged_attention_call(init: cst.FunctionDef) -> cst.Call | None:
+    for line in init.body.body:
+        for small in getattr(line, "body", []):
+            if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call):
+                if (dotted(small.value.func) or "").endswith("PagedAttention"):
+                    return small.value
+    return None
+
+
+def pa_args(call: cst.Call) -> dict[str, str]:
+    """PagedAttention(num_heads, head_dim, scale, num_kv_heads=...) as {name: code}."""
+    names = ["num_heads", "head_dim", "scale", "num_kv_heads"]
+    out = {}
+    for i, arg in enumerate(call.args):
+        key = arg.keyword.value if arg.keyword else names[i]
+        out[key] = code(arg.value)
+    return out
+
+
+class _InitRewriter(cst.CSTTransformer):
+    """Rewrites the ctor calls of one class's __init__."""
+
+    def __init__(self, pass_: _TPPass, cls: str, fusions: list[Fusion]) -> None:
+        self.p, self.cls, self.fusions = pass_, cls, fusions
+        self.member_of = {m: f for f in fusions for m in f.members}
+
+    def leave_SimpleStatementLine(
+        self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
+    ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
+        small = updated.body[0] if len(updated.body) == 1 else None
+        if not isinstance(small, cst.Assign) or len(small.targets) != 1:
+            return updated
+        attr = self_attr(small.targets[0].target)
+        if attr is None or not isinstance(small.value, cst.Call):
+            return updated
+        fusion = self.member_of.get(attr)
+        if fusion is not None:
+            if attr != fusion.members[-1]:
+                return cst.RemovalSentinel.REMOVE
+            new = self.p.fused_ctor(fusion)
+            return updated.with_changes(
+                body=[
+                    small.with_changes(
+                        targets=[cst.AssignTarget(expr(f"self.{fusion.fused}"))], value=new
+                    )
+                ]
+            )
+        new_value = self.p.ctor_for(self.cls, attr, small.value)
+        if new_value is small.value:
+            return updated
+        return updated.with_changes(body=[small.with_changes(value=new_value)])
+
+
+class _TPPass:
+    def __init__(self, module: cst.Module, ctx: ConversionContext) -> None:
+        self.ctx = ctx
+        self.decisions: dict[tuple[str, str], Decision] = resolve_plan(module, ctx)
+        self.fusions: dict[str, list[Fusion]] = plan_fusions(module, ctx, self.decisions)
+        self.used: set[str] = set()
+        self.vocab_bases: set[str] = set()  # local nn.Embedding subclasses to re-base
+        self.pa: dict[str, dict[str, str]] = {}
+
+    def ctor(self, name: str, args: list[str]) -> cst.Call:
+        self.used.add(name)
+        return cst.parse_expression(f"{name}({', '.join(args)})")
+
+    def ctor_for(self, cls: str, attr: str, call: cst.Call) -> cst.Call:
+        decision = self.decisions.get((cls, attr))
+        if decision is None or decision.style == "replicated":
+            return call
+        where = f"{cls}.{attr}"
+        if decision.style == "vocab":
+            ctor = dotted(call.func) or ""
+            if ctor.split(".")[-1] != "Embedding":
+                self.vocab_bases.add(ctor)
+                return call
+            self.used.add("VocabParallelEmbedding")
+            return call.with_changes(func=cst.Name("VocabParallelEmbedding"))
+        a = linear_args(call, self.ctx, where)
+        if decision.style == "lm_head":
+            return self.ctor("ParallelLMHead", [a.out, a.in_, f"bias={a.bias}"])
+        fused_single = self.fused_checkpoint(cls, attr, a, call)
+        if fused_single is not None:
+            return fused_single
+        extra = []
+        if decision.style == "colwise_gather_output":
+            extra.append("gather_output=True")
+        if decision.style == "rowwise_split_input" and not self.class_has_sharded_producer(cls):
+            extra.append("input_is_parallel=False")
+        return self.ctor(PARALLEL_CTORS[decision.style], [a.in_, a.out, f"bias={a.bias}", *extra])
+
+    def class_has_sharded_producer(self, cls: str) -> bool:
+        """Does a linear of `cls` leave its output sharded (so a row-parallel consumer
+        receives this rank's slice, not the full input)?"""
+        if self.fusions.get(cls):
+            return True
+        return any(
+            c == cls
+            and (
+                d.style == "colwise"
+                or (d.style == "colwise_gather_output" and self.is_fused_checkpoint(attr))
+            )
+            for (c, attr), d in self.decisions.items()
+        )
+
+    def is_fused_checkpoint(self, attr: str) -> str | None:
+        table = self.ctx.rules.get("tp", {}).get("fused_checkpoint", {})
+        return next((kind for kind, names in table.items() if attr in names), None)
+
+    def fused_checkpoint(
+        self, cls: str, attr: str, a: LinearArgs, call: cst.Call
+    ) -> cst.Call | None:
+        """A single linear whose checkpoint tensor is already [Q|K|V] or [gate|up]."""
+        kind = self.is_fused_checkpoint(attr)
+        if kind == "qkv" and cls in self.pa:
+            pa = self.pa[cls]
+            kv = pa.get("num_kv_heads", "None")
+            return self.ctor(
+                "QKVParallelLinear",
+                [a.in_, pa["head_dim"], pa["num_heads"], kv, f"bias={a.bias}"],
+            )
+        if kind == "gate_up":
+            out = cst.parse_expression(a.out)
+            half = f"({a.out}) // 2"
+            if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
+                if code(out.left) == "2":
+                    half = code(out.right)
+                elif code(out.right) == "2":
+                    half = code(out.left)
+            return self.ctor(
+                "MergedColumnParallelLinear", [a.in_, f"[{half}, {half}]", f"bias={a.bias}"]
+            )
+        return None
+
+    def fused_ctor(self, f: Fusion) -> cst.Call:
+        if f.kind == "qkv":
+            pa = self.pa[f.cls]
+            return self.ctor(
+                "QKVParallelLinear",
+                [
+                    f.in_,
+                    pa["head_dim"],
+                    pa["num_heads"],
+                    pa.get("num_kv_heads", "None"),
+                    f"bias={f.bias}",
+                ],
+            )
+        return self.ctor(
+            "MergedColumnParallelLinear", [f.in_, f"[{', '.join(f.outs)}]", f"bias={f.bias}"]
+        )
+
+    def rewrite_class(self, node: cst.ClassDef) -> cst.ClassDef:
+        cls = node.name.value
+        methods = methods_of(node)
+        init = methods.get("__init__")
+        if init is None:
+            return node
+        pa_call = _paged_attention_call(init)
+        heads = kv = set()
+        if pa_call is not None:
+            self.pa[cls] = pa_args(pa_call)
+            heads = head_expressions(init, self.pa[cls]["num_heads"])
+            kv = head_expressions(init, self.pa[cls].get("num_kv_heads")) - heads
+        fusions = self.fusions.get(cls, [])
+        new_body = []
+        for stmt in node.body.body:
+            if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
+                stmt = stmt.visit(_InitRewriter(self, cls, fusions))
+                if pa_call is not None:
+                    stmt = stmt.visit(_WrapPA(self))
+            elif isinstance(stmt, cst.FunctionDef):
+                for f in fusions:
+                    if stmt.name.value == "forward":
+                        stmt = split_statement(stmt, f)
+                if heads or kv:
+                    counter = _HeadCounts(heads, kv)
+                    stmt = stmt.visit(counter)
+                    self.used |= counter.used
+            new_body.append(stmt)
+        for f in fusions:
+            self.used.add("QKVParallelLinear" if f.kind == "qkv" else "MergedColumnParallelLinear")
+        return node.with_changes(body=node.body.with_changes(body=new_body))
+
+
+class _WrapPA(cst.CSTTransformer):
+    def __init__(self, p: _TPPass) -> None:
+        self.p = p
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if not (dotted(updated.func) or "").endswith("PagedAttention"):
+            return updated
+        args = list(updated.args)
+        for i, arg in enumerate(args):
+            key = arg.keyword.value if arg.keyword else ("num_heads" if i == 0 else None)
+            fn = {"num_heads": "local_num_heads", "num_kv_heads": "local_num_kv_heads"}.get(
+                key or ""
+            )
+            if fn:
+                self.p.used.add(fn)
+                args[i] = arg.with_changes(value=_wrap(fn, arg.value))
+        return updated.with_changes(args=args)
+
+
+def _rebase(node: cst.ClassDef) -> cst.ClassDef:
+    bases = [
+        b.with_changes(value=cst.Name("VocabParallelEmbedding"))
+        if (dotted(b.value) or "").split(".")[-1] == "Embedding"
+        else b
+        for b in node.bases
+    ]
+    return node.with_changes(bases=bases)
+
+
+def add_runtime_import(module: cst.Module, names: set[str], package: str) -> cst.Module:
+    """`from <package> import <names>` after the module's last top-level import."""
+    if not names:
+        return module
+    stmt = cst.parse_statement(f"from {package} import {', '.join(sorted(names))}")
+    body = list(module.body)
+    last = max(
+        (
+            i
+            for i, s in enumerate(body)
+            if isinstance(s, cst.SimpleStatementLine)
+            and isinstance(s.body[0], cst.Import | cst.ImportFrom)
+        ),
+        default=-1,
+    )
+    body.insert(last + 1, stmt)
+    return module.with_changes(body=body)
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    p = _TPPass(module, ctx)
+    body = [p.rewrite_class(s) if isinstance(s, cst.ClassDef) else s for s in module.body]
+    body = [
+        _rebase(s) if isinstance(s, cst.ClassDef) and s.name.value in p.vocab_bases else s
+        for s in body
+    ]
+    ctx.stacked_params = [
+        (f.fused, member, sid)
+        for fs in p.fusions.values()
+        for f in fs
+        for member, sid in zip(f.members, f.shard_ids)
+    ]
+    ctx.tp_decisions = {f"{c}.{a}": f"{d.style} ({d.source})" for (c, a), d in p.decisions.items()}
+    for fs in p.fusions.values():
+        for f in fs:
+            ctx.tp_decisions[f"{f.cls}.{f.fused}"] = f"fused {'+'.join(f.members)}"
+    return add_runtime_import(module.with_changes(body=body), p.used, "runtime.parallel")
