@@ -114,7 +114,7 @@ def _elementwise_attrs(info_children: dict, init: cst.FunctionDef | None) -> set
     out = {a for a, c in info_children.items() if c.ctor.endswith(ELEMENTWISE_SUFFIXES)}
     if init is not None:
         for stmt in init.body.body:
-            for small in getattr(stmt, "body", []):
+            for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else []:
                 if isinstance(small, cst.Assign) and isinstance(small.value, cst.Subscript):
                     attr = self_attr(small.targets[0].target)
                     if attr and dotted(small.value.value) in ("ACT2FN", "ACT2CLS"):
@@ -142,7 +142,7 @@ def dataflow_styles(module: cst.Module, ctx: ConversionContext) -> dict[tuple[st
         attn_attrs = set()
         if init is not None:
             for line in init.body.body:
-                for small in getattr(line, "body", []):
+                for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
                     if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call):
                         if (dotted(small.value.func) or "").endswith("PagedAttention"):
                             attn_attrs.add(self_attr(small.targets[0].target) or "")

@@ -109,7 +109,7 @@ def head_expressions(init: cst.FunctionDef, seed: str | None) -> set[str]:
     found = _equivalents(seed)
     assigns = []
     for line in init.body.body:
-        for small in getattr(line, "body", []):
+        for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
             if isinstance(small, cst.Assign) and len(small.targets) == 1:
                 attr = self_attr(small.targets[0].target)
                 if attr:
@@ -126,7 +126,7 @@ def head_expressions(init: cst.FunctionDef, seed: str | None) -> set[str]:
 
 def _paged_attention_call(init: cst.FunctionDef) -> cst.Call | None:
     for line in init.body.body:
-        for small in getattr(line, "body", []):
+        for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
             if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call):
                 if (dotted(small.value.func) or "").endswith("PagedAttention"):
                     return small.value
@@ -240,11 +240,7 @@ class _TPPass:
         kind = self.is_fused_checkpoint(attr)
         if kind == "qkv" and cls in self.pa:
             pa = self.pa[cls]
-            kv = pa.get("num_kv_heads", "None")
-            return self.ctor(
-                "QKVParallelLinear",
-                [a.in_, pa["head_dim"], pa["num_heads"], kv, f"bias={a.bias}"],
-            )
+            return self.ctor("QKVParallelLinear", self.qkv_args(pa, a.in_, a.bias))
         if kind == "gate_up":
             out = cst.parse_expression(a.out)
             half = f"({a.out}) // 2"
@@ -257,6 +253,13 @@ class _TPPass:
                 "MergedColumnParallelLinear", [a.in_, f"[{half}, {half}]", f"bias={a.bias}"]
             )
         return None
+
+    @staticmethod
+    def qkv_args(pa: dict[str, str], in_: str, bias: str) -> list[str]:
+        """QKVParallelLinear(hidden, head_size, total heads[, total kv heads], bias=...):
+        the sizes the PagedAttention ctor already states, before TP localises them."""
+        kv = [pa["num_kv_heads"]] if "num_kv_heads" in pa else []
+        return [in_, pa["head_dim"], pa["num_heads"], *kv, f"bias={bias}"]
 
     def fused_ctor(self, f: Fusion) -> cst.Call:
         if f.kind == "qkv":

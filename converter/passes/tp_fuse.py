@@ -1,0 +1,185 @@
+"""Fusing separate column-parallel projections of one input (q/k/v, gate/up).
+
+`plan_fusions` decides where fusion is safe: every member is a column-parallel
+``nn.Linear`` of the same class with the same input size and bias, and ``forward``
+calls each member exactly once, at the top level of its body, on the same name, which
+nothing reassigns between the first and the last call. `split_statement` then
+inserts ``q_proj_out, k_proj_out, v_proj_out = self.qkv_proj(x).split(...)`` before
+the first call and replaces each ``self.q_proj(x)`` by its part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libcst as cst
+
+from converter.analysis import find_all, methods_of, self_attr
+from converter.context import ConversionContext
+
+_EMPTY = cst.Module([])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+@dataclass
+class Fusion:
+    cls: str
+    kind: str  # "qkv" | "gate_up"
+    members: list[str]  # ["q_proj", "k_proj", "v_proj"]
+    fused: str  # "qkv_proj"
+    shard_ids: list[object]  # ["q", "k", "v"] / [0, 1]
+    in_: str
+    outs: list[str]
+    bias: str
+    arg: str = ""  # the input name forward passes to every member
+
+
+def _member_calls(fn: cst.FunctionDef, attr: str) -> list[cst.Call]:
+    return find_all(fn, lambda n: isinstance(n, cst.Call) and self_attr(n.func) == attr)
+
+
+def _assigned_names(stmt: cst.CSTNode) -> set[str]:
+    names = set()
+    for node in find_all(stmt, lambda n: isinstance(n, cst.AssignTarget | cst.AugAssign)):
+        target = node.target
+        for name in find_all(target, lambda n: isinstance(n, cst.Name)):
+            names.add(name.value)
+    return names
+
+
+def _why_not(fn: cst.FunctionDef, members: list[str]) -> tuple[str | None, str]:
+    """(reason fusion is unsafe or None, the shared argument name)."""
+    body = list(fn.body.body)
+    indices, args = [], set()
+    for attr in members:
+        calls = _member_calls(fn, attr)
+        if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].args[0].keyword:
+            return f"self.{attr} is not called exactly once with one argument", ""
+        arg = calls[0].args[0].value
+        if not isinstance(arg, cst.Name):
+            return f"self.{attr} is called on an expression, not a name", ""
+        args.add(arg.value)
+        where = [i for i, s in enumerate(body) if _member_calls(s, attr)]
+        if not where:
+            return f"self.{attr} is called inside a nested block", ""
+        indices.append(where[0])
+    if len(args) != 1:
+        return f"members are called on different inputs {sorted(args)}", ""
+    (arg,) = args
+    first, last = min(indices), max(indices)
+    for stmt in body[first:last]:
+        if arg in _assigned_names(stmt):
+            return f"{arg} is reassigned between the projections", ""
+    return None, arg
+
+
+def _linear_sig(call: cst.Call) -> tuple[str, str, str]:
+    names = ["in", "out", "bias"]
+    got = {}
+    for i, a in enumerate(call.args):
+        key = (
+            {"in_features": "in", "out_features": "out"}.get(a.keyword.value, a.keyword.value)
+            if a.keyword
+            else names[i]
+        )
+        got[key] = _code(a.value)
+    return got.get("in", ""), got.get("out", ""), got.get("bias", "True")
+
+
+def plan_fusions(
+    module: cst.Module, ctx: ConversionContext, decisions: dict
+) -> dict[str, list[Fusion]]:
+    groups = ctx.rules.get("tp", {}).get("fuse", {})
+    shard_ids = {"qkv": ["q", "k", "v"], "gate_up": [0, 1]}
+    out: dict[str, list[Fusion]] = {}
+    for stmt in module.body:
+        if not isinstance(stmt, cst.ClassDef):
+            continue
+        cls = stmt.name.value
+        methods = methods_of(stmt)
+        init, forward = methods.get("__init__"), methods.get("forward")
+        if init is None or forward is None:
+            continue
+        ctors: dict[str, cst.Call] = {}
+        for assign in find_all(init, lambda n: isinstance(n, cst.Assign)):
+            attr = self_attr(assign.targets[0].target)
+            if attr and isinstance(assign.value, cst.Call):
+                ctors.setdefault(attr, assign.value)
+        has_attention = any("PagedAttention" in _code(c.func) for c in ctors.values())
+        for kind, lists in groups.items():
+            for names in lists:
+                members, fused = names[:-1], names[-1]
+                if not all(
+                    decisions.get((cls, m)) and decisions[(cls, m)].style == "colwise"
+                    for m in members
+                ):
+                    continue
+                if kind == "qkv" and not has_attention:
+                    continue
+                if fused in ctors:
+                    ctx.log.append(f"tp: {cls}: not fusing {members}: {fused} already exists")
+                    continue
+                sigs = [_linear_sig(ctors[m]) for m in members]
+                if len({s[0] for s in sigs}) != 1 or len({s[2] for s in sigs}) != 1:
+                    ctx.log.append(f"tp: {cls}: not fusing {members}: different inputs or bias")
+                    continue
+                reason, arg = _why_not(forward, members)
+                if reason:
+                    ctx.log.append(f"tp: {cls}: not fusing {members}: {reason}")
+                    continue
+                out.setdefault(cls, []).append(
+                    Fusion(
+                        cls,
+                        kind,
+                        members,
+                        fused,
+                        shard_ids[kind],
+                        sigs[0][0],
+                        [s[1] for s in sigs],
+                        sigs[0][2],
+                        arg,
+                    )
+                )
+    return out
+
+
+class _ReplaceCalls(cst.CSTTransformer):
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        attr = self_attr(original.func)
+        return cst.Name(self.names[attr]) if attr in self.names else updated
+
+
+def split_statement(fn: cst.FunctionDef, f: Fusion) -> cst.FunctionDef:
+    """Insert the fused call before the first member's statement; members read its parts."""
+    taken = {n.value for n in find_all(fn, lambda n: isinstance(n, cst.Name))}
+    outs = {}
+    for m in f.members:
+        name = f"{m}_out"
+        while name in taken:
+            name += "_"
+        outs[m] = name
+    targets = ", ".join(outs[m] for m in f.members)
+    if f.kind == "qkv":
+        sizes = f"[self.{f.fused}.q_size, self.{f.fused}.kv_size, self.{f.fused}.kv_size]"
+        text = f"{targets} = self.{f.fused}({f.arg}).split({sizes}, dim=-1)"
+        comment = "# this rank's q/k/v heads from one fused matmul"
+    else:
+        text = f"{targets} = self.{f.fused}({f.arg}).chunk({len(f.members)}, dim=-1)"
+        comment = "# this rank's slices of each projection from one fused matmul"
+    new = cst.parse_statement(text)
+    new = new.with_changes(
+        trailing_whitespace=cst.TrailingWhitespace(
+            whitespace=cst.SimpleWhitespace("  "), comment=cst.Comment(comment)
+        )
+    )
+    body = list(fn.body.body)
+    first = min(i for i, s in enumerate(body) if any(_member_calls(s, m) for m in f.members))
+    replaced = [s.visit(_ReplaceCalls(outs)) for s in body]
+    replaced.insert(first, new)
+    return fn.with_changes(body=fn.body.with_changes(body=replaced))
