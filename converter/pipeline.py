@@ -17,7 +17,7 @@ import tomllib
 from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
-from converter.passes import imports
+from converter.passes import imports, tp, weights
 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
@@ -26,6 +26,8 @@ STAGES: list[Pass] = [
     # --- C1: core passes (order matters; see each pass's docstring) ---
     imports.run,
     # --- C2: tp, weights: add stages below this line ---
+    tp.run,
+    weights.run,
 ]
 
 

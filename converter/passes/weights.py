@@ -1,0 +1,120 @@
+"""Pass: emit ``load_weights`` on the LM class, and tie its head to the embedding.
+
+The method comes from ``templates/load_weights.py.jinja``, filled with this module's
+tables: transformers' checkpoint renames (`converter.hf_tables`: conversion_mapping.py
+for the LM class or model type, then the legacy table; plus the class's own
+``_checkpoint_conversion_mapping``), the stacked-params mapping the TP pass recorded,
+the base-model prefix, ``_keys_to_ignore_on_load_unexpected`` and the tied keys.
+
+Tying follows transformers: ``_tied_weights_keys`` (a dict, target -> source) applies
+only when ``config.tie_word_embeddings``; the LM ``__init__`` then shares the parameter
+(``self.lm_head.weight = self.model.embed_tokens.weight``), so ``named_parameters``
+lists it once and ``load_weights`` skips the tied copy in a checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import jinja2
+import libcst as cst
+
+from converter.analysis import methods_of
+from converter.context import ConversionContext
+from converter.hf_tables import checkpoint_renames
+from converter.passes.tp import add_runtime_import
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+_EMPTY = cst.Module([])
+
+
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env.get_template("load_weights.py.jinja")
+
+
+def _str(text: str) -> str:
+    """A Python literal for `text`, raw when it holds backslashes (regexes)."""
+    if "\\" in text and "'" not in text and not text.endswith("\\"):
+        return f'r"{text}"' if '"' not in text else f"r'{text}'"
+    return repr(text).replace("'", '"') if '"' not in text else repr(text)
+
+
+def load_weights_source(ctx: ConversionContext) -> str:
+    renames = [(k, v) for k, v in ctx.checkpoint_conversion_mapping.items()]
+    for renaming in checkpoint_renames(ctx.lm_class, ctx.model_type):
+        renames += renaming.regexes()
+    prefix = ctx.base_model_prefix or ctx.base_model_attr
+    tied = dict(ctx.tied_weights_keys)
+    return _template().render(
+        renames=[(_str(p), _str(r)) for p, r in renames],
+        stacked=[
+            (_str(f".{f}."), _str(f".{s}."), repr(i).replace("'", '"'))
+            for f, s, i in ctx.stacked_params
+        ],
+        prefix=_str(f"{prefix}." if prefix else ""),
+        ignored=[_str(p) for p in ctx.keys_to_ignore_on_load_unexpected],
+        tied_names=[_str(k) for k in tied],
+        tied_target=", ".join(tied.values()) or "nothing",
+    )
+
+
+def _tie_statement(ctx: ConversionContext) -> cst.If | None:
+    if not ctx.tied_weights_keys:
+        return None
+    lines = "\n".join(f"    self.{k} = self.{v}" for k, v in ctx.tied_weights_keys.items())
+    return cst.parse_statement(
+        'if getattr(self.config, "tie_word_embeddings", False):\n'
+        "    # one parameter, as transformers ties it (lm_head shares the embedding's rows)\n"
+        f"{lines}\n"
+    )
+
+
+def _with_tying(init: cst.FunctionDef, tie: cst.If | None) -> cst.FunctionDef:
+    if tie is None:
+        return init
+    existing = _EMPTY.code_for_node(init)
+    first = _EMPTY.code_for_node(tie.body.body[-1]).strip()
+    if first in existing:  # an earlier pass already ties
+        return init
+    return init.with_changes(body=init.body.with_changes(body=[*init.body.body, tie]))
+
+
+def _add_imports(module: cst.Module) -> cst.Module:
+    stmts = [
+        cst.parse_statement("import re"),
+        cst.parse_statement("from collections.abc import Iterable"),
+    ]
+    have = {_EMPTY.code_for_node(s).strip() for s in module.body}
+    body = list(module.body)
+    for stmt in reversed(stmts):
+        if _EMPTY.code_for_node(stmt).strip() not in have:
+            body.insert(0, stmt)
+    module = module.with_changes(body=body)
+    return add_runtime_import(module, {"default_weight_loader"}, "runtime.parallel")
+
+
+def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
+    method = cst.parse_module(load_weights_source(ctx)).body[0].body.body[0]
+    tie = _tie_statement(ctx)
+    body = []
+    for stmt in module.body:
+        if isinstance(stmt, cst.ClassDef) and stmt.name.value == ctx.lm_class:
+            if "load_weights" in methods_of(stmt):
+                raise ctx.error(f"{ctx.lm_class} already defines load_weights", stmt)
+            members = [
+                _with_tying(s, tie)
+                if isinstance(s, cst.FunctionDef) and s.name.value == "__init__"
+                else s
+                for s in stmt.body.body
+            ]
+            stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*members, method]))
+        body.append(stmt)
+    return _add_imports(module.with_changes(body=body))
