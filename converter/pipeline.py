@@ -17,14 +17,17 @@ import tomllib
 from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
-from converter.passes import imports, tp, weights
+from converter.passes import attention, flatten, imports, prune, select, strip, tp, weights
 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 
+# C1: the core passes, in order (each pass's docstring says what it relies on):
+# absolute imports -> select -> strip -> attention sink -> flatten -> dataflow prune.
+CORE: list[Pass] = [imports.run, select.run, strip.run, attention.run, flatten.run, prune.run]
+
 STAGES: list[Pass] = [
-    # --- C1: core passes (order matters; see each pass's docstring) ---
-    imports.run,
+    *CORE,
     # --- C2: tp, weights: add stages below this line ---
     tp.run,
     weights.run,
@@ -83,6 +86,7 @@ def convert_source(
     package: str | None = None,
     rules: dict | None = None,
     stages: list[Pass] | None = None,
+    render: bool = True,
 ) -> Conversion:
     """Run the whole pipeline on `source` (the text of `path`)."""
     path = Path(path)
@@ -102,7 +106,7 @@ def convert_source(
     analyze(module, ctx)
     for stage in STAGES if stages is None else stages:
         module = stage(module, ctx)
-    return Conversion(finish(module, ctx), module, ctx)
+    return Conversion(finish(module, ctx) if render else module.code, module, ctx)
 
 
 def convert_file(path: str | Path, model_type: str | None = None) -> Conversion:
