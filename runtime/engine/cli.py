@@ -178,8 +178,8 @@ def bench(
 
     try:
         torch_dtype_ = torch_dtype(dtype)
-        workload = bench_mod.make_workload(num_requests, min_len, max_len, seed)
         config = bench_mod.preset_config(preset)
+        workload = bench_mod.make_workload(num_requests, min_len, max_len, seed, config.vocab_size)
     except ValueError as err:
         raise fail(str(err), 2) from None
     try:

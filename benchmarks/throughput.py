@@ -1,0 +1,239 @@
+"""Offline throughput: hf2paged vs transformers on nano-vllm's workload (GPU; CPU smoke run).
+
+    python benchmarks/throughput.py                      # Qwen3-0.6B shape, 256 requests, H100
+    python benchmarks/throughput.py --model llama3-8b
+    python benchmarks/throughput.py --quick --device cpu # smoke test
+
+Workload (nano-vllm's bench.py): 256 requests of random token ids, input and output
+lengths uniform in 100..1024 (seeded), greedy, every request generating exactly its
+output length. The model has random weights in bf16 built from the real config (no hub
+needed), saved once as safetensors; every system loads that same directory in its own
+subprocess (clean peak-memory numbers, nothing left over from the previous system):
+ours (`LLM.generate`), HF continuous batching, HF `generate` in padded static batches.
+The report goes to benchmarks/results/throughput-<device>.md, rewritten after each system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.report import Roofline, write_report  # noqa: E402
+from runtime.engine.bench import (  # noqa: E402
+    RunResult,
+    format_result,
+    make_workload,
+    preset_config,
+    run_ours,
+    save_random_model,
+)
+
+SYSTEMS = ("ours", "hf-cb", "hf-generate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "llama3-8b", "tiny"])
+    p.add_argument(
+        "--quick", action="store_true", help="8 short requests (16..64 tokens): a smoke test"
+    )
+    p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bf16 on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size of ours (HF runs on one GPU)"
+    )
+    p.add_argument("--skip-hf", action="store_true", help="run ours only")
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)}",
+    )
+    p.add_argument("--num-requests", type=int, default=None, help="default 256 (8 with --quick)")
+    p.add_argument("--min-len", type=int, default=None, help="default 100 (16 with --quick)")
+    p.add_argument("--max-len", type=int, default=None, help="default 1024 (64 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
+    p.add_argument(
+        "--hf-generate-batches", type=int, default=0,
+        help="measure HF generate on the first K static batches only (0 = all); its throughput is per batch",
+    )  # fmt: skip
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument(
+        "--system-timeout", type=float, default=1800, help="seconds per system before it is stopped"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default benchmarks/results/throughput-<device>.md)",
+    )
+    # Internal: one system's run in a subprocess.
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.num_requests = args.num_requests or (8 if quick else 256)
+    args.min_len = args.min_len or (16 if quick else 100)
+    args.max_len = args.max_len or (64 if quick else 1024)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        p.error(f"unknown --systems {unknown}; expected a subset of {SYSTEMS}")
+    args.systems = [s for s in systems if s == "ours" or not args.skip_hf]
+    return args
+
+
+def device_slug(device: str) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy, counting the read and the write."""
+    nbytes = (1 << 30) if device.startswith("cuda") else (1 << 28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps = 20 if device.startswith("cuda") else 5
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    return 2 * nbytes * reps / (time.perf_counter() - start)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs one system on the saved model and writes its RunResult as JSON."""
+    workload = make_workload(
+        args.num_requests,
+        args.min_len,
+        args.max_len,
+        args.seed,
+        preset_config(args.model).vocab_size,
+    )
+    dtype = getattr(torch, args.dtype)
+    if args.worker == "ours":
+        result = run_ours(
+            preset_config(args.model), workload, device=args.device, dtype=dtype, tp=args.tp,
+            model_dir=args.model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
+        )  # fmt: skip
+    else:
+        from benchmarks.hf_baselines import load_hf_model, run_hf_continuous, run_hf_static
+
+        model = load_hf_model(args.model_dir, dtype, args.device)
+        if args.worker == "hf-cb":
+            result = run_hf_continuous(model, workload)
+        else:
+            result = run_hf_static(
+                model, workload, args.hf_batch_size, args.hf_generate_batches or None
+            )
+    args.result_file.write_text(result.to_json())
+
+
+def run_system(
+    system: str, args: argparse.Namespace, model_dir: Path, tmp: Path
+) -> RunResult | str:
+    """The system's result, or a one-line reason it has none."""
+    result_file = tmp / f"{system}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system]
+    cmd += ["--model-dir", str(model_dir), "--result-file", str(result_file)]
+    cmd += [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--tp",
+        str(args.tp),
+    ]
+    cmd += ["--num-requests", str(args.num_requests), "--min-len", str(args.min_len)]
+    cmd += ["--max-len", str(args.max_len), "--seed", str(args.seed)]
+    cmd += [
+        "--hf-batch-size",
+        str(args.hf_batch_size),
+        "--hf-generate-batches",
+        str(args.hf_generate_batches),
+    ]
+    cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    print(f"\n== {system}", flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=args.system_timeout)
+    except subprocess.TimeoutExpired:
+        return f"stopped after {args.system_timeout:.0f} s (--system-timeout)"
+    if proc.returncode != 0 or not result_file.exists():
+        return f"failed (exit code {proc.returncode}; its traceback is in the log above)"
+    result = RunResult.from_json(result_file.read_text())
+    print(format_result(result), flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    workload = make_workload(
+        args.num_requests,
+        args.min_len,
+        args.max_len,
+        args.seed,
+        preset_config(args.model).vocab_size,
+    )
+    config = preset_config(args.model)
+    dtype = getattr(torch, args.dtype)
+    slug = device_slug(args.device)
+    default_name = f"throughput-{slug}" + ("" if args.model == "qwen3-0.6b" else f"-{args.model}")
+    out = args.out or REPO / "benchmarks" / "results" / (
+        default_name + ("-quick" if args.quick else "") + ".md"
+    )
+    print(
+        f"{args.model} ({args.dtype}) on {slug}: {len(workload)} requests, "
+        f"lengths {args.min_len}..{args.max_len}, systems {args.systems}",
+        flush=True,
+    )
+    bandwidth = copy_bandwidth(args.device)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="hf2paged-throughput-") as tmp:
+        model_dir = Path(tmp) / "model"
+        start = time.perf_counter()
+        save_random_model(config, model_dir, dtype, args.device, args.seed)
+        print(f"random weights saved in {time.perf_counter() - start:.1f} s", flush=True)
+        roofline = Roofline.of(model_dir, config, workload, dtype, bandwidth, args.tp)
+        results: dict[str, RunResult | str] = {}
+        for system in args.systems:
+            results[system] = run_system(system, args, model_dir, Path(tmp))
+            write_report(out, args, slug, config, workload, roofline, results)
+    print(f"\nreport: {out}")
+
+
+if __name__ == "__main__":
+    main()
