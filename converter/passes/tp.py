@@ -198,7 +198,8 @@ class _TPPass:
         if decision.style == "vocab":
             ctor = dotted(call.func) or ""
             if ctor.split(".")[-1] != "Embedding":
-                self.vocab_bases.add(ctor)
+                self.vocab_bases.add(ctor)  # a local nn.Embedding subclass: re-base it
+                self.used.add("VocabParallelEmbedding")
                 return call
             self.used.add("VocabParallelEmbedding")
             return call.with_changes(func=cst.Name("VocabParallelEmbedding"))
