@@ -198,3 +198,43 @@ def test_qkv_sharding_for_larger_tp(monkeypatch, tp, n_heads, n_kv):
     for rank in range(tp):
         monkeypatch.setattr(state, "_TP_RANK", rank)
         assert _qkv(random.Random(rank), rank, tp, [(n_heads, n_kv)]) == 3
+
+
+def test_params_follow_default_device_and_dtype_and_keep_loaders():
+    with torch.device("meta"):
+        layer = QKVParallelLinear(8, 2, 4, 2, params_dtype=torch.bfloat16)
+    assert layer.weight.device.type == "meta" and layer.weight.dtype == torch.bfloat16
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        row = RowParallelLinear(4, 6)
+    finally:
+        torch.set_default_dtype(old)
+    assert row.weight.dtype == torch.float64 and not row.weight.requires_grad
+    # The engine may cast after building: the loaders must survive Module.to().
+    row = row.to(torch.float16)
+    w, b = torch.randn(6, 4), torch.randn(6)
+    row.weight.weight_loader(row.weight, w)
+    row.bias.weight_loader(row.bias, b)
+    assert row.weight.dtype == torch.float16
+    torch.testing.assert_close(row.weight, w.half(), atol=0, rtol=0)
+
+
+def test_default_weight_loader():
+    from runtime.parallel import default_weight_loader
+
+    p = torch.nn.Parameter(torch.empty(3, 2), requires_grad=False)
+    w = torch.randn(3, 2)
+    default_weight_loader(p, w)
+    assert torch.equal(p, w)
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: parameter \(3, 2\) vs checkpoint \(2, 3\)"
+    ):
+        default_weight_loader(p, torch.randn(2, 3))
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: parameter \(3, 2\) vs checkpoint \(2,\)"
+    ):
+        default_weight_loader(p, torch.randn(2))  # copy_ would have broadcast this
+    scalar = torch.nn.Parameter(torch.empty(1), requires_grad=False)
+    default_weight_loader(scalar, torch.tensor(2.5))
+    assert scalar.item() == 2.5

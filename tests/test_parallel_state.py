@@ -90,3 +90,39 @@ def test_gloo_collectives_and_failure_propagation():
     assert run_distributed(_collectives, 2) == [0, 10]
     with pytest.raises(RuntimeError, match="(?s)rank 1 of 2 failed.*KeyError.*boom from rank 1"):
         run_distributed(_fails_on_rank_1, 2, timeout=120)
+
+
+_TORCHRUN_SCRIPT = """
+import torch
+from runtime.parallel import RowParallelLinear, destroy_parallel, get_tp_rank, init_parallel
+
+init_parallel(2)  # RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from torchrun
+torch.manual_seed(0)
+w, b, x = torch.randn(8, 6), torch.randn(8), torch.randn(3, 6)
+row = RowParallelLinear(6, 8, input_is_parallel=False)
+row.weight.weight_loader(row.weight, w)
+row.bias.weight_loader(row.bias, b)
+assert torch.allclose(row(x), torch.nn.functional.linear(x, w, b), atol=1e-5)
+print(f"rank {get_tp_rank()} ok")
+destroy_parallel()
+"""
+
+
+@pytest.mark.slow
+def test_init_parallel_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import free_port
+
+    script = tmp_path / "tp_script.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
