@@ -79,6 +79,8 @@ class Sequence:
         # prefix cache since the last allocation.
         self.num_published_blocks = 0
         self.num_preemptions = 0
+        # The request's own random stream when it has a seed (made by the sampler).
+        self.generator = None
         # Per-output-token log-probabilities when requested: (sampled_logprob, {id: logprob}).
         self.logprobs: list[tuple[float, dict[int, float]]] = []
 

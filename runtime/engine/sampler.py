@@ -1,0 +1,149 @@
+"""`Sampler`: next tokens for a batch of sequences, on the logits' device.
+
+Processing follows transformers' order: repetition penalty, then (non-greedy rows)
+temperature, top-k, top-p, min-p, then an exponential race (``argmax(p / q)`` with
+``q ~ Exp(1)`` is a sample from ``p``; it needs no cumulative sum and no host sync).
+Greedy rows (temperature 0) take the argmax of the penalised logits. Rows with a seed
+draw their noise from their own `torch.Generator`, one draw per sampled token, so their
+tokens do not depend on the rest of the batch or on preemption.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.engine.sequence import Sequence
+
+Logprobs = tuple[float, dict[int, float]]
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor,  # [B, V] fp32, modified in place
+    seqs: list[Sequence],
+    penalties: list[float],
+) -> None:
+    """transformers' rule on every token seen so far (prompt and output): positive logits
+    are divided by the penalty, negative ones multiplied."""
+    rows = [i for i, p in enumerate(penalties) if p != 1.0]
+    vocab = logits.shape[1]
+    row_idx, tok_idx = [], []
+    for i in rows:
+        seen = set(seqs[i].token_ids)
+        row_idx.extend([i] * len(seen))
+        tok_idx.extend(seen)
+    device = logits.device
+    r = torch.tensor(row_idx, dtype=torch.long, device=device)  # [S]
+    t = torch.tensor(tok_idx, dtype=torch.long, device=device).clamp_(max=vocab - 1)  # [S]
+    p = torch.tensor(penalties, dtype=logits.dtype, device=device)[r]  # [S]
+    seen_logits = logits[r, t]  # [S]
+    logits[r, t] = torch.where(seen_logits > 0, seen_logits / p, seen_logits * p)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [B, V] fp32, temperature already applied
+    top_k: torch.Tensor | None,  # [B] int64, V where off
+    top_p: torch.Tensor | None,  # [B] fp32, 1.0 where off
+) -> torch.Tensor:  # [B, V], filtered tokens at -inf
+    """Keep each row's `top_k` largest logits, then the smallest set whose probability
+    reaches `top_p` (the most likely token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    vocab = logits.shape[1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        drop |= ranks >= top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)  # [B, V]
+        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+        drop |= before >= top_p[:, None]
+        drop[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    """Samples one token per row of logits; see the module docstring for the order."""
+
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence]  # logits [B, V]
+    ) -> tuple[list[int], list[Logprobs | None] | None]:
+        assert logits.shape[0] == len(seqs), "one row of logits per sequence"
+        params = [s.sampling_params for s in seqs]
+        logits = logits.float()  # [B, V]
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        penalties = [p.repetition_penalty for p in params]
+        if any(p != 1.0 for p in penalties):
+            logits = logits.clone()
+            apply_repetition_penalty(logits, seqs, penalties)
+
+        if all(p.temperature == 0 for p in params):
+            tokens = logits.argmax(dim=-1)  # [B]
+        else:
+            tokens = self._sample(logits, seqs)
+        token_list = tokens.tolist()
+        if raw_logprobs is None:
+            return token_list, None
+        return token_list, self._logprobs(raw_logprobs, tokens, params)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:  # [B]
+        params = [s.sampling_params for s in seqs]
+        device, vocab = logits.device, logits.shape[1]
+        greedy = torch.tensor([p.temperature == 0 for p in params], device=device)  # [B]
+        greedy_tokens = logits.argmax(dim=-1)  # [B]
+        temps = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params],
+            dtype=logits.dtype, device=device,
+        )
+        logits = logits / temps[:, None]  # [B, V]
+        top_k = top_p = None
+        if any(p.top_k != -1 and p.top_k < vocab for p in params):
+            top_k = torch.tensor(
+                [p.top_k if p.top_k != -1 else vocab for p in params], device=device
+            )
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
+        if top_k is not None or top_p is not None:
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)  # [B, V]
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+            cutoff = probs.amax(dim=-1, keepdim=True) * min_p[:, None]  # [B, 1]
+            probs = probs.masked_fill(probs < cutoff, 0.0)
+        noise = torch.empty_like(probs).exponential_()  # [B, V]
+        for i, seq in enumerate(seqs):
+            p = params[i]
+            if p.seed is not None and p.temperature > 0:
+                noise[i].exponential_(generator=self._generator(seq, device))
+        sampled = (probs / noise).argmax(dim=-1)  # [B]
+        return torch.where(greedy, greedy_tokens, sampled)
+
+    @staticmethod
+    def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
+        gen = getattr(seq, "generator", None)
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seq.sampling_params.seed)
+            seq.generator = gen
+        return gen
+
+    @staticmethod
+    def _logprobs(
+        raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list
+    ) -> list[Logprobs | None]:
+        k = max(p.logprobs or 0 for p in params)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()  # [B]
+        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)  # [B, k]
+        top_vals = top_vals.tolist() if k else None
+        top_ids = top_ids.tolist() if k else None
+        out: list[Logprobs | None] = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            top = {}
+            if p.logprobs:
+                top = dict(zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs]))
+            out.append((chosen[i], top))
+        return out
