@@ -12,10 +12,17 @@ projections first and sharded segment by segment.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.parallel.linear import ColumnParallelLinear
-from runtime.parallel.state import divide, get_tp_size, local_num_heads, local_num_kv_heads
+from runtime.parallel.state import (
+    divide,
+    get_tp_size,
+    local_num_heads,
+    local_num_kv_heads,
+    tensor_model_parallel_all_gather,
+)
 from runtime.parallel.weights import check_loaded_shape, copy_checked
 
 
@@ -59,7 +66,8 @@ class _StackedColumnLinear(ColumnParallelLinear):
 class MergedColumnParallelLinear(_StackedColumnLinear):
     """Several column-parallel projections of the same input in one matmul (gate|up).
 
-    Shard ids are the positions in `output_sizes` (gate=0, up=1).
+    Shard ids are the positions in `output_sizes` (gate=0, up=1). With
+    `gather_output=True` the output is the unsharded `[..., gate | up]`.
     """
 
     def __init__(
@@ -77,11 +85,23 @@ class MergedColumnParallelLinear(_StackedColumnLinear):
         super().__init__(
             input_size, sum(self.output_sizes), bias, gather_output, params_dtype, transposed
         )
+        self._local_sizes = locals_
         self._segments = {}
         offset = 0
         for i, (full, local) in enumerate(zip(self.output_sizes, locals_)):
             self._segments[i] = (full, offset, local, self.tp_rank * local)
             offset += local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [..., sum(output_sizes) / tp]
+        if not self.gather_output or self.tp_size == 1:
+            return y
+        # Gathered rank by rank the columns read [gate_0|up_0|gate_1|up_1]; put them back in
+        # the unsharded layout [gate|up] that the replaced nn.Linear produced.
+        y = tensor_model_parallel_all_gather(y, dim=-1)  # [..., sum(output_sizes)]
+        per_rank = y.unflatten(-1, (self.tp_size, -1))  # [..., tp, sum / tp]
+        parts = per_rank.split(self._local_sizes, dim=-1)  # each [..., tp, size_i / tp]
+        return torch.cat([p.flatten(-2) for p in parts], dim=-1)  # [..., sum(output_sizes)]
 
 
 class QKVParallelLinear(_StackedColumnLinear):
