@@ -9,14 +9,14 @@ Roles are found by structure, never by attribute names:
 
 from __future__ import annotations
 
+import ast
 import builtins
 from collections import deque
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
 
-from converter.context import Child, ClassInfo, ConversionContext, first_line
+from converter.context import Child, ClassInfo, ConversionContext
 
 BUILTINS = frozenset(dir(builtins))
 INTERFACE_REGISTRY = "ALL_ATTENTION_FUNCTIONS"
@@ -65,6 +65,11 @@ def find_all(node: cst.CSTNode, pred) -> list[cst.CSTNode]:
     finder = _Finder(pred)
     node.visit(finder)
     return finder.found
+
+
+def nodes_of(node: cst.CSTNode, *types: type) -> list:
+    """Every node of the given types under `node` (much faster than matchers.findall)."""
+    return find_all(node, lambda n: isinstance(n, types))
 
 
 def methods_of(cls: cst.ClassDef) -> dict[str, cst.FunctionDef]:
@@ -155,87 +160,106 @@ def _child_of_assign(
     return ctor, ctor if ctor in local else None, False, value
 
 
-class _ClassCollector(cst.CSTVisitor):
-    """Fills `ClassInfo` for every module-level class (children from ``__init__``)."""
+def line_index(source: str) -> dict[tuple[str, str], int]:
+    """(enclosing def/class qualname, first code line of a statement) -> line, from
+    Python's `ast` (cheap; LibCST positions cost a second pass over the code)."""
+    lines = source.splitlines()
+    index: dict[tuple[str, str], int] = {}
 
-    METADATA_DEPENDENCIES = (PositionProvider,)
+    def walk(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt):
+                key = lines[child.lineno - 1].strip()
+                index.setdefault((".".join(scope), key), child.lineno)
+                index.setdefault(("", key), child.lineno)
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                walk(child, scope + [child.name])
+            else:
+                walk(child, scope)
 
-    def __init__(self, local: set[str]) -> None:
-        self.local = local
-        self.classes: dict[str, ClassInfo] = {}
-        self.line_index: dict[tuple[str, str], int] = {}
-        self._class: list[ClassInfo] = []
-        self._scope: list[str] = []
-        self._in_init = 0
+    walk(ast.parse(source), [])
+    return index
 
-    def _line(self, node: cst.CSTNode) -> int:
-        return self.get_metadata(PositionProvider, node).start.line
 
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if isinstance(node, (cst.BaseStatement, cst.BaseSmallStatement)) and not isinstance(
-            node, cst.SimpleStatementLine
+def flat_statements(body) -> list[cst.BaseSmallStatement]:
+    """Small statements of a block, descending into if/else/for/with/try (no visitor)."""
+    out: list[cst.BaseSmallStatement] = []
+    for stmt in body:
+        if isinstance(stmt, cst.SimpleStatementLine):
+            out += stmt.body
+            continue
+        for block in _child_blocks(stmt) or (
+            [list(stmt.body.body)] if isinstance(getattr(stmt, "body", None), cst.BaseSuite) else []
         ):
-            key = first_line(node)
-            line = self._line(node)
-            scope = ".".join(self._scope)
-            self.line_index.setdefault((scope, key), line)
-            self.line_index.setdefault(("", key), line)
-        return super().on_visit(node)
+            out += flat_statements(block)
+    return out
 
-    def visit_ClassDef(self, node: cst.ClassDef) -> None:
-        self._scope.append(node.name.value)
-        if len(self._scope) == 1:
-            bases = [cst.Module(body=[]).code_for_node(a.value) for a in node.bases]
-            methods = methods_of(node)
-            info = ClassInfo(node.name.value, bases, {}, list(methods), self._line(node))
-            if "forward" in methods:
-                info.forward_params = [p.name.value for p in methods["forward"].params.params]
-            self.classes[info.name] = info
-            self._class.append(info)
 
-    def leave_ClassDef(self, node: cst.ClassDef) -> None:
-        if len(self._scope) == 1:
-            self._class.pop()
-        self._scope.pop()
+def _ast_facts(source: str) -> dict[str, tuple[int, set[str], bool]]:
+    """Per top-level class, from Python's `ast` (fast): line, config fields read
+    (``config.X`` / ``self.config.X``), whether it looks up the attention interface."""
+    facts = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        reads: set[str] = set()
+        interface = False
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute):
+                base = sub.value
+                if (isinstance(base, ast.Name) and base.id == "config") or (
+                    isinstance(base, ast.Attribute)
+                    and base.attr == "config"
+                    and isinstance(base.value, ast.Name)
+                    and base.value.id == "self"
+                ):
+                    reads.add(sub.attr)
+                if isinstance(base, ast.Name) and base.id == INTERFACE_REGISTRY:
+                    interface = True
+            elif isinstance(sub, ast.Subscript):
+                if isinstance(sub.value, ast.Name) and sub.value.id == INTERFACE_REGISTRY:
+                    interface = True
+        facts[node.name] = (node.lineno, reads, interface)
+    return facts
 
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self._scope.append(node.name.value)
-        if self._class and node.name.value == "__init__" and len(self._scope) == 2:
-            self._in_init += 1
 
-    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
-        if self._class and node.name.value == "__init__" and len(self._scope) == 2:
-            self._in_init -= 1
-        self._scope.pop()
+def _collect_classes(module: cst.Module, ctx: ConversionContext) -> dict[str, ClassInfo]:
+    local = {s.name.value for s in module.body if isinstance(s, cst.ClassDef)}
+    facts = _ast_facts(ctx.source_text)
+    classes: dict[str, ClassInfo] = {}
+    for node in module.body:
+        if not isinstance(node, cst.ClassDef):
+            continue
+        name = node.name.value
+        line, reads, interface = facts[name]
+        methods = methods_of(node)
+        bases = [cst.Module(body=[]).code_for_node(a.value) for a in node.bases]
+        info = ClassInfo(name, bases, {}, list(methods), line, interface)
+        info.config_reads = reads
+        if "forward" in methods:
+            info.forward_params = [p.name.value for p in methods["forward"].params.params]
+        init = methods.get("__init__")
+        for small in flat_statements(init.body.body) if init else []:
+            if isinstance(small, cst.Assign):
+                _record_child(ctx, info, small, local, f"{name}.__init__")
+        classes[name] = info
+    return classes
 
-    def visit_Call(self, node: cst.Call) -> None:
-        if self._class and is_interface_lookup(node):
-            self._class[-1].calls_attention_interface = True
 
-    def visit_Attribute(self, node: cst.Attribute) -> None:
-        if self._class and dotted(node.value) in ("config", "self.config"):
-            self._class[-1].config_reads.add(node.attr.value)
-
-    def visit_Subscript(self, node: cst.Subscript) -> None:
-        if self._class and is_interface_lookup(node):
-            self._class[-1].calls_attention_interface = True
-
-    def visit_Assign(self, node: cst.Assign) -> None:
-        if not (self._class and self._in_init):
-            return
-        info = self._class[-1]
-        for target in node.targets:
-            attr = self_attr(target.target)
-            if attr is None:
-                continue
-            if m.matches(node.value, m.Call(func=m.Attribute(attr=m.Name("Parameter")))):
-                info.param_attrs.append(attr)
-                continue
-            found = _child_of_assign(node.value, self.local)
-            if found is None or attr in info.children:
-                continue
-            ctor, cls, in_list, call = found
-            info.children[attr] = Child(attr, ctor, cls, in_list, call, self._line(node))
+def _record_child(ctx, info: ClassInfo, node: cst.Assign, local: set[str], scope: str) -> None:
+    for target in node.targets:
+        attr = self_attr(target.target)
+        if attr is None:
+            continue
+        if m.matches(node.value, m.Call(func=m.Attribute(attr=m.Name("Parameter")))):
+            info.param_attrs.append(attr)
+            continue
+        found = _child_of_assign(node.value, local)
+        if found is None or attr in info.children:
+            continue
+        ctor, cls, in_list, call = found
+        line = ctx.line_of(cst.SimpleStatementLine([node]), scope) or 0
+        info.children[attr] = Child(attr, ctor, cls, in_list, call, line)
 
 
 def owns(ctx: ConversionContext, cls: str, target: set[str], seen: set[str] | None = None) -> bool:
@@ -282,12 +306,9 @@ def analyze(module: cst.Module, ctx: ConversionContext) -> None:
     """Fill the ownership graph, module symbols, line index and roles of `ctx`."""
     symbols = top_level(module)
     ctx.module_symbols = set(symbols)
-    local = {s.name.value for s in module.body if isinstance(s, cst.ClassDef)}
     ctx.functions = [s.name.value for s in module.body if isinstance(s, cst.FunctionDef)]
-    collector = _ClassCollector(local)
-    MetadataWrapper(module, unsafe_skip_copy=True).visit(collector)
-    ctx.classes = collector.classes
-    ctx.line_index = collector.line_index
+    ctx.line_index = line_index(ctx.source_text)
+    ctx.classes = _collect_classes(module, ctx)
     _find_roles(module, ctx)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import child_class, dotted, forward_owner
+from converter.analysis import child_class, dotted, forward_owner, nodes_of
 from converter.context import ConversionContext
 
 
@@ -43,7 +43,7 @@ def loop_layers(ctx: ConversionContext, cls: str | None, node: cst.CSTNode) -> d
         return found
     lists = {a: c.cls for a, c in ctx.classes[cls].children.items() if c.in_list and c.cls}
     attr = m.Attribute(value=m.Name("self"), attr=m.Name())
-    for loop in m.findall(node, m.For()):
+    for loop in nodes_of(node, cst.For):
         it = loop.iter
         target = loop.target
         if m.matches(it, m.Call(func=m.Name("enumerate"))) and it.args:
@@ -87,7 +87,7 @@ def resolve(
 def calls_of(ctx, fn: Function, funcs) -> list[tuple[cst.Call, str]]:
     loops = loop_layers(ctx, fn.cls, fn.node)
     out = []
-    for call in m.findall(fn.node.body, m.Call()):
+    for call in nodes_of(fn.node.body, cst.Call):
         target = resolve(ctx, fn, call, funcs, loops)
         if target is not None:
             out.append((call, target))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import BUILTINS, dotted
+from converter.analysis import BUILTINS, dotted, nodes_of
 
 _EMPTY = cst.Module(body=[])
 
@@ -193,7 +193,7 @@ class _DeadReads(cst.CSTVisitor):
         return False
 
     def visit_CompFor(self, node: cst.CompFor) -> None:
-        for name in m.findall(node.target, m.Name()):
+        for name in nodes_of(node.target, cst.Name):
             self.bound.add(name.value)
 
     def visit_Lambda(self, node: cst.Lambda) -> None:

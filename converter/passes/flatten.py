@@ -18,7 +18,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import child_class, dotted, methods_of
+from converter.analysis import child_class, dotted, methods_of, nodes_of
 from converter.context import ConversionContext
 from converter.passes.attention import add_params
 
@@ -239,7 +239,7 @@ def _lm_methods(ctx: ConversionContext, forward: cst.FunctionDef) -> list[cst.Fu
 
 
 def _has_call(stmt: cst.CSTNode, name: str) -> bool:
-    return any(dotted(c.func) == name for c in m.findall(stmt, m.Call()))
+    return any(dotted(c.func) == name for c in nodes_of(stmt, cst.Call))
 
 
 def _assigned_name(stmt: cst.CSTNode) -> str | None:

@@ -46,4 +46,9 @@ class _Absolute(cst.CSTTransformer):
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
-    return module.visit(_Absolute(ctx))
+    # imports live at module level (possibly under if/try): visit only those statements
+    fixer = _Absolute(ctx)
+    body = [
+        s if isinstance(s, (cst.ClassDef, cst.FunctionDef)) else s.visit(fixer) for s in module.body
+    ]
+    return module.with_changes(body=body)

@@ -14,10 +14,12 @@ that writes a name the function returns, deleting a return, or emptying a loop.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import libcst as cst
-import libcst.matchers as m
 
 from converter import callgraph as cg
+from converter.analysis import nodes_of
 from converter.context import ConversionContext
 from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, literal, merge, reads_dead, truth, value
 from converter.passes.liveness import eliminate_dead_stores
@@ -35,12 +37,12 @@ def _locals(fn: cg.Function) -> set[str]:
             *fn.node.params.kwonly_params,
         ]
     }
-    for target in m.findall(
-        fn.node.body, m.AssignTarget() | m.For() | m.NamedExpr() | m.AnnAssign() | m.AugAssign()
+    for target in nodes_of(
+        fn.node.body, cst.AssignTarget, cst.For, cst.NamedExpr, cst.AnnAssign, cst.AugAssign
     ):
         node = target.target
         names |= (
-            {n.value for n in m.findall(node, m.Name())}
+            {n.value for n in nodes_of(node, cst.Name)}
             if isinstance(node, (cst.Tuple, cst.List))
             else ({node.value} if isinstance(node, cst.Name) else set())
         )
@@ -128,7 +130,7 @@ class _Pruner:
     def __init__(self, ctx: ConversionContext, fn: cg.Function, funcs, facts) -> None:
         self.ctx, self.fn, self.funcs, self.facts = ctx, fn, funcs, facts
         self.loops = cg.loop_layers(ctx, fn.cls, fn.node)
-        returns = m.findall(fn.node.body, m.Return())
+        returns = nodes_of(fn.node.body, cst.Return)
         self.chain = set().union(*(names_read(r.value) for r in returns if r.value is not None)) - {
             "self",
             "None",
@@ -231,10 +233,8 @@ class _Pruner:
             )
         dead = reads_dead(test, env)
         if dead:
-            writes = set().union(
-                *(_targets(s) for s in m.findall(stmt, m.Assign() | m.AugAssign()))
-            )
-            if writes & self.chain or m.findall(stmt, m.Return()):
+            writes = set().union(*(_targets(s) for s in nodes_of(stmt, cst.Assign, cst.AugAssign)))
+            if writes & self.chain or nodes_of(stmt, cst.Return):
                 raise self.fail("delete a branch that computes the returned value", stmt, dead)
             return []
         env_a, env_b = env.copy(), env.copy()
@@ -327,15 +327,19 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         funcs[q] = cg.Function(
             q, fn.cls, fn.node.with_changes(body=fn.node.body.with_changes(body=body))
         )
-    callers = {
-        q: [c for c in order if any(t == q for _, t in cg.calls_of(ctx, funcs[c], funcs))]
-        for q in order
-    }
+    callers: dict[str, list[str]] = {q: [] for q in order}
+    for c in order:
+        for t in {t for _, t in cg.calls_of(ctx, funcs[c], funcs)}:
+            callers.setdefault(t, []).append(c)
+    refs = Counter(n.value for n in nodes_of(module, cst.Name))
+    direct = Counter(
+        c.func.value for c in nodes_of(module, cst.Call) if isinstance(c.func, cst.Name)
+    )
     for q in reversed(order):
         fn = funcs[q]
         node = eliminate_dead_stores(fn.node)
         funcs[q] = fn = cg.Function(q, fn.cls, node)
-        if q in roots or not _params_prunable(fn, module):
+        if q in roots or not _params_prunable(fn, refs, direct):
             continue
         used = names_read(node.body)
         unused = [p.name.value for p in cg.params_of(fn) if p.name.value not in used]
@@ -355,14 +359,11 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     return _rebuild(module, ctx, funcs, reachable)
 
 
-def _params_prunable(fn: cg.Function, module: cst.Module) -> bool:
+def _params_prunable(fn: cg.Function, refs: Counter, direct: Counter) -> bool:
     """Methods called through instances (forward) and functions only ever called."""
     if fn.cls is not None:
         return fn.node.name.value == "forward"
-    name = fn.qualname
-    refs = len(m.findall(module, m.Name(name)))
-    calls = len(m.findall(module, m.Call(func=m.Name(name))))
-    return refs == calls + 1  # + its own def name
+    return refs[fn.qualname] == direct[fn.qualname] + 1  # + its own def name
 
 
 def _drop_bound(
