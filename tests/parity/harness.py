@@ -58,5 +58,16 @@ def tp_worker(rank: int, world_size: int, jobs: list[tuple[str, str, list[list[i
     for arch, model_dir, tokens in jobs:
         config = AutoConfig.from_pretrained(model_dir)
         model = build_generated(config, Path(model_dir))
-        out[arch] = run_generated(model, tokens, SCENARIO)
+        records = run_generated(model, tokens, SCENARIO)
+        # numpy pickles by value; torch tensors would go through shared-memory file
+        # descriptors that die with this process.
+        for r in records:
+            r.logits = r.logits.numpy()
+        out[arch] = records
     return out if rank == 0 else None
+
+
+def from_worker(records):
+    for r in records:
+        r.logits = torch.from_numpy(r.logits)
+    return records

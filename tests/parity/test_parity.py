@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from configs import ARCHS
 from distributed import run_distributed
-from harness import ATOL, generated_records, report, tp_worker
+from harness import ATOL, from_worker, generated_records, report, tp_worker
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -28,7 +28,7 @@ def test_parity_tp2(all_cases):
     records = run_distributed(tp_worker, 2, jobs, timeout=600)[0]
     failures = []
     for arch, case in all_cases.items():
-        result = report(case, records[arch])
+        result = report(case, from_worker(records[arch]))
         print("TP=2", result.format())
         if result.max_diff >= ATOL:
             failures.append(result.format())
