@@ -67,7 +67,7 @@ def paged_logits(
 
 def _engine_model(llm):
     """The generated model inside `LLM` (TP=1), wherever the engine keeps it."""
-    for path in ("model", "model_runner.model", "runner.model", "engine.model_runner.model"):
+    for path in ("model", "executor.worker.model", "engine.executor.worker.model"):
         obj = llm
         for attr in path.split("."):
             obj = getattr(obj, attr, None)

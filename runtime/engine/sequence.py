@@ -81,6 +81,8 @@ class Sequence:
         self.num_preemptions = 0
         # The request's own random stream when it has a seed (made by the sampler).
         self.generator = None
+        # The engine's IncrementalDetokenizer when the model has a tokenizer.
+        self.detokenizer = None
         # Per-output-token log-probabilities when requested: (sampled_logprob, {id: logprob}).
         self.logprobs: list[tuple[float, dict[int, float]]] = []
 

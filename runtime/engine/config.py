@@ -1,0 +1,81 @@
+"""`EngineConfig`: everything a worker needs to build its model and cache (picklable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Attributes transformers configs use for the longest sequence the model was trained on.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context_length(config) -> int | None:
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"unsupported device {device}; use 'cuda' or 'cpu'")
+    return device
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config, device: torch.device) -> torch.dtype:
+    """`dtype` if given; else float32 on CPU (reference numerics) and the checkpoint's
+    half-precision dtype on CUDA (bfloat16 when the checkpoint is float32)."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        resolved = _DTYPES[dtype]
+    elif device.type == "cpu":
+        resolved = torch.float32
+    else:
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = _DTYPES.get(stored)
+        resolved = stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {resolved}")
+    return resolved
+
+
+@dataclass
+class EngineConfig:
+    """Resolved engine settings, shared by rank 0 and the TP worker processes."""
+
+    model: Path
+    tensor_parallel_size: int
+    dtype: torch.dtype
+    device_type: str  # "cuda" or "cpu"; each rank picks its own device index
+    block_size: int
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int  # the model's context length (the KV budget may lower it further)
+    enable_prefix_caching: bool
+    enforce_eager: bool
+    kv_cache_memory_bytes: int | None
+    dist_init_method: str | None = None  # tcp://host:port for TP > 1
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.device_type == "cuda" and not self.enforce_eager

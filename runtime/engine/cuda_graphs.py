@@ -1,0 +1,114 @@
+"""CUDA graphs for decode-only steps: one graph per padded batch size.
+
+A decode step launches a few hundred small kernels; replaying a captured graph removes
+the launch cost. Everything a graph bakes in is part of its key or fixed for all of them:
+the padded batch size (the key), the block-table width (``cdiv(max_model_len,
+block_size)`` for every graph), ``max_query_len == 1``, ``num_prefill_tokens == 0`` (the
+attention decode path reads no host value then) and the model, caches and dtype of this
+runner. Inputs live in static buffers; a replay copies the step into them. Padding rows
+decode a dummy token at slot -1 (nothing stored) over one key of block 0, and their
+outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.attention.metadata import InputMetadata
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
+    top = min(max_num_seqs, 512)
+    return [s for s in sizes if s < top] + [top]
+
+
+class DecodeGraphs:
+    """Captured decode graphs of one `ModelRunner`, keyed by padded batch size."""
+
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int) -> None:
+        self.runner = runner
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.width = -(-max_model_len // runner.block_size)
+        self.key_extra = (self.width, runner.block_size)  # fixed for every graph
+        dev = runner.device
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def metadata(self, bs: int, max_seq_len: int) -> InputMetadata:
+        return InputMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            num_prefill_tokens=0,
+            logits_indices=self.logits_indices[:bs],
+            query_lens_cpu=[1] * bs,
+        )
+
+    @classmethod
+    def capture(cls, runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
+        graphs = cls(runner, max_num_seqs, max_model_len)
+        try:
+            graphs._capture_all(max_model_len)
+        except Exception as exc:  # noqa: BLE001 — a model that cannot be captured runs eagerly
+            log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
+    @torch.inference_mode()
+    def _capture_all(self, max_model_len: int) -> None:
+        model, caches = self.runner.model, self.runner.kv_caches
+        pool = None
+        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            md = self.metadata(bs, max_model_len)
+            args = (self.input_ids[:bs], self.positions[:bs], caches, md)
+            model(*args)  # warm-up: lazy initialisation and Triton compilation outside capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = model(*args)  # [bs, hidden]
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = (graph, hidden)
+        torch.cuda.synchronize()
+
+    def fits(self, inputs) -> bool:
+        return inputs.num_seqs <= self.max_bs and inputs.block_tables.shape[1] <= self.width
+
+    def run(self, inputs) -> tuple[torch.Tensor, InputMetadata]:
+        """Replay the smallest graph that holds the batch; hidden states ``[B, hidden]``."""
+        b = inputs.num_seqs
+        bs = next(s for s in self.sizes if s >= b)
+        ids, pos, slots, seq_lens, tables = self.runner.upload([
+            inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens,
+            inputs.block_tables,
+        ])  # fmt: skip
+        self.input_ids[:b].copy_(ids)
+        self.positions[:b].copy_(pos)
+        self.slot_mapping[:b].copy_(slots)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.block_tables[:b, : tables.shape[1]].copy_(tables)
+        if bs > b:  # padding rows: store nothing, read one key of block 0
+            self.slot_mapping[b:bs].fill_(-1)
+            self.seq_lens[b:bs].fill_(1)
+            self.block_tables[b:bs, 0].fill_(0)
+        graph, hidden = self.graphs[bs]
+        graph.replay()
+        md = self.metadata(b, inputs.max_seq_len)
+        md.seq_lens_cpu = inputs.seq_lens.tolist()
+        return hidden[:b], md

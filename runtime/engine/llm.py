@@ -1,0 +1,267 @@
+"""`LLM`: the engine's front door — load a model directory, take requests, generate."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+
+from runtime.cache import BlockManager
+from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
+from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.loading import check_model, eos_token_ids, load_tokenizer
+from runtime.engine.model_runner import prepare_step
+from runtime.engine.outputs import RequestOutput
+from runtime.engine.sampler import Sampler
+from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.sequence import Sequence, SequenceStatus
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Continuous-batching inference over a generated model on the paged runtime.
+
+    ``LLM(model_dir).generate(prompts, SamplingParams(...))`` for batches;
+    `stream` for one prompt's text as it is produced; `add_request` / `step` /
+    `abort_request` for servers and tests. Bad requests raise ValueError before anything
+    is scheduled.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        tensor_parallel_size: int = 1,
+        dtype=None,
+        device=None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = False,
+        enforce_eager: bool = False,
+        kv_cache_memory_bytes: int | None = None,
+    ) -> None:
+        from runtime.engine.worker import Executor
+
+        model_dir = Path(model)
+        hf_config = check_model(model_dir, tensor_parallel_size)
+        if block_size < 1 or max_num_seqs < 1:
+            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
+        device = resolve_device(device)
+        context = model_context_length(hf_config) or 2048
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 8192 if device.type == "cuda" else 2048
+        self.config = EngineConfig(
+            model=model_dir,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=resolve_dtype(dtype, hf_config, device),
+            device_type=device.type,
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=context,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+        )
+        self.hf_config = hf_config
+        self.tokenizer = load_tokenizer(model_dir)
+        self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
+        self.vocab_size = hf_config.get_text_config().vocab_size
+        self.executor = Executor(self.config)
+        num_blocks = self.executor.num_blocks
+        # A request must fit the cache alone, or preemption could not make room for it.
+        self.max_model_len = min(context, num_blocks * block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler()
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model} has no tokenizer; pass token ids instead of text")
+            return list(self.tokenizer.encode(prompt)), prompt
+        ids = list(prompt)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ids, None
+
+    def _check(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], str | None, SamplingParams]:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        ids, text = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens leaves no room to generate: the context is "
+                f"{self.max_model_len} tokens (model {self.config.max_model_len}, KV cache "
+                f"{self.block_manager.num_blocks * self.config.block_size})"
+            )
+        unknown = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if unknown:
+            raise ValueError(f"stop_token_ids {unknown} are outside the vocabulary [0, {self.vocab_size})")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
+        return ids, text, params
+
+    def _add(self, ids: list[int], text: str | None, params: SamplingParams, request_id: str | None) -> str:
+        seq_id = next(self._ids)
+        request_id = str(seq_id) if request_id is None else request_id
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            seq_id, ids, params, self.config.block_size, request_id=request_id, prompt=text,
+            eos_token_id=self.eos_token_ids, max_model_len=self.max_model_len,
+        )  # fmt: skip
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def add_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue one request (text or token ids); returns its id."""
+        return self._add(*self._check(prompt, sampling_params), request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed at once. Unknown ids are ignored."""
+        seq = self._requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.abort(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that produced a token."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits = self.executor.execute(prepare_step(out, self.config.block_size))
+        sampling = out.sampled_seqs()
+        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        self.scheduler.update(out, tokens)
+        results = []
+        for i, seq in enumerate(sampling):
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
+            detok = seq.detokenizer
+            if detok is not None:
+                if detok.add_token(tokens[i]) and not seq.is_finished:
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+                if seq.is_finished:
+                    detok.flush()
+            if seq.is_finished:
+                self._requests.pop(seq.request_id, None)
+            results.append(self._output(seq))
+        return results
+
+    @staticmethod
+    def _output(seq: Sequence) -> RequestOutput:
+        detok = seq.detokenizer
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=detok.text if detok is not None else "",
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
+        )
+
+    # ------------------------------------------------------------------ front ends
+    def generate(
+        self,
+        prompts: Prompt | SequenceABC[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        checked = [self._check(p, sp) for p, sp in zip(prompts, sampling_params)]  # all, first
+        seqs = [self._requests[self._add(*c, None)] for c in checked]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generate", unit="req", dynamic_ncols=True)
+        done = 0
+        try:
+            while done < len(seqs):
+                self.step()
+                now = sum(s.is_finished for s in seqs)
+                if bar is not None and now > done:
+                    bar.update(now - done)
+                done = now
+        finally:
+            if bar is not None:
+                bar.close()
+            for s in seqs:  # interrupted (KeyboardInterrupt): leave nothing half-done
+                if not s.is_finished:
+                    self.abort_request(s.request_id)
+        return [self._output(s) for s in seqs]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """The text of one request as it is produced (deltas; their concatenation is the
+        final text). Closing the iterator early aborts the request."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model} has no tokenizer; streaming text needs one")
+        # Checked and queued now, not at the first next(): bad requests fail here.
+        seq = self._requests[self.add_request(prompt, sampling_params)]
+        return self._stream(seq)
+
+    def _stream(self, seq: Sequence) -> Iterator[str]:
+        try:
+            while not seq.is_finished:
+                self.step()
+                delta = seq.detokenizer.stream_delta(seq.is_finished)
+                if delta:
+                    yield delta
+        finally:
+            if not seq.is_finished:
+                self.abort_request(seq.request_id)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a chat (`[{"role": ..., "content": ...}]`), ready for the
+        assistant's answer, per the tokenizer's chat template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.config.model} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stop tensor-parallel workers (no-op at TP=1)."""
+        executor = self.__dict__.pop("executor", None)
+        if executor is not None:
+            executor.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 — interpreter shutdown
+            pass

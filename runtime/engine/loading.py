@@ -1,0 +1,82 @@
+"""What `LLM` checks and loads from a model directory before starting workers: the
+config and its generated class, TP divisibility, the tokenizer and the EOS ids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from runtime.loader import load_config
+
+log = logging.getLogger(__name__)
+
+
+def check_model(model_dir: Path, tensor_parallel_size: int):
+    """The model's transformers config, once everything that would fail in a worker
+    process has been checked here (one-line ValueErrors)."""
+    import generated
+
+    if not model_dir.exists():
+        raise ValueError(f"{model_dir}: no such model directory")
+    try:
+        config = load_config(model_dir)
+    except (FileNotFoundError, OSError) as exc:
+        raise ValueError(f"{model_dir}: cannot read the model config ({exc})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch is None:
+        raise ValueError(f"{model_dir}/config.json names no architecture (\"architectures\")")
+    generated.get_model_class(arch, getattr(config, "model_type", None))  # ValueError if absent
+    tp = tensor_parallel_size
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tp!r}")
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads is not None and heads % tp != 0:
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide the model's {heads} attention heads"
+        )
+    if kv_heads is not None and kv_heads % tp != 0 and tp % kv_heads != 0:
+        raise ValueError(
+            f"tensor_parallel_size={tp} neither divides nor is a multiple of the model's "
+            f"{kv_heads} key/value heads"
+        )
+    return config
+
+
+def load_tokenizer(model_dir: Path):
+    """transformers' tokenizer of the model directory (or of its GGUF file); None when
+    the directory has none (tiny test checkpoints): prompts are then token ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        if model_dir.is_file() and model_dir.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(model_dir.parent), gguf_file=model_dir.name)
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        log.info("no tokenizer in %s (%s); prompts must be token ids", model_dir, exc)
+        return None
+
+
+def eos_token_ids(model_dir: Path, config, tokenizer) -> list[int]:
+    """EOS ids from the config, the generation config and the tokenizer together, as
+    transformers' `generate` stops on any of them."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(config.get_text_config(), "eos_token_id", None))
+    if model_dir.is_dir() and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            add(GenerationConfig.from_pretrained(str(model_dir)).eos_token_id)
+        except (OSError, ValueError) as exc:
+            log.info("unreadable generation_config.json in %s (%s)", model_dir, exc)
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return sorted(ids)
