@@ -1,0 +1,108 @@
+"""Pieces shared by the Triton prefill and decode kernels: score modifiers and the
+online-softmax step, so both kernels apply exactly `paged_attention_ref`'s semantics."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow and runs in the
+    # interpreter as well as on every GPU backend (no libdevice call).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def scores_log2(
+    qk,  # [M, N] fp32 raw q.k
+    q_pos,  # [M] int32 absolute position of each query row
+    k_pos,  # [N] int32 absolute position of each key column
+    slopes,  # [M] fp32 ALiBi slope of each row (unused without HAS_ALIBI)
+    scale,
+    soft_cap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    """Scores in log2 units: (softcap(qk * scale) + alibi) * log2(e); callers mask."""
+    if HAS_SOFTCAP or HAS_ALIBI:
+        s = qk * scale
+        if HAS_SOFTCAP:
+            s = _tanh(s / soft_cap) * soft_cap
+        if HAS_ALIBI:
+            rel = (k_pos[None, :] - q_pos[:, None]).to(tl.float32)  # [M, N]
+            s = s + slopes[:, None] * rel
+        s = s * LOG2E
+    else:
+        # One multiply on the hot path when no modifier is active.
+        s = qk * (scale * LOG2E)
+    return s
+
+
+@triton.jit
+def online_softmax_step(
+    acc,  # [M, BLOCK_D] fp32 running numerator
+    l_i,  # [M] fp32 running denominator
+    m_i,  # [M] fp32 running max (log2 units)
+    s,  # [M, N] fp32 scores in log2 units, -inf where hidden
+    v,  # [N, BLOCK_D] values
+    DOT_PREC: tl.constexpr,
+):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead
+    # keeps exp2(-inf - -inf) = NaN out of it.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)  # [M]
+    p = tl.exp2(s - m_safe[:, None])  # [M, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def mma(a, b, DOT_PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; see `dot_precision` for ``DOT_PREC``."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The ``DOT_PREC`` constant of the kernels.
+
+    fp32 tensor-core dots default to TF32 on GPU; fp32 caches ask for exact ("ieee")
+    products. The CPU interpreter multiplies bf16 as raw uint16 bits, so there the
+    operands (already bf16-rounded) are widened to fp32 first ("upcast"): same values,
+    products exact as on tensor cores.
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    if device.type != "cuda" and dtype == torch.bfloat16:
+        return "upcast"
+    return "tf32"
+
+
+def check_attention_args(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    alibi_slopes: torch.Tensor | None,  # [Hq] fp32
+) -> None:
+    """Assert the layout every attention kernel's address math relies on."""
+    assert query.dim() == 3, f"query must be [T, Hq, D], got {tuple(query.shape)}"
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, tuple(kv_cache.shape)
+    assert kv_cache.is_contiguous(), "kv_cache must be contiguous"
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    assert kv_cache.shape[4] == head_dim, (tuple(query.shape), tuple(kv_cache.shape))
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert query.stride(2) == 1 and query.stride(1) == head_dim, "query heads must be contiguous"
+    assert query.dtype == kv_cache.dtype, (query.dtype, kv_cache.dtype)
+    assert query.dtype in (torch.float32, torch.float16, torch.bfloat16), query.dtype
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (num_heads,) and alibi_slopes.dtype == torch.float32
+        assert alibi_slopes.is_contiguous() and alibi_slopes.device == query.device

@@ -1,0 +1,277 @@
+"""Split-KV (flash-decoding) paged decode: one new token per sequence.
+
+One program per (sequence, KV head, split) handles all G query heads of that KV head
+with `tl.dot` (G padded to >= 16 rows), so every K/V byte is read once. Splits cut the
+context so that a few long sequences still fill the GPU; a reduce kernel merges the
+splits' partial outputs by log-sum-exp. With one split the first kernel writes the
+output directly. `shared/notes/paged-decode-spike.md` measured why each choice matters.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.attention.triton_common import (
+    dot_precision,
+    mma,
+    online_softmax_step,
+    scores_log2,
+)
+from runtime.attention.triton_config import DecodeConfig, choose_num_splits
+
+
+@triton.jit
+def paged_decode_kernel(
+    out_ptr,  # [T, Hq, D] output (written here only when NUM_SPLITS == 1)
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32 per-split normalised outputs
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 per-split log2-sum-exp
+    query_ptr,  # [T, Hq, D], rows stride_qt apart
+    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D] contiguous
+    block_tables_ptr,  # [num_seqs, max_blocks] int32, -1 padded
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_ids_ptr,  # [B] int32 which sequences decode (read only if HAS_SEQ_IDS)
+    alibi_ptr,  # [Hq] fp32 (read only if HAS_ALIBI)
+    scale,
+    soft_cap,
+    window,
+    stride_qt,
+    stride_ot,
+    stride_bt,
+    value_offset,  # elements from the K half of the cache to the V half
+    NUM_KV_HEADS: tl.constexpr,
+    G: tl.constexpr,  # query heads per KV head
+    BLOCK_G: tl.constexpr,  # G padded to a power of two >= 16 (tl.dot minimum)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_N: tl.constexpr,  # tokens per loop iteration
+    NUM_SPLITS: tl.constexpr,
+    HAS_SEQ_IDS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = b
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + b)
+    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_pos = seq_len - 1
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * G + offs_g  # [BLOCK_G]
+    q = tl.load(
+        query_ptr + token * stride_qt + heads[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0)
+
+    # This split's share of the visible keys; starts stay BLOCK_N-aligned so a chunk
+    # covers whole cache blocks when BLOCK_N is a multiple of BLOCK_SIZE.
+    lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(seq_len - window, 0) // BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_row = kv_head * HEAD_DIM + offs_d  # [BLOCK_D]
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    q_pos_g = tl.zeros([BLOCK_G], dtype=tl.int32) + q_pos
+
+    offs_n = start + tl.arange(0, BLOCK_N)
+    pages = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < end, other=0)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        tok_off = (pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * (
+            NUM_KV_HEADS * HEAD_DIM
+        )  # [BLOCK_N]
+        # Next chunk's block ids now: K/V addresses that depend on a block-table load in
+        # the same iteration stop Triton from pipelining the K/V loads.
+        next_n = offs_n + BLOCK_N
+        pages = tl.load(bt_row + next_n // BLOCK_SIZE, mask=next_n < end, other=0)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_ptr + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0)
+        qk = mma(q, tl.trans(k), DOT_PREC)  # [BLOCK_G, BLOCK_N]
+        visible = n_mask
+        if HAS_WINDOW:
+            visible = visible & (offs_n > q_pos - window)
+        s = scores_log2(qk, q_pos_g, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        v = tl.load(
+            cache_ptr + value_offset + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Empty splits (short sequences) store lse = -inf and weigh nothing in the reduce.
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (b * (NUM_KV_HEADS * G) + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def decode_reduce_kernel(
+    out_ptr,  # [T, Hq, D]
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_ids_ptr,  # [B] int32 (read only if HAS_SEQ_IDS)
+    stride_ot,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
+    HAS_SEQ_IDS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = b
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + b)
+    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    row = (b * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + offs_s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
+    # Split 0 always holds the first visible key, so the max is finite.
+    w = tl.exp2(lse - tl.max(lse, 0))  # [BLOCK_S]
+    parts = tl.load(
+        part_out_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(
+        out_ptr + token * stride_ot + head * HEAD_DIM + offs_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=d_mask,
+    )
+
+
+def paged_decode(
+    out: torch.Tensor,  # [T, Hq, D], written at the decode tokens' rows
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_ids: torch.Tensor | None,  # [B] int32 decode sequences; None = every sequence
+    *,
+    scale: float,
+    sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,  # [Hq] fp32
+    logits_soft_cap: float | None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> None:
+    """Decode attention for sequences with exactly one new token (the last of each).
+
+    No host synchronisation happens here: the grid comes from tensor shapes and host
+    ints only, so the call is CUDA-graph capturable. A capture must hold fixed the
+    number of decode sequences, ``block_tables.shape``, the kernel constants (head
+    layout, dtype, window/ALiBi/soft-cap presence) and the split count, which
+    `choose_num_splits` derives from the batch size alone.
+    """
+    config = config or DecodeConfig()
+    num_seqs_total = seq_lens.shape[0]
+    num_decode = num_seqs_total if seq_ids is None else seq_ids.shape[0]
+    if num_decode == 0:
+        return
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert out.is_contiguous() and out.shape == query.shape
+    if num_splits is None:
+        num_splits = choose_num_splits(num_decode, num_kv_heads, query.device, config)
+    assert num_splits >= 1
+    block_d = triton.next_power_of_2(head_dim)
+    part_out = part_lse = out  # unused placeholders when the kernel writes out directly
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_decode, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty(
+            (num_decode, num_heads, num_splits), dtype=torch.float32, device=query.device
+        )
+    ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
+    paged_decode_kernel[(num_decode, num_kv_heads, num_splits)](
+        out_ptr=out,
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        query_ptr=query,
+        cache_ptr=kv_cache,
+        block_tables_ptr=block_tables,
+        seq_lens_ptr=seq_lens,
+        query_start_loc_ptr=query_start_loc,
+        seq_ids_ptr=ids,
+        alibi_ptr=alibi_slopes if alibi_slopes is not None else seq_lens,
+        scale=scale,
+        soft_cap=logits_soft_cap or 0.0,
+        window=sliding_window or 0,
+        stride_qt=query.stride(0),
+        stride_ot=out.stride(0),
+        stride_bt=block_tables.stride(0),
+        value_offset=kv_cache[0].numel(),
+        NUM_KV_HEADS=num_kv_heads,
+        G=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        HAS_SEQ_IDS=seq_ids is not None,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_SOFTCAP=logits_soft_cap is not None,
+        DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        decode_reduce_kernel[(num_decode, num_heads)](
+            out_ptr=out,
+            part_out_ptr=part_out,
+            part_lse_ptr=part_lse,
+            query_start_loc_ptr=query_start_loc,
+            seq_ids_ptr=ids,
+            stride_ot=out.stride(0),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            HAS_SEQ_IDS=seq_ids is not None,
+            num_warps=4,
+        )

@@ -1,0 +1,86 @@
+"""Triton backend of `PagedAttention`: host entry points `reshape_and_cache` and
+`paged_attention`, with exactly the semantics of `runtime.attention.reference`.
+
+Kernels live beside this file: `triton_cache` (store K/V by slot), `triton_prefill`
+(varlen prefill and chunked prefill over the paged cache), `triton_decode` (split-KV
+decode plus its log-sum-exp reduce).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.attention.metadata import InputMetadata
+from runtime.attention.triton_cache import reshape_and_cache
+from runtime.attention.triton_common import check_attention_args
+from runtime.attention.triton_config import DecodeConfig, PrefillConfig
+from runtime.attention.triton_decode import paged_decode
+from runtime.attention.triton_prefill import paged_prefill
+
+__all__ = ["paged_attention", "reshape_and_cache"]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D], this step's K/V stored
+    metadata: InputMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
+    logits_soft_cap: float | None = None,
+    num_splits: int | None = None,
+    decode_config: DecodeConfig | None = None,
+    prefill_config: PrefillConfig | None = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention of every new token over its sequence's cached context.
+
+    Sequences with one new token go to the split-KV decode kernel, the others to the
+    prefill kernel; one batch may mix both. When every sequence decodes
+    (``metadata.num_prefill_tokens == 0``) no host list is read and nothing syncs with
+    the device, so the call can be captured in a CUDA graph (see `paged_decode` for
+    what a capture must hold fixed). Mixed batches read `metadata.host_query_lens()`,
+    which is free when the metadata carries its host copies.
+
+    ``num_splits`` / ``*_config`` override the launch heuristics (tests, tuning).
+    """
+    check_attention_args(query, kv_cache, alibi_slopes)
+    sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
+    logits_soft_cap = logits_soft_cap if logits_soft_cap and logits_soft_cap > 0 else None
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if query.shape[0] == 0:
+        return out
+    common = dict(
+        scale=float(scale),
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        logits_soft_cap=logits_soft_cap,
+    )
+    tensors = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
+    if metadata.num_prefill_tokens == 0:
+        assert query.shape[0] == metadata.num_seqs, "a decode-only batch has one token per sequence"
+        paged_decode(
+            out, query, kv_cache, *tensors, None,
+            num_splits=num_splits, config=decode_config, **common,
+        )  # fmt: skip
+        return out
+    query_lens = metadata.host_query_lens()
+    decode_ids = [b for b, n in enumerate(query_lens) if n == 1]
+    prefill_ids = [b for b, n in enumerate(query_lens) if n > 1]
+    if decode_ids:
+        ids = torch.tensor(decode_ids, dtype=torch.int32).to(query.device)
+        paged_decode(
+            out, query, kv_cache, *tensors, ids,
+            num_splits=num_splits, config=decode_config, **common,
+        )  # fmt: skip
+    if prefill_ids:
+        # Without decodes every sequence is a prefill: no index tensor to copy over.
+        ids = None
+        if decode_ids:
+            ids = torch.tensor(prefill_ids, dtype=torch.int32).to(query.device)
+        max_len = max(query_lens[b] for b in prefill_ids)
+        paged_prefill(
+            out, query, kv_cache, *tensors, ids, max_len,
+            config=prefill_config, **common,
+        )  # fmt: skip
+    return out

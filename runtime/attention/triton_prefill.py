@@ -1,0 +1,229 @@
+"""Varlen prefill / chunked prefill over the paged cache.
+
+A sequence with ``L`` tokens in total of which ``Q`` are new has its new tokens' K/V
+already stored (by `reshape_and_cache`); query ``i`` sits at position ``L - Q + i`` and
+attends causally to every cached key up to itself, so a fresh prompt (``L == Q``) and a
+chunk after cached context take the same path. One program per (query tile, query
+head, sequence); keys strictly before the tile's first query skip the causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.attention.triton_common import (
+    dot_precision,
+    mma,
+    online_softmax_step,
+    scores_log2,
+)
+from runtime.attention.triton_config import PrefillConfig, default_prefill_config
+
+
+@triton.jit
+def _prefill_inner(
+    acc,  # [BLOCK_M, BLOCK_D] fp32
+    l_i,  # [BLOCK_M] fp32
+    m_i,  # [BLOCK_M] fp32
+    q,  # [BLOCK_M, BLOCK_D]
+    q_pos,  # [BLOCK_M] int32
+    slopes,  # [BLOCK_M] fp32
+    bt_row,  # [max_blocks] int32 block table of this sequence
+    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
+    value_offset,
+    kv_row,  # [BLOCK_D] offsets of this KV head's features within a token
+    d_mask,  # [BLOCK_D] bool
+    lo,
+    hi,
+    scale,
+    soft_cap,
+    window,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # apply the causal / window mask (the diagonal band)
+    HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    pages = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < hi, other=0)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        tok_off = (pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * (
+            NUM_KV_HEADS * HEAD_DIM
+        )  # [BLOCK_N]
+        # Prefetch the next tile's block ids so the K/V loads below can be pipelined.
+        next_n = offs_n + BLOCK_N
+        pages = tl.load(bt_row + next_n // BLOCK_SIZE, mask=next_n < hi, other=0)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_ptr + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0)
+        qk = mma(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N]
+        s = scores_log2(qk, q_pos, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        v = tl.load(
+            cache_ptr + value_offset + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0
+        )  # [BLOCK_N, BLOCK_D]
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def paged_prefill_kernel(
+    out_ptr,  # [T, Hq, D]
+    query_ptr,  # [T, Hq, D], rows stride_qt apart
+    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D] contiguous
+    block_tables_ptr,  # [num_seqs, max_blocks] int32, -1 padded
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_ids_ptr,  # [P] int32 sequences handled here (read only if HAS_SEQ_IDS)
+    alibi_ptr,  # [Hq] fp32 (read only if HAS_ALIBI)
+    scale,
+    soft_cap,
+    window,
+    stride_qt,
+    stride_ot,
+    stride_bt,
+    value_offset,  # elements from the K half of the cache to the V half
+    NUM_KV_HEADS: tl.constexpr,
+    G: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SEQ_IDS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # Highest query tiles (the most keys under a causal mask) are scheduled first.
+    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + seq)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    m_start = m_tile * BLOCK_M
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first = seq_len - q_len + m_start  # position of this tile's first query
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    q_pos = seq_len - q_len + offs_m  # [BLOCK_M]
+    rows = (q_start + offs_m).to(tl.int64)  # [BLOCK_M] token index of each query row
+    q = tl.load(
+        query_ptr + rows[:, None] * stride_qt + head * HEAD_DIM + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slopes = slopes + tl.load(alibi_ptr + head)
+
+    hi = tl.minimum(seq_len, first + BLOCK_M)
+    if HAS_WINDOW:
+        lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_end = lo
+    else:
+        # Keys before the first query of the tile are visible to every row.
+        lo = 0
+        full_end = ((first + 1) // BLOCK_N) * BLOCK_N
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_row = (head // G) * HEAD_DIM + offs_d  # [BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _prefill_inner(
+        acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
+        lo, full_end, scale, soft_cap, window,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False,
+        HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
+    )  # fmt: skip
+    acc, l_i, m_i = _prefill_inner(
+        acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
+        full_end, hi, scale, soft_cap, window,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True,
+        HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
+    )  # fmt: skip
+    # Every valid row sees at least its own key, so l_i > 0 where stored.
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def paged_prefill(
+    out: torch.Tensor,  # [T, Hq, D], written at the prefill tokens' rows
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_ids: torch.Tensor | None,  # [P] int32 sequences to handle here; None = all
+    max_query_len: int,  # host int: the longest query among seq_ids
+    *,
+    scale: float,
+    sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,  # [Hq] fp32
+    logits_soft_cap: float | None,
+    config: PrefillConfig | None = None,
+) -> None:
+    """Causal attention of every new token of ``seq_ids`` over its sequence's cache."""
+    num_prefill = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
+    if num_prefill == 0:
+        return
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
+    assert seq_ids is None or seq_ids.dtype == torch.int32
+    assert block_tables.stride(1) == 1
+    assert out.is_contiguous() and out.shape == query.shape
+    config = config or default_prefill_config(head_dim, query.device)
+    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, num_prefill)
+    paged_prefill_kernel[grid](
+        out_ptr=out,
+        query_ptr=query,
+        cache_ptr=kv_cache,
+        block_tables_ptr=block_tables,
+        seq_lens_ptr=seq_lens,
+        query_start_loc_ptr=query_start_loc,
+        seq_ids_ptr=seq_ids if seq_ids is not None else seq_lens,
+        alibi_ptr=alibi_slopes if alibi_slopes is not None else seq_lens,
+        scale=scale,
+        soft_cap=logits_soft_cap or 0.0,
+        window=sliding_window or 0,
+        stride_qt=query.stride(0),
+        stride_ot=out.stride(0),
+        stride_bt=block_tables.stride(0),
+        value_offset=kv_cache[0].numel(),
+        NUM_KV_HEADS=num_kv_heads,
+        G=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        HAS_SEQ_IDS=seq_ids is not None,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_SOFTCAP=logits_soft_cap is not None,
+        DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

@@ -1,0 +1,143 @@
+"""Triton kernels (interpreter on CPU) against dense attention and the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import (
+    assert_close,
+    attention_kwargs,
+    batches,
+    dense_attention,
+    make_batch,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.attention import PagedAttention
+from runtime.attention.metadata import InputMetadata
+from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
+from runtime.attention.triton_config import DecodeConfig
+from runtime.attention.triton_ops import paged_attention, reshape_and_cache
+
+
+def run_triton(batch, **launch):
+    reshape_and_cache(batch.key, batch.value, batch.kv_cache, batch.metadata.slot_mapping)
+    return paged_attention(
+        batch.query, batch.kv_cache, batch.metadata, **attention_kwargs(batch), **launch
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=batches(),
+    block_n=st.sampled_from([16, 32, 64]),
+    num_splits=st.sampled_from([None, 1, 3]),
+)
+def test_triton_matches_dense_and_reference(batch, block_n, num_splits):
+    out = run_triton(batch, num_splits=num_splits, decode_config=DecodeConfig(block_n=block_n))
+    dtype = batch.query.dtype
+    assert_close(out, dense_attention(batch), dtype)
+    ref = paged_attention_ref(
+        batch.query, batch.kv_cache, batch.metadata, **attention_kwargs(batch)
+    )
+    assert_close(out, ref.float(), dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_every_head_dim_mixed_batch(head_dim):
+    # A fresh prompt, a chunk after cached context and two decodes in one batch.
+    batch = make_batch(
+        [(0, 9), (21, 5), (30, 1), (3, 1)],
+        num_heads=4, num_kv_heads=2, head_dim=head_dim, block_size=4, dtype=torch.float32,
+    )  # fmt: skip
+    assert_close(run_triton(batch, num_splits=2), dense_attention(batch), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_only_batch_with_more_splits_than_blocks(dtype, window):
+    # All sequences decode: the graph-capturable path (no host lists). 8 splits of 16
+    # tokens leave the later splits of short sequences empty.
+    batch = make_batch(
+        [(40, 1), (0, 1), (7, 1)],
+        num_heads=8, num_kv_heads=2, head_dim=64, block_size=2, dtype=dtype,
+        sliding_window=window, alibi=True, logits_soft_cap=20.0,
+    )  # fmt: skip
+    batch.metadata.query_lens_cpu = None  # any host-list read would now sync
+    out = run_triton(batch, num_splits=8, decode_config=DecodeConfig(block_n=16))
+    assert_close(out, dense_attention(batch), dtype)
+
+
+def test_default_split_heuristic_runs_split_and_unsplit():
+    for shapes in ([(50, 1)], [(5, 1)] * 4):
+        batch = make_batch(
+            shapes, num_heads=2, num_kv_heads=1, head_dim=64, block_size=8, dtype=torch.float32
+        )
+        assert_close(run_triton(batch), dense_attention(batch), torch.float32)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    num_tokens=st.integers(1, 12),
+    block_size=st.sampled_from([1, 4, 16]),
+    cache_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_reshape_and_cache_matches_reference(num_tokens, block_size, cache_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_kv_heads, head_dim, num_blocks = 2, 80, 12
+    # K and V as column slices of one fused projection output: rows are strided.
+    qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen)  # [T, 3*Hkv*D]
+    key = qkv[:, : num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(
+        num_tokens, num_kv_heads, head_dim
+    )
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]  # [T] distinct
+    slots[torch.rand(num_tokens, generator=gen) < 0.3] = -1
+    expected = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    actual = expected.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, actual, slots)
+    # The interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to
+    # nearest: allow that one bf16 ulp; every other cast must be exact.
+    rtol = 2.0**-7 if cache_dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(actual, expected, atol=0, rtol=rtol)
+    assert torch.equal(actual == 0, expected == 0), "written slots differ"
+
+
+def test_reshape_and_cache_skips_negative_slots():
+    key = torch.randn(3, 1, 64)
+    value = torch.randn(3, 1, 64)
+    cache = torch.full((2, 2, 4, 1, 64), float("nan"))
+    reshape_and_cache(key, value, cache, torch.tensor([5, -1, 0]))
+    assert torch.equal(cache[0, 1, 1], key[0]) and torch.equal(cache[1, 0, 0], value[2])
+    assert int((~torch.isnan(cache)).sum()) == 2 * 2 * 64  # only tokens 0 and 2, K and V
+
+
+def test_paged_attention_module_triton_backend(monkeypatch):
+    """Prompt, then a chunk, then decodes of two sequences through `PagedAttention`,
+    Triton against the torch backend on identical caches."""
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block_size = 4, 2, 64, 4
+    layer = PagedAttention(
+        heads, head_dim, scale=0.125, num_kv_heads=kv_heads, sliding_window=6,
+        alibi_slopes=[0.1, 0.2, 0.3, 0.4], logits_soft_cap=30.0,
+    )  # fmt: skip
+    caches = {
+        name: torch.zeros(2, 8, block_size, kv_heads, head_dim) for name in ("torch", "triton")
+    }
+    tables = [[3, 0, 6], [5, 1, 7]]
+    steps = [([0, 0], [7, 3]), ([7, 3], [2, 4]), ([9, 7], [1, 1]), ([10, 8], [1, 1])]
+    for context, new in steps:
+        metadata = InputMetadata.build(tables, context, new, block_size)
+        q = torch.randn(sum(new), heads * head_dim)  # [T, Hq*D]
+        k = torch.randn(sum(new), kv_heads * head_dim)  # [T, Hkv*D]
+        v = torch.randn(sum(new), kv_heads * head_dim)  # [T, Hkv*D]
+        outs = {}
+        for backend, cache in caches.items():
+            monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", backend)
+            outs[backend] = layer(q, k, v, cache, metadata)  # [T, Hq*D]
+        assert outs["triton"].shape == (sum(new), heads * head_dim)
+        torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(caches["triton"], caches["torch"], atol=0, rtol=0)
