@@ -115,6 +115,13 @@ def test_bin_fallback_sharded_and_single(tmp_path):
     _assert_same(list(iter_weights(sharded)), tensors)
 
 
+def test_legacy_bin_without_mmap(tmp_path):
+    tensors = _tensors(4)
+    # Pre-zip serialization cannot be memory-mapped; the loader reads that shard plainly.
+    torch.save(tensors, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _assert_same(list(iter_weights(tmp_path)), tensors)
+
+
 def test_safetensors_preferred_over_bin(tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     torch.save({"b": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
