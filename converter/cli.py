@@ -11,6 +11,7 @@ and exit 2, never a traceback; `HF2PAGED_DEBUG=1` re-raises them for converter w
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -232,7 +233,14 @@ def verify(
     typer.echo(f"OK: max |logit diff| {report.max_diff:.3g} <= {tolerance:g}")
 
 
+# Commands that never need the runtime: skip importing it (torch costs seconds).
+_CONVERTER_ONLY = {"convert", "check"}
+
+
 def _register_serving_commands() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in _CONVERTER_ONLY and "--help" not in argv:
+        return
     try:
         from runtime.engine.cli import register
     except ImportError:  # engine not built yet in this checkout

@@ -113,17 +113,25 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
     return sites
 
 
-def _assigns(node: cst.CSTNode) -> list[cst.Assign]:
+def _assigns(fn: cst.FunctionDef) -> list[cst.Assign]:
+    """Assignments of a function body, including those under if/else (no traversal of
+    expressions: ctor assignments are statements)."""
     found: list[cst.Assign] = []
-
-    class _V(cst.CSTVisitor):
-        def visit_Assign(self, n: cst.Assign) -> None:
-            found.append(n)
-
-        def visit_FunctionDef(self, n: cst.FunctionDef) -> bool:
-            return n is node  # not nested defs
-
-    node.visit(_V())
+    stack: list[cst.CSTNode] = list(fn.body.body)
+    while stack:
+        stmt = stack.pop(0)
+        if isinstance(stmt, cst.SimpleStatementLine):
+            found += [s for s in stmt.body if isinstance(s, cst.Assign)]
+        elif isinstance(stmt, cst.If):
+            stack += list(stmt.body.body)
+            if stmt.orelse is not None:
+                stack += (
+                    [stmt.orelse]
+                    if isinstance(stmt.orelse, cst.If)
+                    else list(stmt.orelse.body.body)
+                )
+        elif isinstance(stmt, cst.Else):
+            stack += list(stmt.body.body)
     return found
 
 

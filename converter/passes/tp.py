@@ -292,6 +292,9 @@ class _TPPass:
             heads = head_expressions(init, self.pa[cls]["num_heads"])
             kv = head_expressions(init, self.pa[cls].get("num_kv_heads")) - heads
         fusions = self.fusions.get(cls, [])
+        rewrites_init = pa_call is not None or fusions or any(c == cls for c, _ in self.decisions)
+        if not rewrites_init:
+            return node
         new_body = []
         for stmt in node.body.body:
             if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":

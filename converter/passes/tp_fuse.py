@@ -37,8 +37,16 @@ class Fusion:
     arg: str = ""  # the input name forward passes to every member
 
 
-def _member_calls(fn: cst.FunctionDef, attr: str) -> list[cst.Call]:
+def _member_calls(fn: cst.CSTNode, attr: str) -> list[cst.Call]:
     return find_all(fn, lambda n: isinstance(n, cst.Call) and self_attr(n.func) == attr)
+
+
+def _self_calls(node: cst.CSTNode) -> dict[str, list[cst.Call]]:
+    """Every ``self.<attr>(...)`` call in `node`, by attr (one traversal)."""
+    out: dict[str, list[cst.Call]] = {}
+    for call in find_all(node, lambda n: isinstance(n, cst.Call) and self_attr(n.func) is not None):
+        out.setdefault(self_attr(call.func), []).append(call)
+    return out
 
 
 def _assigned_names(stmt: cst.CSTNode) -> set[str]:
@@ -53,19 +61,18 @@ def _assigned_names(stmt: cst.CSTNode) -> set[str]:
 def _why_not(fn: cst.FunctionDef, members: list[str]) -> tuple[str | None, str]:
     """(reason fusion is unsafe or None, the shared argument name)."""
     body = list(fn.body.body)
+    per_stmt = [_self_calls(s) for s in body]
+    everywhere = _self_calls(fn)
     indices, args = [], set()
     for attr in members:
-        calls = _member_calls(fn, attr)
+        calls = everywhere.get(attr, [])
         if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].args[0].keyword:
             return f"self.{attr} is not called exactly once with one argument", ""
         arg = calls[0].args[0].value
         if not isinstance(arg, cst.Name):
             return f"self.{attr} is called on an expression, not a name", ""
         args.add(arg.value)
-        where = [i for i, s in enumerate(body) if _member_calls(s, attr)]
-        if not where:
-            return f"self.{attr} is called inside a nested block", ""
-        indices.append(where[0])
+        indices.append(next(i for i, calls in enumerate(per_stmt) if attr in calls))
     if len(args) != 1:
         return f"members are called on different inputs {sorted(args)}", ""
     (arg,) = args
@@ -95,19 +102,25 @@ def plan_fusions(
     groups = ctx.rules.get("tp", {}).get("fuse", {})
     shard_ids = {"qkv": ["q", "k", "v"], "gate_up": [0, 1]}
     out: dict[str, list[Fusion]] = {}
+    candidates = {m for lists in groups.values() for names in lists for m in names[:-1]}
     for stmt in module.body:
         if not isinstance(stmt, cst.ClassDef):
             continue
         cls = stmt.name.value
+        info = ctx.classes.get(cls)
+        if info is None or len(candidates & set(info.children)) < 2:
+            continue  # cheap filter before any traversal
         methods = methods_of(stmt)
         init, forward = methods.get("__init__"), methods.get("forward")
         if init is None or forward is None:
             continue
         ctors: dict[str, cst.Call] = {}
-        for assign in find_all(init, lambda n: isinstance(n, cst.Assign)):
-            attr = self_attr(assign.targets[0].target)
-            if attr and isinstance(assign.value, cst.Call):
-                ctors.setdefault(attr, assign.value)
+        for line in init.body.body:
+            for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
+                if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call):
+                    attr = self_attr(small.targets[0].target)
+                    if attr:
+                        ctors.setdefault(attr, small.value)
         has_attention = any("PagedAttention" in _code(c.func) for c in ctors.values())
         for kind, lists in groups.items():
             for names in lists:
@@ -117,7 +130,7 @@ def plan_fusions(
                     for m in members
                 ):
                     continue
-                if kind == "qkv" and not has_attention:
+                if (kind == "qkv" and not has_attention) or not all(m in ctors for m in members):
                     continue
                 if fused in ctors:
                     ctx.log.append(f"tp: {cls}: not fusing {members}: {fused} already exists")
@@ -157,7 +170,7 @@ class _ReplaceCalls(cst.CSTTransformer):
 
 def split_statement(fn: cst.FunctionDef, f: Fusion) -> cst.FunctionDef:
     """Insert the fused call before the first member's statement; members read its parts."""
-    taken = {n.value for n in find_all(fn, lambda n: isinstance(n, cst.Name))}
+    taken = {n.value for n in find_all(fn, lambda n: isinstance(n, cst.Name))}  # avoid clashes
     outs = {}
     for m in f.members:
         name = f"{m}_out"
@@ -179,7 +192,11 @@ def split_statement(fn: cst.FunctionDef, f: Fusion) -> cst.FunctionDef:
         )
     )
     body = list(fn.body.body)
-    first = min(i for i, s in enumerate(body) if any(_member_calls(s, m) for m in f.members))
-    replaced = [s.visit(_ReplaceCalls(outs)) for s in body]
+    calls = [set(_self_calls(s)) for s in body]
+    first = min(i for i, attrs in enumerate(calls) if attrs & set(f.members))
+    replaced = [
+        s.visit(_ReplaceCalls(outs)) if attrs & set(f.members) else s
+        for s, attrs in zip(body, calls)
+    ]
     replaced.insert(first, new)
     return fn.with_changes(body=fn.body.with_changes(body=replaced))

@@ -92,7 +92,12 @@ def _add_imports(module: cst.Module) -> cst.Module:
         cst.parse_statement("import re"),
         cst.parse_statement("from collections.abc import Iterable"),
     ]
-    have = {_EMPTY.code_for_node(s).strip() for s in module.body}
+    have = {
+        _EMPTY.code_for_node(s).strip()
+        for s in module.body
+        if isinstance(s, cst.SimpleStatementLine)
+        and isinstance(s.body[0], cst.Import | cst.ImportFrom)
+    }
     body = list(module.body)
     for stmt in reversed(stmts):
         if _EMPTY.code_for_node(stmt).strip() not in have:
