@@ -67,9 +67,7 @@ def find_all(node: cst.CSTNode, pred) -> list[cst.CSTNode]:
     return finder.found
 
 
-def nodes_of(node: cst.CSTNode, *types: type) -> list:
-    """Every node of the given types under `node` (much faster than matchers.findall)."""
-    return find_all(node, lambda n: isinstance(n, types))
+from converter.cstwalk import nodes_of  # noqa: E402  (re-exported for the passes)
 
 
 def methods_of(cls: cst.ClassDef) -> dict[str, cst.FunctionDef]:
@@ -378,7 +376,7 @@ def _find_base_model(module: cst.Module, ctx: ConversionContext) -> None:
     forward = methods_of(lm).get("forward")
     if forward is None:
         raise ctx.error(f"{ctx.lm_class} has no forward", lm)
-    for call in find_all(forward, lambda n: isinstance(n, cst.Call)):
+    for call in nodes_of(forward, cst.Call):
         name = dotted(call.func) or ""
         parts = name.split(".")
         if parts[0] != "self" or len(parts) < 2:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import BUILTINS, is_interface_lookup, methods_of
+from converter.analysis import BUILTINS, is_interface_lookup, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cstwalk import nodes_of
 from converter.passes.select import names_read
 
 # attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
@@ -73,24 +74,18 @@ def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
     return found
 
 
-class _Views(cst.CSTVisitor):
-    def __init__(self) -> None:
-        self.calls: list[cst.Call] = []
-
-    def visit_Call(self, node: cst.Call) -> None:
-        if isinstance(node.func, cst.Attribute) and node.func.attr.value in VIEW_METHODS:
-            self.calls.append(node)
-
-
 def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
     """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first)."""
     queue, seen = [name], {name}
     while queue:
         current = queue.pop(0)
         for rhs in assigns.get(current, []):
-            finder = _Views()
-            rhs.visit(finder)
-            for call in finder.calls:
+            calls = [
+                c
+                for c in nodes_of(rhs, cst.Call)
+                if isinstance(c.func, cst.Attribute) and c.func.attr.value in VIEW_METHODS
+            ]
+            for call in calls:
                 dims = [a.value for a in call.args]
                 if len(dims) == 1 and isinstance(dims[0], cst.Name):
                     resolved = assigns.get(dims[0].value, [])
@@ -248,34 +243,17 @@ def _heads(dim, field, config, config_reads) -> str | None:
 
 
 def _self_stores(func: cst.FunctionDef) -> set[str]:
-    found: set[str] = set()
-    for targets in _assignments(_statements(func.body.body)):
-        found.add(targets)
-
-    class _V(cst.CSTVisitor):
-        def visit_AssignTarget(self, node: cst.AssignTarget) -> None:
-            t = node.target
-            if (
-                isinstance(t, cst.Attribute)
-                and isinstance(t.value, cst.Name)
-                and t.value.value == "self"
-            ):
-                found.add(t.attr.value)
-
-    func.visit(_V())
+    """Names and ``self.<attr>`` attributes a function assigns."""
+    found = set(_assignments(_statements(func.body.body)))
+    for target in nodes_of(func, cst.AssignTarget):
+        attr = self_attr(target.target)
+        if attr is not None:
+            found.add(attr)
     return found
 
 
 def _self_loads(expr: cst.CSTNode) -> set[str]:
-    found: set[str] = set()
-
-    class _V(cst.CSTVisitor):
-        def visit_Attribute(self, node: cst.Attribute) -> None:
-            if isinstance(node.value, cst.Name) and node.value.value == "self":
-                found.add(node.attr.value)
-
-    expr.visit(_V())
-    return found
+    return {a for a in (self_attr(n) for n in nodes_of(expr, cst.Attribute)) if a is not None}
 
 
 def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.FunctionDef:
@@ -301,7 +279,7 @@ def _append_init(init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, stmt]))
 
 
-class _Classes(cst.CSTTransformer):
+class _Classes:
     def __init__(self, ctx: ConversionContext) -> None:
         self.ctx = ctx
 
@@ -347,5 +325,9 @@ def add_import(module: cst.Module, line: str) -> cst.Module:
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
-    module = module.visit(_Classes(ctx))
+    rewriter = _Classes(ctx)
+    body = [
+        rewriter.leave_ClassDef(s, s) if isinstance(s, cst.ClassDef) else s for s in module.body
+    ]
+    module = module.with_changes(body=body)
     return add_import(module, IMPORT)

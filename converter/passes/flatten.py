@@ -47,35 +47,26 @@ def compute_logits(self, hidden_states: torch.Tensor, input_metadata: InputMetad
 """
 
 
-def _calls_into(ctx: ConversionContext, cls: str, node: cst.CSTNode, targets: set[str]) -> bool:
-    found = False
-
-    class _V(cst.CSTVisitor):
-        def visit_Call(self, call: cst.Call) -> None:
-            nonlocal found
-            parts = (dotted(call.func) or "").split(".")
-            if (
-                parts[0] == "self"
-                and len(parts) > 1
-                and child_class(ctx, cls, parts[1:]) in targets
-            ):
-                found = True
-
-    node.visit(_V())
-    return found
+def _callees(ctx: ConversionContext, cls: str, node: cst.CSTNode) -> set[str]:
+    """Local classes whose instances `cls`'s method `node` calls (``self.a.b(...)``)."""
+    out = set()
+    for call in nodes_of(node, cst.Call):
+        parts = (dotted(call.func) or "").split(".")
+        if parts[0] == "self" and len(parts) > 1:
+            target = child_class(ctx, cls, parts[1:])
+            if target:
+                out.add(target)
+    return out
 
 
-def _closure(
-    ctx: ConversionContext, forwards: dict[str, cst.FunctionDef], seed: set[str], stop: set[str]
-) -> set[str]:
+def _closure(callees: dict[str, set[str]], seed: set[str], stop: set[str]) -> set[str]:
+    """Classes that (transitively) call into `seed`, not crossing `stop`."""
     marked = set(seed)
     changed = True
     while changed:
         changed = False
-        for cls, forward in forwards.items():
-            if cls in marked or cls in stop:
-                continue
-            if _calls_into(ctx, cls, forward, marked):
+        for cls, called in callees.items():
+            if cls not in marked and cls not in stop and called & marked:
                 marked.add(cls)
                 changed = True
     return marked - seed
@@ -113,15 +104,12 @@ def _stack_loop(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.Functio
     iterable = stack | m.Subscript(value=stack)
     loops: list[cst.For] = []
 
-    class _Find(cst.CSTVisitor):
-        def visit_For(self, node: cst.For) -> None:
-            it = node.iter
-            if m.matches(it, iterable) or m.matches(
-                it, m.Call(func=m.Name("enumerate"), args=[m.Arg(iterable)])
-            ):
-                loops.append(node)
-
-    forward.visit(_Find())
+    for node in nodes_of(forward, cst.For):
+        it = node.iter
+        if m.matches(it, iterable) or m.matches(
+            it, m.Call(func=m.Name("enumerate"), args=[m.Arg(iterable)])
+        ):
+            loops.append(node)
     scope = f"{ctx.stack_class}.forward"
     if len(loops) != 1:
         raise ctx.error(
@@ -272,8 +260,9 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         c: methods_of(n)["forward"] for c, n in classes.items() if "forward" in methods_of(n)
     }
     attention = set(ctx.attention_classes)
-    kv_users = _closure(ctx, forwards, attention, {ctx.stack_class, ctx.lm_class})
-    above = _closure(ctx, forwards, {ctx.stack_class}, {ctx.lm_class})
+    callees = {c: _callees(ctx, c, f) for c, f in forwards.items()}
+    kv_users = _closure(callees, attention, {ctx.stack_class, ctx.lm_class})
+    above = _closure(callees, {ctx.stack_class}, {ctx.lm_class})
     new_forward: dict[str, cst.FunctionDef] = {}
     for cls in kv_users:
         adder = _AddKwargs(ctx, cls, attention | kv_users, KV_ARGS)

@@ -20,6 +20,7 @@ import libcst.matchers as m
 
 from converter.analysis import bound_names
 from converter.context import ConversionContext
+from converter.cstwalk import nodes_of
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
 HF_ATTRS = {
@@ -41,47 +42,16 @@ def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
-class _Names(cst.CSTVisitor):
-    """Names a subtree reads (not attribute fields, keywords or parameter names)."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Param(self, node: cst.Param) -> bool:
-        for part in (node.annotation, node.default):
-            if part is not None:
-                part.visit(self)
-        return False
-
-
-def names_read(node: cst.CSTNode) -> set[str]:
-    visitor = _Names()
-    node.visit(visitor)
-    return visitor.names
+from converter.cstwalk import names_read  # noqa: E402  (re-exported)
 
 
 def self_refs(node: cst.CSTNode) -> set[str]:
     """Attribute names read as ``self.<name>``."""
-    found: set[str] = set()
-
-    class _V(cst.CSTVisitor):
-        def visit_Attribute(self, n: cst.Attribute) -> None:
-            if m.matches(n.value, m.Name("self")):
-                found.add(n.attr.value)
-
-    node.visit(_V())
-    return found
+    return {
+        n.attr.value
+        for n in nodes_of(node, cst.Attribute)
+        if isinstance(n.value, cst.Name) and n.value.value == "self"
+    }
 
 
 def shake(module: cst.Module, roots: set[str]) -> cst.Module:
@@ -165,7 +135,9 @@ def hf_family(ctx: ConversionContext) -> list[str]:
     return family
 
 
-class _Select(cst.CSTTransformer):
+class _Select:
+    """Class- and method-level rewrites, driven over the top-level statements by `run`."""
+
     def __init__(self, ctx: ConversionContext, family: list[str]) -> None:
         self.ctx = ctx
         self.family = set(family)
@@ -265,7 +237,22 @@ def _is_docstring(stmt: cst.CSTNode) -> bool:
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     family = hf_family(ctx)
     record_hf_attrs(module, ctx, family)
-    module = module.visit(_Select(ctx, family))
-    body = [s for s in module.body if not _is_docstring(s)]
+    sel = _Select(ctx, family)
+    body = []
+    for stmt in module.body:  # top-level structure only: no deep visit needed
+        if isinstance(stmt, cst.ClassDef) and isinstance(stmt.body, cst.IndentedBlock):
+            sel.in_family, sel.depth = stmt.name.value in sel.family, 1
+            inner = [
+                sel.leave_FunctionDef(s, s) if isinstance(s, cst.FunctionDef) else s
+                for s in stmt.body.body
+            ]
+            stmt = sel.leave_ClassDef(
+                stmt, stmt.with_changes(body=stmt.body.with_changes(body=inner))
+            )
+        elif isinstance(stmt, cst.FunctionDef):
+            stmt = sel.leave_FunctionDef(stmt, stmt)
+        elif _is_docstring(stmt):
+            continue
+        body.append(stmt)
     module = module.with_changes(body=body)
     return shake(module, {ctx.lm_class})

@@ -17,6 +17,7 @@ import libcst.matchers as m
 
 from converter.analysis import dotted, self_attr
 from converter.context import ConversionContext
+from converter.cstwalk import nodes_of
 from converter.passes.select import names_read
 
 
@@ -146,5 +147,44 @@ def output_names(module: cst.Module, ctx: ConversionContext) -> set[str]:
     return found
 
 
+def _needs_visit(strip: _Strip, cls: str, func: cst.FunctionDef) -> bool:
+    """Whether a def holds anything the transformer rewrites (checked with the fast walker)."""
+    dropout = strip.dropout_attrs.get(cls, set())
+    for node in nodes_of(func.body, cst.Call, cst.Return, cst.Assign):
+        if isinstance(node, cst.Call):
+            name = dotted(node.func)
+            if name in strip.identity or name in strip.adds or self_attr(node.func) in dropout:
+                return True
+        elif isinstance(node, cst.Return):
+            if isinstance(node.value, cst.Call) and dotted(node.value.func) in strip.output_names:
+                return True
+        elif any(self_attr(t.target) in (dropout | strip.drop_attrs) for t in node.targets):
+            return True
+    return False
+
+
+def _strip_def(strip: _Strip, cls: str, func: cst.FunctionDef) -> cst.FunctionDef:
+    if _needs_visit(strip, cls, func):
+        return func.visit(strip)
+    strip.visit_FunctionDef(func)
+    return strip.leave_FunctionDef(func, func)
+
+
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
-    return module.visit(_Strip(ctx, output_names(module, ctx)))
+    strip = _Strip(ctx, output_names(module, ctx))
+    body = []
+    for stmt in module.body:  # defs and classes only; a deep visit only where needed
+        if isinstance(stmt, cst.ClassDef) and isinstance(stmt.body, cst.IndentedBlock):
+            cls = stmt.name.value
+            strip.visit_ClassDef(stmt)
+            inner = [
+                _strip_def(strip, cls, s) if isinstance(s, cst.FunctionDef) else s
+                for s in stmt.body.body
+            ]
+            stmt = strip.leave_ClassDef(
+                stmt, stmt.with_changes(body=stmt.body.with_changes(body=inner))
+            )
+        elif isinstance(stmt, cst.FunctionDef):
+            stmt = _strip_def(strip, "", stmt)
+        body.append(stmt)
+    return module.with_changes(body=body)
