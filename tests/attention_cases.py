@@ -5,6 +5,7 @@ Shared by tests/test_attention_reference.py and tests/test_attention_triton.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +170,25 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
     return torch.cat(outs)
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The same batch on ``device`` (the dense oracle keeps using the CPU copies)."""
+    md = batch.metadata
+    metadata = dataclasses.replace(
+        md,
+        slot_mapping=md.slot_mapping.to(device),
+        query_start_loc=md.query_start_loc.to(device),
+        seq_lens=md.seq_lens.to(device),
+        block_tables=md.block_tables.to(device),
+        logits_indices=md.logits_indices.to(device),
+    )
+    moved = {
+        f.name: getattr(batch, f.name).to(device)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, metadata=metadata, **moved)
+
+
 def attention_kwargs(batch: Batch) -> dict:
     return dict(
         scale=batch.scale,
@@ -180,6 +200,7 @@ def attention_kwargs(batch: Batch) -> dict:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert actual.dtype == dtype
+    actual = actual.cpu()
     assert not torch.isnan(actual).any(), "NaN in output: a read outside the sequence's slots"
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)

@@ -10,6 +10,7 @@ from attention_cases import (
     batches,
     dense_attention,
     make_batch,
+    to_device,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,12 +21,20 @@ from runtime.attention.reference import paged_attention_ref, reshape_and_cache_r
 from runtime.attention.triton_config import DecodeConfig
 from runtime.attention.triton_ops import paged_attention, reshape_and_cache
 
+# Interpreter on CPU (tests/conftest.py); the same tests run the compiled kernels on a GPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def run_triton(batch, **launch):
-    reshape_and_cache(batch.key, batch.value, batch.kv_cache, batch.metadata.slot_mapping)
-    return paged_attention(
-        batch.query, batch.kv_cache, batch.metadata, **attention_kwargs(batch), **launch
+    """Store the batch's new K/V and attend on DEVICE; the filled cache goes back into
+    ``batch`` (CPU) for the reference."""
+    moved = to_device(batch, DEVICE)
+    reshape_and_cache(moved.key, moved.value, moved.kv_cache, moved.metadata.slot_mapping)
+    out = paged_attention(
+        moved.query, moved.kv_cache, moved.metadata, **attention_kwargs(moved), **launch
     )
+    batch.kv_cache = moved.kv_cache.cpu()
+    return out
 
 
 @settings(max_examples=30, deadline=None)
@@ -96,9 +105,10 @@ def test_reshape_and_cache_matches_reference(num_tokens, block_size, cache_dtype
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]  # [T] distinct
     slots[torch.rand(num_tokens, generator=gen) < 0.3] = -1
     expected = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
-    actual = expected.clone()
+    actual = expected.to(DEVICE)
     reshape_and_cache_ref(key, value, expected, slots)
-    reshape_and_cache(key, value, actual, slots)
+    reshape_and_cache(key.to(DEVICE), value.to(DEVICE), actual, slots.to(DEVICE))
+    actual = actual.cpu()
     # The interpreter casts fp32 -> bf16 by truncation, the GPU (and torch) round to
     # nearest: allow that one bf16 ulp; every other cast must be exact.
     rtol = 2.0**-7 if cache_dtype == torch.bfloat16 else 0.0
@@ -107,10 +117,10 @@ def test_reshape_and_cache_matches_reference(num_tokens, block_size, cache_dtype
 
 
 def test_reshape_and_cache_skips_negative_slots():
-    key = torch.randn(3, 1, 64)
-    value = torch.randn(3, 1, 64)
-    cache = torch.full((2, 2, 4, 1, 64), float("nan"))
-    reshape_and_cache(key, value, cache, torch.tensor([5, -1, 0]))
+    key = torch.randn(3, 1, 64, device=DEVICE)
+    value = torch.randn(3, 1, 64, device=DEVICE)
+    cache = torch.full((2, 2, 4, 1, 64), float("nan"), device=DEVICE)
+    reshape_and_cache(key, value, cache, torch.tensor([5, -1, 0], device=DEVICE))
     assert torch.equal(cache[0, 1, 1], key[0]) and torch.equal(cache[1, 0, 0], value[2])
     assert int((~torch.isnan(cache)).sum()) == 2 * 2 * 64  # only tokens 0 and 2, K and V
 
@@ -123,17 +133,18 @@ def test_paged_attention_module_triton_backend(monkeypatch):
     layer = PagedAttention(
         heads, head_dim, scale=0.125, num_kv_heads=kv_heads, sliding_window=6,
         alibi_slopes=[0.1, 0.2, 0.3, 0.4], logits_soft_cap=30.0,
-    )  # fmt: skip
+    ).to(DEVICE)  # fmt: skip
     caches = {
-        name: torch.zeros(2, 8, block_size, kv_heads, head_dim) for name in ("torch", "triton")
+        name: torch.zeros(2, 8, block_size, kv_heads, head_dim, device=DEVICE)
+        for name in ("torch", "triton")
     }
     tables = [[3, 0, 6], [5, 1, 7]]
     steps = [([0, 0], [7, 3]), ([7, 3], [2, 4]), ([9, 7], [1, 1]), ([10, 8], [1, 1])]
     for context, new in steps:
-        metadata = InputMetadata.build(tables, context, new, block_size)
-        q = torch.randn(sum(new), heads * head_dim)  # [T, Hq*D]
-        k = torch.randn(sum(new), kv_heads * head_dim)  # [T, Hkv*D]
-        v = torch.randn(sum(new), kv_heads * head_dim)  # [T, Hkv*D]
+        metadata = InputMetadata.build(tables, context, new, block_size, device=DEVICE)
+        q = torch.randn(sum(new), heads * head_dim, device=DEVICE)  # [T, Hq*D]
+        k = torch.randn(sum(new), kv_heads * head_dim, device=DEVICE)  # [T, Hkv*D]
+        v = torch.randn(sum(new), kv_heads * head_dim, device=DEVICE)  # [T, Hkv*D]
         outs = {}
         for backend, cache in caches.items():
             monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", backend)
