@@ -16,6 +16,7 @@ With TP size 1 every parallel layer is a plain local layer: no process group nee
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import libcst as cst
@@ -185,6 +186,7 @@ class _TPPass:
         self.used: set[str] = set()
         self.vocab_bases: set[str] = set()  # local nn.Embedding subclasses to re-base
         self.pa: dict[str, dict[str, str]] = {}
+        self.orphans: set[str] = set()  # ctor arguments the rewrite may leave unused
 
     def ctor(self, name: str, args: list[str]) -> cst.Call:
         self.used.add(name)
@@ -208,6 +210,7 @@ class _TPPass:
             return self.ctor("ParallelLMHead", [a.out, a.in_, f"bias={a.bias}"])
         fused_single = self.fused_checkpoint(cls, attr, a, call)
         if fused_single is not None:
+            self.orphans.add(a.out)  # e.g. Phi-3's `op_size`, now unused
             return fused_single
         extra = []
         if decision.style == "colwise_gather_output":
@@ -298,7 +301,9 @@ class _TPPass:
         new_body = []
         for stmt in node.body.body:
             if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
-                stmt = stmt.visit(_InitRewriter(self, cls, fusions))
+                stmt = drop_unused_locals(
+                    stmt.visit(_InitRewriter(self, cls, fusions)), self.orphans
+                )
                 if pa_call is not None:
                     stmt = stmt.visit(_WrapPA(self))
             elif isinstance(stmt, cst.FunctionDef):
@@ -313,6 +318,28 @@ class _TPPass:
         for f in fusions:
             self.used.add("QKVParallelLinear" if f.kind == "qkv" else "MergedColumnParallelLinear")
         return node.with_changes(body=node.body.with_changes(body=new_body))
+
+
+def drop_unused_locals(init: cst.FunctionDef, candidates: set[str]) -> cst.FunctionDef:
+    """Drop top-level `name = ...` statements of `init` for candidate names nothing reads
+    any more (sizes that only fed a replaced constructor)."""
+    body = list(init.body.body)
+    for name in candidates:
+        if not name.isidentifier():
+            continue
+        defs = [
+            s
+            for s in body
+            if isinstance(s, cst.SimpleStatementLine)
+            and isinstance(s.body[0], cst.Assign)
+            and code(s.body[0].targets[0].target) == name
+        ]
+        if len(defs) != 1:
+            continue
+        pattern = re.compile(rf"\b{name}\b")
+        if len(pattern.findall(code(init))) == len(pattern.findall(code(defs[0]))):
+            body.remove(defs[0])
+    return init.with_changes(body=init.body.with_changes(body=body))
 
 
 class _WrapPA(cst.CSTTransformer):
