@@ -257,19 +257,25 @@ def _self_loads(expr: cst.CSTNode) -> set[str]:
 
 
 def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.FunctionDef:
-    """Add required parameters (name, annotation) before the first defaulted one; call
-    sites pass them by keyword."""
-    params = list(func.params.params)
-    have = {p.name.value for p in params}
-    at = next((i for i, p in enumerate(params) if p.default is not None), len(params))
+    """Add keyword-only parameters (name, annotation): existing call sites keep binding
+    their positional arguments exactly as before; new arguments are passed by keyword."""
+    params = func.params
+    have = {p.name.value for p in [*params.params, *params.kwonly_params]}
     new = [
         cst.Param(cst.Name(n), cst.Annotation(cst.parse_expression(a)))
         for n, a in names
         if n not in have
     ]
-    params[at:at] = new
-    params = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params]
-    return func.with_changes(params=func.params.with_changes(params=params))
+    kwonly = [
+        p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in [*params.kwonly_params, *new]
+    ]
+    positional = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params.params]
+    star = (
+        params.star_arg if not isinstance(params.star_arg, cst.MaybeSentinel) else cst.ParamStar()
+    )
+    return func.with_changes(
+        params=params.with_changes(params=positional, kwonly_params=kwonly, star_arg=star)
+    )
 
 
 def _append_init(init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:

@@ -64,7 +64,10 @@ class _Strip(cst.CSTTransformer):
         changes: dict = {"decorators": self._decorators(original, updated.decorators)}
         if original.name.value == "forward" and self.cls and not self.func:
             if updated.params.star_kwarg is not None:
-                changes["params"] = updated.params.with_changes(star_kwarg=None)
+                params = [
+                    p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in updated.params.params
+                ]
+                changes["params"] = updated.params.with_changes(star_kwarg=None, params=params)
                 self.ctx.kwargs_stripped.add(f"{self.cls[-1]}.forward")
             if updated.returns is not None and names_read(updated.returns) & self.output_names:
                 changes["returns"] = None
@@ -89,6 +92,10 @@ class _Strip(cst.CSTTransformer):
     def leave_SimpleStatementLine(self, original, updated):
         body = []
         for small in updated.body:
+            if m.matches(small, m.Assign([m.AssignTarget(m.Name())], m.Name())) and (
+                small.targets[0].target.value == small.value.value
+            ):
+                continue  # `x = x`, left by an identity (dropout) replacement
             if isinstance(small, cst.Assign) and len(small.targets) == 1:
                 attr = self_attr(small.targets[0].target)
                 cls = self.cls[-1] if self.cls else ""
