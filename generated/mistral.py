@@ -96,6 +96,7 @@ class MistralAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -154,9 +155,10 @@ class MistralDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)

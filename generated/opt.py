@@ -86,7 +86,7 @@ class OPTAttention(nn.Module):
         self.attn = PagedAttention(local_num_heads(self.num_heads), self.head_dim, 1.0)
 
     def forward(
-        self, hidden_states: torch.Tensor, kv_cache: torch.Tensor, input_metadata: InputMetadata
+        self, hidden_states: torch.Tensor, *, kv_cache: torch.Tensor, input_metadata: InputMetadata
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
         bsz, tgt_len, _ = hidden_states.size()
         q_proj_out, k_proj_out, v_proj_out = self.qkv_proj(hidden_states).split(
@@ -147,7 +147,7 @@ class OPTDecoderLayer(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, kv_cache: torch.Tensor, input_metadata: InputMetadata
+        self, hidden_states: torch.Tensor, *, kv_cache: torch.Tensor, input_metadata: InputMetadata
     ) -> torch.Tensor:
         residual = hidden_states
 
@@ -159,7 +159,6 @@ class OPTDecoderLayer(nn.Module):
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states, kv_cache=kv_cache, input_metadata=input_metadata
         )
-        hidden_states = hidden_states
         hidden_states = residual + hidden_states
 
         # 350m applies layer norm AFTER attention
@@ -179,7 +178,6 @@ class OPTDecoderLayer(nn.Module):
         hidden_states = self.activation_fn(hidden_states)
 
         hidden_states = self.fc2(hidden_states)
-        hidden_states = hidden_states
 
         hidden_states = (residual + hidden_states).view(hidden_states_shape)
 

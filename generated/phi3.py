@@ -140,10 +140,6 @@ class Phi3Attention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-
-        op_size = config.num_attention_heads * self.head_dim + 2 * (
-            config.num_key_value_heads * self.head_dim
-        )
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=False
         )
@@ -166,6 +162,7 @@ class Phi3Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor] | None]:
@@ -233,9 +230,10 @@ class Phi3DecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)

@@ -141,6 +141,7 @@ class Qwen2Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,9 +202,10 @@ class Qwen2DecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
         kv_cache: torch.Tensor,
         input_metadata: InputMetadata,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
