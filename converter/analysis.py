@@ -352,7 +352,25 @@ def _find_roles(module: cst.Module, ctx: ConversionContext) -> None:
     direct = [c for c in layer.children.values() if c.cls in targets]
     ctx.attention_attr = direct[0].attr if direct else ""
     _find_base_model(module, ctx)
+    _require_forwards(module, ctx)
     _find_helpers(ctx)
+
+
+def _require_forwards(module: cst.Module, ctx: ConversionContext) -> None:
+    """The passes rewrite the forward of every class on the LM -> attention path; one
+    without its own forward (deleted, or inherited from a base) cannot be flattened."""
+    roles = [ctx.base_model_class, ctx.stack_class, ctx.decoder_layer_class]
+    for cls in dict.fromkeys(roles + ctx.attention_classes):
+        if "forward" not in ctx.classes[cls].methods:
+            node = next(
+                s for s in module.body if isinstance(s, cst.ClassDef) and s.name.value == cls
+            )
+            raise ctx.error(
+                f"{cls} has no forward method of its own",
+                node,
+                line=ctx.classes[cls].line,
+                hint="define forward in the class (the passes rewrite it in place)",
+            )
 
 
 def _path_to(ctx: ConversionContext, start: str, goal: str) -> list[str]:
