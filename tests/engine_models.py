@@ -1,0 +1,50 @@
+"""Tiny random checkpoints for engine tests: one per generated architecture (the parity
+suite's configs), saved with a character-level tokenizer so text, stop strings and
+streaming can be tested without a model hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from parity.configs import CONFIGS
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+
+def char_tokenizer(vocab_size: int, specials: dict[str, int]) -> PreTrainedTokenizerFast:
+    """One token per printable character; `specials` (pad/bos/eos) keep the config's ids."""
+    vocab = dict(specials)
+    ordinary = (i for i in range(vocab_size) if i not in specials.values())
+    for i, code in zip(ordinary, range(32, 0x10FFFF)):
+        vocab[chr(code)] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_model_dir(arch: str, root: Path, with_tokenizer: bool = True):
+    """Save a tiny random `arch` model under root/arch; returns (dir, HF model)."""
+    config = AutoConfig.for_model(arch, **CONFIGS[arch])
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model_dir = root / arch
+    hf.save_pretrained(model_dir)
+    if with_tokenizer:
+        specials = {"<pad>": config.pad_token_id, "<s>": config.bos_token_id, "</s>": config.eos_token_id}
+        if len(set(specials.values())) < 3:  # OPT: bos == eos
+            specials = {"<pad>": config.pad_token_id, "</s>": config.eos_token_id, "<s>": 0}
+        char_tokenizer(config.vocab_size, specials).save_pretrained(model_dir)
+    return model_dir, hf
+
+
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one prompt (stops at EOS like ours)."""
+    out = hf.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.config.pad_token_id,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
