@@ -16,14 +16,21 @@ With TP size 1 every parallel layer is a plain local layer: no process group nee
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import libcst as cst
 
 from converter.analysis import dotted, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cst_edits import add_import_from, drop_unused_locals
 from converter.passes.tp_fuse import Fusion, plan_fusions, split_statement
+from converter.passes.tp_heads import (
+    HeadCounts,
+    WrapPagedAttention,
+    head_expressions,
+    pa_args,
+    paged_attention_call,
+)
 from converter.tp_plan import Decision, resolve_plan
 
 _EMPTY = cst.Module([])
@@ -63,85 +70,6 @@ def linear_args(call: cst.Call, ctx: ConversionContext, where: str) -> LinearArg
             )
         got[key] = code(arg.value)
     return LinearArgs(got["in_features"], got["out_features"], got.get("bias", "True"))
-
-
-def _wrap(fn: str, node: cst.BaseExpression) -> cst.Call:
-    return cst.Call(func=cst.Name(fn), args=[cst.Arg(node)])
-
-
-class _HeadCounts(cst.CSTTransformer):
-    """Wraps reads of head-count expressions in methods other than ``__init__``."""
-
-    def __init__(self, heads: set[str], kv_heads: set[str]) -> None:
-        self.heads, self.kv_heads = heads, kv_heads
-        self.used: set[str] = set()
-
-    def leave_Attribute(
-        self, original: cst.Attribute, updated: cst.Attribute
-    ) -> cst.BaseExpression:
-        text = code(original)
-        fn = (
-            "local_num_heads"
-            if text in self.heads
-            else "local_num_kv_heads"
-            if text in self.kv_heads
-            else None
-        )
-        if fn is None:
-            return updated
-        self.used.add(fn)
-        return _wrap(fn, updated)
-
-
-def _equivalents(text: str) -> set[str]:
-    """`config.x` and `self.config.x` name the same value inside a module."""
-    out = {text}
-    if text.startswith("config."):
-        out.add("self." + text)
-    if text.startswith("self.config."):
-        out.add(text[len("self.") :])
-    return out
-
-
-def head_expressions(init: cst.FunctionDef, seed: str | None) -> set[str]:
-    """The PA ctor's head-count expression plus every `self.X` aliasing it in __init__."""
-    if seed is None:
-        return set()
-    found = _equivalents(seed)
-    assigns = []
-    for line in init.body.body:
-        for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
-            if isinstance(small, cst.Assign) and len(small.targets) == 1:
-                attr = self_attr(small.targets[0].target)
-                if attr:
-                    assigns.append((f"self.{attr}", code(small.value)))
-    changed = True
-    while changed:
-        changed = False
-        for target, value in assigns:
-            if (value in found) != (target in found):
-                found |= _equivalents(value) | {target}
-                changed = True
-    return found
-
-
-def _paged_attention_call(init: cst.FunctionDef) -> cst.Call | None:
-    for line in init.body.body:
-        for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
-            if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call):
-                if (dotted(small.value.func) or "").endswith("PagedAttention"):
-                    return small.value
-    return None
-
-
-def pa_args(call: cst.Call) -> dict[str, str]:
-    """PagedAttention(num_heads, head_dim, scale, num_kv_heads=...) as {name: code}."""
-    names = ["num_heads", "head_dim", "scale", "num_kv_heads"]
-    out = {}
-    for i, arg in enumerate(call.args):
-        key = arg.keyword.value if arg.keyword else names[i]
-        out[key] = code(arg.value)
-    return out
 
 
 class _InitRewriter(cst.CSTTransformer):
@@ -288,7 +216,7 @@ class _TPPass:
         init = methods.get("__init__")
         if init is None:
             return node
-        pa_call = _paged_attention_call(init)
+        pa_call = paged_attention_call(init)
         heads = kv = set()
         if pa_call is not None:
             self.pa[cls] = pa_args(pa_call)
@@ -305,60 +233,21 @@ class _TPPass:
                     stmt.visit(_InitRewriter(self, cls, fusions)), self.orphans
                 )
                 if pa_call is not None:
-                    stmt = stmt.visit(_WrapPA(self))
+                    wrapper = WrapPagedAttention()
+                    stmt = stmt.visit(wrapper)
+                    self.used |= wrapper.used
             elif isinstance(stmt, cst.FunctionDef):
                 for f in fusions:
                     if stmt.name.value == "forward":
                         stmt = split_statement(stmt, f)
                 if heads or kv:
-                    counter = _HeadCounts(heads, kv)
+                    counter = HeadCounts(heads, kv)
                     stmt = stmt.visit(counter)
                     self.used |= counter.used
             new_body.append(stmt)
         for f in fusions:
             self.used.add("QKVParallelLinear" if f.kind == "qkv" else "MergedColumnParallelLinear")
         return node.with_changes(body=node.body.with_changes(body=new_body))
-
-
-def drop_unused_locals(init: cst.FunctionDef, candidates: set[str]) -> cst.FunctionDef:
-    """Drop top-level `name = ...` statements of `init` for candidate names nothing reads
-    any more (sizes that only fed a replaced constructor)."""
-    body = list(init.body.body)
-    for name in candidates:
-        if not name.isidentifier():
-            continue
-        defs = [
-            s
-            for s in body
-            if isinstance(s, cst.SimpleStatementLine)
-            and isinstance(s.body[0], cst.Assign)
-            and code(s.body[0].targets[0].target) == name
-        ]
-        if len(defs) != 1:
-            continue
-        pattern = re.compile(rf"\b{name}\b")
-        if len(pattern.findall(code(init))) == len(pattern.findall(code(defs[0]))):
-            body.remove(defs[0])
-    return init.with_changes(body=init.body.with_changes(body=body))
-
-
-class _WrapPA(cst.CSTTransformer):
-    def __init__(self, p: _TPPass) -> None:
-        self.p = p
-
-    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-        if not (dotted(updated.func) or "").endswith("PagedAttention"):
-            return updated
-        args = list(updated.args)
-        for i, arg in enumerate(args):
-            key = arg.keyword.value if arg.keyword else ("num_heads" if i == 0 else None)
-            fn = {"num_heads": "local_num_heads", "num_kv_heads": "local_num_kv_heads"}.get(
-                key or ""
-            )
-            if fn:
-                self.p.used.add(fn)
-                args[i] = arg.with_changes(value=_wrap(fn, arg.value))
-        return updated.with_changes(args=args)
 
 
 def _rebase(node: cst.ClassDef) -> cst.ClassDef:
@@ -369,25 +258,6 @@ def _rebase(node: cst.ClassDef) -> cst.ClassDef:
         for b in node.bases
     ]
     return node.with_changes(bases=bases)
-
-
-def add_runtime_import(module: cst.Module, names: set[str], package: str) -> cst.Module:
-    """`from <package> import <names>` after the module's last top-level import."""
-    if not names:
-        return module
-    stmt = cst.parse_statement(f"from {package} import {', '.join(sorted(names))}")
-    body = list(module.body)
-    last = max(
-        (
-            i
-            for i, s in enumerate(body)
-            if isinstance(s, cst.SimpleStatementLine)
-            and isinstance(s.body[0], cst.Import | cst.ImportFrom)
-        ),
-        default=-1,
-    )
-    body.insert(last + 1, stmt)
-    return module.with_changes(body=body)
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
@@ -407,4 +277,4 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     for fs in p.fusions.values():
         for f in fs:
             ctx.tp_decisions[f"{f.cls}.{f.fused}"] = f"fused {'+'.join(f.members)}"
-    return add_runtime_import(module.with_changes(body=body), p.used, "runtime.parallel")
+    return add_import_from(module.with_changes(body=body), p.used, "runtime.parallel")

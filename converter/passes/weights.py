@@ -22,8 +22,8 @@ import libcst as cst
 
 from converter.analysis import methods_of
 from converter.context import ConversionContext
+from converter.cst_edits import add_import_from
 from converter.hf_tables import checkpoint_renames
-from converter.passes.tp import add_runtime_import
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _EMPTY = cst.Module([])
@@ -103,7 +103,7 @@ def _add_imports(module: cst.Module) -> cst.Module:
         if _EMPTY.code_for_node(stmt).strip() not in have:
             body.insert(0, stmt)
     module = module.with_changes(body=body)
-    return add_runtime_import(module, {"default_weight_loader"}, "runtime.parallel")
+    return add_import_from(module, {"default_weight_loader"}, "runtime.parallel")
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:

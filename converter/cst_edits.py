@@ -1,0 +1,54 @@
+"""Small generic edits the C2 passes share: adding an import, dropping dead locals."""
+
+from __future__ import annotations
+
+import re
+
+import libcst as cst
+
+_EMPTY = cst.Module([])
+
+
+def code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def add_import_from(module: cst.Module, names: set[str], package: str) -> cst.Module:
+    """`from <package> import <names>` after the module's last top-level import."""
+    if not names:
+        return module
+    stmt = cst.parse_statement(f"from {package} import {', '.join(sorted(names))}")
+    body = list(module.body)
+    last = max(
+        (
+            i
+            for i, s in enumerate(body)
+            if isinstance(s, cst.SimpleStatementLine)
+            and isinstance(s.body[0], cst.Import | cst.ImportFrom)
+        ),
+        default=-1,
+    )
+    body.insert(last + 1, stmt)
+    return module.with_changes(body=body)
+
+
+def drop_unused_locals(init: cst.FunctionDef, candidates: set[str]) -> cst.FunctionDef:
+    """Drop top-level `name = ...` statements of `init` for candidate names nothing reads
+    any more (sizes that only fed a replaced constructor)."""
+    body = list(init.body.body)
+    for name in candidates:
+        if not name.isidentifier():
+            continue
+        defs = [
+            s
+            for s in body
+            if isinstance(s, cst.SimpleStatementLine)
+            and isinstance(s.body[0], cst.Assign)
+            and code(s.body[0].targets[0].target) == name
+        ]
+        if len(defs) != 1:
+            continue
+        pattern = re.compile(rf"\b{name}\b")
+        if len(pattern.findall(code(init))) == len(pattern.findall(code(defs[0]))):
+            body.remove(defs[0])
+    return init.with_changes(body=init.body.with_changes(body=body))
