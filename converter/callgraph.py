@@ -127,22 +127,27 @@ def _is_static(node: cst.FunctionDef) -> bool:
 
 
 def bind(call: cst.Call, fn: Function) -> list[tuple[str | None, cst.Arg]] | None:
-    """Each argument with the parameter it binds to (None: absorbed by nothing). None when
-    the call cannot be bound statically (``*args`` at the call site)."""
+    """Each argument with the parameter it binds to: a name, ``"*args"``/``"**kwargs"`` for
+    the callee's catch-alls, None when nothing takes it. None when the call cannot be
+    bound statically (``*args`` at the call site)."""
     params = params_of(fn)
     names = [p.name.value for p in params]
     kwonly = {p.name.value for p in fn.node.params.kwonly_params}
+    star = fn.node.params.star_arg
+    star = f"*{star.name.value}" if isinstance(star, cst.Param) else None
+    double = fn.node.params.star_kwarg
+    double = f"**{double.name.value}" if double is not None else None
     out: list[tuple[str | None, cst.Arg]] = []
     pos = 0
     for arg in call.args:
         if arg.star == "*":
             return None
         if arg.star == "**":
-            out.append((None, arg))
+            out.append((double, arg))
         elif arg.keyword is None:
-            out.append((names[pos] if pos < len(names) else None, arg))
+            out.append((names[pos] if pos < len(names) else star, arg))
             pos += 1
         else:
             key = arg.keyword.value
-            out.append((key if key in names or key in kwonly else None, arg))
+            out.append((key if key in names or key in kwonly else double, arg))
     return out

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import BUILTINS, dotted, nodes_of
+from converter.analysis import BUILTINS, dotted
+from converter.cstwalk import names_read
 
 _EMPTY = cst.Module(body=[])
 
@@ -61,13 +62,16 @@ class Env:
     """Name states inside one function. `local` holds every name the function binds;
     a local name read before any binding is DEAD (its producer was removed)."""
 
-    def __init__(self, local: set[str], module_symbols: set[str]) -> None:
+    def __init__(
+        self, local: set[str], module_symbols: set[str], scoped: set[str] = frozenset()
+    ) -> None:
         self.values: dict[str, Value] = {}
         self.local = local
         self.module_symbols = module_symbols
+        self.scoped = scoped  # comprehension / lambda variables: never judged
 
     def copy(self) -> Env:
-        new = Env(self.local, self.module_symbols)
+        new = Env(self.local, self.module_symbols, self.scoped)
         new.values = dict(self.values)
         return new
 
@@ -78,6 +82,8 @@ class Env:
             return DEAD
         if name in ("True", "False"):
             return const(name == "True")
+        if name in self.scoped:
+            return UNKNOWN
         if name in self.local or (name not in self.module_symbols and name not in BUILTINS):
             return DEAD
         return UNKNOWN
@@ -178,37 +184,6 @@ def truth_of_value(v: Value) -> bool | None:
     return None
 
 
-class _DeadReads(cst.CSTVisitor):
-    def __init__(self, env: Env) -> None:
-        self.env = env
-        self.dead: list[str] = []
-        self.bound: set[str] = set()  # comprehension / lambda variables
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)
-        return False
-
-    def visit_CompFor(self, node: cst.CompFor) -> None:
-        for name in nodes_of(node.target, cst.Name):
-            self.bound.add(name.value)
-
-    def visit_Lambda(self, node: cst.Lambda) -> None:
-        for p in node.params.params:
-            self.bound.add(p.name.value)
-
-    def visit_Name(self, node: cst.Name) -> None:
-        if node.value in ("None",) or node.value in self.bound:
-            return
-        if self.env.get(node.value) == DEAD:
-            self.dead.append(node.value)
-
-
 def reads_dead(node: cst.CSTNode, env: Env) -> list[str]:
     """Dead names an expression (or statement) reads; [] if none."""
-    visitor = _DeadReads(env)
-    node.visit(visitor)
-    return visitor.dead
+    return sorted(n for n in names_read(node) if n != "None" and env.get(n) == DEAD)

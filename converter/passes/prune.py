@@ -28,25 +28,39 @@ from converter.passes.select import names_read, shake
 _EMPTY = cst.Module(body=[])
 
 
-def _locals(fn: cg.Function) -> set[str]:
-    names = {
-        p.name.value
-        for p in [
-            *fn.node.params.posonly_params,
-            *fn.node.params.params,
-            *fn.node.params.kwonly_params,
-        ]
-    }
-    for target in nodes_of(
-        fn.node.body, cst.AssignTarget, cst.For, cst.NamedExpr, cst.AnnAssign, cst.AugAssign
-    ):
-        node = target.target
-        names |= (
-            {n.value for n in nodes_of(node, cst.Name)}
-            if isinstance(node, (cst.Tuple, cst.List))
-            else ({node.value} if isinstance(node, cst.Name) else set())
-        )
-    return names
+def _all_params(node: cst.FunctionDef) -> list[cst.Param]:
+    p = node.params
+    stars = [x for x in (p.star_arg, p.star_kwarg) if isinstance(x, cst.Param)]
+    return [*p.posonly_params, *p.params, *p.kwonly_params, *stars]
+
+
+def _locals(fn: cg.Function) -> tuple[set[str], set[str]]:
+    """(names the function binds, names bound only inside comprehensions / lambdas)."""
+    names = {p.name.value for p in _all_params(fn.node)}
+    kinds = (
+        cst.AssignTarget,
+        cst.For,
+        cst.NamedExpr,
+        cst.AnnAssign,
+        cst.AugAssign,
+        cst.FunctionDef,
+        cst.ClassDef,
+        cst.CompFor,
+        cst.Lambda,
+    )
+    scoped: set[str] = set()
+    for node in nodes_of(fn.node.body, *kinds):
+        if isinstance(node, (cst.FunctionDef, cst.ClassDef)):
+            names.add(node.name.value)
+        elif isinstance(node, cst.Lambda):
+            scoped |= {p.name.value for p in node.params.params}
+        elif isinstance(node, cst.CompFor):
+            scoped |= {n.value for n in nodes_of(node.target, cst.Name)}
+        elif isinstance(node.target, (cst.Tuple, cst.List)):
+            names |= {n.value for n in nodes_of(node.target, cst.Name)}
+        elif isinstance(node.target, cst.Name):
+            names.add(node.target.value)
+    return names, scoped - names
 
 
 def rebuild_args(bound: list[tuple[str | None, cst.Arg]], drop: set[int]) -> list[cst.Arg]:
@@ -58,7 +72,7 @@ def rebuild_args(bound: list[tuple[str | None, cst.Arg]], drop: set[int]) -> lis
         if i in drop:
             keywordize = keywordize or positional
             continue
-        if positional and keywordize and param is not None:
+        if positional and keywordize and param is not None and not param.startswith("*"):
             arg = arg.with_changes(
                 keyword=cst.Name(param),
                 equal=cst.AssignEqual(
@@ -158,6 +172,9 @@ class _Pruner:
             return self.if_(stmt, env)
         if isinstance(stmt, (cst.For, cst.While)):
             return self.loop(stmt, env)
+        if isinstance(stmt, (cst.FunctionDef, cst.ClassDef)):
+            env.values[stmt.name.value] = NONNONE  # a nested def / class binds its name
+            return [stmt]
         if isinstance(stmt, cst.With):
             return [
                 stmt.with_changes(
@@ -301,12 +318,9 @@ def _targets(small: cst.CSTNode) -> set[str]:
 
 
 def _entry_env(ctx: ConversionContext, fn: cg.Function, facts: dict | None, root: bool) -> Env:
-    env = Env(_locals(fn), ctx.module_symbols)
-    for param in [
-        *fn.node.params.posonly_params,
-        *fn.node.params.params,
-        *fn.node.params.kwonly_params,
-    ]:
+    local, scoped = _locals(fn)
+    env = Env(local, ctx.module_symbols, scoped)
+    for param in _all_params(fn.node):
         name = param.name.value
         env.values[name] = NONNONE if root or name == "self" else (facts or {}).get(name, UNKNOWN)
     for name in ctx.removed_params.get(fn.qualname, []):
