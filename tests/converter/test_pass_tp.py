@@ -179,3 +179,31 @@ def test_no_fusion_when_a_member_is_called_twice():
     assert "self.q_proj = ColumnParallelLinear(" in code
     assert ctx.stacked_params == []
     assert any("not fusing" in line for line in ctx.log)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_dataflow_rule_agrees_with_transformers_plans(arch):
+    """On files that ship a plan, the rule used for plan-less files derives the same styles."""
+    from converter.analysis import analyze as analyze_source
+    from converter.hf_tables import config_tp_plan
+    from converter.pipeline import CORE
+    from converter.resolve import resolve
+    from converter.tp_dataflow import dataflow_styles
+    from converter.tp_plan import PLAN_STYLES
+
+    src = resolve(arch)
+    text = src.path.read_text()
+    module = cst.parse_module(text)
+    ctx = ConversionContext.from_source(text, src.path, arch, f"transformers.models.{arch}")
+    ctx.rules = load_rules()
+    analyze_source(module, ctx)
+    for stage in CORE:
+        module = stage(module, ctx)
+    derived = {attr: style for (_, attr), style in dataflow_styles(module, ctx).items()}
+    base = {"colwise_gather_output": "colwise", "rowwise_split_input": "rowwise"}
+    plan = {
+        key.split(".")[-1]: base.get(PLAN_STYLES[style], PLAN_STYLES[style])
+        for key, style in config_tp_plan(arch).items()
+        if PLAN_STYLES[style] != "replicated"
+    }
+    assert derived == plan
