@@ -2,20 +2,23 @@
 
     PYTHONPATH=. python benchmarks/attention.py            # full table
     PYTHONPATH=. python benchmarks/attention.py --quick    # smoke: 3 decode shapes
-    PYTHONPATH=. python benchmarks/attention.py --tune     # decode/prefill config sweep
+    PYTHONPATH=. python benchmarks/attention_tune.py       # launch-config sweep
 
-Decode: 32 query / 8 KV heads, head_dim 128, bf16, shuffled block tables. TB/s counts
-the K+V bytes each call must read once; "% copy" divides by the device-to-device copy
+32 query / 8 KV heads, head_dim 128, bf16, block tables shuffled. Decode TB/s counts the
+K+V bytes a call must read once; "% of copy" divides by the device-to-device copy
 bandwidth (bytes read + written) measured in the same run. L2 is flushed before every
-timed call; times are medians of CUDA-event timings. Writes
+timed call; each number is the median over 3 interleaved rounds (ours and SDPA
+alternate) of the median of ``--reps`` CUDA-event timings. Writes
 `benchmarks/results/attention-<device>.md` and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
+import statistics
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,28 +27,29 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.attention.metadata import InputMetadata
-from runtime.attention.triton_config import DecodeConfig, PrefillConfig, choose_num_splits
+from runtime.attention.triton_config import DecodeConfig, choose_num_splits
 from runtime.attention.triton_ops import paged_attention
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
+SCALE = D**-0.5
 DECODE_SHAPES = [  # (batch, context, block size)
     (1, 32768, 16), (8, 16384, 16), (32, 8192, 16), (64, 4096, 16), (64, 4096, 32),
     (64, 4096, 64), (128, 2048, 16), (256, 1024, 16), (256, 512, 16), (16, 512, 16),
 ]  # fmt: skip
 QUICK_SHAPES = [(1, 32768, 16), (64, 4096, 16), (256, 512, 16)]
+PREFILL_CASES = [("4096 fresh tokens", 0, 4096), ("1024-token chunk after 3072 cached", 3072, 1024)]
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-_FLUSH = None
+_FLUSH: list[torch.Tensor] = []
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn: Callable, reps: int) -> float:
     """Median microseconds of ``fn()`` over ``reps`` calls, L2 flushed before each."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")  # > any L2
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(512 << 20, dtype=torch.uint8, device="cuda"))  # > any L2
     for _ in range(3):
         fn()
     events = [
@@ -53,13 +57,21 @@ def timed(fn, reps: int) -> float:
         for _ in range(reps)
     ]
     for start, end in events:
-        _FLUSH.zero_()
+        _FLUSH[0].zero_()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in events)
-    return 1000.0 * times[len(times) // 2]
+    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def interleaved(calls: dict[str, Callable], reps: int, rounds: int = 3) -> dict[str, float]:
+    """Median over ``rounds`` alternating rounds: slow drifts (clocks, power) hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(timed(fn, reps))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(reps: int) -> float:
@@ -70,183 +82,174 @@ def copy_bandwidth(reps: int) -> float:
     return 2 * src.numel() * src.element_size() / us / 1e6
 
 
-def paged_copy(k: torch.Tensor, v: torch.Tensor, block_size: int):
-    """K/V ``[B, Hkv, L, D]`` into a paged cache with shuffled blocks, and its metadata."""
+def paged_copy(k: torch.Tensor, v: torch.Tensor, block_size: int, shuffle: bool = True):
+    """K/V ``[B, Hkv, L, D]`` copied into a paged cache; returns (cache, block tables)."""
     batch, _, ctx, _ = k.shape
     per_seq = triton.cdiv(ctx, block_size)
-    tables = torch.randperm(batch * per_seq).view(batch, per_seq)  # [B, per_seq]
+    order = torch.randperm(batch * per_seq) if shuffle else torch.arange(batch * per_seq)
+    tables = order.view(batch, per_seq)  # [B, per_seq]
     cache = torch.zeros(2, batch * per_seq, block_size, HKV, D, dtype=k.dtype, device="cuda")
-    padded = per_seq * block_size
     for i, t in enumerate((k, v)):
-        t = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, padded - ctx))  # [B, padded, Hkv, D]
+        t = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, per_seq * block_size - ctx))  # [B, L', Hkv, D]
         cache[i, tables.flatten().cuda()] = t.reshape(batch * per_seq, block_size, HKV, D)
     return cache, tables.tolist()
 
 
-def sdpa_best(q, k, v, reps: int, **kw) -> tuple[float, str, torch.Tensor]:
-    """Fastest SDPA backend that accepts these inputs (GQA through enable_gqa)."""
-    best = None
+def sdpa_calls(q, k, v, **kw) -> dict[str, Callable]:
+    """Every SDPA backend that accepts these inputs (GQA through ``enable_gqa``)."""
+    calls = {}
     for name, backend in SDPA_BACKENDS.items():
-        call = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)  # noqa: E731
-        try:
+
+        def call(backend=backend):
             with sdpa_kernel(backend):
-                out = call()
-                us = timed(call, reps)
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=SCALE, **kw)
+
+        try:
+            call()
         except RuntimeError:
             continue
-        if best is None or us < best[0]:
-            best = (us, name, out)
-    assert best is not None, "no SDPA backend ran"
-    return best
+        calls[name] = call
+    return calls
 
 
-def sdpa_flash_lower_right(q, k, v, reps: int) -> tuple[float, str, torch.Tensor]:
-    """Flash attention with the causal mask aligned to the last key (a chunk after cached
-    context): aten's flash op means exactly that by ``is_causal`` when Q < L."""
+def flash_call(q, k, v) -> tuple[str, Callable]:
+    """aten's flash-attention op; its ``is_causal`` aligns the mask to the last key, which
+    is the chunked-prefill mask when Q < L (SDPA's own ``is_causal`` aligns to the first)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention
     try:
-        call = lambda: flash(q, k, v, 0.0, is_causal=True, scale=D**-0.5)[0]  # noqa: E731
-        out = call()
-        name = "flash"
-    except RuntimeError:  # no native GQA in this build: give it the repeated heads
+        flash(q, k, v, 0.0, is_causal=True, scale=SCALE)
+        return "flash", lambda: flash(q, k, v, 0.0, is_causal=True, scale=SCALE)[0]
+    except RuntimeError:  # no native GQA in this build: hand it the repeated heads
         kk, vv = (t.repeat_interleave(HQ // HKV, 1) for t in (k, v))
-        call = lambda: flash(q, kk, vv, 0.0, is_causal=True, scale=D**-0.5)[0]  # noqa: E731
-        out = call()
-        name = "flash, K/V heads repeated"
-    return timed(call, reps), name, out
+        return "flash (K/V heads repeated)", lambda: flash(
+            q, kk, vv, 0.0, is_causal=True, scale=SCALE
+        )[0]
 
 
-def decode_case(batch: int, ctx: int, block_size: int, reps: int, configs: list[DecodeConfig]):
+def decode_setup(batch: int, ctx: int, block_size: int, shuffle: bool = True):
+    """(SDPA calls, paged call taking a DecodeConfig, expected [B, Hq, D], K+V bytes)."""
     q = torch.randn(batch, HQ, 1, D, dtype=DTYPE, device="cuda")  # [B, Hq, 1, D]
     k = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")  # [B, Hkv, L, D]
     v = torch.randn(batch, HKV, ctx, D, dtype=DTYPE, device="cuda")  # [B, Hkv, L, D]
-    sdpa_us, backend, ref = sdpa_best(q, k, v, reps)
-    cache, tables = paged_copy(k, v, block_size)
+    sdpa = sdpa_calls(q, k, v)
+    expected = next(iter(sdpa.values()))().view(batch, HQ, D).float()
+    cache, tables = paged_copy(k, v, block_size, shuffle)
     md = InputMetadata.build(tables, [ctx - 1] * batch, [1] * batch, block_size, device="cuda")
     query = q.view(batch, HQ, D)  # [T=B, Hq, D]
-    results = []
-    for cfg in configs:
-        call = lambda c=cfg: paged_attention(query, cache, md, scale=D**-0.5, decode_config=c)  # noqa: E731
-        err = (call().float() - ref.view(batch, HQ, D).float()).abs().max().item()
-        results.append((timed(call, reps), cfg, err))
-    kv_bytes = 2 * k.numel() * k.element_size()
-    return sdpa_us, backend, kv_bytes, results
+
+    def paged(cfg: DecodeConfig | None = None):
+        return paged_attention(query, cache, md, scale=SCALE, decode_config=cfg)
+
+    return sdpa, paged, expected, 2 * k.numel() * k.element_size()
 
 
-def prefill_case(ctx: int, new: int, reps: int, configs: list[PrefillConfig]):
-    """One sequence: ``new`` query tokens after ``ctx`` cached ones (ctx 0 = fresh prompt)."""
+def prefill_setup(ctx: int, new: int):
+    """(SDPA calls, paged call taking a PrefillConfig, expected [Q, Hq, D], FLOPs)."""
     total = ctx + new
     q = torch.randn(1, HQ, new, D, dtype=DTYPE, device="cuda")  # [1, Hq, Q, D]
     k = torch.randn(1, HKV, total, D, dtype=DTYPE, device="cuda")  # [1, Hkv, L, D]
     v = torch.randn(1, HKV, total, D, dtype=DTYPE, device="cuda")  # [1, Hkv, L, D]
-    if ctx == 0:
-        sdpa_us, backend, ref = sdpa_best(q, k, v, reps, is_causal=True)
-    else:
-        sdpa_us, backend, ref = sdpa_flash_lower_right(q, k, v, reps)
+    name, flash = flash_call(q, k, v)
+    sdpa = {name: flash}
+    if ctx == 0:  # SDPA's is_causal is the right mask only without cached context
+        sdpa.update({n: c for n, c in sdpa_calls(q, k, v, is_causal=True).items() if n != "flash"})
+    expected = flash()[0].transpose(0, 1).float()  # [Q, Hq, D]
     cache, tables = paged_copy(k, v, 16)
     md = InputMetadata.build(tables, [ctx], [new], 16, device="cuda")
     query = q[0].transpose(0, 1).contiguous()  # [Q, Hq, D]
-    expected = ref[0].transpose(0, 1).float()  # [Q, Hq, D]
-    results = []
-    for cfg in configs:
-        call = lambda c=cfg: paged_attention(query, cache, md, scale=D**-0.5, prefill_config=c)  # noqa: E731
-        err = (call().float() - expected).abs().max().item()
-        results.append((timed(call, reps), cfg, err))
+
+    def paged(cfg=None):
+        return paged_attention(query, cache, md, scale=SCALE, prefill_config=cfg)
+
     flops = 4 * HQ * D * (new * ctx + new * (new + 1) // 2)  # QK^T and PV over visible pairs
-    return sdpa_us, backend, flops, results
+    return sdpa, paged, expected, flops
 
 
-def decode_sweep() -> list[DecodeConfig]:
-    tiles = [
-        DecodeConfig(block_n=n, num_warps=w, num_stages=s)
-        for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+def max_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return (out.float() - expected).abs().max().item()
+
+
+def decode_table(shapes, reps: int, bw: float) -> list[str]:
+    lines = [
+        "",
+        "## Decode (default launch config)",
+        "",
+        "| batch × context | block | splits | paged µs | SDPA µs (backend) | paged TB/s | "
+        "SDPA TB/s | paged speed / SDPA | paged % of copy | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    return tiles + [DecodeConfig(programs_per_sm=p) for p in (0.5, 1.0, 4.0)]
+    for batch, ctx, block_size in shapes:
+        sdpa, paged, expected, kv_bytes = decode_setup(batch, ctx, block_size)
+        times = interleaved({"paged": paged, **sdpa}, reps)
+        backend = min(sdpa, key=times.get)
+        us, sdpa_us = times["paged"], times[backend]
+        splits = choose_num_splits(batch, HKV, torch.device("cuda"), DecodeConfig())
+        lines.append(
+            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {sdpa_us:.1f} ({backend}) | "
+            f"{kv_bytes / us / 1e6:.3f} | {kv_bytes / sdpa_us / 1e6:.3f} | {sdpa_us / us:.3f} | "
+            f"{100 * kv_bytes / us / 1e6 / bw:.1f}% | {max_err(paged(), expected):.1e} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
 
 
-def prefill_sweep() -> list[PrefillConfig]:
+def prefill_table(reps: int) -> list[str]:
+    lines = [
+        "",
+        "## Prefill (one sequence, block size 16, default launch config)",
+        "",
+        "| case | paged µs | SDPA µs by backend | paged TFLOP/s | paged time / flash | "
+        "paged time / fastest SDPA | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, ctx, new in PREFILL_CASES:
+        sdpa, paged, expected, flops = prefill_setup(ctx, new)
+        times = interleaved({"paged": paged, **sdpa}, reps)
+        us = times.pop("paged")
+        flash = next(t for n, t in times.items() if n.startswith("flash"))
+        listed = ", ".join(f"{n} {t:.1f} ({flops / t / 1e6:.0f} TFLOP/s)" for n, t in times.items())
+        lines.append(
+            f"| {name} | {us:.1f} | {listed} | {flops / us / 1e6:.0f} | {us / flash:.3f} | "
+            f"{us / min(times.values()):.3f} | {max_err(paged(), expected):.1e} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def header(reps: int) -> tuple[list[str], float]:
+    bw = copy_bandwidth(reps)
+    props = torch.cuda.get_device_properties(0)
     return [
-        PrefillConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-        for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
-        if not (m == 128 and w == 4)
-    ]
+        f"# Paged attention vs torch SDPA — {props.name}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, {props.multi_processor_count} "
+        f"SMs; copy bandwidth {bw:.3f} TB/s (read + write); {HQ} q / {HKV} kv heads, head_dim "
+        f"{D}, bf16; block tables shuffled; L2 flushed before each call; median of 3 "
+        f"interleaved rounds of {reps} reps. SDPA reads the same K/V stored contiguously "
+        "([B, Hkv, L, D], GQA through enable_gqa). Generated by `benchmarks/attention.py`.",
+    ], bw
 
 
-def describe(cfg) -> str:
-    return ", ".join(f"{k}={v}" for k, v in vars(cfg).items())
+def result_path(suffix: str = "") -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return Path(__file__).parent / "results" / f"attention-{slug}{suffix}.md"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 decode shapes, fewer reps")
-    parser.add_argument("--tune", action="store_true", help="sweep decode and prefill configs")
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="3 decode shapes, no prefill")
+    parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="markdown path")
     args = parser.parse_args()
-    reps = 30 if args.quick else max(30, args.reps)
-    device = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out_path = args.out or Path(__file__).parent / "results" / f"attention-{slug}.md"
-    bw = copy_bandwidth(reps)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    lines = [
-        f"# Paged attention vs torch SDPA — {device}",
-        "",
-        f"torch {torch.__version__}, triton {triton.__version__}, {sms} SMs; copy bandwidth "
-        f"{bw:.3f} TB/s (read + write); {HQ} q / {HKV} kv heads, head_dim {D}, bf16; "
-        f"L2 flushed, median of {reps} reps. SDPA runs on the same K/V stored contiguously "
-        "([B, Hkv, L, D]) with its fastest backend (enable_gqa).",
-        "",
-        "## Decode",
-        "",
-        "| batch × context | block | splits | paged µs | SDPA µs (backend) | paged TB/s | "
-        "SDPA TB/s | SDPA time / paged time | paged % of copy | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    tune_lines = ["", "## Tuning sweep", ""]
-    shapes = QUICK_SHAPES if args.quick else DECODE_SHAPES
-    for batch, ctx, block_size in shapes:
-        configs = decode_sweep() if args.tune and block_size == 16 else [DecodeConfig()]
-        sdpa_us, backend, kv_bytes, results = decode_case(batch, ctx, block_size, reps, configs)
-        us, cfg, err = results[0]  # the default config is what the runtime uses
-        splits = choose_num_splits(batch, HKV, torch.device("cuda"), cfg)
-        lines.append(
-            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {sdpa_us:.1f} ({backend}) | "
-            f"{kv_bytes / us / 1e6:.3f} | {kv_bytes / sdpa_us / 1e6:.3f} | {sdpa_us / us:.3f} | "
-            f"{100 * kv_bytes / us / 1e6 / bw:.1f}% | {err:.1e} |"
-        )
-        print(lines[-1], flush=True)
-        if args.tune:
-            tune_lines.append(f"decode {batch} × {ctx} (SDPA {sdpa_us:.1f} µs):")
-            for t_us, t_cfg, _ in sorted(results, key=lambda r: r[0])[:6]:
-                tune_lines.append(f"- {t_us:.1f} µs ({sdpa_us / t_us:.3f}x): {describe(t_cfg)}")
-    lines += [
-        "",
-        "## Prefill (one sequence)",
-        "",
-        "| case | paged µs | SDPA µs (backend) | paged TFLOP/s | SDPA TFLOP/s | "
-        "paged time / SDPA time | max abs diff |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, ctx, new in (
-        ("4096 fresh tokens", 0, 4096),
-        ("1024-token chunk after 3072 cached", 3072, 1024),
-    ):
-        configs = [PrefillConfig()] + (prefill_sweep() if args.tune else [])
-        sdpa_us, backend, flops, results = prefill_case(ctx, new, reps, configs)
-        us, _, err = results[0]
-        lines.append(
-            f"| {name} | {us:.1f} | {sdpa_us:.1f} ({backend}) | {flops / us / 1e6:.0f} | "
-            f"{flops / sdpa_us / 1e6:.0f} | {us / sdpa_us:.3f} | {err:.1e} |"
-        )
-        print(lines[-1], flush=True)
-        if args.tune:
-            tune_lines.append(f"prefill {name} (SDPA {sdpa_us:.1f} µs):")
-            for t_us, t_cfg, _ in sorted(results, key=lambda r: r[0])[:6]:
-                tune_lines.append(
-                    f"- {t_us:.1f} µs ({t_us / sdpa_us:.3f}x SDPA): {describe(t_cfg)}"
-                )
-    text = "\n".join(lines + (tune_lines if args.tune else [])) + "\n"
+    warnings.filterwarnings("ignore", category=UserWarning)  # SDPA explaining its refusals
+    reps = max(30, args.reps)
+    lines, bw = header(reps)
+    print(lines[-1], flush=True)
+    lines += decode_table(QUICK_SHAPES if args.quick else DECODE_SHAPES, reps, bw)
+    if not args.quick:
+        lines += prefill_table(reps)
+    text = "\n".join(lines) + "\n"
+    out_path = args.out or result_path("-quick" if args.quick else "")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     print(text)

@@ -45,6 +45,7 @@ def _prefill_inner(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # apply the causal / window mask (the diagonal band)
+    EVEN: tl.constexpr,  # every tile full and HEAD_DIM a power of two: unpredicated loads
     HAS_WINDOW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -62,7 +63,11 @@ def _prefill_inner(
         next_n = offs_n + BLOCK_N
         pages = tl.load(bt_row + next_n // BLOCK_SIZE, mask=next_n < hi, other=0)
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(cache_ptr + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0)
+        k_ptrs = cache_ptr + tok_off[:, None] + kv_row[None, :]  # [BLOCK_N, BLOCK_D]
+        if EVEN:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         qk = mma(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N]
         s = scores_log2(qk, q_pos, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
@@ -70,9 +75,10 @@ def _prefill_inner(
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-        v = tl.load(
-            cache_ptr + value_offset + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0
-        )  # [BLOCK_N, BLOCK_D]
+        if EVEN:
+            v = tl.load(k_ptrs + value_offset)  # [BLOCK_N, BLOCK_D]
+        else:
+            v = tl.load(k_ptrs + value_offset, mask=kv_mask, other=0.0)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
     return acc, l_i, m_i
 
@@ -153,13 +159,13 @@ def paged_prefill_kernel(
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
         lo, full_end, scale, soft_cap, window,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HEAD_DIM == BLOCK_D,
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
         full_end, hi, scale, soft_cap, window,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, False,
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     # Every valid row sees at least its own key, so l_i > 0 where stored.
@@ -194,7 +200,7 @@ def paged_prefill(
     assert seq_ids is None or seq_ids.dtype == torch.int32
     assert block_tables.stride(1) == 1
     assert out.is_contiguous() and out.shape == query.shape
-    config = config or default_prefill_config(head_dim, query.device)
+    config = config or default_prefill_config(head_dim, query.dtype, query.device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, num_prefill)
     paged_prefill_kernel[grid](
         out_ptr=out,
