@@ -237,6 +237,12 @@ def verify(
 _CONVERTER_ONLY = {"convert", "check"}
 
 
+# `hf2paged coverage` lives in converter/coverage_cli.py (typer only at import time).
+from converter.coverage_cli import coverage as _coverage  # noqa: E402
+
+app.command(name="coverage")(_coverage)
+
+
 def _register_serving_commands() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in _CONVERTER_ONLY and "--help" not in argv:
