@@ -36,7 +36,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def _one_line(target: str, exc: Exception) -> str:
     if isinstance(exc, ConversionError):
-        return str(exc)
+        # an error about the target itself (e.g. an unknown model type) names the target
+        return str(exc) if exc.path is not None else f"{target}: {str(exc).split(': ', 1)[1]}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{target}: internal converter error {type(exc).__name__}: {first} (HF2PAGED_DEBUG=1 shows the traceback)"
 
@@ -85,8 +86,10 @@ def convert(
         read_tp_plan,
         write_outputs,
     )
+    from converter.writer import check_writable_dir
 
     debug = bool(os.environ.get("HF2PAGED_DEBUG"))
+    out_dir = out if out is not None else DEFAULT_OUT
     try:
         names = list(targets or [])
         if all_:
@@ -94,31 +97,50 @@ def convert(
         if not names:
             raise _fail("name at least one model type or modeling file, or pass --all")
         plan = read_tp_plan(tp_plan) if tp_plan else None
+        if not stdout:
+            check_writable_dir(out_dir)
     except ConversionError as e:
         if debug:
             raise
         raise _fail(str(e)) from None
     start = time.perf_counter()
     done, failures = [], []
-    for name in names:
-        try:
-            result = generate(name, plan)
-        except Exception as e:  # noqa: BLE001 — one line per failure, the batch goes on
-            if debug:
-                raise
-            failures.append(_one_line(name, e))
-            continue
-        done.append(result)
-        typer.echo(f"converted {result.name} in {result.seconds:.2f} s", err=True)
+    current = ""
+    try:
+        for current in names:
+            try:
+                result = generate(current, plan)
+            except Exception as e:  # noqa: BLE001 — one line per failure, the batch goes on
+                if debug:
+                    raise
+                failures.append(_one_line(current, e))
+                continue
+            done.append(result)
+            typer.echo(f"converted {result.name} in {result.seconds:.2f} s", err=True)
+    except KeyboardInterrupt:
+        # Nothing is written before every conversion is done: the outputs are untouched.
+        raise _fail(
+            f"interrupted while converting {current} ({len(done)} of {len(names)} converted): "
+            "nothing written",
+            code=130,
+        ) from None
     if stdout:
         for result in done:
             typer.echo(result.text, nl=False)
     elif done:
-        out_dir = out if out is not None else DEFAULT_OUT
         try:
             diffs = write_outputs(outputs(out_dir, done))
-        except (ConversionError, OSError) as e:
-            raise _fail(f"nothing written: {e}") from None
+        except KeyboardInterrupt:
+            # write_files holds Ctrl-C while it moves files into place
+            raise _fail(
+                f"interrupted while writing {out_dir}: every file there is whole (old or new "
+                "text), no temp file left; rerun the command",
+                code=130,
+            ) from None
+        except Exception as e:  # noqa: BLE001 — an unreadable old file, a full disk: one line
+            if debug:
+                raise
+            raise _fail(f"nothing written: {_one_line(str(out_dir), e)}") from None
         for result in done:
             path = out_dir / f"{result.name}.py"
             typer.echo(diffs[path] if path in diffs else f"{path}: unchanged", nl=path not in diffs)
@@ -126,7 +148,8 @@ def convert(
         if registry in diffs:
             typer.echo(diffs[registry], nl=False)
     total = time.perf_counter() - start
-    typer.echo(f"{len(done)} converted, {len(failures)} failed in {total:.2f} s", err=True)
+    if len(names) > 1:  # one target: its own line says it all
+        typer.echo(f"{len(done)} converted, {len(failures)} failed in {total:.2f} s", err=True)
     if failures:
         for line in failures:
             typer.echo(f"error: {line}", err=True)

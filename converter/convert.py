@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from converter.availability import check_imports
 from converter.errors import ConversionError
+from converter.guard import read_source, stage_errors
 from converter.pipeline import convert_source, load_rules
 from converter.registry import generated_modules, registry_source
 from converter.render import REPO_ROOT, render
@@ -75,15 +77,17 @@ def generate(
         rules = copy.deepcopy(rules)
         arch = rules.setdefault("architectures", {}).setdefault(source.model_type, {})
         arch["tp_plan"] = {**arch.get("tp_plan", {}), **tp_plan}
-    text = source.path.read_text(encoding="utf-8")
+    text = read_source(source.path)
     conversion = convert_source(text, source.path, source.model_type, rules=rules)
-    code = render(
-        conversion.module,
-        source_display=display_path(source.path),
-        source_text=text,
-        transformers_ver=transformers_version(),
-        filename=f"generated/{source.model_type}.py",
-    )
+    with stage_errors(conversion.ctx, "render"):
+        code = render(
+            conversion.module,
+            source_display=display_path(source.path),
+            source_text=text,
+            transformers_ver=transformers_version(),
+            filename=f"generated/{source.model_type}.py",
+        )
+    check_imports(code, text, source.path)
     return Generated(source.model_type, code, time.perf_counter() - start, conversion.ctx.log)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class ConversionError(Exception):
     """``file:line: construct — what to do``. The CLI prints ``str(err)`` and exits 2."""
 
@@ -28,12 +32,18 @@ class ConversionError(Exception):
         where = self.path or "<input>"
         if self.line is not None:
             where = f"{where}:{self.line}"
-        text = f"{where}: {self.message}"
+        # one line whatever the pieces hold (an exception's text may span several)
+        text = f"{where}: {_one_line(self.message)}"
         if self.construct:
             construct = " ".join(self.construct.split())
             if len(construct) > 80:
                 construct = construct[:77] + "..."
             text += f" [`{construct}`]"
         if self.hint:
-            text += f" — {self.hint}"
+            text += f" — {_one_line(self.hint)}"
         return text
+
+
+class InternalConversionError(ConversionError):
+    """A converter bug met on this input (an exception no pass anticipated), reported
+    as one line naming the stage and the source line (see `converter.guard`)."""

@@ -17,6 +17,7 @@ import tomllib
 from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
+from converter.guard import check_not_generated, check_python, stage_errors, stage_name
 from converter.passes import attention, flatten, imports, prune, select, strip, tp, weights
 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
@@ -97,16 +98,22 @@ def convert_source(
     if rules is None:
         rules = _RULES_CACHE.get(RULES_DIR) or _RULES_CACHE.setdefault(RULES_DIR, load_rules())
     ctx.rules = rules
+    check_python(source, path)
+    check_not_generated(source, path)
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
         raise ConversionError(
             f"cannot parse: {exc.message}", path=path, line=exc.raw_line
         ) from None
-    analyze(module, ctx)
+    with stage_errors(ctx, "analysis"):
+        analyze(module, ctx)
     for stage in STAGES if stages is None else stages:
-        module = stage(module, ctx)
-    return Conversion(finish(module, ctx) if render else module.code, module, ctx)
+        with stage_errors(ctx, stage_name(stage)):
+            module = stage(module, ctx)
+    with stage_errors(ctx, "render"):
+        code = finish(module, ctx) if render else module.code
+    return Conversion(code, module, ctx)
 
 
 def convert_file(path: str | Path, model_type: str | None = None) -> Conversion:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from converter.errors import ConversionError
 
 
 def _write_temp(path: Path, text: str) -> Path:
@@ -30,15 +36,58 @@ def write_atomic(path: Path, text: str) -> None:
 def write_files(files: dict[Path, str]) -> None:
     """Write every file to a temp first; only when all temps exist, move them into place.
 
-    A failure while writing leaves every target as it was and no temp behind.
+    A failure while writing leaves every target whole (old or new text) and no temp
+    behind. Ctrl-C while writing waits until the batch is in place (milliseconds), so an
+    interrupted `convert --all` never leaves half of a batch's replacements done.
     """
-    temps: list[tuple[Path, Path]] = []
+    with sigint_deferred():
+        temps: list[tuple[Path, Path]] = []
+        try:
+            for path, text in files.items():
+                temps.append((_write_temp(path, text), path))
+            while temps:
+                tmp, path = temps[0]
+                os.replace(tmp, path)
+                temps.pop(0)
+        except BaseException:
+            for tmp, _ in temps:
+                tmp.unlink(missing_ok=True)
+            raise
+
+
+def check_writable_dir(out_dir: Path) -> None:
+    """Fail before converting anything when `out_dir` cannot receive files."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # a missing output directory is created: its parent must do
+    if not probe.is_dir():
+        raise ConversionError(
+            f"{probe} is not a directory",
+            path=out_dir,
+            hint="pass --out a directory (it is created if missing)",
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConversionError(
+            f"output directory {probe} is not writable",
+            path=out_dir,
+            hint="pass --out a writable directory or fix its permissions",
+        )
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends, then deliver it (as KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        for path, text in files.items():
-            temps.append((_write_temp(path, text), path))
-    except BaseException:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in temps:
-        os.replace(tmp, path)
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
