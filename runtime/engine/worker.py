@@ -124,24 +124,28 @@ def _setup(config: EngineConfig, rank: int) -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo") if backend == "nccl" else None
 
 
-def _start(config: EngineConfig, group) -> tuple[Worker | None, str | None]:
+def _start(config: EngineConfig, group) -> tuple[Worker | None, BaseException | None, str | None]:
     """Build this rank's worker and agree with the others on the block count. Every rank
-    joins the agreement even when its build failed, so nobody waits forever."""
-    worker, error, blocks = None, None, 0
+    joins the agreement even when its build failed, so nobody waits forever. Returns the
+    worker, or this rank's exception and its traceback."""
+    worker, exc, error, blocks = None, None, None, 0
     try:
         worker = Worker(config)
         blocks = worker.available_blocks()
-    except Exception:  # noqa: BLE001 — reported through the agreement below
-        error = traceback.format_exc()
+    except Exception as e:  # noqa: BLE001 — reported through the agreement below
+        exc, error = e, traceback.format_exc()
     # MIN over ranks: a failed rank contributes 0 and everyone sees it.
     t = torch.tensor([blocks if error is None else 0], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     num_blocks = int(t.item())
     if error is None and num_blocks <= 0:
-        error = "another tensor-parallel rank failed to start (see its error output)"
+        error = _PEER_FAILED
     if error is None:
         worker.init_cache(num_blocks)
-    return worker, error
+    return worker, exc, error
+
+
+_PEER_FAILED = "another tensor-parallel rank failed to start (see its error output)"
 
 
 def worker_main(rank: int, config: EngineConfig, conn) -> None:
@@ -151,7 +155,7 @@ def worker_main(rank: int, config: EngineConfig, conn) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     try:
         group = _setup(config, rank)
-        worker, error = _start(config, group)
+        worker, _, error = _start(config, group)
         conn.send(error)
         if error is not None:
             return
@@ -196,16 +200,19 @@ class Executor:
             self.conns.append(parent)
         try:
             self.group = _setup(config, 0)
-            worker, error = _start(config, self.group)
+            worker, exc, error = _start(config, self.group)
             errors = [c.recv() for c in self.conns]
         except BaseException:
             self._kill()
             raise
+        if exc is not None:  # rank 0's own error (a bad checkpoint): raise it as is
+            self.shutdown(graceful=False)
+            raise exc
         errors = [e for e in [error, *errors] if e is not None]
         if errors:
             self.shutdown(graceful=False)
-            first = next((e for e in errors if "another tensor-parallel rank" not in e), errors[0])
-            raise RuntimeError(f"tensor-parallel startup failed:\n{first}")
+            first = next((e for e in errors if e != _PEER_FAILED), errors[0])
+            raise RuntimeError(f"tensor-parallel startup failed on another rank:\n{first}")
         self.worker = worker
         self.num_blocks = worker.runner.kv_caches[0].shape[1]
 
