@@ -114,7 +114,10 @@ class LLM:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         return ids, text, params
 
-    def _add(self, ids: list[int], text: str | None, params: SamplingParams, request_id: str | None) -> str:
+    def _add(
+        self, ids: list[int], text: str | None, params: SamplingParams, request_id: str | None,
+        incremental: bool = True,
+    ) -> str:
         seq_id = next(self._ids)
         request_id = str(seq_id) if request_id is None else request_id
         if request_id in self._requests:
@@ -123,7 +126,9 @@ class LLM:
             seq_id, ids, params, self.config.block_size, request_id=request_id, prompt=text,
             eos_token_id=self.eos_token_ids, max_model_len=self.max_model_len,
         )  # fmt: skip
-        if self.tokenizer is not None:
+        # Detokenizing every step costs two tokenizer calls per token; without a stop
+        # string or a reader of partial text, the text is decoded once at the end.
+        if self.tokenizer is not None and (incremental or params.stop_strings):
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -147,6 +152,9 @@ class LLM:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that produced a token."""
+        return [self._output(seq) for seq in self._step()]
+
+    def _step(self) -> list[Sequence]:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -154,7 +162,6 @@ class LLM:
         sampling = out.sampled_seqs()
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
         self.scheduler.update(out, tokens)
-        results = []
         for i, seq in enumerate(sampling):
             if logprobs is not None and logprobs[i] is not None:
                 seq.logprobs.append(logprobs[i])
@@ -166,17 +173,20 @@ class LLM:
                     detok.flush()
             if seq.is_finished:
                 self._requests.pop(seq.request_id, None)
-            results.append(self._output(seq))
-        return results
+        return sampling
 
-    @staticmethod
-    def _output(seq: Sequence) -> RequestOutput:
-        detok = seq.detokenizer
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.detokenizer is not None:
+            text = seq.detokenizer.text
+        elif self.tokenizer is not None and seq.is_finished:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        else:
+            text = ""
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
-            text=detok.text if detok is not None else "",
+            text=text,
             token_ids=seq.output_token_ids,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.sampling_params.logprobs is not None else None,
@@ -198,20 +208,20 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
         checked = [self._check(p, sp) for p, sp in zip(prompts, sampling_params)]  # all, first
-        seqs = [self._requests[self._add(*c, None)] for c in checked]
+        seqs = [self._requests[self._add(*c, None, incremental=False)] for c in checked]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(seqs), desc="generate", unit="req", dynamic_ncols=True)
-        done = 0
+        ours = {s.seq_id for s in seqs}
+        remaining = len(seqs)
         try:
-            while done < len(seqs):
-                self.step()
-                now = sum(s.is_finished for s in seqs)
-                if bar is not None and now > done:
-                    bar.update(now - done)
-                done = now
+            while remaining and self.scheduler.has_unfinished():
+                finished = sum(s.is_finished and s.seq_id in ours for s in self._step())
+                remaining -= finished
+                if bar is not None and finished:
+                    bar.update(finished)
         finally:
             if bar is not None:
                 bar.close()
@@ -232,7 +242,7 @@ class LLM:
     def _stream(self, seq: Sequence) -> Iterator[str]:
         try:
             while not seq.is_finished:
-                self.step()
+                self._step()
                 delta = seq.detokenizer.stream_delta(seq.is_finished)
                 if delta:
                     yield delta
