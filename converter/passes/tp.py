@@ -218,8 +218,13 @@ class _TPPass:
             return node
         pa_call = paged_attention_call(init)
         heads = kv = set()
+        # Heads are split over ranks only when the projections leave q/k/v sharded; a
+        # plan that gathers them (OLMo-2's colwise_gather_output, for a q/k norm over
+        # all heads) runs every head on every rank, and the output linear splits its input.
+        localise = pa_call is not None and self.class_has_sharded_producer(cls)
         if pa_call is not None:
             self.pa[cls] = pa_args(pa_call)
+        if localise:
             heads = head_expressions(init, self.pa[cls]["num_heads"])
             kv = head_expressions(init, self.pa[cls].get("num_kv_heads")) - heads
         fusions = self.fusions.get(cls, [])
@@ -232,7 +237,7 @@ class _TPPass:
                 stmt = drop_unused_locals(
                     stmt.visit(_InitRewriter(self, cls, fusions)), self.orphans
                 )
-                if pa_call is not None:
+                if localise:
                     wrapper = WrapPagedAttention()
                     stmt = stmt.visit(wrapper)
                     self.used |= wrapper.used

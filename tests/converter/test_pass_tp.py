@@ -207,3 +207,14 @@ def test_dataflow_rule_agrees_with_transformers_plans(arch):
         if PLAN_STYLES[style] != "replicated"
     }
     assert derived == plan
+
+
+def test_gathered_projections_keep_all_heads_on_every_rank():
+    """OLMo-2-style plan: q/k/v gather their output (a norm over all heads follows), so
+    attention runs every head and the output linear splits its (replicated) input."""
+    plan = {f"layers.*.self_attn.{p}_proj": "colwise_gather_output" for p in "qkv"}
+    plan["layers.*.self_attn.o_proj"] = "rowwise_split_input"
+    code, ctx = convert(override=plan)
+    assert "self.q_proj = ColumnParallelLinear(" in code and "gather_output=True" in code
+    assert "PagedAttention(self.num_heads, self.head_dim" in code and "local_num_heads" not in code
+    assert "input_is_parallel=False" in code
