@@ -96,3 +96,15 @@ def test_max_num_seqs_and_many_requests(models) -> None:
     assert [o.token_ids for o in outs[:3]] == alone
     assert all(o.finished for o in outs)
     assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("budget", [1, 3])
+def test_tiny_token_budgets_give_the_same_tokens(models, budget: int) -> None:
+    """Budget 1: every prompt goes one token per step, batched with decodes (steps whose
+    every query has length 1 but not every row samples)."""
+    model_dir, hf = models("llama")
+    prompts = PROMPTS[:2]
+    llm = LLM(model_dir, max_num_batched_tokens=budget, kv_cache_memory_bytes=1 << 20)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
+    assert_no_leak(llm)

@@ -94,9 +94,9 @@ class DecodeGraphs:
         """Replay the smallest graph that holds the batch; hidden states ``[B, hidden]``."""
         b = inputs.num_seqs
         bs = next(s for s in self.sizes if s >= b)
-        ids, pos, slots, seq_lens, tables = self.runner.upload([
+        ids, pos, slots, seq_lens, tables, logits_idx = self.runner.upload([
             inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens,
-            inputs.block_tables,
+            inputs.block_tables, inputs.logits_indices,
         ])  # fmt: skip
         self.input_ids[:b].copy_(ids)
         self.positions[:b].copy_(pos)
@@ -111,4 +111,6 @@ class DecodeGraphs:
         graph.replay()
         md = self.metadata(b, inputs.max_seq_len)
         md.seq_lens_cpu = inputs.seq_lens.tolist()
+        # Not every row samples (a 1-token prompt chunk has no logits).
+        md.logits_indices = logits_idx
         return hidden[:b], md

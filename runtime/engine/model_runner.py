@@ -53,9 +53,11 @@ def prepare_step(out: SchedulerOutput, block_size: int) -> StepInputs:
     np.cumsum(query_lens, out=query_start_loc[1:])
     seq_lens = starts + query_lens  # [B]
     max_query_len = int(query_lens.max())
-    if max_query_len == 1:  # decode-only: one token per sequence, at its last position
+    if max_query_len == 1:  # one token per sequence (decodes, or 1-token prompt chunks)
         positions = starts  # [T == B]
-        input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=num_seqs)
+        input_ids = np.fromiter(
+            (s.token_ids[c] for s, c in zip(seqs, starts.tolist())), dtype=np.int64, count=num_seqs
+        )
         seq_of_token = np.arange(num_seqs)
     else:
         seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [T]
