@@ -12,16 +12,20 @@ import torch
 class DecodeConfig:
     """Decode launch parameters. ``programs_per_sm`` sets the split count: splits =
     round(programs_per_sm * SMs / (num_seqs * Hkv)), clamped to [1, max_splits].
+    ``num_stages=None`` picks 3 when all programs fit one wave at 2 per SM, else 2.
 
-    Defaults from `benchmarks/attention_tune.py` on an H200 (bf16, d128, 32/8 heads):
-    64 tokens per iteration with 4 warps and 2 stages was within noise of the best tile
-    at every shape; ~4 programs per SM balanced batch 1 x 32k against batch 32 x 8k.
+    Defaults from `benchmarks/attention_tune.py` on an H200 (bf16, d128, 32/8 heads,
+    block 16; `benchmarks/results/attention-nvidia-h200-tune.md`): 64 tokens per
+    iteration and 4 warps won at every shape; 3 stages (two loads in flight) was best
+    with <= 2 programs per SM (0.99x SDPA at 1 x 32k, 8 x 16k, 32 x 8k) but 15-20%
+    slower with 4 per SM (a second wave: its buffers fit only 2 programs per SM), where
+    2 stages reached 0.98-0.99x.
     """
 
     block_n: int = 64  # tokens per loop iteration
     num_warps: int = 4
-    num_stages: int = 2
-    programs_per_sm: float = 4.0
+    num_stages: int | None = None
+    programs_per_sm: float = 2.0
     max_splits: int = 64
 
 
@@ -32,7 +36,7 @@ class PrefillConfig:
     block_m: int = 128  # query tokens per program
     block_n: int = 128  # keys per loop iteration
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3  # H200 sweep: 369 us vs 404 us (2 stages) on a 4k prompt
 
 
 def default_prefill_config(
@@ -63,3 +67,10 @@ def choose_num_splits(
     captured CUDA graph stays valid as the sequences grow."""
     target = config.programs_per_sm * _sm_count(device)
     return max(1, min(config.max_splits, round(target / max(1, num_seqs * num_kv_heads))))
+
+
+def decode_stages(programs: int, device: torch.device, config: DecodeConfig) -> int:
+    """``config.num_stages``, or the tuned choice for a grid of ``programs`` programs."""
+    if config.num_stages is not None:
+        return config.num_stages
+    return 3 if programs <= 2 * _sm_count(device) else 2

@@ -19,7 +19,7 @@ from runtime.attention.triton_common import (
     online_softmax_step,
     scores_log2,
 )
-from runtime.attention.triton_config import DecodeConfig, choose_num_splits
+from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def paged_decode(
         HAS_SOFTCAP=logits_soft_cap is not None,
         DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=decode_stages(num_decode * num_kv_heads * num_splits, query.device, config),
     )
     if num_splits > 1:
         decode_reduce_kernel[(num_decode, num_heads)](
