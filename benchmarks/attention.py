@@ -8,7 +8,8 @@
 K+V bytes a call must read once; "% of copy" divides by the device-to-device copy
 bandwidth (bytes read + written) measured in the same run. L2 is flushed before every
 timed call; each number is the median over 3 interleaved rounds (ours and SDPA
-alternate) of the median of ``--reps`` CUDA-event timings. Writes
+alternate) of the median of ``--reps`` CUDA-event timings; decode is also timed as a
+CUDA-graph replay (no Python launch overhead; checks that it is capturable). Writes
 `benchmarks/results/attention-<device>.md` and prints it.
 """
 
@@ -169,23 +170,41 @@ def max_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     return (out.float() - expected).abs().max().item()
 
 
+def capture(fn: Callable) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph (the decode path promises to be capturable);
+    checks that a replay reproduces an eager call bit for bit."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    assert torch.equal(out, fn()), "CUDA-graph replay differs from the eager call"
+    return graph
+
+
 def decode_table(shapes, reps: int, bw: float) -> list[str]:
     lines = [
         "",
         "## Decode (default launch config)",
         "",
-        "| batch × context | block | splits | paged µs | SDPA µs (backend) | paged TB/s | "
-        "SDPA TB/s | paged speed / SDPA | paged % of copy | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| batch × context | block | splits | paged µs | paged µs, CUDA graph | SDPA µs (backend) "
+        "| paged TB/s | SDPA TB/s | paged speed / SDPA | paged % of copy | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, ctx, block_size in shapes:
         sdpa, paged, expected, kv_bytes = decode_setup(batch, ctx, block_size)
-        times = interleaved({"paged": paged, **sdpa}, reps)
+        graph = capture(paged)
+        times = interleaved({"paged": paged, "graph": graph.replay, **sdpa}, reps)
         backend = min(sdpa, key=times.get)
         us, sdpa_us = times["paged"], times[backend]
         splits = choose_num_splits(batch, HKV, torch.device("cuda"), DecodeConfig())
         lines.append(
-            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {sdpa_us:.1f} ({backend}) | "
+            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {times['graph']:.1f} | "
+            f"{sdpa_us:.1f} ({backend}) | "
             f"{kv_bytes / us / 1e6:.3f} | {kv_bytes / sdpa_us / 1e6:.3f} | {sdpa_us / us:.3f} | "
             f"{100 * kv_bytes / us / 1e6 / bw:.1f}% | {max_err(paged(), expected):.1e} |"
         )
