@@ -311,7 +311,10 @@ def analyze(module: cst.Module, ctx: ConversionContext) -> None:
 
 
 def _find_roles(module: cst.Module, ctx: ConversionContext) -> None:
-    lms = [c for c in ctx.classes if c.endswith("ForCausalLM")]
+    # transformers' causal-LM head naming: *ForCausalLM, older files *LMHeadModel (GPT-2)
+    lms = [c for c in ctx.classes if c.endswith("ForCausalLM")] or [
+        c for c in ctx.classes if c.endswith("LMHeadModel")
+    ]
     if len(lms) != 1:
         raise ctx.error(
             f"expected exactly one *ForCausalLM class, found {lms or 'none'}",

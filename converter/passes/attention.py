@@ -16,8 +16,9 @@ reads). ``forward`` gains ``kv_cache`` and ``input_metadata`` parameters.
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
-from converter.analysis import BUILTINS, is_interface_lookup, methods_of, self_attr
+from converter.analysis import BUILTINS, flat_statements, is_interface_lookup, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import nodes_of
 from converter.passes.select import names_read
@@ -110,6 +111,7 @@ class _Sink(cst.CSTTransformer):
         self.weights: str | None = None
         self.call: cst.Call | None = None
         self.operands: list[cst.BaseExpression] = []
+        self.sink: cst.SimpleStatementLine | None = None
 
     def leave_SimpleStatementLine(self, original, updated):
         small = updated.body[0] if len(updated.body) == 1 else None
@@ -125,6 +127,23 @@ class _Sink(cst.CSTTransformer):
                 and _code(value.func) == self.interface
             ):
                 return self._rewrite(original, small, value)
+        return updated
+
+    def leave_If(self, original: cst.If, updated: cst.If):
+        """An if/else whose one branch holds the sink and whose other computes the same
+        output another way (e.g. GPT-2's eager-only upcast path) is an alternative
+        attention implementation: keep the sink's branch only."""
+        if self.sink is None or updated.orelse is None:
+            return updated
+        branches = [updated.body.body]
+        branches.append(
+            [updated.orelse] if isinstance(updated.orelse, cst.If) else updated.orelse.body.body
+        )
+        for i, block in enumerate(branches):
+            if any(stmt is self.sink for stmt in block):
+                other = branches[1 - i]
+                if _assigned(other) & _assigned([self.sink]):
+                    return cst.FlattenSentinel(block)
         return updated
 
     def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
@@ -167,10 +186,13 @@ class _Sink(cst.CSTTransformer):
         self.call = call
         self.operands = [a.value for a in positional[1:4]]
         ops = [self._operand(e) for e in self.operands]
+        call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata)"
+        # [T, Hq*D] -> [1, T, Hq, D]: exactly what the interface returned
         new = cst.parse_statement(
-            f"{_code(out)} = self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata)[None]"
+            f"{_code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"
         )
-        return new.with_changes(leading_lines=stmt.leading_lines)
+        self.sink = new.with_changes(leading_lines=stmt.leading_lines)
+        return self.sink
 
     @staticmethod
     def _operand(expr: cst.BaseExpression) -> str:
@@ -242,6 +264,15 @@ def _heads(dim, field, config, config_reads) -> str | None:
     return f"{config}.{field}" if field in config_reads else None
 
 
+def _assigned(block) -> set[str]:
+    """Names assigned (at any depth) in a list of statements."""
+    out: set[str] = set()
+    for stmt in block:
+        for target in nodes_of(stmt, cst.AssignTarget):
+            out |= {n.value for n in nodes_of(target.target, cst.Name)}
+    return out
+
+
 def _self_stores(func: cst.FunctionDef) -> set[str]:
     """Names and ``self.<attr>`` attributes a function assigns."""
     found = set(_assignments(_statements(func.body.body)))
@@ -278,11 +309,39 @@ def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.Funct
     )
 
 
-def _append_init(init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:
+def _append_init(ctx, cls: str, init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:
     positional = [args["num_heads"], args["head_dim"], args["scale"]]
     keywords = [f"{k}={v}" for k, v in args.items() if k not in ("num_heads", "head_dim", "scale")]
-    stmt = cst.parse_statement(f"self.attn = PagedAttention({', '.join(positional + keywords)})")
-    return init.with_changes(body=init.body.with_changes(body=[*init.body.body, stmt]))
+    stmts = [cst.parse_statement(f"self.attn = PagedAttention({', '.join(positional + keywords)})")]
+    causal = _causal_flag(init)
+    if causal is not None and not m.matches(causal, m.Name("True")):
+        if m.matches(causal, m.Name("False")):
+            raise ctx.error(
+                f"{cls} is not causal (is_causal = False)",
+                init,
+                scope=f"{cls}.__init__",
+                hint="paged attention is causal only; extend PagedAttention for bidirectional layers",
+            )
+        # configuration-dependent: refuse the bidirectional configuration at build time
+        stmts.append(
+            cst.parse_statement(
+                "if not self.is_causal:\n"
+                f'    raise ValueError("{cls}: this configuration makes attention bidirectional; '
+                'paged attention is causal only")\n'
+            )
+        )
+    return init.with_changes(body=init.body.with_changes(body=[*init.body.body, *stmts]))
+
+
+def _causal_flag(init: cst.FunctionDef) -> cst.BaseExpression | None:
+    """The value assigned to ``self.is_causal`` in ``__init__`` (the interface's contract
+    for masking), if any."""
+    for small in flat_statements(init.body.body):
+        if isinstance(small, cst.Assign) and any(
+            self_attr(t.target) == "is_causal" for t in small.targets
+        ):
+            return small.value
+    return None
 
 
 class _Classes:
@@ -310,7 +369,7 @@ class _Classes:
         new_forward = add_params(
             new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
         )
-        new_init = _append_init(init, args)
+        new_init = _append_init(self.ctx, cls, init, args)
         body = [
             new_forward if s is forward else new_init if s is init else s for s in updated.body.body
         ]

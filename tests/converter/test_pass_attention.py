@@ -11,7 +11,8 @@ def test_sink_and_constructor():
     attn = code_of(module, "TinyAttention")
     assert (
         "attn_output = self.attn(q.transpose(1, 2)[0], k.transpose(1, 2)[0], "
-        "v.transpose(1, 2)[0], kv_cache, input_metadata)[None]" in attn
+        "v.transpose(1, 2)[0], kv_cache, input_metadata).unflatten(-1, (-1, self.attn.head_dim))"
+        "[None]  # [1, T, Hq, D]" in attn
     )
     # head size from the source's own view (`head_size`, not `head_dim`), scale verbatim
     assert (
@@ -60,3 +61,34 @@ def test_unsupported_calls_fail_loudly(change, message):
     with pytest.raises(ConversionError) as err:
         prepare(source, through="attention")
     assert "modeling_tiny.py:" in str(err.value)
+
+
+def test_alternative_attention_branch_keeps_the_sink():
+    # GPT-2: an eager-only upcast path computes the same output another way
+    source = TINY.replace(
+        "        attn_output, attn_weights = attention_interface(",
+        "        if self.config.upcast:\n"
+        "            attn_output, attn_weights = self._upcast(q, k, v, attention_mask)\n"
+        "        else:\n"
+        "          attn_output, attn_weights = attention_interface(",
+    )
+    module, _ = prepare(source, through="attention")
+    attn = code_of(module, "TinyAttention")
+    assert "_upcast" not in attn and "if self.config.upcast" not in attn
+    assert "attn_output = self.attn(" in attn
+
+
+def test_non_causal_attention_is_refused():
+    source = TINY.replace(
+        "        self.scaling =", "        self.is_causal = False\n        self.scaling ="
+    )
+    with pytest.raises(ConversionError, match="not causal"):
+        prepare(source, through="attention")
+    source = TINY.replace(
+        "        self.scaling =",
+        "        self.is_causal = not config.bidirectional\n        self.scaling =",
+    )
+    module, _ = prepare(source, through="attention")
+    assert "if not self.is_causal:\n            raise ValueError(" in code_of(
+        module, "TinyAttention"
+    )
