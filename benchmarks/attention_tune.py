@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     REPS = args.reps
-    lines, _ = header(REPS)
+    lines, _ = header(REPS, "each config timed once as the median of", "attention_tune.py")
     lines[0] += " — launch-config sweep"
 
     def say(text: str) -> None:
