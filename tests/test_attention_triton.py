@@ -60,6 +60,12 @@ def test_every_head_dim_mixed_batch(head_dim):
         [(0, 9), (21, 5), (30, 1), (3, 1)],
         num_heads=4, num_kv_heads=2, head_dim=head_dim, block_size=4, dtype=torch.float32,
     )  # fmt: skip
+    # Queries as a column slice of a fused QKV projection: token rows strided.
+    num_tokens, width = batch.query.shape[0], 4 * head_dim
+    fused = torch.randn(num_tokens, 2 * width)  # [T, (Hq + 2 Hkv) * D]
+    fused[:, :width] = batch.query.reshape(num_tokens, width)
+    batch.query = fused[:, :width].view(num_tokens, 4, head_dim)  # [T, Hq, D], stride 2*width
+    assert not batch.query.is_contiguous()
     assert_close(run_triton(batch, num_splits=2), dense_attention(batch), torch.float32)
 
 

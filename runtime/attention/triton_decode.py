@@ -122,7 +122,8 @@ def paged_decode_kernel(
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
-        o = acc / l_i[:, None]
+        # seq_len 0 (never built by InputMetadata) would see no key: write 0, not NaN.
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -162,14 +163,17 @@ def decode_reduce_kernel(
     d_mask = offs_d < HEAD_DIM
     row = (b * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS
     lse = tl.load(part_lse_ptr + row + offs_s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
-    # Split 0 always holds the first visible key, so the max is finite.
-    w = tl.exp2(lse - tl.max(lse, 0))  # [BLOCK_S]
+    # Split 0 holds the first visible key of any non-empty sequence, so the max is
+    # finite; the guards only keep an empty sequence at 0 instead of NaN.
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S]
     parts = tl.load(
         part_out_ptr + (row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=s_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [BLOCK_S, BLOCK_D]
-    o = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    total = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(
         out_ptr + token * stride_ot + head * HEAD_DIM + offs_d,
         o.to(out_ptr.dtype.element_ty),
@@ -196,10 +200,14 @@ def paged_decode(
     """Decode attention for sequences with exactly one new token (the last of each).
 
     No host synchronisation happens here: the grid comes from tensor shapes and host
-    ints only, so the call is CUDA-graph capturable. A capture must hold fixed the
-    number of decode sequences, ``block_tables.shape``, the kernel constants (head
-    layout, dtype, window/ALiBi/soft-cap presence) and the split count, which
-    `choose_num_splits` derives from the batch size alone.
+    ints only, so the call is CUDA-graph capturable (benchmarks/attention.py captures
+    it). A capture holds fixed, and replays need unchanged: the number of decode
+    sequences (pad with slot -1 / seq_len 1 rows), ``block_tables.shape`` and the
+    tensors' addresses, the kernel constants (head layout, dtype, block size,
+    window/ALiBi/soft-cap presence) and the split count and stage count, which
+    `choose_num_splits` / `decode_stages` derive from the batch shape and device alone,
+    never from sequence lengths, so one graph stays right and fast as sequences grow.
+    Any split count gives the same result; it only changes speed.
     """
     config = config or DecodeConfig()
     num_seqs_total = seq_lens.shape[0]
