@@ -1,16 +1,20 @@
 """Pass 3, attention sink: the attention-interface call becomes paged attention.
 
 ``out, weights = attention_interface(self, q, k, v, mask, dropout=..., scaling=s, ...)``
--> ``out = self.attn(q.transpose(1, 2)[0], k..., v..., kv_cache, input_metadata)[None]``
-(q/k/v are ``[1, H, T, D]`` by the interface's contract; ``self.attn`` returns
-``[T, Hq*D]``, so ``out`` is ``[1, T, Hq*D]`` and HF's own ``reshape(*input_shape, -1)``
-still applies). Later reads of ``weights`` become ``None``. The interface lookup goes.
+-> ``out = self.attn(q.transpose(1, 2)[0], k..., v..., kv_cache, input_metadata)
+.unflatten(-1, (-1, self.attn.head_dim))[None]``: q/k/v are ``[1, H, T, D]`` by the
+interface's contract, ``self.attn`` returns ``[T, Hq*D]``, and ``out`` is ``[1, T, Hq, D]``
+exactly as the interface returned it, so HF's own reshape/o-proj code stays verbatim.
+Later reads of ``weights`` become ``None``; the interface lookup goes; an if/else whose
+other branch computes ``out`` another way (an eager-only path) keeps the sink's branch.
 
 ``__init__`` gains ``self.attn = PagedAttention(heads, head_dim, s, num_kv_heads=...,
 sliding_window=..., logits_soft_cap=...)`` built from the call's OWN keyword expressions
 (`KWARGS` maps them; an unknown keyword stops the conversion) and the head sizes the
 source itself uses in its q/k ``view``/``reshape`` (falling back to the config fields it
-reads). ``forward`` gains ``kv_cache`` and ``input_metadata`` parameters.
+reads), see `attention_args`. ``forward`` gains keyword-only ``kv_cache`` and
+``input_metadata``. A literal ``self.is_causal = False`` stops the conversion; a
+config-dependent one gets a build-time guard.
 """
 
 from __future__ import annotations
@@ -18,88 +22,18 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import BUILTINS, flat_statements, is_interface_lookup, methods_of, self_attr
+from converter.analysis import flat_statements, is_interface_lookup, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cstedit import add_import, add_params
 from converter.cstwalk import nodes_of
-from converter.passes.select import names_read
+from converter.passes.attention_args import KWARGS, ctor_args
 
-# attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
-KWARGS: dict[str, str | None] = {
-    "scaling": "scale",
-    "sliding_window": "sliding_window",
-    "softcap": "logits_soft_cap",
-    "dropout": None,
-    "position_ids": None,  # flash-attention varlen hint; paged metadata replaces it
-}
-VIEW_METHODS = ("view", "reshape")
 IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
 _EMPTY = cst.Module(body=[])
 
 
 def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
-
-
-def _statements(body) -> list[cst.BaseStatement]:
-    """All statements of a block, nested blocks flattened, in source order."""
-    out: list[cst.BaseStatement] = []
-    for stmt in body:
-        out.append(stmt)
-        for block in ("body", "orelse"):
-            inner = getattr(stmt, block, None)
-            if isinstance(inner, cst.BaseSuite):
-                out += _statements(inner.body)
-            elif isinstance(inner, (cst.If, cst.Else)):
-                out += _statements([inner] if isinstance(inner, cst.If) else inner.body.body)
-    return out
-
-
-def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
-    found: dict[str, list[cst.BaseExpression]] = {}
-    for stmt in stmts:
-        if not isinstance(stmt, cst.SimpleStatementLine):
-            continue
-        for small in stmt.body:
-            if isinstance(small, cst.Assign):
-                targets = [t.target for t in small.targets]
-            elif isinstance(small, cst.AnnAssign) and small.value is not None:
-                targets = [small.target]
-            else:
-                continue
-            for target in targets:
-                elts = target.elements if isinstance(target, cst.Tuple) else [target]
-                for el in elts:
-                    node = el.value if isinstance(el, cst.Element) else el
-                    if isinstance(node, cst.Name):
-                        found.setdefault(node.value, []).append(small.value)
-    return found
-
-
-def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
-    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first)."""
-    queue, seen = [name], {name}
-    while queue:
-        current = queue.pop(0)
-        for rhs in assigns.get(current, []):
-            calls = [
-                c
-                for c in nodes_of(rhs, cst.Call)
-                if isinstance(c.func, cst.Attribute) and c.func.attr.value in VIEW_METHODS
-            ]
-            for call in calls:
-                dims = [a.value for a in call.args]
-                if len(dims) == 1 and isinstance(dims[0], cst.Name):
-                    resolved = assigns.get(dims[0].value, [])
-                    dims = [resolved[0]] if resolved else dims
-                if len(dims) == 1 and isinstance(dims[0], cst.Tuple):
-                    dims = [el.value for el in dims[0].elements]
-                if len(dims) >= 3:
-                    return dims
-        for rhs in assigns.get(current, []):
-            for ref in sorted(names_read(rhs) - seen):
-                seen.add(ref)
-                queue.append(ref)
-    return None
 
 
 class _Sink(cst.CSTTransformer):
@@ -201,69 +135,6 @@ class _Sink(cst.CSTTransformer):
         return f"{code if isinstance(expr, simple) else f'({code})'}.transpose(1, 2)[0]"
 
 
-def _ctor_args(ctx, cls: str, sink: _Sink, init: cst.FunctionDef, forward: cst.FunctionDef):
-    scope = f"{cls}.forward"
-    kwargs = {a.keyword.value: a.value for a in sink.call.args if a.keyword is not None}
-    if "scaling" not in kwargs:
-        raise ctx.error(
-            "attention-interface call without scaling=",
-            forward,
-            scope=scope,
-            hint="the scale must come from the source; extend converter/passes/attention.py",
-        )
-    body = forward.body.body
-    assigns = _assignments(_statements(body))
-    q_dims = head_shape(_code(sink.operands[0]), assigns)
-    k_dims = head_shape(_code(sink.operands[1]), assigns)
-    if q_dims is None or k_dims is None:
-        raise ctx.error(
-            "cannot find the q/k view that splits heads",
-            forward,
-            scope=scope,
-            hint="extend converter/passes/attention.py head_shape",
-        )
-    config = (
-        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
-    )
-    config_reads = ctx.classes[cls].config_reads
-    heads = _heads(q_dims[-2], "num_attention_heads", config, config_reads)
-    kv = _heads(k_dims[-2], "num_key_value_heads", config, config_reads)
-    if heads is None:
-        raise ctx.error(
-            "cannot tell the number of attention heads",
-            forward,
-            scope=scope,
-            hint="the q view must name it, or the class read config.num_attention_heads",
-        )
-    args = {"num_heads": heads, "head_dim": _code(q_dims[-1]), "scale": _code(kwargs["scaling"])}
-    if kv is not None and kv != heads:
-        args["num_kv_heads"] = kv
-    for key, target in KWARGS.items():
-        if target and key != "scaling" and key in kwargs:
-            args[target] = _code(kwargs[key])
-    allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
-    init_attrs = {a for a in _self_stores(init)}
-    for name, code in args.items():
-        expr = cst.parse_expression(code)
-        free = names_read(expr) - allowed - {"self"}
-        missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
-        if free or missing:
-            raise ctx.error(
-                f"PagedAttention {name}={code} uses forward-local values {sorted(free | missing)}",
-                forward,
-                scope=scope,
-                hint="compute it in __init__ in the source or extend the pass",
-            )
-    return args
-
-
-def _heads(dim, field, config, config_reads) -> str | None:
-    """The view's head-count dim, unless it is inferred (``-1``): then the config field."""
-    if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
-        return _code(dim)
-    return f"{config}.{field}" if field in config_reads else None
-
-
 def _assigned(block) -> set[str]:
     """Names assigned (at any depth) in a list of statements."""
     out: set[str] = set()
@@ -271,42 +142,6 @@ def _assigned(block) -> set[str]:
         for target in nodes_of(stmt, cst.AssignTarget):
             out |= {n.value for n in nodes_of(target.target, cst.Name)}
     return out
-
-
-def _self_stores(func: cst.FunctionDef) -> set[str]:
-    """Names and ``self.<attr>`` attributes a function assigns."""
-    found = set(_assignments(_statements(func.body.body)))
-    for target in nodes_of(func, cst.AssignTarget):
-        attr = self_attr(target.target)
-        if attr is not None:
-            found.add(attr)
-    return found
-
-
-def _self_loads(expr: cst.CSTNode) -> set[str]:
-    return {a for a in (self_attr(n) for n in nodes_of(expr, cst.Attribute)) if a is not None}
-
-
-def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.FunctionDef:
-    """Add keyword-only parameters (name, annotation): existing call sites keep binding
-    their positional arguments exactly as before; new arguments are passed by keyword."""
-    params = func.params
-    have = {p.name.value for p in [*params.params, *params.kwonly_params]}
-    new = [
-        cst.Param(cst.Name(n), cst.Annotation(cst.parse_expression(a)))
-        for n, a in names
-        if n not in have
-    ]
-    kwonly = [
-        p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in [*params.kwonly_params, *new]
-    ]
-    positional = [p.with_changes(comma=cst.MaybeSentinel.DEFAULT) for p in params.params]
-    star = (
-        params.star_arg if not isinstance(params.star_arg, cst.MaybeSentinel) else cst.ParamStar()
-    )
-    return func.with_changes(
-        params=params.with_changes(params=positional, kwonly_params=kwonly, star_arg=star)
-    )
 
 
 def _append_init(ctx, cls: str, init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:
@@ -364,7 +199,7 @@ class _Classes:
                 forward,
                 scope=f"{cls}.forward",
             )
-        args = _ctor_args(self.ctx, cls, sink, init, forward)
+        args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward)
         self.ctx.paged_attention[cls] = args
         new_forward = add_params(
             new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
@@ -374,19 +209,6 @@ class _Classes:
             new_forward if s is forward else new_init if s is init else s for s in updated.body.body
         ]
         return updated.with_changes(body=updated.body.with_changes(body=body))
-
-
-def add_import(module: cst.Module, line: str) -> cst.Module:
-    """Insert an import after the last module-level import."""
-    body = list(module.body)
-    last = 0
-    for i, stmt in enumerate(body):
-        if isinstance(stmt, cst.SimpleStatementLine) and isinstance(
-            stmt.body[0], (cst.Import, cst.ImportFrom)
-        ):
-            last = i + 1
-    body.insert(last, cst.parse_statement(line))
-    return module.with_changes(body=body)
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:

@@ -20,7 +20,7 @@ import libcst.matchers as m
 
 from converter.analysis import child_class, dotted, methods_of, nodes_of
 from converter.context import ConversionContext
-from converter.passes.attention import add_params
+from converter.cstedit import add_params
 
 KV = [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
 KVS = [("kv_caches", "list[torch.Tensor]"), ("input_metadata", "InputMetadata")]

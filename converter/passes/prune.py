@@ -21,123 +21,12 @@ import libcst as cst
 from converter import callgraph as cg
 from converter.analysis import nodes_of
 from converter.context import ConversionContext
-from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, literal, merge, reads_dead, truth, value
+from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, reads_dead, truth, value
 from converter.passes.liveness import eliminate_dead_stores
+from converter.passes.prune_calls import Simplify, drop_bound, entry_env, params_prunable
 from converter.passes.select import names_read, shake
 
 _EMPTY = cst.Module(body=[])
-
-
-def _all_params(node: cst.FunctionDef) -> list[cst.Param]:
-    p = node.params
-    stars = [x for x in (p.star_arg, p.star_kwarg) if isinstance(x, cst.Param)]
-    return [*p.posonly_params, *p.params, *p.kwonly_params, *stars]
-
-
-def _locals(fn: cg.Function) -> tuple[set[str], set[str]]:
-    """(names the function binds, names bound only inside comprehensions / lambdas)."""
-    names = {p.name.value for p in _all_params(fn.node)}
-    kinds = (
-        cst.AssignTarget,
-        cst.For,
-        cst.NamedExpr,
-        cst.AnnAssign,
-        cst.AugAssign,
-        cst.FunctionDef,
-        cst.ClassDef,
-        cst.CompFor,
-        cst.Lambda,
-    )
-    scoped: set[str] = set()
-    for node in nodes_of(fn.node.body, *kinds):
-        if isinstance(node, (cst.FunctionDef, cst.ClassDef)):
-            names.add(node.name.value)
-        elif isinstance(node, cst.Lambda):
-            scoped |= {p.name.value for p in node.params.params}
-        elif isinstance(node, cst.CompFor):
-            scoped |= {n.value for n in nodes_of(node.target, cst.Name)}
-        elif isinstance(node.target, (cst.Tuple, cst.List)):
-            names |= {n.value for n in nodes_of(node.target, cst.Name)}
-        elif isinstance(node.target, cst.Name):
-            names.add(node.target.value)
-    return names, scoped - names
-
-
-def rebuild_args(bound: list[tuple[str | None, cst.Arg]], drop: set[int]) -> list[cst.Arg]:
-    """Arguments minus `drop`; positionals after a dropped positional become keywords."""
-    out: list[cst.Arg] = []
-    keywordize = False
-    for i, (param, arg) in enumerate(bound):
-        positional = arg.keyword is None and not arg.star
-        if i in drop:
-            keywordize = keywordize or positional
-            continue
-        if positional and keywordize and param is not None and not param.startswith("*"):
-            arg = arg.with_changes(
-                keyword=cst.Name(param),
-                equal=cst.AssignEqual(
-                    whitespace_before=cst.SimpleWhitespace(""),
-                    whitespace_after=cst.SimpleWhitespace(""),
-                ),
-            )
-        out.append(arg)
-    if out:
-        out[-1] = out[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-    return out
-
-
-class _Simplify(cst.CSTTransformer):
-    """Expression-level folding inside one statement, recording call-site facts."""
-
-    def __init__(self, pruner: _Pruner, env: Env) -> None:
-        self.p, self.env = pruner, env
-
-    def leave_IfExp(self, original, updated):
-        t = truth(updated.test, self.env)
-        return updated if t is None else (updated.body if t else updated.orelse)
-
-    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-        target = cg.resolve(self.p.ctx, self.p.fn, updated, self.p.funcs, self.p.loops)
-        callee = self.p.funcs.get(target) if target else None
-        bound = cg.bind(updated, callee) if callee is not None else None
-        if bound is None:  # external callee: drop dead keyword / ** arguments
-            args = [
-                a
-                for a in updated.args
-                if (a.keyword is None and a.star != "**") or not reads_dead(a.value, self.env)
-            ]
-            return updated.with_changes(args=rebuild_args([(None, a) for a in args], set()))
-        stripped = target in self.p.ctx.kwargs_stripped
-        drop = set()
-        facts = self.p.facts.setdefault(target, {})
-        passed = {}
-        for i, (param, arg) in enumerate(bound):
-            if reads_dead(arg.value, self.env) or (
-                param is None and (stripped or arg.star == "**")
-            ):
-                drop.add(i)
-                if param is not None:
-                    passed[param] = DEAD
-            elif param is not None:
-                v = value(arg.value, self.env)
-                passed[param] = (
-                    NONNONE
-                    if v == UNKNOWN
-                    and not isinstance(arg.value, cst.Call)
-                    and not isinstance(arg.value, cst.Attribute)
-                    else v
-                )
-            elif not stripped:
-                raise self.p.ctx.error(
-                    f"argument {_EMPTY.code_for_node(arg).strip(', ')} matches no parameter of {target}",
-                    updated,
-                    scope=self.p.fn.qualname,
-                )
-        for param in cg.params_of(callee):
-            name = param.name.value
-            v = passed.get(name, literal(param.default) if param.default is not None else UNKNOWN)
-            facts[name] = merge(facts[name], v) if name in facts else v
-        return updated.with_changes(args=rebuild_args(bound, drop))
 
 
 class _Pruner:
@@ -184,7 +73,7 @@ class _Pruner:
         return [stmt]
 
     def small(self, small, env: Env, line) -> cst.BaseSmallStatement | None:
-        small = small.visit(_Simplify(self, env))
+        small = small.visit(Simplify(self, env))
         if isinstance(small, cst.Return) and isinstance(small.value, cst.Tuple):
             elements = [
                 e.with_changes(value=cst.Name("None"))
@@ -235,7 +124,7 @@ class _Pruner:
         return small
 
     def if_(self, stmt: cst.If, env: Env) -> list[cst.BaseStatement]:
-        test = stmt.test.visit(_Simplify(self, env))
+        test = stmt.test.visit(Simplify(self, env))
         t = truth(test, env)
         if t is True:
             return self.block(stmt.body.body, env)
@@ -317,17 +206,6 @@ def _targets(small: cst.CSTNode) -> set[str]:
     return set()
 
 
-def _entry_env(ctx: ConversionContext, fn: cg.Function, facts: dict | None, root: bool) -> Env:
-    local, scoped = _locals(fn)
-    env = Env(local, ctx.module_symbols, scoped)
-    for param in _all_params(fn.node):
-        name = param.name.value
-        env.values[name] = NONNONE if root or name == "self" else (facts or {}).get(name, UNKNOWN)
-    for name in ctx.removed_params.get(fn.qualname, []):
-        env.values[name] = DEAD
-    return env
-
-
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     funcs = cg.collect(module)
     roots = [f"{ctx.lm_class}.forward", f"{ctx.lm_class}.compute_logits"]
@@ -336,7 +214,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     for q in order:
         fn = funcs[q]
         pruner = _Pruner(ctx, fn, funcs, facts)
-        env = _entry_env(ctx, fn, facts.get(q), q in roots)
+        env = entry_env(ctx, fn, facts.get(q), q in roots)
         body = pruner.block(fn.node.body.body, env) or [_pass()]
         funcs[q] = cg.Function(
             q, fn.cls, fn.node.with_changes(body=fn.node.body.with_changes(body=body))
@@ -353,7 +231,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         fn = funcs[q]
         node = eliminate_dead_stores(fn.node)
         funcs[q] = fn = cg.Function(q, fn.cls, node)
-        if q in roots or not _params_prunable(fn, refs, direct):
+        if q in roots or not params_prunable(fn, refs, direct):
             continue
         used = names_read(node.body)
         unused = [p.name.value for p in cg.params_of(fn) if p.name.value not in used]
@@ -368,36 +246,9 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
             q, fn.cls, node.with_changes(params=node.params.with_changes(params=keep))
         )
         for caller in callers[q]:
-            funcs[caller] = _drop_bound(ctx, funcs[caller], q, set(unused), funcs, old)
+            funcs[caller] = drop_bound(ctx, funcs[caller], q, set(unused), funcs, old)
     reachable = set(order)
     return _rebuild(module, ctx, funcs, reachable)
-
-
-def _params_prunable(fn: cg.Function, refs: Counter, direct: Counter) -> bool:
-    """Methods called through instances (forward) and functions only ever called."""
-    if fn.cls is not None:
-        return fn.node.name.value == "forward"
-    return refs[fn.qualname] == direct[fn.qualname] + 1  # + its own def name
-
-
-def _drop_bound(
-    ctx, caller: cg.Function, callee_q: str, removed: set[str], funcs, callee
-) -> cg.Function:
-    """Drop, at `caller`'s calls of `callee_q`, the arguments bound to `removed` (bound
-    against `callee`, the signature before the removal)."""
-    loops = cg.loop_layers(ctx, caller.cls, caller.node)
-
-    class _Drop(cst.CSTTransformer):
-        def leave_Call(self, orig, updated):
-            if cg.resolve(ctx, caller, updated, funcs, loops) != callee_q:
-                return updated
-            bound = cg.bind(updated, callee)
-            if bound is None:
-                return updated
-            drop = {i for i, (p, _) in enumerate(bound) if p in removed}
-            return updated.with_changes(args=rebuild_args(bound, drop))
-
-    return cg.Function(caller.qualname, caller.cls, caller.node.visit(_Drop()))
 
 
 def _rebuild(module: cst.Module, ctx: ConversionContext, funcs, reachable: set[str]) -> cst.Module:

@@ -1,0 +1,178 @@
+"""PagedAttention constructor arguments, from the source's own expressions.
+
+``scale``/``sliding_window``/``logits_soft_cap`` are the attention-interface call's keyword
+expressions (`KWARGS` maps them). Head sizes are what the source's q/k ``view``/``reshape``
+uses (``self.head_dim``, ``self.head_size``, ``self.num_heads``), falling back to the config
+fields the class reads when the view infers heads (``-1``). Every expression must be valid
+in ``__init__`` (no forward-local values), else the conversion stops.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from converter.analysis import BUILTINS, self_attr
+from converter.context import ConversionContext
+from converter.cstwalk import names_read, nodes_of
+
+# attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
+KWARGS: dict[str, str | None] = {
+    "scaling": "scale",
+    "sliding_window": "sliding_window",
+    "softcap": "logits_soft_cap",
+    "dropout": None,
+    "position_ids": None,  # flash-attention varlen hint; paged metadata replaces it
+}
+VIEW_METHODS = ("view", "reshape")
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def _statements(body) -> list[cst.BaseStatement]:
+    """All statements of a block, nested blocks flattened, in source order."""
+    out: list[cst.BaseStatement] = []
+    for stmt in body:
+        out.append(stmt)
+        for block in ("body", "orelse"):
+            inner = getattr(stmt, block, None)
+            if isinstance(inner, cst.BaseSuite):
+                out += _statements(inner.body)
+            elif isinstance(inner, (cst.If, cst.Else)):
+                out += _statements([inner] if isinstance(inner, cst.If) else inner.body.body)
+    return out
+
+
+def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
+    found: dict[str, list[cst.BaseExpression]] = {}
+    for stmt in stmts:
+        if not isinstance(stmt, cst.SimpleStatementLine):
+            continue
+        for small in stmt.body:
+            if isinstance(small, cst.Assign):
+                targets = [t.target for t in small.targets]
+            elif isinstance(small, cst.AnnAssign) and small.value is not None:
+                targets = [small.target]
+            else:
+                continue
+            for target in targets:
+                elts = target.elements if isinstance(target, cst.Tuple) else [target]
+                for el in elts:
+                    node = el.value if isinstance(el, cst.Element) else el
+                    if isinstance(node, cst.Name):
+                        found.setdefault(node.value, []).append(small.value)
+    return found
+
+
+def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
+    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first)."""
+    queue, seen = [name], {name}
+    while queue:
+        current = queue.pop(0)
+        for rhs in assigns.get(current, []):
+            calls = [
+                c
+                for c in nodes_of(rhs, cst.Call)
+                if isinstance(c.func, cst.Attribute) and c.func.attr.value in VIEW_METHODS
+            ]
+            for call in calls:
+                dims = [a.value for a in call.args]
+                if len(dims) == 1 and isinstance(dims[0], cst.Name):
+                    resolved = assigns.get(dims[0].value, [])
+                    dims = [resolved[0]] if resolved else dims
+                if len(dims) == 1 and isinstance(dims[0], cst.Tuple):
+                    dims = [el.value for el in dims[0].elements]
+                if len(dims) >= 3:
+                    return dims
+        for rhs in assigns.get(current, []):
+            for ref in sorted(names_read(rhs) - seen):
+                seen.add(ref)
+                queue.append(ref)
+    return None
+
+
+def ctor_args(
+    ctx: ConversionContext,
+    cls: str,
+    call: cst.Call,
+    operands,
+    init: cst.FunctionDef,
+    forward: cst.FunctionDef,
+) -> dict[str, str]:
+    """PagedAttention arguments (name -> code) for `call`, the interface call of `cls`."""
+    scope = f"{cls}.forward"
+    kwargs = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    if "scaling" not in kwargs:
+        raise ctx.error(
+            "attention-interface call without scaling=",
+            forward,
+            scope=scope,
+            hint="the scale must come from the source; extend converter/passes/attention.py",
+        )
+    body = forward.body.body
+    assigns = _assignments(_statements(body))
+    q_dims = head_shape(_code(operands[0]), assigns)
+    k_dims = head_shape(_code(operands[1]), assigns)
+    if q_dims is None or k_dims is None:
+        raise ctx.error(
+            "cannot find the q/k view that splits heads",
+            forward,
+            scope=scope,
+            hint="extend converter/passes/attention.py head_shape",
+        )
+    config = (
+        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
+    )
+    config_reads = ctx.classes[cls].config_reads
+    heads = _heads(q_dims[-2], "num_attention_heads", config, config_reads)
+    kv = _heads(k_dims[-2], "num_key_value_heads", config, config_reads)
+    if heads is None:
+        raise ctx.error(
+            "cannot tell the number of attention heads",
+            forward,
+            scope=scope,
+            hint="the q view must name it, or the class read config.num_attention_heads",
+        )
+    args = {"num_heads": heads, "head_dim": _code(q_dims[-1]), "scale": _code(kwargs["scaling"])}
+    if kv is not None and kv != heads:
+        args["num_kv_heads"] = kv
+    for key, target in KWARGS.items():
+        if target and key != "scaling" and key in kwargs:
+            args[target] = _code(kwargs[key])
+    allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
+    init_attrs = {a for a in _self_stores(init)}
+    for name, code in args.items():
+        expr = cst.parse_expression(code)
+        free = names_read(expr) - allowed - {"self"}
+        missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
+        if free or missing:
+            raise ctx.error(
+                f"PagedAttention {name}={code} uses forward-local values {sorted(free | missing)}",
+                forward,
+                scope=scope,
+                hint="compute it in __init__ in the source or extend the pass",
+            )
+    return args
+
+
+def _heads(dim, field, config, config_reads) -> str | None:
+    """The view's head-count dim, unless it is inferred (``-1``): then the config field."""
+    if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
+        return _code(dim)
+    return f"{config}.{field}" if field in config_reads else None
+
+
+def _self_stores(func: cst.FunctionDef) -> set[str]:
+    """Names and ``self.<attr>`` attributes a function assigns."""
+    found = set(_assignments(_statements(func.body.body)))
+    for target in nodes_of(func, cst.AssignTarget):
+        attr = self_attr(target.target)
+        if attr is not None:
+            found.add(attr)
+    return found
+
+
+def _self_loads(expr: cst.CSTNode) -> set[str]:
+    return {a for a in (self_attr(n) for n in nodes_of(expr, cst.Attribute)) if a is not None}
