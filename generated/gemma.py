@@ -181,6 +181,10 @@ class GemmaAttention(nn.Module):
             self.scaling,
             num_kv_heads=local_num_kv_heads(config.num_key_value_heads),
         )
+        if not self.is_causal:
+            raise ValueError(
+                "GemmaAttention: this configuration makes attention bidirectional; paged attention is causal only"
+            )
 
     def forward(
         self,
@@ -209,7 +213,7 @@ class GemmaAttention(nn.Module):
             value_states.transpose(1, 2)[0],
             kv_cache,
             input_metadata,
-        )[None]
+        ).unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)

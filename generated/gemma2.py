@@ -174,6 +174,10 @@ class Gemma2Attention(nn.Module):
             sliding_window=self.sliding_window,
             logits_soft_cap=self.attn_logit_softcapping,
         )
+        if not self.is_causal:
+            raise ValueError(
+                "Gemma2Attention: this configuration makes attention bidirectional; paged attention is causal only"
+            )
 
     def forward(
         self,
@@ -202,7 +206,7 @@ class Gemma2Attention(nn.Module):
             value_states.transpose(1, 2)[0],
             kv_cache,
             input_metadata,
-        )[None]
+        ).unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)

@@ -118,7 +118,7 @@ class OPTAttention(nn.Module):
             value_states.transpose(1, 2)[0],
             kv_cache,
             input_metadata,
-        )[None]
+        ).unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]
 
         attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
         attn_output = self.out_proj(attn_output)

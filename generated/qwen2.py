@@ -164,7 +164,7 @@ class Qwen2Attention(nn.Module):
             value_states.transpose(1, 2)[0],
             kv_cache,
             input_metadata,
-        )[None]
+        ).unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
