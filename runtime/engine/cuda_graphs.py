@@ -45,7 +45,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple] = {}  # bs -> (replay function, output [bs, hidden])
 
     def metadata(self, bs: int, max_seq_len: int) -> InputMetadata:
         return InputMetadata(
@@ -64,28 +64,33 @@ class DecodeGraphs:
     def capture(cls, runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
         graphs = cls(runner, max_num_seqs, max_model_len)
         try:
-            graphs._capture_all(max_model_len)
+            graphs.capture_all(max_model_len)
         except Exception as exc:  # noqa: BLE001 — a model that cannot be captured runs eagerly
             log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             return None
         return graphs
 
     @torch.inference_mode()
-    def _capture_all(self, max_model_len: int) -> None:
-        model, caches = self.runner.model, self.runner.kv_caches
+    def capture_all(self, max_model_len: int) -> None:
         pool = None
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
             md = self.metadata(bs, max_model_len)
-            args = (self.input_ids[:bs], self.positions[:bs], caches, md)
-            model(*args)  # warm-up: lazy initialisation and Triton compilation outside capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = model(*args)  # [bs, hidden]
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = (graph, hidden)
+            args = (self.input_ids[:bs], self.positions[:bs], self.runner.kv_caches, md)
+            replay, hidden, pool = self.capture_one(args, pool)
+            self.graphs[bs] = (replay, hidden)
+
+    def capture_one(self, args: tuple, pool):
+        """Capture ``model(*args)``; returns (replay function, its output, memory pool)."""
+        model = self.runner.model
+        model(*args)  # warm-up: lazy initialisation and Triton compilation outside capture
         torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = model(*args)  # [bs, hidden]
+        torch.cuda.synchronize()
+        return graph.replay, hidden, graph.pool() if pool is None else pool
 
     def fits(self, inputs) -> bool:
         return inputs.num_seqs <= self.max_bs and inputs.block_tables.shape[1] <= self.width
@@ -107,8 +112,8 @@ class DecodeGraphs:
             self.slot_mapping[b:bs].fill_(-1)
             self.seq_lens[b:bs].fill_(1)
             self.block_tables[b:bs, 0].fill_(0)
-        graph, hidden = self.graphs[bs]
-        graph.replay()
+        replay, hidden = self.graphs[bs]
+        replay()
         md = self.metadata(b, inputs.max_seq_len)
         md.seq_lens_cpu = inputs.seq_lens.tolist()
         # Not every row samples (a 1-token prompt chunk has no logits).
