@@ -37,6 +37,8 @@ BASE = dict(
 )
 CONFIGS = {
     "opt": dict(ffn_dim=128, word_embed_proj_dim=32, num_key_value_heads=None),
+    # opt-350m style: post-LN, no final layer norm
+    "opt-postln": dict(ffn_dim=128, num_key_value_heads=None, do_layer_norm_before=False),
     "llama": {},
     "mistral": dict(sliding_window=4),
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
@@ -51,8 +53,9 @@ BLOCK_SIZE = 4
 TOL = 1e-4
 
 
-def tiny_config(model_type: str):
-    kwargs = {**BASE, **CONFIGS[model_type]}
+def tiny_config(case: str):
+    model_type = case.split("-")[0]
+    kwargs = {**BASE, **CONFIGS[case]}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return transformers.AutoConfig.for_model(model_type, **kwargs)
 
@@ -109,18 +112,21 @@ def run_paged(model, seqs, steps, num_blocks):
             yield model.compute_logits(hidden, meta)
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
-def test_core_parity(model_type, tmp_path):
+def parity_diffs(case: str, tmp_path: Path, tamper=None) -> list[float]:
+    """Max |logit diff| vs HF for the prefill, then each decode step."""
+    model_type = case.split("-")[0]
     source = MODELS / model_type / f"modeling_{model_type}.py"
     core = convert_source(source.read_text(), source, stages=CORE, render=False)
-    generated = import_generated(core.code, model_type, tmp_path)
-    config = tiny_config(model_type)
+    generated = import_generated(core.code, case.replace("-", "_"), tmp_path)
+    config = tiny_config(case)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     hf.save_pretrained(tmp_path / "ckpt")
     ckpt = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     model = getattr(generated, core.ctx.lm_class)(config).eval()
     load_strict(model, ckpt, core.ctx, config)
+    if tamper is not None:
+        tamper(model)
 
     gen = torch.Generator().manual_seed(0)
     seqs = [
@@ -137,6 +143,22 @@ def test_core_parity(model_type, tmp_path):
                 [hf(s[: n + step + 1][None]).logits[0, -1] for s, n in zip(seqs, PROMPT_LENS)]
             )
         diffs.append((logits - ref).abs().max().item())
-    print(f"{model_type}: prefill {diffs[0]:.2e}, decode max {max(diffs[1:]):.2e}")
-    assert max(diffs) < TOL, f"{model_type}: max |logit diff| per step {diffs}"
     assert ref.abs().max() > 1.0  # logits are O(1-10): the comparison is meaningful
+    return diffs
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_core_parity(case, tmp_path):
+    diffs = parity_diffs(case, tmp_path)
+    print(f"{case}: prefill {diffs[0]:.2e}, decode max {max(diffs[1:]):.2e}")
+    assert max(diffs) < TOL, f"{case}: max |logit diff| per step {diffs}"
+
+
+def test_parity_check_is_sensitive(tmp_path):
+    """Sliding window switched off in the converted model: the check must notice."""
+
+    def no_window(model):
+        for layer in attention_layers(model):
+            layer.sliding_window = None
+
+    assert max(parity_diffs("mistral", tmp_path, no_window)) > 1e-2
