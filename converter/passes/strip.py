@@ -151,6 +151,11 @@ def output_names(module: cst.Module, ctx: ConversionContext) -> set[str]:
                     found |= {
                         (a.asname.name.value if a.asname else dotted(a.name)) for a in imp.names
                     }
+    # Local subclasses (`class CwmModelOutputWithPast(BaseModelOutputWithPast): pass`) are
+    # output dataclasses too; classes come in source order, so one walk sees their bases.
+    for stmt in module.body:
+        if isinstance(stmt, cst.ClassDef) and any(dotted(b.value) in found for b in stmt.bases):
+            found.add(stmt.name.value)
     return found
 
 
