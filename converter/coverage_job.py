@@ -140,7 +140,9 @@ def _check(model_type: str, architecture: str, tmp: Path, out: Outcome) -> None:
     module = _stage(out, "import", _import, generated.text, tmp / "module", model_type)
     if module is None:
         return
-    model = _stage(out, "build", _build, module, hf_cls.__name__, config)
+    # As serving does: the config read back from the checkpoint (save_pretrained leaves
+    # the in-memory one with string dtypes).
+    model = _stage(out, "build", _build, module, hf_cls, tmp / "checkpoint")
     if model is None:
         return
     if _stage(out, "load", _load, model, tmp / "checkpoint") is None:
@@ -205,12 +207,13 @@ def _import(text: str, directory: Path, model_type: str):
     return module
 
 
-def _build(module, class_name: str, config):
+def _build(module, hf_cls, model_dir: Path):
     import torch
 
-    cls = getattr(module, class_name, None)
+    cls = getattr(module, hf_cls.__name__, None)
     if cls is None:
-        raise AttributeError(f"the generated module has no class {class_name}")
+        raise AttributeError(f"the generated module has no class {hf_cls.__name__}")
+    config = hf_cls.config_class.from_pretrained(model_dir)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:

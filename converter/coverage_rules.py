@@ -72,10 +72,13 @@ def detect_bucket(config_dict: dict, rules: dict) -> str:
     recurrent = any(
         k.startswith(tuple(detect["recurrent_key_prefixes"])) for k in config_dict
     ) or any(m in str(lt) for lt in layer_types for m in detect["recurrent_layer_markers"])
-    moe = any(_positive(config_dict.get(k)) for k in detect["moe_keys"])
     if recurrent:
-        return "hybrid" if layer_types or "attention" in " ".join(config_dict) else "state_space"
-    if moe:
+        attention = any(k in config_dict for k in detect["attention_keys"])
+        return "hybrid" if attention else "state_space"
+    nested = [v for v in config_dict.values() if isinstance(v, dict)]
+    if config_dict.get("enable_moe_block") or any(
+        _positive(d.get(k)) for d in (config_dict, *nested) for k in detect["moe_keys"]
+    ):
         return "moe"
     return DENSE
 
