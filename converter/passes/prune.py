@@ -23,7 +23,7 @@ from converter.analysis import nodes_of
 from converter.context import ConversionContext
 from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, reads_dead, truth, value
 from converter.passes.liveness import eliminate_dead_stores
-from converter.passes.prune_calls import Simplify, drop_bound, entry_env, params_prunable
+from converter.passes.prune_calls import Simplify, binds, drop_bound, entry_env, params_prunable
 from converter.passes.select import names_read, shake
 
 _EMPTY = cst.Module(body=[])
@@ -65,14 +65,21 @@ class _Pruner:
             env.values[stmt.name.value] = NONNONE  # a nested def / class binds its name
             return [stmt]
         if isinstance(stmt, cst.With):
-            return [
-                stmt.with_changes(
-                    body=stmt.body.with_changes(body=self.block(stmt.body.body, env) or [_pass()])
-                )
-            ]
+            for item in stmt.items:
+                for name in binds(item):
+                    env.values[name] = UNKNOWN
+            body = self.block(stmt.body.body, env) or [_pass()]
+            return [stmt.with_changes(body=stmt.body.with_changes(body=body))]
+        # try/except and the rest are kept verbatim; what they bind is unknown, not dead
+        for name in binds(stmt):
+            env.values[name] = UNKNOWN
         return [stmt]
 
     def small(self, small, env: Env, line) -> cst.BaseSmallStatement | None:
+        if isinstance(small, (cst.Import, cst.ImportFrom)):
+            for name in binds(small):
+                env.values[name] = NONNONE
+            return small
         small = small.visit(Simplify(self, env))
         if isinstance(small, cst.Return) and isinstance(small.value, cst.Tuple):
             elements = [

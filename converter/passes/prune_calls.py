@@ -131,9 +131,9 @@ def _all_params(node: cst.FunctionDef) -> list[cst.Param]:
     return [*p.posonly_params, *p.params, *p.kwonly_params, *stars]
 
 
-def _locals(fn: cg.Function) -> tuple[set[str], set[str]]:
-    """(names the function binds, names bound only inside comprehensions / lambdas)."""
-    names = {p.name.value for p in _all_params(fn.node)}
+def binds(node: cst.CSTNode) -> set[str]:
+    """Names a statement (at any depth, comprehensions and lambdas aside) binds."""
+    names: set[str] = set()
     kinds = (
         cst.AssignTarget,
         cst.For,
@@ -142,21 +142,30 @@ def _locals(fn: cg.Function) -> tuple[set[str], set[str]]:
         cst.AugAssign,
         cst.FunctionDef,
         cst.ClassDef,
-        cst.CompFor,
-        cst.Lambda,
+        cst.AsName,
+        cst.ImportAlias,
     )
+    for sub in nodes_of(node, *kinds):
+        if isinstance(sub, (cst.FunctionDef, cst.ClassDef)):
+            names.add(sub.name.value)
+        elif isinstance(sub, cst.ImportAlias):
+            if sub.asname is None:
+                names.add(cst.Module(body=[]).code_for_node(sub.name).split(".")[0])
+        else:
+            target = sub.name if isinstance(sub, cst.AsName) else sub.target
+            names |= {n.value for n in nodes_of(target, cst.Name)}
+    return names
+
+
+def _locals(fn: cg.Function) -> tuple[set[str], set[str]]:
+    """(names the function binds, names bound only inside comprehensions / lambdas)."""
+    names = {p.name.value for p in _all_params(fn.node)} | binds(fn.node.body)
     scoped: set[str] = set()
-    for node in nodes_of(fn.node.body, *kinds):
-        if isinstance(node, (cst.FunctionDef, cst.ClassDef)):
-            names.add(node.name.value)
-        elif isinstance(node, cst.Lambda):
+    for node in nodes_of(fn.node.body, cst.CompFor, cst.Lambda):
+        if isinstance(node, cst.Lambda):
             scoped |= {p.name.value for p in node.params.params}
-        elif isinstance(node, cst.CompFor):
+        else:
             scoped |= {n.value for n in nodes_of(node.target, cst.Name)}
-        elif isinstance(node.target, (cst.Tuple, cst.List)):
-            names |= {n.value for n in nodes_of(node.target, cst.Name)}
-        elif isinstance(node.target, cst.Name):
-            names.add(node.target.value)
     return names, scoped - names
 
 

@@ -51,3 +51,14 @@ def test_emptied_loop_fails_loudly():
     )
     with pytest.raises(ConversionError, match="delete the statement computing"):
         prepare(source)
+
+
+def test_names_bound_by_try_and_local_imports_stay_alive():
+    source = TINY.replace(
+        "        residual = hidden_states\n        hidden_states, _ = self.attn_core(",
+        "        import math\n"
+        "        try:\n            scale = math.sqrt(2.0)\n        except ValueError:\n            scale = 1.0\n"
+        "        residual = hidden_states * scale\n        hidden_states, _ = self.attn_core(",
+    )
+    block = code_of(prepare(source)[0], "TinyBlock")
+    assert "residual = hidden_states * scale" in block and "import math" in block
