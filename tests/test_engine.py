@@ -108,3 +108,36 @@ def test_tiny_token_budgets_give_the_same_tokens(models, budget: int) -> None:
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
     assert_no_leak(llm)
+
+
+def test_a_failed_step_leaves_the_engine_consistent(models) -> None:
+    """An exception inside a step (model, sampler, Ctrl-C) recomputes that step's
+    sequences later; nothing leaks and the tokens do not change."""
+    model_dir, _ = models("llama")
+    shared = list(range(30, 50))
+    prompts = [shared + [1], shared + [2], [7, 8, 9]]
+    expected = run_alone(model_dir, prompts, GREEDY)
+    llm = LLM(model_dir, block_size=4, enable_prefix_caching=True, kv_cache_memory_bytes=1 << 20)
+    runner = llm.executor.worker.runner
+    real, calls = runner.execute, {"n": 0}
+
+    def flaky(inputs):
+        calls["n"] += 1
+        if calls["n"] in (1, 4):
+            raise RuntimeError("device fault")
+        return real(inputs)
+
+    runner.execute = flaky
+    ids = [llm.add_request(p, GREEDY) for p in prompts]
+    done: dict[str, list[int]] = {}
+    failures = 0
+    while llm.has_unfinished_requests():
+        try:
+            outs = llm.step()
+        except RuntimeError:
+            failures += 1
+            continue
+        done.update({o.request_id: o.token_ids for o in outs if o.finished})
+    assert failures == 2
+    assert [done[i] for i in ids] == expected
+    assert_no_leak(llm)

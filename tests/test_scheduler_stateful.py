@@ -109,6 +109,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         sampled = [data.draw(st.integers(0, VOCAB - 1)) for _ in range(sum(out.sample))]
         self.sched.update(out, sampled)
 
+    @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
+    @rule()
+    def failed_step(self) -> None:
+        """The model raised during the step: its sequences are recomputed later."""
+        out = self.sched.schedule()
+        self.sched.recover(out)
+        assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in out.seqs)
+        assert not self.bm.hash_to_block_id
+
     @invariant()
     def consistent(self) -> None:
         if self.sched is None:

@@ -158,9 +158,13 @@ class LLM:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        logits = self.executor.execute(prepare_step(out, self.config.block_size))
         sampling = out.sampled_seqs()
-        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        try:
+            logits = self.executor.execute(prepare_step(out, self.config.block_size))
+            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        except BaseException:  # incl. KeyboardInterrupt: the engine stays consistent
+            self.scheduler.recover(out)
+            raise
         self.scheduler.update(out, tokens)
         for i, seq in enumerate(sampling):
             if logprobs is not None and logprobs[i] is not None:

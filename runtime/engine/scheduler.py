@@ -124,6 +124,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def recover(self, out: SchedulerOutput) -> None:
+        """The step of `out` failed (an exception in the model or the sampler): none of
+        its K/V can be trusted. Its sequences go back to the front of the queue to be
+        recomputed, and the prefix cache forgets everything (the step published blocks
+        that were never written, and sequences admitted with it may have hit them)."""
+        for seq in reversed(out.seqs):
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self._preempt(seq)
+        self.block_manager.reset_prefix_cache()
+
     # ------------------------------------------------------------------ after the step
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
         """Record the step: advance computed counts, append the sampled tokens (one per
