@@ -172,3 +172,12 @@ def test_abort_frees_blocks_at_once(llm) -> None:
 def test_text_prompt_chat_template_missing(llm) -> None:
     with pytest.raises(ValueError, match="no chat template"):
         llm.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_every_sampling_option_runs_through_the_engine(llm) -> None:
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05,
+                            repetition_penalty=1.3, seed=3, max_tokens=8, ignore_eos=True)  # fmt: skip
+    a = llm.generate([PROMPT, "abc"], params, use_tqdm=False)
+    b = llm.generate([PROMPT], params, use_tqdm=False)
+    assert a[0].token_ids == b[0].token_ids and len(a[1].token_ids) == 8
+    assert all(0 <= t < llm.vocab_size for o in a for t in o.token_ids)

@@ -64,6 +64,7 @@ def apply_top_k_top_p(
 class Sampler:
     """Samples one token per row of logits; see the module docstring for the order."""
 
+    @torch.inference_mode()
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence]  # logits [B, V]
     ) -> tuple[list[int], list[Logprobs | None] | None]:
