@@ -18,7 +18,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import child_class, dotted, methods_of, nodes_of
+from converter.analysis import child_class, dotted, flat_statements, methods_of, nodes_of
 from converter.context import ConversionContext
 from converter.cstedit import add_params
 
@@ -210,7 +210,7 @@ def _lm_methods(ctx: ConversionContext, forward: cst.FunctionDef) -> list[cst.Fu
     result = _assigned_name(body[index])
     if result is None:
         raise ctx.error("the base-model call's result is not assigned to a name", body[index])
-    tail = [s.visit(_Outputs(result)) for s in body[index + 1 :]]
+    tail = [s.visit(_Outputs(result, "hidden_states")) for s in body[index + 1 :]]
     tail = [
         s
         for s in tail
@@ -239,19 +239,33 @@ def _assigned_name(stmt: cst.CSTNode) -> str | None:
 
 
 class _Outputs(cst.CSTTransformer):
-    """``outputs.last_hidden_state`` / ``outputs[0]`` -> ``hidden_states``."""
+    """``outputs.last_hidden_state`` / ``outputs[0]`` -> `replacement` (default: the name
+    itself): the flattened forwards return the hidden states, not an output dataclass."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, replacement: str | None = None) -> None:
         self.name = name
+        self.replacement = replacement or name
 
     def leave_Attribute(self, original, updated):
         if m.matches(updated, m.Attribute(m.Name(self.name), m.Name("last_hidden_state"))):
-            return cst.Name("hidden_states")
+            return cst.Name(self.replacement)
         return updated
 
     def leave_Subscript(self, original, updated):
         zero = m.Subscript(m.Name(self.name), [m.SubscriptElement(m.Index(m.Integer("0")))])
-        return cst.Name("hidden_states") if m.matches(updated, zero) else updated
+        return cst.Name(self.replacement) if m.matches(updated, zero) else updated
+
+
+def _unwrap_outputs(ctx, cls: str, forward: cst.FunctionDef, targets: set[str]) -> cst.FunctionDef:
+    """In `cls`'s forward, read the result of a call into `targets` as a tensor."""
+    for small in flat_statements(forward.body.body):
+        if isinstance(small, (cst.Assign, cst.AnnAssign)) and isinstance(small.value, cst.Call):
+            parts = (dotted(small.value.func) or "").split(".")
+            hit = parts[0] == "self" and child_class(ctx, cls, parts[1:]) in targets
+            name = _assigned_name(cst.SimpleStatementLine([small]))
+            if hit and name:
+                forward = forward.visit(_Outputs(name))
+    return forward
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
@@ -271,7 +285,8 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     new_forward[ctx.stack_class] = stack
     for cls in above:
         adder = _AddKwargs(ctx, cls, above | {ctx.stack_class}, KVS_ARGS)
-        new_forward[cls] = add_params(forwards[cls].visit(adder), KVS)
+        forward = _unwrap_outputs(ctx, cls, forwards[cls].visit(adder), above | {ctx.stack_class})
+        new_forward[cls] = add_params(forward, KVS)
     base = ctx.base_model_class
     new_forward[base] = _base_signature(
         ctx, new_forward.get(base, forwards[base]).visit(_RenamePositions())

@@ -45,3 +45,30 @@ def test_two_stack_loops_fail_loudly():
     )
     with pytest.raises(ConversionError, match="one loop over self.blocks"):
         prepare(source, through="flatten")
+
+
+WRAPPED = TINY.replace(
+    "class TinyModel(TinyPreTrainedModel):", "class TinyDecoder(TinyPreTrainedModel):"
+).replace(
+    "class TinyForCausalLM(",
+    """class TinyModel(TinyPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.decoder = TinyDecoder(config)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        decoder_outputs = self.decoder(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=decoder_outputs.last_hidden_state)
+
+
+class TinyForCausalLM(""",
+)
+
+
+def test_wrapper_above_the_stack_is_threaded():
+    module, ctx = prepare(WRAPPED)
+    assert ctx.base_model_class == "TinyModel" and ctx.stack_class == "TinyDecoder"
+    model = code_of(module, "TinyModel")
+    assert "kv_caches=kv_caches, input_metadata=input_metadata" in model
+    assert "return decoder_outputs\n" in model  # the stack returns hidden states now
+    assert "def forward(self, input_ids: torch.Tensor, kv_caches" in model
