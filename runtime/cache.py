@@ -113,7 +113,9 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -133,7 +135,7 @@ class BlockManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
             hashes.append(hash((parent, tuple(seq.block_tokens(i)))))
-        return hashes
+        return hashes[:num_full_blocks]
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding `seq`'s longest cached prefix of full blocks.
@@ -198,13 +200,17 @@ class BlockManager:
         shared and counted as computed."""
         assert not seq.block_table and seq.num_computed_tokens == 0, "sequence already has blocks"
         hits = self._cached_prefix(seq)
-        assert self._blocks_needed(seq, hits) <= self.num_free_blocks, "allocate without can_allocate"
+        assert self._blocks_needed(seq, hits) <= self.num_free_blocks, (
+            "allocate without can_allocate"
+        )
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
-        seq.block_table = hits + [self._take_free_block() for _ in range(seq.num_blocks - len(hits))]
+        seq.block_table = hits + [
+            self._take_free_block() for _ in range(seq.num_blocks - len(hits))
+        ]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_published_blocks = len(hits)
 

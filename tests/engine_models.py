@@ -34,7 +34,11 @@ def build_model_dir(arch: str, root: Path, with_tokenizer: bool = True):
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     if with_tokenizer:
-        specials = {"<pad>": config.pad_token_id, "<s>": config.bos_token_id, "</s>": config.eos_token_id}
+        specials = {
+            "<pad>": config.pad_token_id,
+            "<s>": config.bos_token_id,
+            "</s>": config.eos_token_id,
+        }
         if len(set(specials.values())) < 3:  # OPT: bos == eos
             specials = {"<pad>": config.pad_token_id, "</s>": config.eos_token_id, "<s>": 0}
         char_tokenizer(config.vocab_size, specials).save_pretrained(model_dir)

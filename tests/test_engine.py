@@ -57,7 +57,9 @@ def test_mixed_batch_with_preemption_equals_each_request_alone(models) -> None:
     alone = run_alone(model_dir, PROMPTS, params)
     # 14 blocks of 4 slots hold the longest request (49 tokens) alone; all five need 46.
     block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers * (k, v) * block * kv heads * dim * fp32
-    llm = LLM(model_dir, block_size=4, kv_cache_memory_bytes=14 * block_bytes, max_num_batched_tokens=16)
+    llm = LLM(
+        model_dir, block_size=4, kv_cache_memory_bytes=14 * block_bytes, max_num_batched_tokens=16
+    )
     assert llm.block_manager.num_blocks == 14
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == alone

@@ -138,7 +138,11 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(llm) -> None:
     others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     outs = llm.generate(["abc", PROMPT, "xyz"], [others, seeded, others], use_tqdm=False)
     assert outs[1].token_ids == a
-    b = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=8, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    b = llm.generate(
+        PROMPT,
+        SamplingParams(temperature=1.0, seed=8, max_tokens=16, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert b[0].token_ids != a
 
 

@@ -46,7 +46,10 @@ def test_prepare_step_matches_input_metadata_build(case) -> None:
     ctx = [s.num_computed_tokens for s in out.seqs]
     starts = np.concatenate([[0], np.cumsum(out.num_new_tokens)])
     logits = [int(starts[i + 1]) - 1 for i, s in enumerate(out.sample) if s]
-    tables = [s.block_table[: -(-(c + n) // block_size)] for s, c, n in zip(out.seqs, ctx, out.num_new_tokens)]
+    tables = [
+        s.block_table[: -(-(c + n) // block_size)]
+        for s, c, n in zip(out.seqs, ctx, out.num_new_tokens)
+    ]
     ref = InputMetadata.build(tables, ctx, out.num_new_tokens, block_size, logits_indices=logits)
     assert inputs.slot_mapping.tolist() == ref.slot_mapping.tolist()
     assert inputs.query_start_loc.tolist() == ref.query_start_loc.tolist()

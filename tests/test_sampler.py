@@ -60,7 +60,9 @@ def test_top_k_top_p_match_transformers_warpers() -> None:
     p = torch.tensor([0.9, 0.5, 1.0, 0.3])
     ours = apply_top_k_top_p(logits, k, p)
     for i in range(4):
-        ref = TopPLogitsWarper(float(p[i]))(None, TopKLogitsWarper(int(k[i]))(None, logits[i : i + 1]))
+        ref = TopPLogitsWarper(float(p[i]))(
+            None, TopKLogitsWarper(int(k[i]))(None, logits[i : i + 1])
+        )
         assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref[0])), i
 
 

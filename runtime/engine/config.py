@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 
 # Attributes transformers configs use for the longest sequence the model was trained on.
-_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_CONTEXT_ATTRS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
 
 
 def model_context_length(config) -> int | None:

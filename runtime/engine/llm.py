@@ -10,7 +10,7 @@ from pathlib import Path
 from runtime.cache import BlockManager
 from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
 from runtime.engine.detokenizer import IncrementalDetokenizer
-from runtime.engine.loading import check_model, eos_token_ids, load_tokenizer
+from runtime.engine.loading import check_model, check_request, eos_token_ids, load_tokenizer
 from runtime.engine.model_runner import prepare_step
 from runtime.engine.outputs import RequestOutput
 from runtime.engine.sampler import Sampler
@@ -49,7 +49,9 @@ class LLM:
         model_dir = Path(model)
         hf_config = check_model(model_dir, tensor_parallel_size)
         if block_size < 1 or max_num_seqs < 1:
-            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
+            raise ValueError(
+                f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}"
+            )
         device = resolve_device(device)
         context = model_context_length(hf_config) or 2048
         if max_num_batched_tokens is None:
@@ -83,39 +85,21 @@ class LLM:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
-    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.config.model} has no tokenizer; pass token ids instead of text")
-            return list(self.tokenizer.encode(prompt)), prompt
-        ids = list(prompt)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        return ids, None
-
-    def _check(self, prompt: Prompt, params: SamplingParams | None) -> tuple[list[int], str | None, SamplingParams]:
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        ids, text = self._tokenize(prompt)
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens leaves no room to generate: the context is "
-                f"{self.max_model_len} tokens (model {self.config.max_model_len}, KV cache "
-                f"{self.block_manager.num_blocks * self.config.block_size})"
-            )
-        unknown = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if unknown:
-            raise ValueError(f"stop_token_ids {unknown} are outside the vocabulary [0, {self.vocab_size})")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model directory has none")
-        return ids, text, params
+    def _check(
+        self, prompt: Prompt, params: SamplingParams | None
+    ) -> tuple[list[int], str | None, SamplingParams]:
+        return check_request(
+            prompt, params, self.tokenizer, self.vocab_size, self.max_model_len,
+            f"model {self.config.max_model_len}, KV cache "
+            f"{self.block_manager.num_blocks * self.config.block_size}",
+        )  # fmt: skip
 
     def _add(
-        self, ids: list[int], text: str | None, params: SamplingParams, request_id: str | None,
+        self,
+        ids: list[int],
+        text: str | None,
+        params: SamplingParams,
+        request_id: str | None,
         incremental: bool = True,
     ) -> str:
         seq_id = next(self._ids)
@@ -135,7 +119,10 @@ class LLM:
         return request_id
 
     def add_request(
-        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Queue one request (text or token ids); returns its id."""
         return self._add(*self._check(prompt, sampling_params), request_id)
@@ -234,7 +221,9 @@ class LLM:
                     self.abort_request(s.request_id)
         return [self._output(s) for s in seqs]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """The text of one request as it is produced (deltas; their concatenation is the
         final text). Closing the iterator early aborts the request."""
         if self.tokenizer is None:
@@ -259,7 +248,9 @@ class LLM:
         assistant's answer, per the tokenizer's chat template."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.config.model} has no chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -1,11 +1,12 @@
-"""What `LLM` checks and loads from a model directory before starting workers: the
-config and its generated class, TP divisibility, the tokenizer and the EOS ids."""
+"""What `LLM` checks and loads before it starts: the model directory (config, generated
+class, TP divisibility, tokenizer, EOS ids) and, later, each request."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from runtime.engine.sampling_params import SamplingParams
 from runtime.loader import load_config
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def check_model(model_dir: Path, tensor_parallel_size: int):
         raise ValueError(f"{model_dir}: cannot read the model config ({exc})") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     if arch is None:
-        raise ValueError(f"{model_dir}/config.json names no architecture (\"architectures\")")
+        raise ValueError(f'{model_dir}/config.json names no architecture ("architectures")')
     generated.get_model_class(arch, getattr(config, "model_type", None))  # ValueError if absent
     tp = tensor_parallel_size
     if not isinstance(tp, int) or tp < 1:
@@ -80,3 +81,46 @@ def eos_token_ids(model_dir: Path, config, tokenizer) -> list[int]:
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def check_request(
+    prompt: str | list[int],
+    params: SamplingParams | None,
+    tokenizer,
+    vocab_size: int,
+    max_model_len: int,
+    limits: str = "",
+) -> tuple[list[int], str | None, SamplingParams]:
+    """(prompt token ids, prompt text or None, params) of a valid request; a one-line
+    ValueError otherwise, before anything is scheduled."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model directory has no tokenizer; pass token ids, not text")
+        ids, text = list(tokenizer.encode(prompt)), prompt
+    else:
+        ids, text = list(prompt), None
+        bad = [
+            t
+            for t in ids
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+        ]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+            )
+    if not ids:
+        raise ValueError("empty prompt: give at least one token")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens leaves no room to generate: the context is "
+            f"{max_model_len} tokens" + (f" ({limits})" if limits else "")
+        )
+    unknown = [t for t in params.stop_token_ids if t >= vocab_size]
+    if unknown:
+        raise ValueError(f"stop_token_ids {unknown} are outside the vocabulary [0, {vocab_size})")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer; this model directory has none")
+    return ids, text, params

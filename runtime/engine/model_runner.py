@@ -62,7 +62,9 @@ def prepare_step(out: SchedulerOutput, block_size: int) -> StepInputs:
     else:
         seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [T]
         positions = (
-            np.arange(query_start_loc[-1]) - query_start_loc[:-1][seq_of_token] + starts[seq_of_token]
+            np.arange(query_start_loc[-1])
+            - query_start_loc[:-1][seq_of_token]
+            + starts[seq_of_token]
         )  # [T]
         ids: list[int] = []
         for s, c, n in zip(seqs, starts.tolist(), out.num_new_tokens):
@@ -104,7 +106,9 @@ def dummy_prefill_inputs(lens: list[int], block_size: int) -> StepInputs:
     block_tables[np.arange(width)[None, :] >= blocks[:, None]] = -1
     seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [T]
     positions = np.arange(query_start_loc[-1]) - query_start_loc[:-1][seq_of_token]  # [T]
-    slot_mapping = (first[seq_of_token] + positions // block_size) * block_size + positions % block_size
+    slot_mapping = (
+        first[seq_of_token] + positions // block_size
+    ) * block_size + positions % block_size
     return StepInputs(
         input_ids=np.zeros(query_start_loc[-1], dtype=np.int64),
         positions=positions,

@@ -66,7 +66,9 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence]  # logits [B, V]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],  # logits [B, V]
     ) -> tuple[list[int], list[Logprobs | None] | None]:
         assert logits.shape[0] == len(seqs), "one row of logits per sequence"
         params = [s.sampling_params for s in seqs]
@@ -95,7 +97,8 @@ class Sampler:
         greedy_tokens = logits.argmax(dim=-1)  # [B]
         temps = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params],
-            dtype=logits.dtype, device=device,
+            dtype=logits.dtype,
+            device=device,
         )
         logits = logits / temps[:, None]  # [B, V]
         top_k = top_p = None

@@ -44,7 +44,10 @@ class Scheduler:
     """Owns the waiting queue and the running list; the block manager owns the blocks."""
 
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
@@ -162,7 +165,9 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = status
 
-    def finish(self, seq: Sequence, status: SequenceStatus = SequenceStatus.FINISHED_STOPPED) -> None:
+    def finish(
+        self, seq: Sequence, status: SequenceStatus = SequenceStatus.FINISHED_STOPPED
+    ) -> None:
         """End `seq` now (a stop string matched, or an abort): its blocks are freed at once."""
         assert status.is_finished
         if seq.is_finished:
