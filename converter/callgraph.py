@@ -81,7 +81,13 @@ def resolve(
             return f"{owner}.{parts[1]}"
     target = child_class(ctx, fn.cls, parts[1:])
     owner = forward_owner(ctx, target) if target else None
-    return f"{owner}.forward" if owner and f"{owner}.forward" in funcs else None
+    if owner and f"{owner}.forward" in funcs:
+        return f"{owner}.forward"
+    # `self.<child>.<method>(...)`: another method of an owned module (gemma3n's
+    # `self.altup.predict(x)`), live like its forward.
+    target = child_class(ctx, fn.cls, parts[1:-1]) if len(parts) > 2 else None
+    owner = forward_owner(ctx, target, parts[-1]) if target else None
+    return f"{owner}.{parts[-1]}" if owner and f"{owner}.{parts[-1]}" in funcs else None
 
 
 def calls_of(ctx, fn: Function, funcs) -> list[tuple[cst.Call, str]]:

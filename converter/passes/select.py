@@ -135,6 +135,26 @@ def hf_family(ctx: ConversionContext) -> list[str]:
     return family
 
 
+def child_method_calls(module: cst.Module, ctx: ConversionContext) -> dict[str, set[str]]:
+    """{class: methods other classes call on an owned instance}: `self.altup.predict(x)`
+    in gemma3n's decoder layer keeps `Gemma3nTextAltUp.predict`."""
+    found: dict[str, set[str]] = {}
+    for stmt in module.body:
+        info = ctx.classes.get(stmt.name.value) if isinstance(stmt, cst.ClassDef) else None
+        if info is None:
+            continue
+        for call in nodes_of(stmt.body, cst.Call):
+            func = call.func
+            if not (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Attribute)):
+                continue
+            if not m.matches(func.value.value, m.Name("self")):
+                continue
+            child = info.children.get(func.value.attr.value)
+            if child is not None and child.cls is not None:
+                found.setdefault(child.cls, set()).add(func.attr.value)
+    return found
+
+
 class _Select:
     """Class- and method-level rewrites, driven over the top-level statements by `run`."""
 
@@ -146,6 +166,7 @@ class _Select:
         self.drop = set(bases.get("drop", []))
         self.depth = 0
         self.in_family = False
+        self.called: dict[str, set[str]] = {}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self.depth += 1
@@ -174,6 +195,7 @@ class _Select:
             body = [s for s in body if not isinstance(s, cst.SimpleStatementLine)]
         methods = {s.name.value: s for s in body if isinstance(s, cst.FunctionDef)}
         keep = {n for n in KEPT_METHODS if n in methods}
+        keep |= self.called.get(original.name.value, set()) & set(methods)
         work = list(keep)
         while work:
             for ref in self_refs(methods[work.pop()]):
@@ -238,6 +260,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     family = hf_family(ctx)
     record_hf_attrs(module, ctx, family)
     sel = _Select(ctx, family)
+    sel.called = child_method_calls(module, ctx)
     body = []
     for stmt in module.body:  # top-level structure only: no deep visit needed
         if isinstance(stmt, cst.ClassDef) and isinstance(stmt.body, cst.IndentedBlock):
