@@ -56,6 +56,8 @@ class Sequence:
         self.request_id = request_id if request_id is not None else str(seq_id)
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
+        # Kept apart from token_ids so outputs can share it every step without a copy.
+        self._prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params
         self.block_size = block_size
@@ -105,7 +107,7 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self._prompt_token_ids
 
     @property
     def output_token_ids(self) -> list[int]:
