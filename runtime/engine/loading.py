@@ -12,6 +12,17 @@ from runtime.loader import load_config
 log = logging.getLogger(__name__)
 
 
+def architecture(config) -> str | None:
+    """`config.architectures[0]`; for configs without it (those read from GGUF files),
+    transformers' causal-LM class of the config's model type."""
+    archs = getattr(config, "architectures", None)
+    if archs:
+        return archs[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+
+
 def check_model(model_dir: Path, tensor_parallel_size: int):
     """The model's transformers config, once everything that would fail in a worker
     process has been checked here (one-line ValueErrors)."""
@@ -23,9 +34,9 @@ def check_model(model_dir: Path, tensor_parallel_size: int):
         config = load_config(model_dir)
     except (FileNotFoundError, OSError) as exc:
         raise ValueError(f"{model_dir}: cannot read the model config ({exc})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
+    arch = architecture(config)
     if arch is None:
-        raise ValueError(f'{model_dir}/config.json names no architecture ("architectures")')
+        raise ValueError(f'{model_dir}: the config names no architecture ("architectures")')
     generated.get_model_class(arch, getattr(config, "model_type", None))  # ValueError if absent
     tp = tensor_parallel_size
     if not isinstance(tp, int) or tp < 1:

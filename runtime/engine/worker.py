@@ -25,6 +25,7 @@ from runtime.cache import (
     num_blocks_for_budget,
 )
 from runtime.engine.config import EngineConfig
+from runtime.engine.loading import architecture
 from runtime.engine.model_runner import ModelRunner, StepInputs, dummy_prefill_inputs
 from runtime.loader import iter_weights, load_config
 
@@ -46,7 +47,7 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         hf_config = load_config(config.model)
-        arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        arch = architecture(hf_config) or "?"
         cls = generated.get_model_class(arch, getattr(hf_config, "model_type", None))
         previous = torch.get_default_dtype()
         torch.set_default_dtype(config.dtype)
