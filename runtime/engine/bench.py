@@ -179,7 +179,8 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         ]
         # Warm-up: first-call costs (Triton compilation, CUDA graph capture) are not throughput.
         warm = workload[: min(4, len(workload))]
-        llm.generate([r.prompt_token_ids for r in warm], greedy[: len(warm)], use_tqdm=False)
+        short = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8)
+        llm.generate([r.prompt_token_ids for r in warm], short, use_tqdm=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
