@@ -58,8 +58,26 @@ def one_line(exc: BaseException) -> str:
         # HF wraps config validation errors; their cause is on the next line.
         if len(lines) > 1 and lines[0].endswith(":"):
             text = f"{text} {lines[1]}"
+        text += _where(exc)
     text = text.replace(f"{transformers_root()}/", "").replace(f"{REPO_ROOT}/", "")
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _where(exc: BaseException) -> str:
+    """` (at <file>:<line> `code`)` of the innermost frame in the generated module (else
+    the innermost frame): where to look, without a traceback."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if Path(f.filename).name.startswith("_hf2paged_coverage_")]
+    frame = (ours or frames or [None])[-1]
+    if frame is None:
+        return ""
+    name = Path(frame.filename).name
+    if name.startswith("_hf2paged_coverage_"):
+        name = "generated " + name[len("_hf2paged_coverage_") :]
+    code = f" `{frame.line.strip()}`" if frame.line else ""
+    return f" (at {name}:{frame.lineno}{code})"
 
 
 def init_worker() -> None:
