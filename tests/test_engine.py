@@ -143,3 +143,23 @@ def test_a_failed_step_leaves_the_engine_consistent(models) -> None:
     assert failures == 2
     assert [done[i] for i in ids] == expected
     assert_no_leak(llm)
+
+
+def test_triton_backend_through_the_engine(models, monkeypatch) -> None:
+    """The GPU default backend (Triton, interpreted on CPU) on the engine's own metadata:
+    chunked prefills mixed with decodes, 1-token chunks, prefix-cache hits."""
+    monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", "triton")
+    model_dir, hf = models("qwen2")
+    shared = list(range(30, 46))
+    prompts = [[5, 6, 7, 8, 9], shared + [1, 2], shared + [3], [10, 11, 12]]
+    llm = LLM(model_dir, block_size=4, max_num_batched_tokens=9, enable_prefix_caching=True,
+              kv_cache_memory_bytes=1 << 20)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=6)
+    ids = [llm.add_request(p, params) for p in prompts]
+    seqs = [llm._requests[i] for i in ids]
+    done = {}
+    while llm.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in llm.step() if o.finished})
+    assert [done[i] for i in ids] == [hf_greedy(hf, p, 6) for p in prompts]
+    assert seqs[2].num_cached_tokens > 0
+    assert_no_leak(llm)
