@@ -44,8 +44,10 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config, device: torch.device) -> torch.dtype:
-    """`dtype` if given; else float32 on CPU (reference numerics) and the checkpoint's
+    """`dtype` if given (not "auto"); else float32 on CPU (reference numerics) and the checkpoint's
     half-precision dtype on CUDA (bfloat16 when the checkpoint is float32)."""
+    if dtype == "auto":
+        dtype = None
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif isinstance(dtype, str):
