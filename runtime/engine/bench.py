@@ -17,6 +17,7 @@ from pathlib import Path
 
 # nano-vllm draws prompt token ids below 10000; any id works for random weights.
 PROMPT_ID_LIMIT = 10_000
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def preset_config(name: str):
@@ -159,6 +160,10 @@ def run_ours(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if not device.startswith("cuda"):
+        # The engine's CPU default (a few full contexts) is tens of GB for long-context
+        # shapes such as Qwen3's 40k; a smoke run needs far less.
+        llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     with tempfile.TemporaryDirectory(prefix="hf2paged-bench-") as tmp:
         if model_dir is None:
             log(f"building a random {config.model_type} model ({dtype}) ...")

@@ -115,6 +115,7 @@ def generate(
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
         typer.echo(f"[{time.perf_counter() - start:.2f} s]", err=True)
     except (ValueError, RuntimeError, OSError) as err:
         raise fail(_one_line(err)) from None
