@@ -103,6 +103,10 @@ def test_generate_chat_and_sampling_options(tiny_model_dir: Path) -> None:
     [
         (lambda d: d / "missing", "does not exist"),
         (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "is not a directory"),
+        (
+            lambda d: [(d / n).write_text("x") for n in ("a.gguf", "b.gguf")] and d,
+            "several .gguf files",
+        ),
         (lambda d: d, "has no config.json"),
         (lambda d: (d / "config.json").write_text("{") and d, "is not valid JSON"),
         (lambda d: (d / "config.json").write_text("{}") and d, "has no weights"),

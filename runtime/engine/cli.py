@@ -27,26 +27,36 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def check_model_dir(model_dir: Path) -> Path:
-    """`model_dir` if it looks like an HF model directory, else ValueError naming what is wrong."""
+    """`model_dir` if it looks like a model the engine can load (a transformers directory,
+    or a GGUF file / a directory holding one), else ValueError naming what is wrong."""
     if not model_dir.exists():
         raise ValueError(f"MODEL_DIR {model_dir} does not exist")
-    if not model_dir.is_dir():
+    if model_dir.is_file():
+        if model_dir.suffix == ".gguf":
+            return model_dir
         raise ValueError(
-            f"MODEL_DIR {model_dir} is not a directory (pass the folder holding config.json)"
+            f"MODEL_DIR {model_dir} is not a directory (pass the folder holding config.json) or a .gguf file"
         )
     config = model_dir / "config.json"
+    ggufs = list(model_dir.glob("*.gguf"))
     if not config.is_file():
+        if len(ggufs) == 1:
+            return model_dir
         raise ValueError(
-            f"MODEL_DIR {model_dir} has no config.json; it is not a transformers model directory"
+            f"MODEL_DIR {model_dir} has no config.json"
+            + (
+                " and several .gguf files: pass the path of one"
+                if ggufs
+                else "; it is not a transformers model directory"
+            )
         )
     try:
         json.loads(config.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{config} is not valid JSON: {err}") from None
-    if not any(next(model_dir.glob(p), None) for p in WEIGHT_PATTERNS):
+    if not ggufs and not any(next(model_dir.glob(p), None) for p in WEIGHT_PATTERNS):
         raise ValueError(
-            f"MODEL_DIR {model_dir} has no weights (*.safetensors or pytorch_model*.bin); "
-            f"for a GGUF file, convert it with transformers first"
+            f"MODEL_DIR {model_dir} has no weights (*.safetensors, pytorch_model*.bin or *.gguf)"
         )
     return model_dir
 
@@ -66,7 +76,7 @@ def generate(
     model_dir: Annotated[
         Path,
         typer.Argument(
-            help="transformers model directory (config.json + safetensors + tokenizer)."
+            help="transformers model directory (config.json, weights, tokenizer) or a .gguf file."
         ),
     ],
     prompt: Annotated[
