@@ -144,6 +144,10 @@ def write_report(
         f"{roofline.seconds:.2f} s, i.e. at most **{roofline.output_tps:,.0f} output tok/s**. "
         "Compute and prefill are ignored, so this bound is optimistic.",
     ]
+    if args.tp > 1:
+        notes.append(
+            f"- ours runs with tensor parallelism over {args.tp} GPUs; the HF baselines on one GPU."
+        )
     if notes:
         lines += ["", "## Notes", "", *notes]
     out.parent.mkdir(parents=True, exist_ok=True)
