@@ -97,11 +97,16 @@ def _raise_timeout(signum, frame):
     raise _Timeout
 
 
+def mark_started(marker_dir: str | None, model_type: str) -> None:
+    """Tell the parent this job started, and which process to stop if it hangs."""
+    if marker_dir:
+        Path(marker_dir, model_type).write_text(str(os.getpid()))
+
+
 def check(model_type: str, architecture: str, timeout: float, marker_dir: str | None) -> dict:
     """The Outcome (as a dict, picklable) of one model type; never raises."""
     start = time.perf_counter()
-    if marker_dir:  # tells the parent this job started, and which process to stop
-        Path(marker_dir, model_type).write_text(str(os.getpid()))
+    mark_started(marker_dir, model_type)
     out = Outcome(model_type)
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
     signal.setitimer(signal.ITIMER_REAL, timeout)

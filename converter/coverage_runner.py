@@ -31,8 +31,12 @@ def run_jobs(
     workers: int,
     timeout: float,
     on_done: Callable[[Outcome], None] | None = None,
+    fn: Callable[..., dict] = check,
+    initializer: Callable[[], None] | None = init_worker,
+    grace: float = GRACE,
 ) -> dict[str, Outcome]:
-    """Check every (model type, architecture); {model type: Outcome}."""
+    """`fn(model type, architecture, timeout, marker dir)` (an Outcome as a dict) for
+    every job, in worker processes; {model type: Outcome}."""
     results: dict[str, Outcome] = {}
 
     def finish(outcome: Outcome) -> None:
@@ -41,15 +45,22 @@ def run_jobs(
             on_done(outcome)
 
     queue, suspects = list(jobs), []
+    task = (fn, initializer, timeout, grace)
     with tempfile.TemporaryDirectory(prefix="hf2paged-cov-markers-") as markers:
         while queue or suspects:
             # Suspects (running when a worker died) go alone, so a crash names its job.
             alone = not queue
-            batch = suspects if alone else queue
-            queue, suspects = [], []
-            leftover, running = _round(
-                batch, 1 if alone else workers, timeout, Path(markers), finish
-            )
+            if alone:
+                batch, suspects = suspects, []
+            else:
+                batch, queue = queue, []
+            leftover, running = _round(batch, 1 if alone else workers, task, Path(markers), finish)
+            if len(leftover) == len(batch):  # nothing even started: workers cannot start
+                for job in leftover:
+                    finish(
+                        Outcome(job[0], stage="crash", reason="worker processes failed to start")
+                    )
+                leftover = []
             queue.extend(leftover)
             for job in running:
                 if alone:
@@ -65,15 +76,16 @@ def run_jobs(
     return results
 
 
-def _round(batch, workers, timeout, markers: Path, finish):
+def _round(batch, workers, task, markers: Path, finish):
     """One pool over `batch`. Returns (jobs never started, jobs running when the pool
     broke); killed-for-timeout jobs are finished here."""
+    fn, initializer, timeout, grace = task
     killed: set[str] = set()
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        max_workers=max(1, min(workers, len(batch))), mp_context=ctx, initializer=init_worker
+        max_workers=max(1, min(workers, len(batch))), mp_context=ctx, initializer=initializer
     )
-    futures = {pool.submit(check, t, arch, timeout, str(markers)): (t, arch) for t, arch in batch}
+    futures = {pool.submit(fn, t, arch, timeout, str(markers)): (t, arch) for t, arch in batch}
     broken: list[tuple[str, str]] = []
     try:
         while futures:
@@ -81,11 +93,13 @@ def _round(batch, workers, timeout, markers: Path, finish):
             for future in done:
                 job = futures.pop(future)
                 try:
-                    finish(Outcome(**future.result()))
+                    outcome = Outcome(**future.result())
                 except BrokenProcessPool:
-                    broken.append(job)
+                    broken.append(job)  # its marker says below whether it had started
+                    continue
                 (markers / job[0]).unlink(missing_ok=True)
-            _kill_overdue(markers, futures.values(), timeout, killed)
+                finish(outcome)
+            _kill_overdue(markers, futures.values(), timeout + grace, killed)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     leftover, running = [], []
@@ -95,7 +109,7 @@ def _round(batch, workers, timeout, markers: Path, finish):
                 Outcome(
                     job[0],
                     stage="timeout",
-                    reason=f"no result after {timeout + GRACE:g} s: stuck in native code, worker killed",
+                    reason=f"no result after {timeout + grace:g} s: stuck in native code, worker killed",
                 )
             )
         elif job[0] in _started(markers):
@@ -110,7 +124,7 @@ def _started(markers: Path) -> set[str]:
     return {p.name for p in markers.iterdir()}
 
 
-def _kill_overdue(markers: Path, jobs, timeout: float, killed: set[str]) -> None:
+def _kill_overdue(markers: Path, jobs, limit: float, killed: set[str]) -> None:
     now = time.time()
     for model_type, _ in jobs:
         marker = markers / model_type
@@ -118,7 +132,7 @@ def _kill_overdue(markers: Path, jobs, timeout: float, killed: set[str]) -> None
             started, pid = marker.stat().st_mtime, int(marker.read_text())
         except (FileNotFoundError, ValueError):
             continue
-        if model_type not in killed and now - started > timeout + GRACE:
+        if model_type not in killed and now - started > limit:
             killed.add(model_type)
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -128,3 +128,26 @@ def test_command_only_llama_opt_reports_both_at_parity(tmp_path):
         diff, tol = map(float, re.match(r"(\S+) \(tol (\S+)\)", cells[4]).groups())
         assert diff <= tol
     assert "**2 / 2**" in text
+
+
+def test_a_crash_or_a_hang_in_one_job_never_stops_the_others():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from coverage_fake_jobs import fake_check
+
+    from converter.coverage_runner import run_jobs
+
+    jobs = [("ok_a", "A"), ("crash_b", "B"), ("ok_c", "C"), ("hang_d", "D"), ("ok_e", "E")]
+    done = []
+    results = run_jobs(
+        jobs, 2, timeout=1.0, on_done=done.append, fn=fake_check, initializer=None, grace=2.0
+    )
+    assert sorted(results) == sorted(t for t, _ in jobs) and len(done) == len(jobs)
+    for ok in ("ok_a", "ok_c", "ok_e"):
+        assert results[ok].parity is True
+    assert (
+        results["crash_b"].stage == "crash" and "worker process died" in results["crash_b"].reason
+    )
+    assert results["hang_d"].stage == "timeout" and "killed" in results["hang_d"].reason
