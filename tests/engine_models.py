@@ -28,19 +28,25 @@ def char_tokenizer(vocab_size: int, specials: dict[str, int]) -> PreTrainedToken
 
 def build_model_dir(arch: str, root: Path, with_tokenizer: bool = True):
     """Save a tiny random `arch` model under root/arch; returns (dir, HF model)."""
-    config = AutoConfig.for_model(arch, **CONFIGS[arch])
+    kwargs = dict(CONFIGS[arch])  # a case may pick its config class by `model_type`
+    config = AutoConfig.for_model(kwargs.pop("model_type", arch), **kwargs)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     if with_tokenizer:
-        specials = {
-            "<pad>": config.pad_token_id,
-            "<s>": config.bos_token_id,
-            "</s>": config.eos_token_id,
-        }
-        if len(set(specials.values())) < 3:  # OPT: bos == eos
-            specials = {"<pad>": config.pad_token_id, "</s>": config.eos_token_id, "<s>": 0}
+        # The config's ids where it has them; a free id for missing or shared ones (OPT
+        # has bos == eos, GPT-2 no pad).
+        specials: dict[str, int] = {}
+        wanted = [
+            ("</s>", config.eos_token_id),
+            ("<s>", config.bos_token_id),
+            ("<pad>", config.pad_token_id),
+        ]
+        for name, token_id in wanted:
+            if token_id is None or token_id in specials.values():
+                token_id = min(set(range(config.vocab_size)) - set(specials.values()))
+            specials[name] = token_id
         char_tokenizer(config.vocab_size, specials).save_pretrained(model_dir)
     return model_dir, hf
 
@@ -49,6 +55,6 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt (stops at EOS like ours)."""
     out = hf.generate(
         torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.config.pad_token_id,
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.config.pad_token_id if hf.config.pad_token_id is not None else hf.config.eos_token_id,
     )  # fmt: skip
     return out[0, len(prompt) :].tolist()
