@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,29 @@ def summarize(classes: list[Classification], outcomes: dict[str, Outcome]) -> Su
         out_of_scope=Counter(c.label for c in classes if c.scope == "out"),
         total=len(classes),
     )
+
+
+_LOCATION = re.compile(r"^\S+\.py(:\d+)?: ")
+_DETAIL = re.compile(r" \[`.*?`\]| \(at [^)]*\)| — .*$")
+
+
+def cause_of(o: Outcome) -> str:
+    """A failure's reason without its file, line and construct: what groups it."""
+    text = _DETAIL.sub("", _LOCATION.sub("", o.reason))
+    text = re.sub(r"'[^']*'|\[[^\]]*\]|\d+(\.\d+)?(e-?\d+)?", "…", text)
+    return f"{o.stage}: {text}"
+
+
+def failure_groups(
+    classes: list[Classification], outcomes: dict[str, Outcome]
+) -> list[tuple[str, list[str]]]:
+    """(cause, types) of the in-scope failures, the most common cause first."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        o = outcomes.get(c.model_type)
+        if c.scope == "in" and o is not None and not o.parity:
+            groups.setdefault(cause_of(o), []).append(c.model_type)
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
 def _yes(value: bool | None) -> str:
@@ -105,6 +129,18 @@ def render_markdown(
             f"| {c.model_type} | {c.architecture} | {_yes(o.converted)} | {_yes(o.parity)} | "
             f"{_diff(o)} | {o.stage} | {_cell(o.reason)} |"
         )
+    groups = failure_groups(classes, outcomes)
+    if groups:
+        lines += [
+            "",
+            "## In-scope failures by cause",
+            "",
+            "| cause | count | types |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {_cell(cause)} | {len(types)} | {', '.join(types)} |" for cause, types in groups
+        ]
     moe = [c for c in classes if c.scope == "later"]
     lines += ["", "## Mixture-of-experts (later step)", ""]
     lines += (

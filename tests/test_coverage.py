@@ -151,3 +151,32 @@ def test_a_crash_or_a_hang_in_one_job_never_stops_the_others():
         results["crash_b"].stage == "crash" and "worker process died" in results["crash_b"].reason
     )
     assert results["hang_d"].stage == "timeout" and "killed" in results["hang_d"].reason
+
+
+def test_failures_group_by_cause_without_file_line_or_construct():
+    from converter.coverage_report import failure_groups
+
+    classes = classify_all(
+        RULES, {"bloom": "BloomForCausalLM", "mpt": "MptForCausalLM", "llama": "LlamaForCausalLM"}
+    )
+    no_aaf = (
+        "no attention class calls the attention interface — extend converter/passes/attention.py"
+    )
+    outcomes = {
+        "bloom": Outcome(
+            "bloom",
+            converted=False,
+            stage="convert",
+            reason=f"models/bloom/modeling_bloom.py:564: {no_aaf}",
+        ),
+        "mpt": Outcome(
+            "mpt",
+            converted=False,
+            stage="convert",
+            reason=f"models/mpt/modeling_mpt.py:369: {no_aaf}",
+        ),
+        "llama": Outcome("llama", converted=True, parity=True),
+    }
+    assert failure_groups(classes, outcomes) == [
+        ("convert: no attention class calls the attention interface", ["bloom", "mpt"])
+    ]
