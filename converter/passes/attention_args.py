@@ -67,11 +67,16 @@ def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
 
 
 def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
-    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first)."""
-    queue, seen = [name], {name}
+    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first).
+
+    A fused per-head view (``view(..., H, 3 * D)`` later ``chunk(3)``/``split``) names
+    ``N * D`` as its last dim: when the path from `name` to the view splits the last
+    axis, the literal factor is dropped so the last dim is one operand's head size."""
+    queue, seen = [(name, False)], {name}
     while queue:
-        current = queue.pop(0)
+        current, split = queue.pop(0)
         for rhs in assigns.get(current, []):
+            split = split or _splits(rhs)
             calls = [
                 c
                 for c in nodes_of(rhs, cst.Call)
@@ -85,12 +90,30 @@ def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
                 if len(dims) == 1 and isinstance(dims[0], cst.Tuple):
                     dims = [el.value for el in dims[0].elements]
                 if len(dims) >= 3:
-                    return dims
+                    return [*dims[:-1], _unfused(dims[-1])] if split else dims
         for rhs in assigns.get(current, []):
             for ref in sorted(names_read(rhs) - seen):
                 seen.add(ref)
-                queue.append(ref)
+                queue.append((ref, split or _splits(rhs)))
     return None
+
+
+def _splits(rhs: cst.BaseExpression) -> bool:
+    """Whether `rhs` splits a tensor into parts (``.chunk(...)``, ``.split(...)``)."""
+    return any(
+        isinstance(c.func, cst.Attribute) and c.func.attr.value in ("chunk", "split")
+        for c in nodes_of(rhs, cst.Call)
+    )
+
+
+def _unfused(dim: cst.BaseExpression) -> cst.BaseExpression:
+    """``3 * D`` / ``D * 3`` -> ``D``; anything else unchanged."""
+    if isinstance(dim, cst.BinaryOperation) and isinstance(dim.operator, cst.Multiply):
+        if isinstance(dim.left, cst.Integer) and int(dim.left.value) > 1:
+            return dim.right
+        if isinstance(dim.right, cst.Integer) and int(dim.right.value) > 1:
+            return dim.left
+    return dim
 
 
 def ctor_args(
@@ -141,6 +164,7 @@ def ctor_args(
     for key, target in KWARGS.items():
         if target and key != "scaling" and key in kwargs:
             args[target] = _code(kwargs[key])
+    args.update(rule_overrides(ctx))
     allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
     init_attrs = {a for a in _self_stores(init)}
     for name, code in args.items():
@@ -155,6 +179,14 @@ def ctor_args(
                 hint="compute it in __init__ in the source or extend the pass",
             )
     return args
+
+
+def rule_overrides(ctx: ConversionContext) -> dict[str, str]:
+    """``[<type>.paged_attention]`` in rules/architectures.toml: PagedAttention argument
+    expressions the source's views cannot tell (e.g. GPT-BigCode's K/V head count, which
+    only its multi-query branch's ``unsqueeze(1)`` shows). Checked like derived ones."""
+    arch = ctx.rules.get("architectures", {}).get(ctx.model_type, {})
+    return dict(arch.get("paged_attention", {}))
 
 
 def _heads(dim, field, config, config_reads) -> str | None:

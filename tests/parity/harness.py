@@ -31,7 +31,8 @@ class Case:
 
 
 def make_case(arch: str, root: Path) -> Case:
-    config = AutoConfig.for_model(arch, **CONFIGS[arch])
+    kwargs = dict(CONFIGS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type", arch), **kwargs)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     model_dir = root / arch
