@@ -192,7 +192,11 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         log(f"ours: {len(workload)} requests ...")
         token_times: dict[str, list[float]] = {}
         start = time.perf_counter()
-        ids = [llm.add_request(r.prompt_token_ids, p) for r, p in zip(workload, greedy)]
+        # Token ids only, as the HF baselines return them: no per-step detokenization.
+        ids = [
+            llm.add_request(r.prompt_token_ids, p, detokenize=False)
+            for r, p in zip(workload, greedy)
+        ]
         for rid in ids:
             token_times[rid] = []
         while llm.has_unfinished_requests():

@@ -123,9 +123,12 @@ class LLM:
         prompt: Prompt,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        detokenize: bool = True,
     ) -> str:
-        """Queue one request (text or token ids); returns its id."""
-        return self._add(*self._check(prompt, sampling_params), request_id)
+        """Queue one request (text or token ids); returns its id. With
+        ``detokenize=False`` the text of `step()`'s outputs stays empty until the request
+        finishes (then decoded once) unless stop strings need it: for token-id readers."""
+        return self._add(*self._check(prompt, sampling_params), request_id, detokenize)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once. Unknown ids are ignored."""
