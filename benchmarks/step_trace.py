@@ -53,6 +53,7 @@ def main() -> None:
             llm.add_request(
                 r.prompt_token_ids,
                 SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.max_tokens),
+                detokenize=False,
             )
         stats = defaultdict(lambda: [0, 0.0, 0, 0])  # steps, seconds, tokens, seqs
         timeline = []
