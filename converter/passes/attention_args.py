@@ -190,10 +190,15 @@ def rule_overrides(ctx: ConversionContext) -> dict[str, str]:
 
 
 def _heads(dim, field, config, config_reads) -> str | None:
-    """The view's head-count dim, unless it is inferred (``-1``): then the config field."""
+    """The view's head-count dim, unless it is inferred (``-1``): then the config field
+    (the query head count even when the class takes it as a constructor argument, as
+    biogpt's and ctrl's do: every config answers ``num_attention_heads`` through its
+    attribute_map)."""
     if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
         return _code(dim)
-    return f"{config}.{field}" if field in config_reads else None
+    if field in config_reads or field == "num_attention_heads":
+        return f"{config}.{field}"
+    return None
 
 
 def _self_stores(func: cst.FunctionDef) -> set[str]:
