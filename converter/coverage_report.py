@@ -143,6 +143,7 @@ def render_markdown(
         ]
     moe = [c for c in classes if c.scope == "later"]
     lines += ["", "## Mixture-of-experts (later step)", ""]
+    lines += [f"Why later: {moe[0].reason}.", ""] if moe else []
     lines += (
         ["| type | architecture | classified by |", "|---|---|---|"]
         + [f"| {c.model_type} | {c.architecture} | {c.source} |" for c in moe]
