@@ -1,0 +1,95 @@
+"""Benchmark arithmetic: the seeded workload, latency bookkeeping and the HBM roofline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.engine.bench import (
+    Request,
+    RunResult,
+    latencies_from_timestamps,
+    make_workload,
+    percentile,
+    preset_config,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def test_workload_is_seeded_and_in_range() -> None:
+    a = make_workload(256, 100, 1024, seed=0, vocab_size=151936)
+    assert a == make_workload(256, 100, 1024, seed=0, vocab_size=151936)
+    assert a != make_workload(256, 100, 1024, seed=1, vocab_size=151936)
+    ins = [len(r.prompt_token_ids) for r in a]
+    outs = [r.max_tokens for r in a]
+    assert min(ins) >= 100 and max(ins) <= 1024 and min(outs) >= 100 and max(outs) <= 1024
+    # Uniform lengths: the mean sits near the middle of the range.
+    assert 480 < sum(outs) / len(outs) < 640
+    assert max(t for r in a for t in r.prompt_token_ids) < 10_000
+    small = make_workload(8, 4, 8, seed=0, vocab_size=50)
+    assert max(t for r in small for t in r.prompt_token_ids) < 50
+
+
+@pytest.mark.parametrize("args", [(0, 1, 2), (4, 0, 2), (4, 5, 4)])
+def test_workload_rejects_bad_shapes(args) -> None:
+    with pytest.raises(ValueError):
+        make_workload(*args, seed=0)
+
+
+def test_latencies_and_throughput() -> None:
+    ttft, itl = latencies_from_timestamps(10.0, [[10.5, 10.7, 11.0], [12.0]])
+    assert ttft == [0.5, 2.0]
+    assert itl == pytest.approx([0.2, 0.3])
+    r = RunResult("x", 2, input_tokens=30, output_tokens=4, elapsed_s=2.0, ttft_s=ttft, itl_s=itl)
+    assert r.output_tps == 2.0 and r.total_tps == 17.0
+    assert RunResult.from_json(r.to_json()) == r
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_preset_shapes_are_the_real_ones() -> None:
+    qwen = preset_config("qwen3-0.6b")
+    assert (qwen.num_hidden_layers, qwen.hidden_size, qwen.num_key_value_heads, qwen.head_dim) == (
+        28,
+        1024,
+        8,
+        128,
+    )
+    assert qwen.tie_word_embeddings and qwen.architectures == ["Qwen3ForCausalLM"]
+    llama = preset_config("llama3-8b")
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.intermediate_size) == (
+        32,
+        4096,
+        14336,
+    )
+    with pytest.raises(ValueError, match="unknown model shape"):
+        preset_config("gpt-5")
+
+
+def test_roofline_counts_weights_per_step_and_every_kv_read(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.report import Roofline
+    from runtime.engine.bench import save_random_model
+
+    config = preset_config("tiny")
+    save_random_model(config, tmp_path, torch.float32, "cpu")
+    workload = [Request([1] * 3, 2), Request([1] * 5, 4)]
+    roof = Roofline.of(tmp_path, config, workload, torch.float32, bandwidth=1e9, tp=1)
+    total_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    embed = config.vocab_size * config.hidden_size  # untied: the lookup table is not read per step
+    assert roof.weight_bytes == (total_params - embed) * 4
+    assert (
+        roof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    )  # layers * (k, v) * kv heads * head_dim * fp32
+    assert roof.steps == 4
+    # request 1 reads 3 then 4 cached tokens; request 2 reads 5, 6, 7, 8
+    assert roof.kv_read_bytes == (3 + 4 + 5 + 6 + 7 + 8) * roof.kv_bytes_per_token
+    assert roof.kv_write_bytes == (5 + 9) * roof.kv_bytes_per_token
+    expected_s = (4 * roof.weight_bytes + roof.kv_read_bytes + roof.kv_write_bytes) / 1e9
+    assert roof.seconds == pytest.approx(expected_s)
+    assert roof.output_tps == pytest.approx(6 / expected_s)
