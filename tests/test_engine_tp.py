@@ -12,7 +12,8 @@ from runtime.parallel import get_tp_size
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 45)), [60, 61]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+# One architecture here: the parity suite runs every architecture at TP=2 (model level).
+@pytest.mark.parametrize("arch", ["llama"])
 def test_tp2_greedy_equals_tp1(tmp_path, arch: str) -> None:
     model_dir, _ = build_model_dir(arch, tmp_path)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -27,7 +28,7 @@ def test_tp2_greedy_equals_tp1(tmp_path, arch: str) -> None:
     assert get_tp_size() == 1  # closing the engine leaves the process group
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_missing_weight_is_named_on_every_tp_size(tmp_path, tp: int) -> None:
     from safetensors.torch import load_file, save_file
 
