@@ -72,6 +72,13 @@ class Sampler:
     ) -> tuple[list[int], list[Logprobs | None] | None]:
         assert logits.shape[0] == len(seqs), "one row of logits per sequence"
         params = [s.sampling_params for s in seqs]
+        if all(
+            p.temperature == 0 and p.repetition_penalty == 1.0 and p.logprobs is None
+            for p in params
+        ):
+            # The usual greedy batch: argmax in the model's dtype (upcasting is exact, so
+            # the choice is the same) without a [B, V] fp32 copy.
+            return logits.argmax(dim=-1).tolist(), None
         logits = logits.float()  # [B, V]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
