@@ -164,3 +164,26 @@ def test_triton_backend_through_the_engine(models, monkeypatch) -> None:
     assert [done[i] for i in ids] == [hf_greedy(hf, p, 6) for p in prompts]
     assert seqs[2].num_cached_tokens > 0
     assert_no_leak(llm)
+
+
+def test_interrupted_generate_leaves_nothing_behind(models) -> None:
+    """Ctrl-C inside generate: the exception propagates, its requests are aborted and
+    every block is free; the engine keeps working."""
+    model_dir, _ = models("llama")
+    llm = LLM(model_dir, kv_cache_memory_bytes=1 << 20)
+    runner = llm.executor.worker.runner
+    real, calls = runner.execute, {"n": 0}
+
+    def interrupted(inputs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(inputs)
+
+    runner.execute = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert_no_leak(llm)
+    runner.execute = real
+    assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].finished
+    assert_no_leak(llm)
