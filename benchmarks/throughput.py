@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "llama3-8b", "tiny"])
     p.add_argument(
-        "--quick", action="store_true", help="8 short requests (16..64 tokens): a smoke test"
+        "--quick", action="store_true", help="4 short requests (8..32 tokens): a smoke test"
     )
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument(
@@ -66,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)}",
     )
-    p.add_argument("--num-requests", type=int, default=None, help="default 256 (8 with --quick)")
-    p.add_argument("--min-len", type=int, default=None, help="default 100 (16 with --quick)")
-    p.add_argument("--max-len", type=int, default=None, help="default 1024 (64 with --quick)")
+    p.add_argument("--num-requests", type=int, default=None, help="default 256 (4 with --quick)")
+    p.add_argument("--min-len", type=int, default=None, help="default 100 (8 with --quick)")
+    p.add_argument("--max-len", type=int, default=None, help="default 1024 (32 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of HF generate")
     p.add_argument(
@@ -91,9 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    args.num_requests = args.num_requests or (8 if quick else 256)
-    args.min_len = args.min_len or (16 if quick else 100)
-    args.max_len = args.max_len or (64 if quick else 1024)
+    args.num_requests = args.num_requests or (4 if quick else 256)
+    args.min_len = args.min_len or (8 if quick else 100)
+    args.max_len = args.max_len or (32 if quick else 1024)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
