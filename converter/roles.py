@@ -31,10 +31,16 @@ def find_roles(module: cst.Module, ctx: ConversionContext) -> None:
     attention = [c for c, info in ctx.classes.items() if info.calls_attention_interface]
     attention = [c for c in attention if owns(ctx, ctx.lm_class, {c})]
     if not attention:
+        # no interface call: classes whose forward holds a hand-written softmax core
+        # (Bloom, MPT; converter/passes/eager_core.py rewrites them)
+        attention = [c for c in _softmax_cores(module) if owns(ctx, ctx.lm_class, {c})]
+        ctx.eager_attention = bool(attention)
+    if not attention:
         raise ctx.error(
-            "no attention class calls the attention interface (ALL_ATTENTION_FUNCTIONS)",
+            "no attention class calls the attention interface (ALL_ATTENTION_FUNCTIONS) "
+            "or computes a softmax core in its forward",
             line=ctx.classes[ctx.lm_class].line,
-            hint="hand-written eager attention cores are not supported yet; extend converter/passes/attention.py",
+            hint="extend converter/passes/attention.py",
         )
     ctx.attention_classes = attention
     targets = set(attention)
@@ -64,6 +70,18 @@ def find_roles(module: cst.Module, ctx: ConversionContext) -> None:
     _find_base_model(module, ctx)
     _require_forwards(module, ctx)
     _find_helpers(ctx)
+
+
+def _softmax_cores(module: cst.Module) -> list[str]:
+    """Classes whose own forward calls a softmax: hand-written attention cores."""
+    found = []
+    for node in module.body:
+        forward = methods_of(node).get("forward") if isinstance(node, cst.ClassDef) else None
+        calls = nodes_of(forward, cst.Call) if forward is not None else []
+        names = [c.func.attr if isinstance(c.func, cst.Attribute) else c.func for c in calls]
+        if any(isinstance(n, cst.Name) and n.value == "softmax" for n in names):
+            found.append(node.name.value)
+    return found
 
 
 def _require_forwards(module: cst.Module, ctx: ConversionContext) -> None:

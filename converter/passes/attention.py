@@ -26,6 +26,7 @@ from converter.analysis import flat_statements, is_interface_lookup, methods_of,
 from converter.context import ConversionContext
 from converter.cstedit import add_import, add_params
 from converter.cstwalk import nodes_of
+from converter.passes import eager_core
 from converter.passes.attention_args import KWARGS, ctor_args
 
 IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
@@ -191,15 +192,18 @@ class _Classes:
         forward, init = methods.get("forward"), methods.get("__init__")
         if forward is None or init is None:
             raise self.ctx.error(f"attention class {cls} lacks forward or __init__", original)
-        sink = _Sink(self.ctx, cls)
-        new_forward = forward.visit(sink)
-        if sink.call is None:
-            raise self.ctx.error(
-                f"{cls}.forward looks up the attention interface but never calls it",
-                forward,
-                scope=f"{cls}.forward",
-            )
-        args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward)
+        if self.ctx.eager_attention:
+            new_forward, args = eager_core.rewrite(self.ctx, cls, updated, forward)
+        else:
+            sink = _Sink(self.ctx, cls)
+            new_forward = forward.visit(sink)
+            if sink.call is None:
+                raise self.ctx.error(
+                    f"{cls}.forward looks up the attention interface but never calls it",
+                    forward,
+                    scope=f"{cls}.forward",
+                )
+            args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward)
         self.ctx.paged_attention[cls] = args
         new_forward = add_params(
             new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]

@@ -259,6 +259,12 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
 
 
 def _rebuild(module: cst.Module, ctx: ConversionContext, funcs, reachable: set[str]) -> cst.Module:
+    # torch.autograd.Function subclasses run through `Cls.apply(...)` (Bloom's GeLUFunction)
+    applied = {
+        a.value.value
+        for a in nodes_of(module, cst.Attribute)
+        if a.attr.value == "apply" and isinstance(a.value, cst.Name)
+    }
     body = []
     for stmt in module.body:
         if isinstance(stmt, cst.FunctionDef) and stmt.name.value in funcs:
@@ -268,7 +274,11 @@ def _rebuild(module: cst.Module, ctx: ConversionContext, funcs, reachable: set[s
             for s in stmt.body.body:
                 if isinstance(s, cst.FunctionDef):
                     q = f"{stmt.name.value}.{s.name.value}"
-                    if s.name.value == "forward" and q not in reachable:
+                    if (
+                        s.name.value == "forward"
+                        and q not in reachable
+                        and stmt.name.value not in applied
+                    ):
                         continue  # a container whose forward nothing calls (OPTModel)
                     s = funcs[q].node if q in funcs else s
                 inner.append(s)

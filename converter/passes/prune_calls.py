@@ -16,7 +16,18 @@ import libcst as cst
 from converter import callgraph as cg
 from converter.context import ConversionContext
 from converter.cstwalk import nodes_of
-from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, literal, merge, reads_dead, truth, value
+from converter.dataflow import (
+    DEAD,
+    NONNONE,
+    UNKNOWN,
+    Env,
+    const,
+    literal,
+    merge,
+    reads_dead,
+    truth,
+    value,
+)
 
 _EMPTY = cst.Module(body=[])
 
@@ -177,4 +188,10 @@ def entry_env(ctx: ConversionContext, fn: cg.Function, facts: dict | None, root:
         env.values[name] = NONNONE if root or name == "self" else (facts or {}).get(name, UNKNOWN)
     for name in ctx.removed_params.get(fn.qualname, []):
         env.values[name] = DEAD
+    # API flags with a fixed inference value (rules/training.toml [flags]), e.g.
+    # return_dict: generated code returns tensors, so the tuple-output paths go.
+    flags = ctx.rules.get("training", {}).get("flags", {})
+    for fixed in (True, False):
+        for name in flags.get(str(fixed).lower(), []):
+            env.values[name] = const(fixed)
     return env

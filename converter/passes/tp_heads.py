@@ -115,4 +115,9 @@ class WrapPagedAttention(cst.CSTTransformer):
             if fn:
                 self.used.add(fn)
                 args[i] = arg.with_changes(value=_wrap(fn, arg.value))
+            elif key == "alibi_slopes":
+                # one slope per query head, [H]: this rank's contiguous block of heads
+                self.used |= {"get_tp_size", "get_tp_rank"}
+                local = f"({code(arg.value)}).chunk(get_tp_size())[get_tp_rank()]"
+                args[i] = arg.with_changes(value=cst.parse_expression(local))
         return updated.with_changes(args=args)

@@ -81,6 +81,26 @@ CONFIGS: dict[str, dict] = {
     # multi-query fused c_attn [Q|K|V] with one K/V head.
     "gpt_bigcode": dict(GPT, multi_query=True),
     "gpt_bigcode_mha": dict(GPT, model_type="gpt_bigcode", multi_query=False),
+    # hand-written eager cores with ALiBi (converter/passes/eager_core.py). 6 heads: the
+    # non-power-of-2 slope formulas (Bloom's extra slopes, MPT's [1::2] + [::2] order).
+    "bloom": dict(
+        vocab_size=128,
+        hidden_size=48,
+        n_layer=2,
+        n_head=6,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "mpt": dict(
+        vocab_size=128,
+        d_model=48,
+        n_layers=2,
+        n_heads=6,
+        max_seq_len=128,
+        initializer_range=0.2,
+        attn_config={"clip_qkv": 1.0},
+    ),
 }
 
 ARCHS = list(CONFIGS)
