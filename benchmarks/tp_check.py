@@ -1,0 +1,66 @@
+"""TP=2 vs TP=1 greedy equivalence on GPUs (NCCL).
+
+    python benchmarks/tp_check.py [--tp 2] [--dtype float32]
+
+Builds a random Qwen3-0.6B-shaped model, generates greedily with TP=1 and TP=N on the
+same prompts and reports how many requests produced identical token ids. float32 by
+default (TF32 off): a bf16 all-reduce sums in another order than one GPU's GEMM, and on
+random weights near-tied logits can then flip an argmax without any bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from runtime.engine import LLM, SamplingParams  # noqa: E402
+from runtime.engine.bench import make_workload, preset_config, save_random_model  # noqa: E402
+
+
+def generate(model_dir, tp: int, dtype, prompts, max_tokens: int) -> list[list[int]]:
+    # Both engines live in this process one after the other: leave room for the second.
+    llm = LLM(model_dir, tensor_parallel_size=tp, dtype=dtype, device="cuda",
+              gpu_memory_utilization=0.4)
+    try:
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+        return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    config = preset_config("qwen3-0.6b")
+    workload = make_workload(args.num_requests, 20, 200, 1, config.vocab_size)
+    prompts = [r.prompt_token_ids for r in workload]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_random_model(config, Path(tmp), dtype, "cuda")
+        single = generate(model_dir, 1, dtype, prompts, args.max_tokens)
+        multi = generate(model_dir, args.tp, dtype, prompts, args.max_tokens)
+    same = sum(a == b for a, b in zip(single, multi))
+    print(f"TP={args.tp} vs TP=1 ({args.dtype}, greedy, {args.max_tokens} tokens): "
+          f"{same}/{len(prompts)} requests identical")
+    for i, (a, b) in enumerate(zip(single, multi)):
+        if a != b:
+            k = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+            print(f"  request {i}: first difference at token {k}")
+    sys.exit(0 if same == len(prompts) else 1)
+
+
+if __name__ == "__main__":
+    main()
