@@ -2,8 +2,9 @@
 
 Every size key the default config has (the key lists are in rules/coverage.toml
 [tiny]) is set small: 2 layers, hidden 64, 4 heads / 2 KV heads where the family has
-KV heads, a consistent head_dim, vocab 128, initializer_range 0.2 (logits O(1-10), so
-a wrong computation cannot hide below the tolerance), sliding windows smaller than the
+KV heads, head_dim 32 where the config has the key (not hidden / heads, so code that
+confuses the two cannot pass), vocab 128, initializer_range 0.2 (logits O(1-10), so a
+wrong computation cannot hide below the tolerance), sliding windows smaller than the
 prompts. Per-type quirks come only from [tiny.types.<type>].
 """
 
@@ -41,7 +42,7 @@ def tiny_overrides(model_type: str, defaults: dict, rules: dict) -> dict:
         if k in defaults and (defaults[k] is None or _is_int(defaults[k])):
             out[k] = tiny["kv_heads"]
     if "head_dim" in defaults and (defaults["head_dim"] is None or _is_int(defaults["head_dim"])):
-        out["head_dim"] = tiny["hidden"] // tiny["heads"]
+        out["head_dim"] = tiny["head_dim"]
     for k, value in tiny.get("fixed", {}).items():
         if _is_int(defaults.get(k)):
             out[k] = value

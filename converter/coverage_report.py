@@ -109,7 +109,7 @@ def render_markdown(
         f"- {s.total} model types in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`.",
         "",
         "Each in-scope type: a tiny random config (the config class defaults shrunk: 2 "
-        "layers, hidden 64, 4 heads / 2 KV heads, vocab 128, sliding windows of 4; quirks "
+        "layers, hidden 64, 4 heads / 2 KV heads, head_dim 32 where configurable, vocab 128, sliding windows of 4; quirks "
         "in `rules/coverage.toml`), every HF parameter perturbed, saved with "
         "`save_pretrained`; converted in memory; loaded through the generated "
         "`load_weights`; logits compared with HF eager on a 3-prompt prefill, 3 decode "

@@ -58,11 +58,13 @@ def test_every_causal_lm_type_is_in_exactly_one_bucket_of_the_census():
 def test_tiny_overrides_shrink_only_keys_the_config_has():
     llama = tiny_overrides("llama", default_config_dict("llama"), RULES)
     assert llama["num_hidden_layers"] == 2 and llama["hidden_size"] == 64
+    # head_dim differs from hidden / heads, so code confusing the two cannot pass
     assert (llama["num_attention_heads"], llama["num_key_value_heads"], llama["head_dim"]) == (
         4,
         2,
-        16,
+        32,
     )
+    assert tiny_overrides("helium", default_config_dict("helium"), RULES)["head_dim"] == 16
     assert llama["vocab_size"] == 128 and llama["initializer_range"] == 0.2
     assert "n_layer" not in llama
     gptj = tiny_overrides("gptj", default_config_dict("gptj"), RULES)
