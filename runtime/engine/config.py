@@ -86,4 +86,9 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.device_type == "cuda" and not self.enforce_eager
+        # TP > 1 decodes eagerly: with NCCL all-reduces inside captured graphs the 2-GPU
+        # throughput run stalled (no step finished in 260 s on 2x H200); a capture that
+        # fails on one rank only would also leave the ranks' collectives out of step.
+        return (
+            self.device_type == "cuda" and not self.enforce_eager and self.tensor_parallel_size == 1
+        )
