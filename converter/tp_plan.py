@@ -22,6 +22,8 @@ from converter.hf_tables import config_tp_plan
 from converter.tp_dataflow import dataflow_styles
 
 LINEAR_CTORS = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
+# GPT-2-style Conv1D(nf=out, nx=in): a linear whose weight is stored [in, out]
+CONV1D_CTORS = frozenset({"Conv1D", "pytorch_utils.Conv1D"})
 EMBEDDING_CTORS = frozenset({"nn.Embedding", "torch.nn.Embedding", "Embedding"})
 
 # HF plan words -> what the TP pass does with them.
@@ -101,7 +103,7 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
             ctor = dotted(assign.value.func) or ""
             kind = (
                 "linear"
-                if ctor in LINEAR_CTORS
+                if ctor in LINEAR_CTORS or ctor in CONV1D_CTORS
                 else "embedding"
                 if ctor in EMBEDDING_CTORS or ctor in embed_classes
                 else None

@@ -25,7 +25,15 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils.generic import maybe_autocast
 
 from runtime.attention import InputMetadata, PagedAttention
-from runtime.parallel import ParallelLMHead, VocabParallelEmbedding, default_weight_loader
+from runtime.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    default_weight_loader,
+    local_num_heads,
+)
 
 
 class GPT2Attention(nn.Module):
@@ -56,13 +64,27 @@ class GPT2Attention(nn.Module):
             self.scaling /= float(self.layer_idx + 1)
 
         if self.is_cross_attention:
-            self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)
+            self.c_attn = QKVParallelLinear(
+                self.embed_dim,
+                self.head_dim,
+                config.num_attention_heads,
+                bias=True,
+                transposed=True,
+            )
             self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
         else:
-            self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
-        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+            self.c_attn = QKVParallelLinear(
+                self.embed_dim,
+                self.head_dim,
+                config.num_attention_heads,
+                bias=True,
+                transposed=True,
+            )
+        self.c_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=True, transposed=True)
         self.is_causal = not is_cross_attention
-        self.attn = PagedAttention(config.num_attention_heads, self.head_dim, self.scaling)
+        self.attn = PagedAttention(
+            local_num_heads(config.num_attention_heads), self.head_dim, self.scaling
+        )
         if not self.is_causal:
             raise ValueError(
                 "GPT2Attention: this configuration makes attention bidirectional; paged attention is causal only"
@@ -115,7 +137,7 @@ class GPT2Attention(nn.Module):
         input_metadata: InputMetadata,
     ) -> tuple[torch.Tensor | tuple[torch.Tensor], ...]:
         query_states, key_states, value_states = self.c_attn(hidden_states).split(
-            self.split_size, dim=2
+            [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size], dim=2
         )
         shape_kv = (*key_states.shape[:-1], -1, self.head_dim)
         key_states = key_states.view(shape_kv).transpose(1, 2)
@@ -141,8 +163,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, intermediate_size, config):
         super().__init__()
         embed_dim = config.hidden_size
-        self.c_fc = Conv1D(intermediate_size, embed_dim)
-        self.c_proj = Conv1D(embed_dim, intermediate_size)
+        self.c_fc = ColumnParallelLinear(embed_dim, intermediate_size, bias=True, transposed=True)
+        self.c_proj = RowParallelLinear(intermediate_size, embed_dim, bias=True, transposed=True)
         self.act = ACT2FN[config.activation_function]
 
     def forward(self, hidden_states: tuple[torch.Tensor] | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import libcst as cst
 from converter.analysis import dotted, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cst_edits import add_import_from, drop_unused_locals
-from converter.passes.tp_fuse import Fusion, plan_fusions, split_statement
+from converter.passes.tp_fuse import Fusion, LocalQKVSplit, plan_fusions, split_statement
 from converter.passes.tp_heads import (
     HeadCounts,
     WrapPagedAttention,
@@ -31,7 +31,7 @@ from converter.passes.tp_heads import (
     pa_args,
     paged_attention_call,
 )
-from converter.tp_plan import Decision, resolve_plan
+from converter.tp_plan import CONV1D_CTORS, Decision, resolve_plan
 
 _EMPTY = cst.Module([])
 PARALLEL_CTORS = {
@@ -55,9 +55,14 @@ class LinearArgs:
     in_: str
     out: str
     bias: str
+    extra: tuple[str, ...] = ()  # ("transposed=True",) for Conv1D
 
 
 def linear_args(call: cst.Call, ctx: ConversionContext, where: str) -> LinearArgs:
+    if (dotted(call.func) or "") in CONV1D_CTORS:
+        # Conv1D(nf, nx): out first, always with bias; the weight is stored [in, out]
+        nf, nx = (code(a.value) for a in call.args[:2])
+        return LinearArgs(nx, nf, "True", ("transposed=True",))
     names = ["in_features", "out_features", "bias"]
     got: dict[str, str] = {}
     for i, arg in enumerate(call.args):
@@ -115,6 +120,7 @@ class _TPPass:
         self.vocab_bases: set[str] = set()  # local nn.Embedding subclasses to re-base
         self.pa: dict[str, dict[str, str]] = {}
         self.orphans: set[str] = set()  # ctor arguments the rewrite may leave unused
+        self.qkv_single: dict[str, str] = {}  # class -> its fused [Q|K|V] linear's attr
 
     def ctor(self, name: str, args: list[str]) -> cst.Call:
         self.used.add(name)
@@ -145,7 +151,9 @@ class _TPPass:
             extra.append("gather_output=True")
         if decision.style == "rowwise_split_input" and not self.class_has_sharded_producer(cls):
             extra.append("input_is_parallel=False")
-        return self.ctor(PARALLEL_CTORS[decision.style], [a.in_, a.out, f"bias={a.bias}", *extra])
+        return self.ctor(
+            PARALLEL_CTORS[decision.style], [a.in_, a.out, f"bias={a.bias}", *extra, *a.extra]
+        )
 
     def class_has_sharded_producer(self, cls: str) -> bool:
         """Does a linear of `cls` leave its output sharded (so a row-parallel consumer
@@ -163,6 +171,10 @@ class _TPPass:
 
     def is_fused_checkpoint(self, attr: str) -> str | None:
         table = self.ctx.rules.get("tp", {}).get("fused_checkpoint", {})
+        arch = self.ctx.rules.get("architectures", {}).get(self.ctx.model_type, {})
+        for kind, names in arch.get("fused_checkpoint", {}).items():
+            if attr in names:
+                return kind
         return next((kind for kind, names in table.items() if attr in names), None)
 
     def fused_checkpoint(
@@ -172,7 +184,8 @@ class _TPPass:
         kind = self.is_fused_checkpoint(attr)
         if kind == "qkv" and cls in self.pa:
             pa = self.pa[cls]
-            return self.ctor("QKVParallelLinear", self.qkv_args(pa, a.in_, a.bias))
+            self.qkv_single[cls] = attr
+            return self.ctor("QKVParallelLinear", [*self.qkv_args(pa, a.in_, a.bias), *a.extra])
         if kind == "gate_up":
             out = cst.parse_expression(a.out)
             half = f"({a.out}) // 2"
@@ -182,7 +195,8 @@ class _TPPass:
                 elif code(out.right) == "2":
                     half = code(out.left)
             return self.ctor(
-                "MergedColumnParallelLinear", [a.in_, f"[{half}, {half}]", f"bias={a.bias}"]
+                "MergedColumnParallelLinear",
+                [a.in_, f"[{half}, {half}]", f"bias={a.bias}", *a.extra],
             )
         return None
 
@@ -245,6 +259,8 @@ class _TPPass:
                 for f in fusions:
                     if stmt.name.value == "forward":
                         stmt = split_statement(stmt, f)
+                if stmt.name.value == "forward" and cls in self.qkv_single:
+                    stmt = stmt.visit(LocalQKVSplit(self.qkv_single[cls]))
                 if heads or kv:
                     counter = HeadCounts(heads, kv)
                     stmt = stmt.visit(counter)

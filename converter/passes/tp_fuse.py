@@ -16,6 +16,7 @@ import libcst as cst
 
 from converter.analysis import find_all, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cstwalk import nodes_of
 
 _EMPTY = cst.Module([])
 
@@ -200,3 +201,32 @@ def split_statement(fn: cst.FunctionDef, f: Fusion) -> cst.FunctionDef:
     ]
     replaced.insert(first, new)
     return fn.with_changes(body=fn.body.with_changes(body=replaced))
+
+
+class LocalQKVSplit(cst.CSTTransformer):
+    """``self.<qkv>(x)...split(sizes, dim=d)`` -> this rank's ``[q_size, kv_size, kv_size]``.
+
+    A single linear holding [Q|K|V] (GPT-2's ``c_attn``) becomes a ``QKVParallelLinear``
+    whose local output is [Q_r | K_r | V_r]; the source's split sizes (``split_size`` =
+    the full hidden size) would cut it at the wrong places, the layer's own sizes do not.
+    """
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        func = updated.func
+        if not (isinstance(func, cst.Attribute) and func.attr.value == "split"):
+            return updated
+        producers = [
+            c
+            for c in nodes_of(func.value, cst.Call)
+            if isinstance(c.func, cst.Attribute) and self_attr(c.func) == self.attr
+        ]
+        if not producers or not updated.args or updated.args[0].keyword is not None:
+            return updated
+        layer = f"self.{self.attr}"
+        sizes = cst.parse_expression(f"[{layer}.q_size, {layer}.kv_size, {layer}.kv_size]")
+        return updated.with_changes(
+            args=[updated.args[0].with_changes(value=sizes), *updated.args[1:]]
+        )
