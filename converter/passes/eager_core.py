@@ -232,6 +232,21 @@ def _ctor_args(ctx, cls, node, before, q, k, core, product) -> dict[str, str]:
     alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi")
     if alibi and any(alibi["bias"] in names_read(s) for s in core):
         args["alibi_slopes"] = alibi["slopes"]
+    # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
+    # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
+    params = {p.name.value for p in methods["forward"].params.params} - {"self"}
+    read = set().union(*(names_read(s) for s in core))
+    update = _cache_update(before[-1])  # the anchor: its cache object is no score input
+    read -= names_read(update.func) if update is not None else set()
+    extra = sorted(n for n in params & read if "mask" not in n and n != (alibi or {}).get("bias"))
+    if extra:
+        raise ctx.error(
+            f"eager attention core adds forward input(s) {extra} to its scores",
+            methods["forward"],
+            scope=f"{cls}.forward",
+            hint="ALiBi biases: declare [<type>.alibi] in rules/architectures.toml; "
+            "other biases need a PagedAttention feature",
+        )
     return args
 
 

@@ -105,3 +105,10 @@ def test_core_without_cache_update_is_refused(monkeypatch):
     monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(False))
     with pytest.raises(ConversionError, match="KV-cache update"):
         prepare(source, through="attention")
+
+
+def test_undeclared_score_bias_is_refused(monkeypatch):
+    # without an [<type>.alibi] rule, position_bias is a bias the kernel would drop
+    monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(False))
+    with pytest.raises(ConversionError, match=r"adds forward input\(s\) \['position_bias'\]"):
+        prepare(EAGER, through="attention")
