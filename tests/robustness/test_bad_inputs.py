@@ -47,6 +47,11 @@ def _binary(d):
     return _write(d, "modeling_blob.py", b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
 
 
+def _deep(d):
+    # valid grammar, but CPython's parser gives up (RecursionError) on the nesting
+    return _write(d, "modeling_deep.py", "x = " + "1 + " * 30000 + "1\n")
+
+
 def _directory(d):
     (d / "modeling_dir.py").mkdir()
     return str(d / "modeling_dir.py")
@@ -98,7 +103,8 @@ def _generated_output(d):
 CASES = {
     "missing path": (_missing, r"modeling_missing\.py: no such file — pass"),
     "non-Python file": (_not_python, r"notes\.txt: not a Python file — pass"),
-    "binary .py file": (_binary, r"modeling_blob\.py: not a UTF-8 text file .* — pass"),
+    "binary .py file": (_binary, r"modeling_blob\.py: not a text file .* — pass"),
+    "nested too deeply": (_deep, r"modeling_deep\.py: nested too deeply .* — split"),
     "directory": (_directory, r"modeling_dir\.py: is a directory.* — pass"),
     "syntax error": (
         _syntax_error,
@@ -109,9 +115,9 @@ CASES = {
         lambda d: "lamma",
         r"^error: lamma: unknown model type 'lamma'.* — did you mean llama",
     ),
-    "attention not recognised (installed bloom)": (
-        lambda d: "bloom",
-        r"modeling_bloom\.py:\d+: no attention class .* — .*extend converter/passes/attention\.py",
+    "attention not recognised (installed mamba, a state-space model)": (
+        lambda d: "mamba",
+        r"modeling_mamba\.py:\d+: no attention class .* — .*extend converter/passes/attention\.py",
     ),
     "attention not recognised (hand-written)": (
         _hand_written_attention,

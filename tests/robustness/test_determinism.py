@@ -80,6 +80,16 @@ def test_the_header_names_a_source_that_converts_back_to_the_same_bytes(model_ty
     assert generate(str(source)).text == text
 
 
+def test_bom_and_crlf_line_endings_change_nothing():
+    """Python reads a UTF-8 BOM and CRLF line endings as if absent; so does the converter."""
+    text = "\ufeff" + source_of("llama").replace("\n", "\r\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "modeling_llama.py"
+        path.write_bytes(text.encode("utf-8"))
+        edited = generate(str(path)).text
+    assert normalized(edited) == normalized(converted("llama"))
+
+
 @st.composite
 def neutral_edit(draw, model_type: str):
     """(description, edited source) of one semantically neutral edit of the file."""

@@ -160,13 +160,13 @@ def test_all_with_one_broken_source_converts_the_rest(tmp_path):
 def test_every_failure_is_reported_at_the_end(tmp_path):
     bad = tmp_path / "modeling_bad.py"
     bad.write_text("x = (\n")
-    line_errors = run_cli("convert", "nosuchmodel", str(bad), "bloom", "--out", tmp_path / "o")
+    line_errors = run_cli("convert", "nosuchmodel", str(bad), "mamba", "--out", tmp_path / "o")
     assert line_errors.exit_code == 2
     errors = [line for line in line_errors.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 3, line_errors.stderr  # in the order given, after the summary
     assert errors[0].startswith("error: nosuchmodel: unknown model type")
     assert errors[1].startswith(f"error: {bad}:1: not valid Python")
-    assert "modeling_bloom.py" in errors[2] and "no attention class" in errors[2]
+    assert "modeling_mamba.py" in errors[2] and "no attention class" in errors[2]
     assert line_errors.stderr.splitlines()[-4].startswith("0 converted, 3 failed")
     assert not (tmp_path / "o").exists()
     # a single failing target prints its one line and nothing else
