@@ -27,8 +27,6 @@ from runtime.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     default_weight_loader,
-    local_num_heads,
-    local_num_kv_heads,
 )
 
 
@@ -69,21 +67,22 @@ class GPTBigCodeAttention(nn.Module):
             if self.multi_query:
                 raise NotImplementedError("Multi-Query Attention not supported for cross_attention")
 
-            self.c_attn = ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim, bias=True)
+            self.c_attn = ColumnParallelLinear(
+                self.embed_dim, 2 * self.embed_dim, bias=True, gather_output=True
+            )
             self.q_attn = nn.Linear(self.embed_dim, self.embed_dim)
         else:
             self.c_attn = ColumnParallelLinear(
-                self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True
+                self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
             )
 
-        self.c_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=True)
+        self.c_proj = RowParallelLinear(
+            self.embed_dim, self.embed_dim, bias=True, input_is_parallel=False
+        )
 
         self.attn_dropout = config.attn_pdrop
         self.attn = PagedAttention(
-            local_num_heads(config.num_attention_heads),
-            self.head_dim,
-            self.scaling,
-            num_kv_heads=local_num_kv_heads(self.kv_heads),
+            config.num_attention_heads, self.head_dim, self.scaling, num_kv_heads=self.kv_heads
         )
 
     def forward(
@@ -112,9 +111,7 @@ class GPTBigCodeAttention(nn.Module):
             else:
                 query, key, value = (
                     self.c_attn(hidden_states)
-                    .view(
-                        *hidden_states.shape[:2], local_num_heads(self.num_heads), 3 * self.head_dim
-                    )
+                    .view(*hidden_states.shape[:2], self.num_heads, 3 * self.head_dim)
                     .transpose(1, 2)
                     .split(3 * [self.head_dim], dim=3)
                 )

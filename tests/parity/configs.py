@@ -106,7 +106,4 @@ CONFIGS: dict[str, dict] = {
 ARCHS = list(CONFIGS)
 
 # Cases the TP=2 run leaves out, with the reason (an open problem, not a pass).
-TP2_SKIP: dict[str, str] = {
-    "gpt_bigcode": "multi-query c_attn is [Q|K|V] with one K/V head: colwise sharding "
-    "splits it wrongly; needs QKV sharding with replicated K/V in the MQA branch only",
-}
+TP2_SKIP: dict[str, str] = {}
