@@ -54,8 +54,13 @@ def load_rules(rules_dir: Path = RULES_DIR) -> dict:
     """Every ``rules/*.toml`` table, keyed by file stem (``rules["training"]``)."""
     rules: dict = {}
     for path in sorted(rules_dir.glob("*.toml")):
-        with path.open("rb") as fh:
-            rules[path.stem] = tomllib.load(fh)
+        try:
+            with path.open("rb") as fh:
+                rules[path.stem] = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConversionError(
+                f"invalid TOML: {exc}", path=path, hint="fix the rules file"
+            ) from None
     return rules
 
 
