@@ -195,9 +195,7 @@ def _base_signature(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.Fun
 def _lm_methods(ctx: ConversionContext, forward: cst.FunctionDef) -> list[cst.FunctionDef]:
     base = ctx.classes[ctx.base_model_class]
     params = [p for p in base.forward_params if p != "self"]
-    # ALiBi-era files with hand-written cores (Bloom, MPT) have no positions at all: the
-    # bias they derive from the mask becomes PagedAttention slopes; a derived position
-    # table would read the pruned mask/cache and fail loudly in prune.
+    # Bloom/MPT (eager cores, ALiBi) have no positions: their bias becomes PA slopes
     if not params or ("position_ids" not in params and not ctx.eager_attention):
         raise ctx.error(
             f"{ctx.base_model_class}.forward has no position_ids parameter",

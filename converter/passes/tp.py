@@ -59,8 +59,7 @@ class LinearArgs:
 
 
 def linear_args(call: cst.Call, ctx: ConversionContext, where: str) -> LinearArgs:
-    if (dotted(call.func) or "") in CONV1D_CTORS:
-        # Conv1D(nf, nx): out first, always with bias; the weight is stored [in, out]
+    if (dotted(call.func) or "") in CONV1D_CTORS:  # Conv1D(nf=out, nx=in): weight [in, out]
         nf, nx = (code(a.value) for a in call.args[:2])
         return LinearArgs(nx, nf, "True", ("transposed=True",))
     names = ["in_features", "out_features", "bias"]
