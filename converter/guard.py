@@ -23,7 +23,6 @@ import libcst as cst
 from converter.context import ConversionContext, first_line
 from converter.errors import ConversionError, InternalConversionError
 
-CONVERTER_DIR = Path(__file__).resolve().parent
 _STATEMENTS = (cst.BaseStatement, cst.BaseSmallStatement)
 
 
@@ -56,19 +55,20 @@ def check_python(source: str, path: str | Path) -> None:
 def _node_in_progress(
     tb: types.TracebackType | None, ctx: ConversionContext
 ) -> tuple[int | None, str | None]:
-    """The innermost converter frame's statement that maps to a source line."""
+    """The statement in the innermost frame (a pass, or libcst visiting for it) that maps
+    to a source line."""
     frames = []
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        try:
-            Path(frame.f_code.co_filename).resolve().relative_to(CONVERTER_DIR)
-        except ValueError:
-            continue  # libcst / stdlib frames hold no statement of ours
         for value in frame.f_locals.values():
             if isinstance(value, _STATEMENTS):
                 line = ctx.line_of(value)
+                if line is None and isinstance(value, cst.ClassDef):
+                    # an earlier pass may have rewritten its first line (e.g. its bases)
+                    info = ctx.classes.get(value.name.value)
+                    line = info.line if info is not None else None
                 if line is not None:
                     return line, first_line(value)
     return None, None

@@ -92,8 +92,10 @@ def test_mutations_never_crash(model_type, mutations):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llama", "opt", "mistral", "qwen3", "gemma2", "phi3"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize(
+    "model_type", ["llama", "opt", "mistral", "qwen3", "gemma2", "phi3", "bloom", "gpt2"]
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutations=MUTATIONS)
 def test_mutations_never_crash_long(model_type, mutations):
     check_mutated(model_type, mutations)
