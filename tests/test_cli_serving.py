@@ -121,12 +121,11 @@ def test_bad_model_dir_is_one_line_and_exit_2(tmp_path: Path, make, message: str
 
 
 def test_bad_option_values_exit_2(tiny_model_dir: Path) -> None:
-    for extra in (
-        ["--temperature", "-1"],
-        ["--top-p", "0"],
-        ["--max-tokens", "0"],
-        ["--dtype", "int8"],
-    ):
+    bad = [["--temperature", "-1"], ["--top-p", "0"], ["--max-tokens", "0"], ["--dtype", "int8"]]
+    bad += [["--device", "gpu"], ["--tp", "0"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for extra in bad:
         result = _invoke("generate", str(tiny_model_dir), "-p", "hi", *extra)
         assert result.exit_code == 2, (extra, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

@@ -72,6 +72,18 @@ def torch_dtype(name: str | None):
     return getattr(torch, name)
 
 
+def check_device(device: str | None) -> None:
+    """ValueError for a device the engine cannot run on (`gpu`, `cuda` without CUDA)."""
+    if device is None:
+        return
+    from runtime.engine.config import resolve_device
+
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"--device {device!r}: {_one_line(err)}") from None
+
+
 def generate(
     model_dir: Annotated[
         Path,
@@ -108,6 +120,7 @@ def generate(
     try:
         check_model_dir(model_dir)
         torch_dtype_ = torch_dtype(dtype)
+        check_device(device)
         if tp < 1:
             raise ValueError(f"--tp must be >= 1, got {tp}")
         from runtime.engine import LLM, SamplingParams
@@ -117,6 +130,7 @@ def generate(
         )
     except ValueError as err:
         raise fail(str(err), 2) from None
+    llm = None
     try:
         llm = LLM(model_dir, tensor_parallel_size=tp, dtype=torch_dtype_, device=device)
         text = llm.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -129,8 +143,12 @@ def generate(
         typer.echo(f"[{time.perf_counter() - start:.2f} s]", err=True)
     except (ValueError, RuntimeError, OSError) as err:
         raise fail(_one_line(err)) from None
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        raise typer.Exit(130) from None
     finally:
-        _shutdown(locals().get("llm"))
+        if llm is not None:
+            llm.close()  # TP workers are processes: stop them on every way out
 
 
 def demo(
@@ -189,6 +207,7 @@ def bench(
 
     try:
         torch_dtype_ = torch_dtype(dtype)
+        check_device(device)
         config = bench_mod.preset_config(preset)
         workload = bench_mod.make_workload(num_requests, min_len, max_len, seed, config.vocab_size)
     except ValueError as err:
@@ -205,13 +224,6 @@ def bench(
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-
-
-def _shutdown(llm) -> None:
-    # TP workers are processes; stop them even when generation failed.
-    close = getattr(llm, "shutdown", None) or getattr(llm, "close", None)
-    if close is not None:
-        close()
 
 
 def register(app: typer.Typer) -> None:
