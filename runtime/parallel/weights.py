@@ -27,6 +27,13 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
         raise ValueError(
             f"shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(src.shape)}"
         )
+    # Float-to-float casts are the point (a bf16 checkpoint served in fp32); an integer or
+    # bool tensor where weights belong is a wrong key or a quantized format, never a cast.
+    if dst.is_floating_point() != src.is_floating_point():
+        raise ValueError(
+            f"dtype mismatch: parameter {dst.dtype} {tuple(dst.shape)} vs checkpoint "
+            f"{src.dtype} {tuple(src.shape)}"
+        )
     dst.copy_(src)  # converts dtype and device (mmap'd CPU tensor -> GPU parameter)
 
 
