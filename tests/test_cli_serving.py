@@ -162,7 +162,6 @@ def test_bench_smoke_on_cpu() -> None:
     assert "output tok/s" in result.stdout and "4 requests" in result.stdout
 
 
-@pytest.mark.slow
 def test_generate_tp2_streams_the_same_greedy_text(tiny_model_dir: Path) -> None:
     args = ["generate", str(tiny_model_dir), "-p", PROMPT, "--max-tokens", "8", "--device", "cpu"]
     tp1, tp2 = _invoke(*args), _invoke(*args, "--tp", "2")
