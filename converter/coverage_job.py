@@ -40,8 +40,10 @@ class Outcome:
     seconds: float = 0.0
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by SIGALRM inside whatever the job is running. A BaseException, like
+    KeyboardInterrupt, so the converter's last-line-of-defence handler (which turns any
+    Exception into a ConversionError) cannot relabel a timeout as a conversion failure."""
 
 
 def one_line(exc: BaseException) -> str:
