@@ -18,7 +18,6 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,13 +27,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 from runtime.attention import InputMetadata, PagedAttention
+from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    default_weight_loader,
     local_num_heads,
     local_num_kv_heads,
 )
@@ -321,7 +320,7 @@ class LlamaForCausalLM(nn.Module):
         Strict: one ValueError names every checkpoint key that matches no parameter and
         every parameter left unloaded (a lenient loader turns a rename into silently wrong
         logits). Each parameter loads through its own `weight_loader`, which shards it for
-        tensor parallelism.
+        tensor parallelism; the matching itself is `runtime.checkpoint.load_checkpoint`.
         """
         # transformers' checkpoint renames for this model (conversion_mapping.py), in order
         renames = [
@@ -347,53 +346,12 @@ class LlamaForCausalLM(nn.Module):
         ignored = []
         # the tied copy of model.embed_tokens.weight ("lm_head.weight"), saved or not
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
-        params = dict(self.named_parameters())
-        buffers = {name for name, _ in self.named_buffers()}
-
-        def resolve(name: str) -> tuple[str, object] | None:
-            for candidate in (name, prefix + name, name.removeprefix(prefix)):
-                for fused, shard, shard_id in stacked_params_mapping:
-                    if shard in candidate and candidate.replace(shard, fused) in params:
-                        return candidate.replace(shard, fused), shard_id
-                if candidate in params:
-                    return candidate, None
-            return None
-
-        shards: dict[str, set] = {}
-        unknown: list[str] = []
-        for checkpoint_name, tensor in weights:
-            name = checkpoint_name
-            for pattern, replacement in renames:
-                name = re.sub(pattern, replacement, name, count=1)
-            found = resolve(name)
-            if found is None:
-                bare = name.removeprefix(prefix)
-                skip = {name, prefix + bare, bare} & (tied | buffers)
-                if not skip and not any(re.search(p, name) for p in ignored):
-                    unknown.append(checkpoint_name)
-                continue
-            param_name, shard_id = found
-            param = params[param_name]
-            weight_loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                if shard_id is None:
-                    weight_loader(param, tensor)
-                else:
-                    weight_loader(param, tensor, shard_id)
-            except ValueError as e:
-                raise ValueError(f"{param_name} (checkpoint {checkpoint_name}): {e}") from None
-            shards.setdefault(param_name, set()).add(shard_id)
-
-        def complete(param_name: str) -> bool:
-            got = shards.get(param_name, set())
-            needed = {s for fused, _, s in stacked_params_mapping if fused in param_name}
-            return None in got or (bool(needed) and needed <= got)
-
-        missing = [n for n in params if not complete(n)]
-        if unknown or missing:
-            raise ValueError(
-                f"{type(self).__name__}.load_weights: "
-                f"{len(unknown)} checkpoint key(s) match no parameter {unknown}; "
-                f"{len(missing)} parameter(s) not loaded {missing}"
-            )
-        return set(shards)
+        return load_checkpoint(
+            self,
+            weights,
+            renames=renames,
+            stacked_params_mapping=stacked_params_mapping,
+            prefix=prefix,
+            ignored=ignored,
+            tied=tied,
+        )

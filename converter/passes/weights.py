@@ -88,10 +88,7 @@ def _with_tying(init: cst.FunctionDef, tie: cst.If | None) -> cst.FunctionDef:
 
 
 def _add_imports(module: cst.Module) -> cst.Module:
-    stmts = [
-        cst.parse_statement("import re"),
-        cst.parse_statement("from collections.abc import Iterable"),
-    ]
+    stmts = [cst.parse_statement("from collections.abc import Iterable")]
     have = {
         _EMPTY.code_for_node(s).strip()
         for s in module.body
@@ -103,7 +100,7 @@ def _add_imports(module: cst.Module) -> cst.Module:
         if _EMPTY.code_for_node(stmt).strip() not in have:
             body.insert(0, stmt)
     module = module.with_changes(body=body)
-    return add_import_from(module, {"default_weight_loader"}, "runtime.parallel")
+    return add_import_from(module, {"load_checkpoint"}, "runtime.checkpoint")
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:

@@ -4,7 +4,6 @@ strictness and shape errors."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import libcst as cst
@@ -14,7 +13,8 @@ from torch import nn
 
 from converter.context import ConversionContext
 from converter.passes.weights import load_weights_source
-from runtime.parallel import QKVParallelLinear, default_weight_loader
+from runtime.checkpoint import load_checkpoint
+from runtime.parallel import QKVParallelLinear
 
 
 def _ctx(**facts) -> ConversionContext:
@@ -31,10 +31,9 @@ def toy_class(ctx: ConversionContext, tie: bool):
     source = load_weights_source(ctx)
     method = cst.parse_module(source).body[0].body.body[0]
     namespace = {
-        "re": re,
         "Iterable": Iterable,
         "torch": torch,
-        "default_weight_loader": default_weight_loader,
+        "load_checkpoint": load_checkpoint,
     }
     exec(compile(cst.Module([method]).code, "load_weights", "exec"), namespace)
 
