@@ -20,6 +20,7 @@ from converter.coverage_rules import (
     detect_bucket,
     load_coverage_rules,
 )
+from converter.errors import ConversionError
 
 RULES = load_coverage_rules()
 
@@ -94,9 +95,22 @@ def test_unconvertible_type_yields_a_row_with_the_converters_reason():
     assert summarize(classes, {"mamba": outcome}).parity == 0
 
 
-def test_a_type_over_its_timeout_is_a_timeout_row():
+def test_a_type_over_its_timeout_is_a_timeout_row(monkeypatch):
+    import time
+
+    import converter.coverage_job as job
+
+    def slow_check(*args):
+        # Like the converter's last line of defence: every Exception becomes a one-line
+        # error. The timeout must pass through it, not be relabelled a conversion failure.
+        try:
+            time.sleep(5)
+        except Exception as exc:
+            raise ConversionError(f"internal error: {exc}") from None
+
     init_worker()
-    outcome = Outcome(**check("llama", "LlamaForCausalLM", 0.05, None))
+    monkeypatch.setattr(job, "_check", slow_check)
+    outcome = Outcome(**check("llama", "LlamaForCausalLM", 0.2, None))
     assert outcome.stage == "timeout" and outcome.parity is None
 
 
