@@ -270,10 +270,10 @@ def _register_serving_commands() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in _CONVERTER_ONLY and "--help" not in argv:
         return
-    try:
-        from runtime.engine.cli import register
-    except ImportError:  # engine not built yet in this checkout
-        return
+    # No fallback: a runtime that fails to import must say so, not make `generate`,
+    # `demo` and `bench` vanish as "No such command".
+    from runtime.engine.cli import register
+
     register(app)
 
 
