@@ -1,6 +1,7 @@
 """TP=2 vs TP=1 greedy equivalence on GPUs (NCCL).
 
-    python benchmarks/tp_check.py [--tp 2] [--dtype float32]
+    python benchmarks/tp_check.py [--tp 2] [--dtype float32]      # GPUs, NCCL
+    python benchmarks/tp_check.py --model tiny --device cpu          # gloo smoke check
 
 Builds a random Qwen3-0.6B-shaped model, generates greedily with TP=1 and TP=N on the
 same prompts and reports how many requests produced identical token ids. float32 by
@@ -11,6 +12,8 @@ random weights near-tied logits can then flip an argmax without any bug.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,15 +27,47 @@ from runtime.engine import LLM, SamplingParams  # noqa: E402
 from runtime.engine.bench import make_workload, preset_config, save_random_model  # noqa: E402
 
 
-def generate(model_dir, tp: int, dtype, prompts, max_tokens: int) -> list[list[int]]:
-    # Both engines live in this process one after the other: leave room for the second.
-    llm = LLM(model_dir, tensor_parallel_size=tp, dtype=dtype, device="cuda",
-              gpu_memory_utilization=0.4)
+def generate(model_dir, tp: int, dtype, device: str, prompts, max_tokens: int) -> list[list[int]]:
+    llm = LLM(model_dir, tensor_parallel_size=tp, dtype=dtype, device=device)
     try:
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
         return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
         llm.close()
+
+
+def generate_in_subprocess(model_dir, tp: int, args, prompts, tmp: Path) -> list[list[int]]:
+    """One engine per process: the first engine's KV cache (sized to most of the free
+    memory) is never in the way of the second."""
+    job, result = tmp / f"job-{tp}.json", tmp / f"result-{tp}.json"
+    job.write_text(
+        json.dumps(
+            {
+                "model_dir": str(model_dir),
+                "tp": tp,
+                "dtype": args.dtype,
+                "device": args.device,
+                "prompts": prompts,
+                "max_tokens": args.max_tokens,
+                "out": str(result),
+            }
+        )
+    )
+    subprocess.run([sys.executable, __file__, "--job", str(job)], check=True)
+    return json.loads(result.read_text())
+
+
+def run_job(path: str) -> None:
+    job = json.loads(Path(path).read_text())
+    tokens = generate(
+        job["model_dir"],
+        job["tp"],
+        getattr(torch, job["dtype"]),
+        job["device"],
+        job["prompts"],
+        job["max_tokens"],
+    )
+    Path(job["out"]).write_text(json.dumps(tokens))
 
 
 def main() -> None:
@@ -41,20 +76,28 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--model", default="qwen3-0.6b", help="preset shape (tiny for a CPU check)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.job:
+        run_job(args.job)
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
-    config = preset_config("qwen3-0.6b")
+    config = preset_config(args.model)
     workload = make_workload(args.num_requests, 20, 200, 1, config.vocab_size)
     prompts = [r.prompt_token_ids for r in workload]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_random_model(config, Path(tmp), dtype, "cuda")
-        single = generate(model_dir, 1, dtype, prompts, args.max_tokens)
-        multi = generate(model_dir, args.tp, dtype, prompts, args.max_tokens)
+        model_dir = save_random_model(config, Path(tmp) / "model", dtype, args.device)
+        single = generate_in_subprocess(model_dir, 1, args, prompts, Path(tmp))
+        multi = generate_in_subprocess(model_dir, args.tp, args, prompts, Path(tmp))
     same = sum(a == b for a, b in zip(single, multi))
-    print(f"TP={args.tp} vs TP=1 ({args.dtype}, greedy, {args.max_tokens} tokens): "
-          f"{same}/{len(prompts)} requests identical")
+    print(
+        f"TP={args.tp} vs TP=1 ({args.dtype}, greedy, {args.max_tokens} tokens): "
+        f"{same}/{len(prompts)} requests identical"
+    )
     for i, (a, b) in enumerate(zip(single, multi)):
         if a != b:
             k = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
