@@ -132,15 +132,17 @@ def copy_bandwidth(device: str) -> float:
     return bandwidth
 
 
+def workload_for(args: argparse.Namespace):
+    """The seeded request list; the parent and every system's worker build the same one."""
+    return make_workload(
+        args.num_requests, args.min_len, args.max_len, args.seed,
+        preset_config(args.model).vocab_size,
+    )  # fmt: skip
+
+
 def worker(args: argparse.Namespace) -> None:
     """Runs one system on the saved model and writes its RunResult as JSON."""
-    workload = make_workload(
-        args.num_requests,
-        args.min_len,
-        args.max_len,
-        args.seed,
-        preset_config(args.model).vocab_size,
-    )
+    workload = workload_for(args)
     dtype = getattr(torch, args.dtype)
     if args.worker == "ours":
         result = run_ours(
@@ -205,13 +207,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    workload = make_workload(
-        args.num_requests,
-        args.min_len,
-        args.max_len,
-        args.seed,
-        preset_config(args.model).vocab_size,
-    )
+    workload = workload_for(args)
     config = preset_config(args.model)
     dtype = getattr(torch, args.dtype)
     slug = device_slug(args.device)
