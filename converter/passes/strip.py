@@ -52,6 +52,10 @@ class _Strip(cst.CSTTransformer):
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
         self.cls.pop()
+        if original.name.value in self.output_names:
+            # an output dataclass (@dataclass, docs): every `return X(...)` is unwrapped,
+            # so the class goes unused and the pruner removes it with its decorators
+            return updated
         return updated.with_changes(decorators=self._decorators(original, updated.decorators))
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:

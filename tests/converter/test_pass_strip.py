@@ -36,3 +36,21 @@ def test_unknown_decorator_stops_the_conversion():
     with pytest.raises(ConversionError, match="unknown decorator @mystery_wrapper") as err:
         prepare(source, through="strip")
     assert "rules/training.toml" in str(err.value)
+
+
+def test_decorators_of_a_local_output_dataclass_are_not_checked():
+    # the local output subclass is unwrapped at every return, so its decorators
+    # (@dataclass, docs) need no rule; the full pipeline prunes the unused class
+    source = TINY.replace(
+        "class TinyPreTrainedModel(PreTrainedModel):",
+        "@odd_doc_wrapper\n@dataclass\nclass TinyOddOutput(BaseModelOutputWithPast):\n"
+        "    extra_states: dict | None = None\n\n\n"
+        "class TinyPreTrainedModel(PreTrainedModel):",
+    ).replace(
+        "return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)",
+        "return TinyOddOutput(last_hidden_state=hidden_states, cache=cache)",
+    )
+    module, _ = prepare(source, through="strip")
+    assert "return hidden_states\n" in code_of(module, "TinyModel")
+    module, _ = prepare(source)
+    assert "TinyOddOutput" not in module.code and "odd_doc_wrapper" not in module.code
