@@ -3,7 +3,8 @@
 Importing transformers (and torch behind it) costs seconds per process; reading these
 few literals with `ast` costs milliseconds and keeps `convert` fast. What is read:
 
-- the config class's `base_model_tp_plan` (`configuration_<type>.py`);
+- the config class's `base_model_tp_plan` (`configuration_<type>.py`): a literal, or
+  literals expanded by comprehensions (no calls, no outside names);
 - the checkpoint renames of `conversion_mapping.py` for a model class or type
   (`WeightRenaming` entries; HF applies every matching one in order, then the legacy
   table). Other transform kinds (weight converters that split or merge tensors) are
@@ -75,7 +76,7 @@ def config_tp_plan(model_type: str) -> dict[str, str] | None:
                 and stmt.value is not None
             ):
                 try:
-                    plans.append(ast.literal_eval(stmt.value))
+                    plans.append(_plan_value(stmt.value))
                 except ValueError as e:
                     raise ConversionError(
                         "base_model_tp_plan is not a literal dict",
@@ -90,6 +91,36 @@ def config_tp_plan(model_type: str) -> dict[str, str] | None:
             hint="pick one with a tp_plan override in rules/architectures.toml",
         )
     return plans[0] if plans else None
+
+
+# A plan built from literals by comprehensions (`**{f"{s}.q_proj": "colwise" for s in
+# ("L", "H")}`): names bound only by its own comprehensions, no calls or attributes.
+_PLAN_NODES = (
+    ast.Dict, ast.DictComp, ast.comprehension, ast.Constant, ast.JoinedStr,
+    ast.FormattedValue, ast.Name, ast.Tuple, ast.List, ast.Load, ast.Store,
+)  # fmt: skip
+
+
+def _plan_value(node: ast.expr) -> dict:
+    """The plan's value: a literal, or a closed comprehension expression evaluated with no
+    builtins (any free name, call or attribute is a ValueError)."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        pass
+    bound = {
+        n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
+    for sub in ast.walk(node):
+        if not isinstance(sub, _PLAN_NODES) or (isinstance(sub, ast.Name) and sub.id not in bound):
+            raise ValueError(f"not a closed plan expression: {ast.unparse(sub)}")
+    try:  # a comprehension variable read outside its comprehension: NameError
+        value = eval(compile(ast.Expression(node), "<tp plan>", "eval"), {"__builtins__": {}})
+    except Exception as e:
+        raise ValueError(f"plan expression failed: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError("not a dict")
+    return value
 
 
 def _str_list(node: ast.expr) -> list[str]:

@@ -106,3 +106,28 @@ def test_tables_match_transformers():
     ) + get_checkpoint_conversion_mapping("legacy")
     assert ours == [tuple(t._original_source_patterns) for t in theirs]
     assert transformers_root().name == "transformers"
+
+
+def test_tp_plan_built_by_comprehensions(monkeypatch, tmp_path):
+    # hrm_text's plan: `**{f"{s}.x": "colwise" for s in (...)}`; anything with a call or
+    # an outside name stays an error
+    import converter.hf_tables as tables
+
+    path = tmp_path / "configuration_zz.py"
+    monkeypatch.setattr(tables, "configuration_file", lambda _t: path)
+    path.write_text(
+        "class ZzConfig:\n"
+        "    base_model_tp_plan = {\n"
+        '        "emb": "colwise",\n'
+        '        **{f"{a}.blocks.*.{b}": "rowwise" for a in ("up", "down") for b in ["p"]},\n'
+        "    }\n"
+    )
+    assert config_tp_plan("zz") == {
+        "emb": "colwise",
+        "up.blocks.*.p": "rowwise",
+        "down.blocks.*.p": "rowwise",
+    }
+    for bad in ('{k: "colwise" for k in names}', '{k: v for k in ("a",)}', "dict(a=1)"):
+        path.write_text(f"class ZzConfig:\n    base_model_tp_plan = {bad}\n")
+        with pytest.raises(ConversionError, match="not a literal dict"):
+            config_tp_plan("zz")
