@@ -65,8 +65,10 @@ def main() -> None:
             llm.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.steps
-        print(f"decode step wall (LLM.step, batch {args.batch}): {wall * 1e3:.2f} ms "
-              f"-> {args.batch / wall:,.0f} tok/s")
+        print(
+            f"decode step wall (LLM.step, batch {args.batch}): {wall * 1e3:.2f} ms "
+            f"-> {args.batch / wall:,.0f} tok/s"
+        )
         import cProfile
         import pstats
 

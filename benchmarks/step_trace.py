@@ -73,11 +73,15 @@ def main() -> None:
         total = time.perf_counter() - start
         print(f"total {total:.2f} s, {len(timeline)} steps")
         for kind, (n, sec, tok, seqs) in stats.items():
-            print(f"{kind:7s}: {n} steps, {sec:.2f} s ({sec / n * 1e3:.2f} ms/step), "
-                  f"{tok} tokens, avg {seqs / n:.1f} seqs/step")
+            print(
+                f"{kind:7s}: {n} steps, {sec:.2f} s ({sec / n * 1e3:.2f} ms/step), "
+                f"{tok} tokens, avg {seqs / n:.1f} seqs/step"
+            )
         for i in range(0, len(timeline), max(1, len(timeline) // 25)):
             t, kind, nseq, ntok, dt = timeline[i]
-            print(f"  t={t:6.2f}s {kind:6s} seqs={nseq:3d} tokens={ntok:5d} step={dt * 1e3:6.2f} ms")
+            print(
+                f"  t={t:6.2f}s {kind:6s} seqs={nseq:3d} tokens={ntok:5d} step={dt * 1e3:6.2f} ms"
+            )
         llm.close()
 
 

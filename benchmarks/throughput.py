@@ -16,8 +16,10 @@ The report goes to benchmarks/results/throughput-<device>.md, rewritten after ea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: bf16 on GPU, fp32 on CPU",
     )
     p.add_argument(
-        "--tp", type=int, default=1, help="tensor-parallel size of ours (HF runs on one GPU)"
-    )
+        "--tp", default="1",
+        help="tensor-parallel size(s) of ours, comma-separated (e.g. 1,2: ours runs once per "
+        "size); HF runs on one GPU",
+    )  # fmt: skip
     p.add_argument("--skip-hf", action="store_true", help="run ours only")
     p.add_argument(
         "--systems",
@@ -79,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--system-timeout", type=float, default=1800, help="seconds per system before it is stopped"
     )
+    p.add_argument(
+        "--keep-dir", type=Path, default=None,
+        help="keep the random model and each system's result here; a later invocation with "
+        "the same workload reuses the model and reports the earlier results beside its own "
+        "(split a run longer than one job's time limit over invocations on one machine)",
+    )  # fmt: skip
     p.add_argument(
         "--out",
         type=Path,
@@ -101,7 +111,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --systems {unknown}; expected a subset of {SYSTEMS}")
     args.systems = [s for s in systems if s == "ours" or not args.skip_hf]
+    try:
+        args.tp_sizes = [int(t) for t in str(args.tp).split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--tp expects comma-separated integers, got {args.tp!r}")
+    if not args.tp_sizes or min(args.tp_sizes) < 1:
+        p.error(f"--tp expects sizes >= 1, got {args.tp!r}")
+    args.tp = args.tp_sizes[0] if args.worker else max(args.tp_sizes)
     return args
+
+
+def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(result key, system, tp) for each run: ours once per TP size ("ours" alone when there
+    is one size, "ours-tp<N>" otherwise), each HF baseline once."""
+    runs = []
+    for system in args.systems:
+        if system != "ours":
+            runs.append((system, system, 1))
+        elif len(args.tp_sizes) == 1:
+            runs.append(("ours", "ours", args.tp_sizes[0]))
+        else:
+            runs += [(f"ours-tp{t}", "ours", t) for t in args.tp_sizes]
+    return runs
 
 
 def device_slug(device: str) -> str:
@@ -163,10 +194,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_system(
-    system: str, args: argparse.Namespace, model_dir: Path, tmp: Path
+    key: str, system: str, tp: int, args: argparse.Namespace, model_dir: Path, tmp: Path
 ) -> RunResult | str:
     """The system's result, or a one-line reason it has none."""
-    result_file = tmp / f"{system}.json"
+    result_file = tmp / f"{key}.json"
+    result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system]
     cmd += ["--model-dir", str(model_dir), "--result-file", str(result_file)]
     cmd += [
@@ -177,7 +209,7 @@ def run_system(
         "--dtype",
         args.dtype,
         "--tp",
-        str(args.tp),
+        str(tp),
     ]
     cmd += ["--num-requests", str(args.num_requests), "--min-len", str(args.min_len)]
     cmd += ["--max-len", str(args.max_len), "--seed", str(args.seed)]
@@ -191,7 +223,7 @@ def run_system(
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
-    print(f"\n== {system}", flush=True)
+    print(f"\n== {key}", flush=True)
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.system_timeout)
     except subprocess.TimeoutExpired:
@@ -201,6 +233,37 @@ def run_system(
     result = RunResult.from_json(result_file.read_text())
     print(format_result(result), flush=True)
     return result
+
+
+def prepare_model(args, config, dtype, keep: Path | None, tmp: Path) -> Path:
+    """The saved random model: reused from --keep-dir when it was built for the same
+    shape, dtype and seed, else built (and kept there when --keep-dir is given)."""
+    stamp = json.dumps({"model": args.model, "dtype": args.dtype, "seed": args.seed})
+    model_dir = (keep or tmp) / "model"
+    if keep is not None and (keep / "model.stamp").exists():
+        if (keep / "model.stamp").read_text() == stamp and (model_dir / "config.json").exists():
+            print(f"reusing the random model in {model_dir}", flush=True)
+            return model_dir
+        shutil.rmtree(model_dir, ignore_errors=True)
+        (keep / "results").exists() and shutil.rmtree(keep / "results")
+    start = time.perf_counter()
+    save_random_model(config, model_dir, dtype, args.device, args.seed)
+    print(f"random weights saved in {time.perf_counter() - start:.1f} s", flush=True)
+    if keep is not None:
+        (keep / "model.stamp").write_text(stamp)
+    return model_dir
+
+
+def earlier_results(keep: Path | None, workload_key: str) -> dict[str, RunResult]:
+    """Results that earlier invocations kept for the same workload (see --keep-dir)."""
+    if keep is None or not (keep / "results").is_dir():
+        return {}
+    found = {}
+    for path in sorted((keep / "results").glob("*.json")):
+        saved = json.loads(path.read_text())
+        if saved.get("workload") == workload_key:
+            found[path.stem] = RunResult.from_json(json.dumps(saved["result"]))
+    return found
 
 
 def main(argv=None) -> None:
@@ -215,22 +278,33 @@ def main(argv=None) -> None:
     out = args.out or REPO / "benchmarks" / "results" / (
         default_name + ("-quick" if args.quick else "") + ".md"
     )
+    runs = system_runs(args)
     print(
         f"{args.model} ({args.dtype}) on {slug}: {len(workload)} requests, "
-        f"lengths {args.min_len}..{args.max_len}, systems {args.systems}",
+        f"lengths {args.min_len}..{args.max_len}, runs {[key for key, _, _ in runs]}",
         flush=True,
     )
     bandwidth = copy_bandwidth(args.device)
     print(f"measured copy bandwidth: {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    keep = args.keep_dir.resolve() if args.keep_dir else None
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    workload_key = f"{args.model}/{args.dtype}/{args.seed}/{len(workload)}/{args.min_len}-{args.max_len}/{slug}"
     with tempfile.TemporaryDirectory(prefix="hf2paged-throughput-") as tmp:
-        model_dir = Path(tmp) / "model"
-        start = time.perf_counter()
-        save_random_model(config, model_dir, dtype, args.device, args.seed)
-        print(f"random weights saved in {time.perf_counter() - start:.1f} s", flush=True)
-        roofline = Roofline.of(model_dir, config, workload, dtype, bandwidth, args.tp)
+        model_dir = prepare_model(args, config, dtype, keep, Path(tmp))
+        roofline = Roofline.of(model_dir, config, workload, dtype, bandwidth, 1)
         results: dict[str, RunResult | str] = {}
-        for system in args.systems:
-            results[system] = run_system(system, args, model_dir, Path(tmp))
+        earlier = earlier_results(keep, workload_key)
+        for key, r in earlier.items():
+            if key not in {k for k, _, _ in runs}:
+                r.notes.append("measured by an earlier invocation on the same machine (--keep-dir)")
+                results[key] = r
+        for key, system, tp in runs:
+            results[key] = run_system(key, system, tp, args, model_dir, Path(tmp))
+            if keep is not None and isinstance(results[key], RunResult):
+                (keep / "results").mkdir(exist_ok=True)
+                saved = {"workload": workload_key, "result": json.loads(results[key].to_json())}
+                (keep / "results" / f"{key}.json").write_text(json.dumps(saved))
             write_report(out, args, slug, config, workload, roofline, results)
     print(f"\nreport: {out}")
 

@@ -12,10 +12,12 @@ random weights near-tied logits can then flip an argmax without any bug.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,8 +29,12 @@ from runtime.engine import LLM, SamplingParams  # noqa: E402
 from runtime.engine.bench import make_workload, preset_config, save_random_model  # noqa: E402
 
 
-def generate(model_dir, tp: int, dtype, device: str, prompts, max_tokens: int) -> list[list[int]]:
-    llm = LLM(model_dir, tensor_parallel_size=tp, dtype=dtype, device=device)
+def generate(
+    model_dir, tp: int, dtype, device: str, prompts, max_tokens: int, enforce_eager: bool = False
+) -> list[list[int]]:
+    llm = LLM(
+        model_dir, tensor_parallel_size=tp, dtype=dtype, device=device, enforce_eager=enforce_eager
+    )
     try:
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
         return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -49,6 +55,8 @@ def generate_in_subprocess(model_dir, tp: int, args, prompts, tmp: Path) -> list
                 "device": args.device,
                 "prompts": prompts,
                 "max_tokens": args.max_tokens,
+                "enforce_eager": args.enforce_eager,
+                "hang_timeout": args.hang_timeout,
                 "out": str(result),
             }
         )
@@ -59,6 +67,10 @@ def generate_in_subprocess(model_dir, tp: int, args, prompts, tmp: Path) -> list
 
 def run_job(path: str) -> None:
     job = json.loads(Path(path).read_text())
+    if job["hang_timeout"]:
+        # A stalled collective hangs silently: dump every thread's stack and exit instead.
+        faulthandler.dump_traceback_later(job["hang_timeout"], exit=True)
+    start = time.perf_counter()
     tokens = generate(
         job["model_dir"],
         job["tp"],
@@ -66,7 +78,11 @@ def run_job(path: str) -> None:
         job["device"],
         job["prompts"],
         job["max_tokens"],
+        job["enforce_eager"],
     )
+    graphs = not job["enforce_eager"] and job["device"].startswith("cuda")
+    mode = "CUDA graphs for decode" if graphs else "eager"
+    print(f"TP={job['tp']} ({mode}): {time.perf_counter() - start:.1f} s", flush=True)
     Path(job["out"]).write_text(json.dumps(tokens))
 
 
@@ -78,6 +94,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--model", default="qwen3-0.6b", help="preset shape (tiny for a CPU check)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both engines)")
+    p.add_argument(
+        "--hang-timeout", type=float, default=0,
+        help="seconds before a stalled engine dumps its stacks and exits (0: never)",
+    )  # fmt: skip
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.job:

@@ -45,7 +45,7 @@ def test_decode_graph_plumbing_gives_eager_tokens(tmp_path, budget: int) -> None
               max_num_batched_tokens=budget)  # fmt: skip
     runner = llm.executor.worker.runner
     graphs = EagerGraphs(runner, max_num_seqs=5, max_model_len=llm.max_model_len)
-    graphs.capture_all(llm.max_model_len)
+    graphs.capture_all(llm.max_model_len, agree=lambda ok: ok)
     assert sorted(graphs.graphs) == [1, 2, 4, 5]
     runner.graphs = graphs
     # Dirty the static buffers: stale rows must not leak into later replays.
@@ -56,3 +56,44 @@ def test_decode_graph_plumbing_gives_eager_tokens(tmp_path, budget: int) -> None
     assert [o.token_ids for o in outs] == expected
     assert EagerGraphs.replays > 5  # decodes (and 1-token chunks) went through the graphs
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+class FlakyGraphs(EagerGraphs):
+    """Captures fail from the `fail_at`-th size on (this rank's own failure)."""
+
+    fail_at: int | None = None
+    captured = 0
+
+    def capture_one(self, args, pool):
+        FlakyGraphs.captured += 1
+        if self.fail_at is not None and FlakyGraphs.captured >= self.fail_at:
+            raise RuntimeError("capture failed")
+        return super().capture_one(args, pool)
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "peer_ok", "expect_graphs", "captures"),
+    [
+        (None, True, True, 4),  # every rank captured every size
+        (2, True, False, 2),  # this rank fails at the second size: stop, tell the peers
+        (None, False, False, 1),  # a peer failed at the first size: this rank stops too
+    ],
+)
+def test_capture_agreement_keeps_ranks_in_step(
+    tmp_path, fail_at, peer_ok, expect_graphs, captures
+) -> None:
+    """Under TP every rank keeps graphs or none does, and none goes on capturing (each
+    capture runs all-reduces) once one rank has failed."""
+    model_dir, _ = build_model_dir("llama", tmp_path)
+    llm = LLM(model_dir, block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=5)
+    votes: list[bool] = []
+
+    def agree(ok: bool) -> bool:  # the MIN over this rank and a peer
+        votes.append(ok)
+        return ok and peer_ok
+
+    FlakyGraphs.fail_at, FlakyGraphs.captured = fail_at, 0
+    graphs = FlakyGraphs.capture(llm.executor.worker.runner, 5, llm.max_model_len, agree)
+    assert (graphs is not None) == expect_graphs
+    assert FlakyGraphs.captured == captures == len(votes)
+    assert votes[-1] == (fail_at is None)

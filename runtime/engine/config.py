@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,10 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        # TP > 1 decodes eagerly: with NCCL all-reduces inside captured graphs the 2-GPU
-        # throughput run stalled (no step finished in 260 s on 2x H200); a capture that
-        # fails on one rank only would also leave the ranks' collectives out of step.
-        return (
-            self.device_type == "cuda" and not self.enforce_eager and self.tensor_parallel_size == 1
-        )
+        if self.device_type != "cuda" or self.enforce_eager:
+            return False
+        if self.tensor_parallel_size == 1:
+            return True
+        # TP > 1: the ranks capture in lockstep and agree after every capture (see
+        # cuda_graphs.py); HF2PAGED_TP_CUDA_GRAPHS=0 decodes eagerly instead.
+        return os.environ.get("HF2PAGED_TP_CUDA_GRAPHS", "1") != "0"

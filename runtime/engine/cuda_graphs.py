@@ -13,12 +13,17 @@ outputs are dropped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from runtime.attention.metadata import InputMetadata
 
 log = logging.getLogger(__name__)
+
+# Called by every rank with "my capture succeeded"; True when all ranks' did.
+Agreement = Callable[[bool], bool]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -61,10 +66,20 @@ class DecodeGraphs:
         )
 
     @classmethod
-    def capture(cls, runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
+    def capture(
+        cls, runner, max_num_seqs: int, max_model_len: int, agree: Agreement | None = None
+    ) -> DecodeGraphs | None:
+        """Capture every size, or None (decode eagerly) when any capture fails.
+
+        Under tensor parallelism every rank captures the same sizes in the same order
+        (warm-up and capture both run the model's all-reduces, which must pair up), and
+        `agree` (an all-reduce over the ranks' CPU group) makes all ranks keep graphs or
+        all drop them after each size: a rank that failed alone would otherwise replay
+        graphs while the others run eagerly, and their collectives would never meet.
+        """
         graphs = cls(runner, max_num_seqs, max_model_len)
         try:
-            graphs.capture_all(max_model_len)
+            graphs.capture_all(max_model_len, agree or (lambda ok: ok))
         except Exception as exc:  # noqa: BLE001 — a model that cannot be captured runs eagerly
             log.warning("CUDA graph capture failed (%s); decoding eagerly", exc)
             if torch.cuda.is_available():
@@ -73,12 +88,18 @@ class DecodeGraphs:
         return graphs
 
     @torch.inference_mode()
-    def capture_all(self, max_model_len: int) -> None:
+    def capture_all(self, max_model_len: int, agree: Agreement) -> None:
         pool = None
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
             md = self.metadata(bs, max_model_len)
             args = (self.input_ids[:bs], self.positions[:bs], self.runner.kv_caches, md)
-            replay, hidden, pool = self.capture_one(args, pool)
+            error = None
+            try:
+                replay, hidden, pool = self.capture_one(args, pool)
+            except Exception as exc:  # noqa: BLE001 — reported through the agreement first
+                error = exc
+            if not agree(error is None):
+                raise error or RuntimeError("another tensor-parallel rank failed its capture")
             self.graphs[bs] = (replay, hidden)
 
     def capture_one(self, args: tuple, pool):
@@ -87,7 +108,10 @@ class DecodeGraphs:
         model(*args)  # warm-up: lazy initialisation and Triton compilation outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: NCCL's watchdog thread queries events while this thread captures
+        # (a "global" capture makes those queries fail).
+        mode = "thread_local" if dist.is_initialized() else "global"
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
             hidden = model(*args)  # [bs, hidden]
         torch.cuda.synchronize()
         return graph.replay, hidden, graph.pool() if pool is None else pool

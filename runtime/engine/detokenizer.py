@@ -17,8 +17,10 @@ def _fast_decoder(tokenizer):
     the wrapper's argument normalisation costs ~10x the decode itself, twice per token
     per request per step, which dominated the engine's host time at batch 256."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "decode") and not getattr(
-        tokenizer, "clean_up_tokenization_spaces", False
+    if (
+        backend is not None
+        and hasattr(backend, "decode")
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
     ):
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

@@ -10,6 +10,7 @@ Decode-only batches replay CUDA graphs (see `cuda_graphs.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 2048,
         use_cuda_graphs: bool = False,
+        agree: Callable[[bool], bool] | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -144,7 +146,7 @@ class ModelRunner:
         if use_cuda_graphs and device.type == "cuda":
             from runtime.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len)
+            self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len, agree)
 
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """int64 host arrays -> device tensors (same shapes): on CUDA, packed into one

@@ -97,16 +97,29 @@ class Worker:
         torch.cuda.empty_cache()
         return peak
 
-    def init_cache(self, num_blocks: int) -> None:
+    def init_cache(self, num_blocks: int, group=None) -> None:
+        """Allocate the KV cache and capture the decode graphs; `group` (the CPU group of
+        the TP ranks) keeps the ranks' captures in step."""
         cfg = self.config
         caches = allocate_kv_caches(self.model, num_blocks, cfg.block_size, cfg.dtype, self.device)
         max_len = min(cfg.max_model_len, num_blocks * cfg.block_size)
+        agree = None
+        if cfg.tensor_parallel_size > 1:
+            agree = lambda ok: _all_ranks(ok, group)  # noqa: E731
         self.runner = ModelRunner(
-            self.model, caches, self.device, cfg.max_num_seqs, max_len, cfg.use_cuda_graphs
-        )
+            self.model, caches, self.device, cfg.max_num_seqs, max_len, cfg.use_cuda_graphs,
+            agree,
+        )  # fmt: skip
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         return self.runner.execute(inputs)
+
+
+def _all_ranks(ok: bool, group) -> bool:
+    """True when `ok` on every rank (a MIN all-reduce over the CPU group)."""
+    t = torch.tensor([int(ok)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def _free_port() -> int:
@@ -142,7 +155,7 @@ def _start(config: EngineConfig, group) -> tuple[Worker | None, BaseException | 
     if error is None and num_blocks <= 0:
         error = _PEER_FAILED
     if error is None:
-        worker.init_cache(num_blocks)
+        worker.init_cache(num_blocks, group)
     return worker, exc, error
 
 
