@@ -17,6 +17,7 @@ import libcst.matchers as m
 
 from converter.context import Child, ClassInfo, ConversionContext
 from converter.cstwalk import nodes_of
+from converter.dispatch import dispatch_tables
 
 BUILTINS = frozenset(dir(builtins))
 INTERFACE_REGISTRY = "ALL_ATTENTION_FUNCTIONS"
@@ -121,11 +122,13 @@ def _child_blocks(stmt: cst.CSTNode) -> list[list[cst.CSTNode]]:
 
 
 def _child_of_assign(
-    value: cst.BaseExpression, local: set[str]
+    value: cst.BaseExpression, local: set[str], dispatch: dict[str, str]
 ) -> tuple[str, str | None, bool, cst.Call] | None:
     """(ctor code, local class, in_list, ctor call) for a module-constructing expression."""
     if not isinstance(value, cst.Call):
         return None
+    if isinstance(value.func, cst.Subscript) and dotted(value.func.value) in dispatch:
+        return (cls := dispatch[dotted(value.func.value)]), cls, False, value  # TABLE[key](..)
     ctor = dotted(value.func)
     if ctor is None:
         return None
@@ -209,6 +212,7 @@ def _ast_facts(source: str) -> dict[str, tuple[int, set[str], bool]]:
 def _collect_classes(module: cst.Module, ctx: ConversionContext) -> dict[str, ClassInfo]:
     local = {s.name.value for s in module.body if isinstance(s, cst.ClassDef)}
     facts = _ast_facts(ctx.source_text)
+    ctx.dispatch = dispatch_tables(module)
     classes: dict[str, ClassInfo] = {}
     for node in module.body:
         if not isinstance(node, cst.ClassDef):
@@ -237,7 +241,7 @@ def _record_child(ctx, info: ClassInfo, node: cst.Assign, local: set[str], scope
         if m.matches(node.value, m.Call(func=m.Attribute(attr=m.Name("Parameter")))):
             info.param_attrs.append(attr)
             continue
-        found = _child_of_assign(node.value, local)
+        found = _child_of_assign(node.value, local, ctx.dispatch)
         if found is None or attr in info.children:
             continue
         ctor, cls, in_list, call = found
@@ -287,8 +291,7 @@ def forward_owner(ctx: ConversionContext, cls: str, method: str = "forward") -> 
 
 def analyze(module: cst.Module, ctx: ConversionContext) -> None:
     """Fill the ownership graph, module symbols, line index and roles of `ctx`."""
-    symbols = top_level(module)
-    ctx.module_symbols = set(symbols)
+    ctx.module_symbols = set(top_level(module))
     ctx.functions = [s.name.value for s in module.body if isinstance(s, cst.FunctionDef)]
     ctx.line_index = line_index(ctx.source_text)
     ctx.classes = _collect_classes(module, ctx)

@@ -72,6 +72,8 @@ class ConversionContext:
     stack_path: tuple[str, ...] = ()  # from the LM class: ("model", "layers")
     decoder_layer_class: str = ""
     attention_classes: list[str] = field(default_factory=list)
+    # module-level dicts of classes -> the class `TABLE[key](...)` builds (analysis)
+    dispatch: dict[str, str] = field(default_factory=dict)
     eager_attention: bool = False  # attention classes are hand-written softmax cores
     attention_attr: str = ""  # the decoder layer's attribute holding attention ("self_attn")
     mlp_classes: list[str] = field(default_factory=list)

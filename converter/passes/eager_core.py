@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import bound_names, methods_of, self_attr
+from converter.analysis import bound_names, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
-from converter.passes.attention_args import _assignments, _statements, head_shape
+from converter.passes.eager_args import ctor_args
+from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args
 
 SOFTMAX = ("softmax",)
 PRODUCTS = ("matmul", "bmm", "baddbmm")
@@ -82,41 +83,6 @@ def _product(stmts) -> tuple[cst.CSTNode, cst.BaseExpression] | None:
     return None
 
 
-def _scale(stmts, product: cst.CSTNode) -> str:
-    """Product of the factors applied to the q·kᵀ chain before the softmax."""
-    factors: list[str] = []
-    if isinstance(product, cst.Call):
-        alpha = [a.value for a in product.args if a.keyword and a.keyword.value == "alpha"]
-        factors += [_code(a) for a in alpha]
-    chain: set[str] = set()
-    for stmt in stmts:
-        for node in nodes_of(stmt, cst.BinaryOperation, cst.AugAssign):
-            if isinstance(node, cst.AugAssign):
-                if isinstance(node.target, cst.Name) and node.target.value in chain:
-                    if isinstance(node.operator, cst.MultiplyAssign):
-                        factors.append(_code(node.value))
-                    elif isinstance(node.operator, cst.DivideAssign):
-                        factors.append(f"1 / ({_code(node.value)})")
-                continue
-            left_in = _reaches(node.left, chain, product)
-            right_in = _reaches(node.right, chain, product)
-            if isinstance(node.operator, cst.Multiply) and left_in != right_in:
-                factors.append(_code(node.right if left_in else node.left))
-            elif isinstance(node.operator, cst.Divide) and left_in and not right_in:
-                factors.append(f"1 / ({_code(node.right)})")
-        if _reaches(stmt, chain, product):
-            chain |= _targets(stmt)
-        if has_softmax(stmt):
-            break
-    return " * ".join(factors) if factors else "1.0"
-
-
-def _reaches(node: cst.CSTNode, chain: set[str], product: cst.CSTNode) -> bool:
-    return bool(names_read(node) & chain) or any(
-        n is product for n in nodes_of(node, type(product))
-    )
-
-
 def _o_proj_input(stmt: cst.CSTNode, owned: set[str], tainted: set[str]) -> str | None:
     """``X`` of a ``self.<owned module>(X)`` call in `stmt` that reads the core's output."""
     for call in nodes_of(stmt, cst.Call):
@@ -136,29 +102,48 @@ class _NoneFor(cst.CSTTransformer):
 
 
 def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef):
-    """(new forward, PagedAttention args) for the eager core of `cls`."""
+    """(new forward, PagedAttention args) for the eager core(s) of `cls`."""
     scope = f"{cls}.forward"
-    body = list(forward.body.body)
+    body = keep_eager_arms(list(forward.body.body))
+    new_body, args = _block(ctx, cls, node, forward, body, [], None, scope)
+    new_forward = forward.with_changes(body=forward.body.with_changes(body=new_body))
+    if "alibi_slopes" in args:
+        new_forward = new_forward.visit(BiasTests(_alibi(ctx)["bias"]))
+    return new_forward, args
+
+
+def _alibi(ctx: ConversionContext) -> dict:
+    return ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi") or {}
+
+
+def _block(ctx, cls, node, forward, body, before, kv, scope):
+    """(new statements, PagedAttention args) for the one core in `body`; `before` holds
+    the statements that run before it, `kv` the cache update an enclosing block made."""
     soft = [i for i, s in enumerate(body) if has_softmax(s)]
     if len(soft) != 1:
         raise ctx.error(
             f"eager attention core: expected one top-level statement with a softmax, found {len(soft)}",
             forward,
             scope=scope,
-            hint="branch-local eager cores are not supported yet; extend converter/passes/eager_core.py",
+            hint="extend converter/passes/eager_core.py",
         )
     i_sm = soft[0]
     anchors = [i for i in range(i_sm) if _cache_update(body[i]) is not None]
-    if not anchors:
+    if anchors:
+        anchor = anchors[-1]
+        update = _cache_update(body[anchor])
+        k, v = (a.value.value for a in update.args[:2])
+    elif kv is not None:
+        anchor, (update, k, v) = -1, kv  # the update ran before this block
+    else:
         raise ctx.error(
             "eager attention core without a KV-cache update before the softmax",
             forward,
             scope=scope,
             hint="extend converter/passes/eager_core.py",
         )
-    anchor = anchors[-1]
-    update = _cache_update(body[anchor])
-    k, v = (a.value.value for a in update.args[:2])
+    if isinstance(body[i_sm], cst.If):
+        return _branch(ctx, cls, node, forward, body, i_sm, before, (update, k, v), scope)
     found = _product(body[anchor + 1 : i_sm + 1])
     if found is None or not isinstance(found[1], cst.Name):
         raise ctx.error(
@@ -200,82 +185,33 @@ def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.F
     )
     rest = [s.visit(_NoneFor((dropped | tainted) & live_after - {out})) for s in after]
     new_body = [*body[: anchor + 1], paged, *kept, *rest]
-    new_forward = forward.with_changes(body=forward.body.with_changes(body=new_body))
-    args = _ctor_args(
-        ctx, cls, node, body[: anchor + 1], q, k, body[anchor + 1 : i_sm + 1], product
-    )
-    return new_forward, args
+    views = [*before, *body[: anchor + 1]]
+    core = body[anchor + 1 : i_sm + 1]
+    return new_body, ctor_args(ctx, cls, node, views, q, k, core, product, update)
 
 
-def _ctor_args(ctx, cls, node, before, q, k, core, product) -> dict[str, str]:
-    methods = methods_of(node)
-    init = methods["__init__"]
-    config = (
-        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
-    )
-    q_dims = _view_dims(q, before, methods)
-    k_dims = _view_dims(k, before, methods)
-    if q_dims is None:
-        raise ctx.error(
-            "eager attention core: cannot find the view that splits the query's heads",
-            init,
-            scope=f"{cls}.forward",
+def _branch(ctx, cls, node, forward, body, i, before, kv, scope):
+    """Cores in the arms of an if/else (Falcon: rotary arm, ALiBi arm): each arm is
+    rewritten with the cache update made before the branch; one set of arguments."""
+    outer = [*before, *body[:i]]
+    found: list[dict[str, str]] = []
+
+    def arm(block):
+        if not any(has_softmax(s) for s in block):
+            return block
+        new, args = _block(ctx, cls, node, forward, block, outer, kv, scope)
+        found.append(args)
+        return new
+
+    def visit(stmt: cst.If) -> cst.If:
+        orelse = stmt.orelse
+        if isinstance(orelse, cst.If):
+            orelse = visit(orelse)
+        elif orelse is not None:
+            orelse = orelse.with_changes(body=orelse.body.with_changes(body=arm(orelse.body.body)))
+        return stmt.with_changes(
+            body=stmt.body.with_changes(body=arm(stmt.body.body)), orelse=orelse
         )
-    args = {
-        "num_heads": _heads_of(q_dims) or f"{config}.num_attention_heads",
-        "head_dim": _code(q_dims[-1]),
-        "scale": _scale(core, product),
-    }
-    kv = _heads_of(k_dims) if k_dims else None
-    if kv is not None and kv != args["num_heads"]:
-        args["num_kv_heads"] = kv
-    alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi")
-    if alibi and any(alibi["bias"] in names_read(s) for s in core):
-        args["alibi_slopes"] = alibi["slopes"]
-    # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
-    # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
-    params = {p.name.value for p in methods["forward"].params.params} - {"self"}
-    read = set().union(*(names_read(s) for s in core))
-    update = _cache_update(before[-1])  # the anchor: its cache object is no score input
-    read -= names_read(update.func) if update is not None else set()
-    extra = sorted(n for n in params & read if "mask" not in n and n != (alibi or {}).get("bias"))
-    if extra:
-        raise ctx.error(
-            f"eager attention core adds forward input(s) {extra} to its scores",
-            methods["forward"],
-            scope=f"{cls}.forward",
-            hint="ALiBi biases: declare [<type>.alibi] in rules/architectures.toml; "
-            "other biases need a PagedAttention feature",
-        )
-    return args
 
-
-def _view_dims(name: str, before, methods) -> list[cst.BaseExpression] | None:
-    """Dims of the view splitting `name`'s heads: in the forward, else in a ``self.<m>()``
-    helper the name is computed by (Bloom's ``_reshape``)."""
-    assigns = _assignments(_statements(before))
-    dims = head_shape(name, assigns)
-    if dims is not None:
-        return dims
-    for rhs in assigns.get(name, []):
-        for call in nodes_of(rhs, cst.Call):
-            helper = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
-            if helper in methods:
-                stmts = _statements(methods[helper].body.body)
-                for views in _assignments(stmts).values():
-                    for value in views:
-                        for c in nodes_of(value, cst.Call):
-                            if _method(c) in ("view", "reshape") and len(c.args) >= 4:
-                                return [a.value for a in c.args]
-    return None
-
-
-def _heads_of(dims) -> str | None:
-    """The head-count dim: the last non-literal dim before head_dim (``view(B, T, H, 3, D)``
-    has a literal 3 for the fused q/k/v index)."""
-    literal = (cst.Integer, cst.UnaryOperation)
-    candidates = [dims[-2]] + ([dims[-3]] if len(dims) >= 5 else [])
-    for dim in candidates:
-        if not isinstance(dim, literal):
-            return _code(dim)
-    return None
+    new_if = visit(body[i])
+    return [*body[:i], new_if, *body[i + 1 :]], merge_arm_args(ctx, found, body[i], scope)

@@ -91,7 +91,7 @@ def statement(stmt, live: set[str], apply: bool):
             )
         live_in = live_body | live_else | names_read(stmt.test)
         if not body and orelse is None:
-            return None, live | names_read(stmt.test)
+            return None, live  # the whole if goes, its test with it
         body = body or [cst.SimpleStatementLine([cst.Pass()])]
         return stmt.with_changes(body=stmt.body.with_changes(body=body), orelse=orelse), live_in
     if isinstance(stmt, (cst.For, cst.While)):

@@ -21,6 +21,7 @@ import libcst.matchers as m
 from converter.analysis import bound_names
 from converter.context import ConversionContext
 from converter.cstwalk import nodes_of
+from converter.dispatch import resolve_constructions
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
 HF_ATTRS = {
@@ -277,5 +278,6 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         elif _is_docstring(stmt):
             continue
         body.append(stmt)
-    module = module.with_changes(body=body)
+    # `TABLE[key](...)` constructions -> the class analysis chose; the table then goes
+    module = resolve_constructions(module.with_changes(body=body), ctx.dispatch)
     return shake(module, {ctx.lm_class})

@@ -35,8 +35,22 @@ GPT = dict(
     eos_token_id=2,
 )
 
+# Falcon names its sizes like COMMON but its KV head count `num_kv_heads`.
+FALCON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 # A case is named by its key; `model_type` (default: the key) picks the config class,
-# so one architecture can be tested under several configurations.
+# so one architecture can be tested under several configurations; `attn_implementation`
+# (default "eager") picks the HF reference path.
 CONFIGS: dict[str, dict] = {
     # word_embed_proj_dim != hidden_size exercises project_in/project_out.
     "opt": dict(
@@ -100,6 +114,32 @@ CONFIGS: dict[str, dict] = {
         max_seq_len=128,
         initializer_range=0.2,
         attn_config={"clip_qkv": 1.0},
+    ),
+    # Falcon: one generated module for every QKV layout (converter/passes/eager_arms.py).
+    # New decoder architecture: grouped fused QKV [kv][q, q, k, v][D], K/V broadcast to
+    # every query head before caching, two layer norms, parallel attention + MLP.
+    "falcon": dict(
+        FALCON,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        multi_query=False,
+        parallel_attn=True,
+    ),
+    # Falcon-7B style: multi-query fused QKV [q..., k, v], rotary, parallel attention.
+    "falcon_mqa": dict(
+        FALCON, model_type="falcon", multi_query=True, parallel_attn=True, tie_word_embeddings=False
+    ),
+    # Falcon-RW style: ALiBi, old MHA layout (interleaved per head), sequential residual,
+    # biases. Compared with HF's sdpa path, transformers' default for Falcon: its eager
+    # ALiBi path adds the bias twice (once itself, once inside the mask the model built).
+    "falcon_alibi": dict(
+        FALCON,
+        model_type="falcon",
+        alibi=True,
+        multi_query=False,
+        parallel_attn=False,
+        bias=True,
+        attn_implementation="sdpa",
     ),
 }
 

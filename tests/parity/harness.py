@@ -32,9 +32,10 @@ class Case:
 
 def make_case(arch: str, root: Path) -> Case:
     kwargs = dict(CONFIGS[arch])
+    impl = kwargs.pop("attn_implementation", "eager")
     config = AutoConfig.for_model(kwargs.pop("model_type", arch), **kwargs)
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     tokens = SCENARIO.tokens(config.vocab_size)

@@ -1,0 +1,210 @@
+"""PagedAttention arguments of a hand-written eager core (converter/passes/eager_core.py).
+
+- scale: the factors multiplied into (``*``, ``*=``, ``alpha=``) or divided out of
+  (``/``, ``/=``) the q·kᵀ chain before the softmax; none means 1.0. Factors applied
+  after the ALiBi bias joined the chain (Falcon: ``(qkᵀ + alibi) * inv_norm``) scale the
+  slopes too, since the kernel adds ``slope * distance`` after scaling q·kᵀ.
+- heads: from the view that splits q's (k's) heads. A 4-d view that IS the query the
+  product reads is ``[B, H, T, D]`` by the cache contract (Falcon's
+  ``transpose(1, 2).reshape(B, H, T, D)``); a view transposed afterwards is
+  ``[B, T, H, D]`` (Bloom, MPT). A head count held in a forward local
+  (``n_kv = self.a if self.flag else self.b``) is inlined: ``__init__`` has no locals.
+- ALiBi: ``[<type>.alibi]`` in rules/architectures.toml (see eager_core).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from converter.analysis import bound_names, methods_of, self_attr
+from converter.context import ConversionContext
+from converter.cstwalk import names_read, nodes_of
+from converter.passes.attention_args import _assignments, _statements, head_shape
+
+VIEWS = ("view", "reshape")
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def _method(call: cst.Call) -> str | None:
+    func = call.func
+    if isinstance(func, cst.Attribute):
+        return func.attr.value
+    return func.value if isinstance(func, cst.Name) else None
+
+
+def _softmax(stmt: cst.CSTNode) -> bool:
+    return any(_method(c) == "softmax" for c in nodes_of(stmt, cst.Call))
+
+
+def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[str]]:
+    """(scale, factors that also multiply the bias) of the q·kᵀ chain before the softmax."""
+    factors: list[str] = []
+    bias_factors: list[str] = []
+    if isinstance(product, cst.Call):
+        alpha = [a.value for a in product.args if a.keyword and a.keyword.value == "alpha"]
+        factors += [_code(a) for a in alpha]
+    chain: set[str] = set()
+    biased: set[str] = set()  # chain names that already hold the bias
+
+    def add(factor: str, with_bias: bool) -> None:
+        factors.append(factor)
+        if with_bias:
+            bias_factors.append(factor)
+
+    for stmt in stmts:
+        for node in nodes_of(stmt, cst.BinaryOperation, cst.AugAssign):
+            if isinstance(node, cst.AugAssign):
+                if isinstance(node.target, cst.Name) and node.target.value in chain:
+                    has_bias = node.target.value in biased
+                    if isinstance(node.operator, cst.MultiplyAssign):
+                        add(_code(node.value), has_bias)
+                    elif isinstance(node.operator, cst.DivideAssign):
+                        add(f"1 / ({_code(node.value)})", has_bias)
+                continue
+            left_in = _reaches(node.left, chain, product)
+            right_in = _reaches(node.right, chain, product)
+            side = node.left if left_in else node.right
+            has_bias = bool(names_read(side) & (biased | {bias}))
+            if isinstance(node.operator, cst.Multiply) and left_in != right_in:
+                add(_code(node.right if left_in else node.left), has_bias)
+            elif isinstance(node.operator, cst.Divide) and left_in and not right_in:
+                add(f"1 / ({_code(node.right)})", has_bias)
+        if _reaches(stmt, chain, product):
+            targets = set(bound_names(stmt))
+            chain |= targets
+            if _value_reads(stmt) & (biased | {bias}):
+                biased |= targets
+        if _softmax(stmt):
+            break
+    return (" * ".join(factors) if factors else "1.0"), bias_factors
+
+
+def _value_reads(stmt: cst.CSTNode) -> set[str]:
+    """Names a statement reads, not counting the names its assignments bind."""
+    if isinstance(stmt, cst.SimpleStatementLine):
+        values = [getattr(s, "value", None) or s for s in stmt.body]
+        return set().union(*(names_read(v) for v in values))
+    return names_read(stmt)
+
+
+def _reaches(node: cst.CSTNode, chain: set[str], product: cst.CSTNode) -> bool:
+    return bool(names_read(node) & chain) or any(
+        n is product for n in nodes_of(node, type(product))
+    )
+
+
+def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, update):
+    """PagedAttention arguments; `before` runs before the core, `update` is the cache
+    update (its cache object is no score input)."""
+    methods = methods_of(node)
+    init = methods["__init__"]
+    config = (
+        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
+    )
+    q_heads = _heads(q, before, methods)
+    if q_heads is None:
+        raise ctx.error(
+            "eager attention core: cannot find the view that splits the query's heads",
+            init,
+            scope=f"{cls}.forward",
+        )
+    alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi") or {}
+    scale, bias_factors = scale_of(core, product, alibi.get("bias"))
+    args = {
+        "num_heads": q_heads[0] or f"{config}.num_attention_heads",
+        "head_dim": q_heads[1],
+        "scale": scale,
+    }
+    kv = (_heads(k, before, methods) or (None, None))[0]
+    if kv is not None and kv != args["num_heads"]:
+        args["num_kv_heads"] = kv
+    if alibi and any(alibi["bias"] in names_read(s) for s in core):
+        slopes = alibi["slopes"]
+        args["alibi_slopes"] = (
+            f"({slopes}) * {' * '.join(bias_factors)}" if bias_factors else slopes
+        )
+    # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
+    # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
+    params = {p.name.value for p in methods["forward"].params.params} - {"self"}
+    read = set().union(*(names_read(s.visit(_NoMetadata())) for s in core))
+    read -= names_read(update.func) if update is not None else set()
+    extra = sorted(n for n in params & read if "mask" not in n and n != alibi.get("bias"))
+    if extra:
+        raise ctx.error(
+            f"eager attention core adds forward input(s) {extra} to its scores",
+            methods["forward"],
+            scope=f"{cls}.forward",
+            hint="ALiBi biases: declare [<type>.alibi] in rules/architectures.toml; "
+            "other biases need a PagedAttention feature",
+        )
+    return args
+
+
+class _NoMetadata(cst.CSTTransformer):
+    """``x.dtype`` / ``x.device`` / ``x.shape`` read no values (a softmax's ``dtype=``)."""
+
+    def leave_Attribute(self, original, updated: cst.Attribute) -> cst.BaseExpression:
+        if updated.attr.value in ("dtype", "device", "shape"):
+            return cst.Name("_")
+        return updated
+
+
+def _heads(name: str, before, methods) -> tuple[str | None, str] | None:
+    """(head count or None, head_dim) of `name`'s head-splitting view."""
+    assigns = _assignments(_statements(before))
+    direct = [
+        rhs
+        for rhs in assigns.get(name, [])
+        if isinstance(rhs, cst.Call) and _method(rhs) in VIEWS and len(rhs.args) == 4
+    ]
+    if direct:  # the query the product reads, [B, H, T, D]
+        dims = [a.value for a in direct[-1].args]
+        return _inline(dims[1], assigns), _code(dims[3])
+    dims = _view_dims(name, assigns, methods)
+    if dims is None:
+        return None
+    heads = _heads_of(dims)
+    return (_inline(cst.parse_expression(heads), assigns) if heads else None), _code(dims[-1])
+
+
+def _inline(dim: cst.BaseExpression, assigns) -> str:
+    """A head count held in a forward local, as the expression it was assigned."""
+    if isinstance(dim, cst.Name) and len(assigns.get(dim.value, [])) == 1:
+        value = assigns[dim.value][0]
+        if not names_read(value) - {"self", "config"}:
+            return _code(value)
+    return _code(dim)
+
+
+def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
+    """Dims of the view splitting `name`'s heads: in the forward, else in a ``self.<m>()``
+    helper the name is computed by (Bloom's ``_reshape``)."""
+    dims = head_shape(name, assigns)
+    if dims is not None:
+        return dims
+    for rhs in assigns.get(name, []):
+        for call in nodes_of(rhs, cst.Call):
+            helper = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
+            if helper in methods:
+                stmts = _statements(methods[helper].body.body)
+                for views in _assignments(stmts).values():
+                    for value in views:
+                        for c in nodes_of(value, cst.Call):
+                            if _method(c) in VIEWS and len(c.args) >= 4:
+                                return [a.value for a in c.args]
+    return None
+
+
+def _heads_of(dims) -> str | None:
+    """The head-count dim: the last non-literal dim before head_dim (``view(B, T, H, 3, D)``
+    has a literal 3 for the fused q/k/v index)."""
+    literal = (cst.Integer, cst.UnaryOperation)
+    candidates = [dims[-2]] + ([dims[-3]] if len(dims) >= 5 else [])
+    for dim in candidates:
+        if not isinstance(dim, literal):
+            return _code(dim)
+    return None
