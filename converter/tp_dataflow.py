@@ -20,6 +20,7 @@ import libcst as cst
 
 from converter.analysis import dotted, methods_of, owns, self_attr
 from converter.context import ConversionContext
+from converter.linear_subclasses import linear_subclasses
 
 ATTN = "<paged attention>"
 LINEAR_CTORS = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
@@ -127,6 +128,7 @@ def dataflow_styles(module: cst.Module, ctx: ConversionContext) -> dict[tuple[st
     styles: dict[tuple[str, str], str] = {}
     if not ctx.decoder_layer_class:
         return styles
+    subclasses = linear_subclasses(module)  # Falcon's FalconLinear
     for stmt in module.body:
         if not isinstance(stmt, cst.ClassDef):
             continue
@@ -137,7 +139,7 @@ def dataflow_styles(module: cst.Module, ctx: ConversionContext) -> dict[tuple[st
         methods = methods_of(stmt)
         if "forward" not in methods:
             continue
-        linears = {a for a, c in info.children.items() if c.ctor in LINEAR_CTORS}
+        linears = {a for a, c in info.children.items() if c.ctor in LINEAR_CTORS | subclasses}
         init = methods.get("__init__")
         attn_attrs = set()
         if init is not None:

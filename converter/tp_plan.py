@@ -19,6 +19,7 @@ import libcst as cst
 from converter.analysis import dotted, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.hf_tables import config_tp_plan
+from converter.linear_subclasses import linear_subclasses
 from converter.tp_dataflow import dataflow_styles
 
 LINEAR_CTORS = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
@@ -89,6 +90,7 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
     """Linear and embedding constructions of classes reachable from the LM class."""
     paths = class_paths(ctx)
     embed_classes = embedding_subclasses(module)
+    linear_classes = linear_subclasses(module)
     sites = []
     for stmt in module.body:
         if not isinstance(stmt, cst.ClassDef) or stmt.name.value not in paths:
@@ -103,7 +105,7 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
             ctor = dotted(assign.value.func) or ""
             kind = (
                 "linear"
-                if ctor in LINEAR_CTORS or ctor in CONV1D_CTORS
+                if ctor in LINEAR_CTORS or ctor in CONV1D_CTORS or ctor in linear_classes
                 else "embedding"
                 if ctor in EMBEDDING_CTORS or ctor in embed_classes
                 else None

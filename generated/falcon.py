@@ -31,19 +31,14 @@ from transformers.utils import (
 
 from runtime.attention import InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
-from runtime.parallel import ParallelLMHead, VocabParallelEmbedding
+from runtime.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 logger = logging.get_logger(__name__)
-
-
-# NOTE(Hesslow): Unfortunately we did not fuse matmul and bias during training, this means that there's one additional quantization to bfloat16 between the operations.
-# In order not to degrade the quality of our HF-port, we keep these characteristics in the final model.
-class FalconLinear(nn.Linear):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        hidden_states = input @ self.weight.T
-        if self.bias is None:
-            return hidden_states
-        return hidden_states + self.bias
 
 
 # Copied from transformers.models.llama.modeling_llama.rotate_half
@@ -180,10 +175,14 @@ class FalconAttention(nn.Module):
             qkv_out_dim = self.hidden_size + 2 * self.head_dim
         else:
             qkv_out_dim = 3 * self.hidden_size
-        self.query_key_value = FalconLinear(self.hidden_size, qkv_out_dim, bias=config.bias)
+        self.query_key_value = ColumnParallelLinear(
+            self.hidden_size, qkv_out_dim, bias=config.bias, gather_output=True
+        )
         self.new_decoder_architecture = config.new_decoder_architecture
         self.multi_query = config.multi_query
-        self.dense = FalconLinear(self.hidden_size, self.hidden_size, bias=config.bias)
+        self.dense = RowParallelLinear(
+            self.hidden_size, self.hidden_size, bias=config.bias, input_is_parallel=False
+        )
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
         )
@@ -306,9 +305,13 @@ class FalconMLP(nn.Module):
         super().__init__()
         hidden_size = config.hidden_size
 
-        self.dense_h_to_4h = FalconLinear(hidden_size, config.ffn_hidden_size, bias=config.bias)
+        self.dense_h_to_4h = ColumnParallelLinear(
+            hidden_size, config.ffn_hidden_size, bias=config.bias
+        )
         self.act = get_activation(config.activation)
-        self.dense_4h_to_h = FalconLinear(config.ffn_hidden_size, hidden_size, bias=config.bias)
+        self.dense_4h_to_h = RowParallelLinear(
+            config.ffn_hidden_size, hidden_size, bias=config.bias
+        )
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
