@@ -17,7 +17,9 @@ from converter.analysis import dotted, methods_of
 from converter.cstwalk import nodes_of
 
 LINEAR_BASES = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
-_CALLS = frozenset({"F.linear", "nn.functional.linear", "torch.nn.functional.linear", "torch.matmul"})
+_CALLS = frozenset(
+    {"F.linear", "nn.functional.linear", "torch.nn.functional.linear", "torch.matmul"}
+)
 _OPS = (cst.MatrixMultiply, cst.Add)
 
 

@@ -27,6 +27,7 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 # absolute imports -> select -> strip -> attention sink -> flatten -> dataflow prune.
 CORE: list[Pass] = [imports.run, select.run, strip.run, attention.run, flatten.run, prune.run]
 
+
 def unreachable(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     """Module-level code the TP pass left unused (a local nn.Linear subclass it replaced)."""
     return select.shake(module, {ctx.lm_class})
