@@ -229,6 +229,8 @@ def _collect_classes(module: cst.Module, ctx: ConversionContext) -> dict[str, Cl
         for small in flat_statements(init.body.body) if init else []:
             if isinstance(small, cst.Assign):
                 _record_child(ctx, info, small, local, f"{name}.__init__")
+            elif isinstance(small, cst.Expr):
+                _record_append(info, small.value, local)
         classes[name] = info
     return classes
 
@@ -247,6 +249,20 @@ def _record_child(ctx, info: ClassInfo, node: cst.Assign, local: set[str], scope
         ctor, cls, in_list, call = found
         line = ctx.line_of(cst.SimpleStatementLine([node]), scope) or 0
         info.children[attr] = Child(attr, ctor, cls, in_list, call, line)
+
+
+def _record_append(info: ClassInfo, value: cst.BaseExpression, local: set[str]) -> None:
+    """``self.<list>.append(Cls(...))`` into an ``nn.ModuleList()`` built empty (granite_swa's
+    per-theta rotary embeddings): the list's element class is ``Cls``."""
+    if not m.matches(value, m.Call(func=m.Attribute(attr=m.Name("append")), args=[m.Arg()])):
+        return
+    child = info.children.get(self_attr(value.func.value) or "")
+    elt = value.args[0].value
+    if child is None or child.cls or child.call.args or not m.matches(child.call, MODULE_LIST):
+        return
+    if isinstance(elt, cst.Call) and dotted(elt.func) in local:
+        name = dotted(elt.func)
+        info.children[child.attr] = Child(child.attr, name, name, True, elt, child.line)
 
 
 def owns(ctx: ConversionContext, cls: str, target: set[str], seen: set[str] | None = None) -> bool:

@@ -37,13 +37,14 @@ def collect(module: cst.Module) -> dict[str, Function]:
 
 
 def loop_layers(ctx: ConversionContext, cls: str | None, node: cst.CSTNode) -> dict[str, str]:
-    """Loop variable -> element class, for loops over a ``self.<ModuleList>``."""
+    """Loop variable -> element class, for loops (statements or comprehensions) over a
+    ``self.<ModuleList>``."""
     found: dict[str, str] = {}
     if cls is None or cls not in ctx.classes:
         return found
     lists = {a: c.cls for a, c in ctx.classes[cls].children.items() if c.in_list and c.cls}
     attr = m.Attribute(value=m.Name("self"), attr=m.Name())
-    for loop in nodes_of(node, cst.For):
+    for loop in [*nodes_of(node, cst.For), *nodes_of(node, cst.CompFor)]:
         it = loop.iter
         target = loop.target
         if m.matches(it, m.Call(func=m.Name("enumerate"))) and it.args:

@@ -33,6 +33,7 @@ class Batch:
     sliding_window: int | None
     alibi_slopes: torch.Tensor | None  # [Hq] fp32
     logits_soft_cap: float | None
+    sinks: torch.Tensor | None = None  # [Hq] fp32 attention-sink logits
 
 
 @st.composite
@@ -48,7 +49,10 @@ def sequence_shapes(draw, max_context: int = 40, max_query: int = 12) -> tuple[i
 
 @st.composite
 def batches(
-    draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), head_dims=(64, 80, 96, 128, 256)
+    draw,
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    head_dims=(64, 80, 96, 128, 256),
+    sinks=(False, True),
 ):
     shapes = draw(st.lists(sequence_shapes(), min_size=1, max_size=4))
     num_heads, num_kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
@@ -67,6 +71,7 @@ def batches(
         sliding_window=draw(st.one_of(st.none(), st.integers(1, 24))),
         alibi=draw(st.booleans()),
         logits_soft_cap=draw(st.sampled_from([None, 2.0, 30.0])),
+        sinks=draw(st.sampled_from(sinks)),
     )
 
 
@@ -86,6 +91,7 @@ def make_batch(
     sliding_window: int | None = None,
     alibi: bool = False,
     logits_soft_cap: float | None = None,
+    sinks: bool = False,
 ) -> Batch:
     """Sequences ``(context, new)`` on shuffled blocks; context K/V already cached,
     unused cache slots NaN (so any unmasked read shows), unused table entries -1."""
@@ -136,12 +142,15 @@ def make_batch(
         sliding_window=sliding_window,
         alibi_slopes=slopes,
         logits_soft_cap=logits_soft_cap,
+        # logits around the scores' range, so the sink takes a real share of each row
+        sinks=torch.randn(num_heads, generator=gen) * 2.0 if sinks else None,
     )
 
 
 def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
     """The expected output, from the unpaged sequences: SDPA with an explicit boolean
-    mask, or a masked softmax written out when ALiBi / soft-capping modify the scores."""
+    mask, or a masked softmax written out when ALiBi / soft-capping / sinks modify the
+    scores."""
     outs = []
     starts = batch.metadata.query_start_loc.tolist()
     for b, (k, v) in enumerate(zip(batch.full_keys, batch.full_values)):
@@ -157,7 +166,7 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
         visible = k_pos <= q_pos  # [Q, L]
         if batch.sliding_window is not None:
             visible &= k_pos > q_pos - batch.sliding_window
-        if batch.alibi_slopes is None and batch.logits_soft_cap is None:
+        if batch.alibi_slopes is None and batch.logits_soft_cap is None and batch.sinks is None:
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=visible, scale=batch.scale)
         else:
             s = qq @ kk.transpose(1, 2) * batch.scale  # [Hq, Q, L]
@@ -165,7 +174,11 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
                 s = torch.tanh(s / batch.logits_soft_cap) * batch.logits_soft_cap
             if batch.alibi_slopes is not None:
                 s = s + batch.alibi_slopes[:, None, None] * (k_pos - q_pos)[None]
-            o = torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ vv  # [Hq, Q, D]
+            s = s.masked_fill(~visible, float("-inf"))
+            if batch.sinks is not None:  # exp(sink) joins each row's denominator
+                s = torch.cat([s, batch.sinks[:, None, None].expand(-1, num_q, 1)], -1)
+                vv = torch.cat([vv, vv.new_zeros(num_heads, 1, vv.shape[-1])], 1)
+            o = torch.softmax(s, -1) @ vv  # [Hq, Q, D]
         outs.append(o.transpose(0, 1))  # [Q, Hq, D]
     return torch.cat(outs)
 
@@ -195,6 +208,7 @@ def attention_kwargs(batch: Batch) -> dict:
         sliding_window=batch.sliding_window,
         alibi_slopes=batch.alibi_slopes,
         logits_soft_cap=batch.logits_soft_cap,
+        sinks=batch.sinks,
     )
 
 

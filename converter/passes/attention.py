@@ -27,7 +27,7 @@ from converter.context import ConversionContext
 from converter.cstedit import add_import, add_params
 from converter.cstwalk import nodes_of
 from converter.passes import eager_core
-from converter.passes.attention_args import KWARGS, ctor_args
+from converter.passes.attention_args import CALL_KWARGS, KWARGS, ctor_args
 
 IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
 _EMPTY = cst.Module(body=[])
@@ -102,7 +102,7 @@ class _Sink(cst.CSTTransformer):
             key = arg.keyword.value if arg.keyword is not None else None
             if arg.star == "**" or key is None:
                 continue
-            if key not in KWARGS:
+            if key not in KWARGS and key not in CALL_KWARGS:
                 raise self.ctx.error(
                     f"attention-interface keyword {key}= has no paged-attention equivalent",
                     stmt,
@@ -121,7 +121,12 @@ class _Sink(cst.CSTTransformer):
         self.call = call
         self.operands = [a.value for a in positional[1:4]]
         ops = [self._operand(e) for e in self.operands]
-        call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata)"
+        extra = "".join(
+            f", {CALL_KWARGS[a.keyword.value]}={_code(a.value)}"
+            for a in call.args
+            if a.keyword is not None and a.keyword.value in CALL_KWARGS
+        )
+        call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata{extra})"
         # [T, Hq*D] -> [1, T, Hq, D]: exactly what the interface returned
         new = cst.parse_statement(
             f"{_code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"

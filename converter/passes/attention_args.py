@@ -23,6 +23,11 @@ KWARGS: dict[str, str | None] = {
     "dropout": None,
     "position_ids": None,  # flash-attention varlen hint; paged metadata replaces it
 }
+# attention-interface keyword -> PagedAttention.forward keyword: per-call tensors (the
+# source's own expression, e.g. a parameter, is passed on at every call)
+CALL_KWARGS: dict[str, str] = {
+    "s_aux": "sinks",  # attention sinks: one logit per head in the softmax denominator
+}
 VIEW_METHODS = ("view", "reshape")
 _EMPTY = cst.Module(body=[])
 

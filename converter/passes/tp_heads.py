@@ -14,6 +14,8 @@ import libcst as cst
 from converter.analysis import dotted, self_attr
 
 _EMPTY = cst.Module([])
+PA_ATTR = "attn"  # the attention pass's `self.attn = PagedAttention(...)`
+PER_HEAD_CALL_ARGS = ("sinks",)  # [H] tensors of PagedAttention.forward
 
 
 def code(node: cst.CSTNode) -> str:
@@ -46,6 +48,19 @@ class HeadCounts(cst.CSTTransformer):
             return updated
         self.used.add(fn)
         return _wrap(fn, updated)
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        """Per-query-head tensors passed to the paged attention call (``sinks=``, the
+        model's full parameter): this rank's contiguous block of heads, as for ALiBi."""
+        if dotted(updated.func) != f"self.{PA_ATTR}":
+            return updated
+        args = list(updated.args)
+        for i, arg in enumerate(args):
+            if arg.keyword is not None and arg.keyword.value in PER_HEAD_CALL_ARGS:
+                self.used |= {"get_tp_size", "get_tp_rank"}
+                local = f"({code(arg.value)}).chunk(get_tp_size())[get_tp_rank()]"
+                args[i] = arg.with_changes(value=cst.parse_expression(local))
+        return updated.with_changes(args=args)
 
 
 def _equivalents(text: str) -> set[str]:

@@ -34,7 +34,9 @@ class PagedAttention(nn.Module):
     ``input_metadata.slot_mapping`` and returns ``[T, num_heads * head_dim]``.
     ``scale`` is the source model's own scaling (never defaulted here). ``sliding_window``
     follows transformers: key j is visible to query i iff ``i - W < j <= i``.
-    ``alibi_slopes`` holds this rank's heads' slopes.
+    ``alibi_slopes`` holds this rank's heads' slopes. ``sinks`` (a forward argument, since
+    it is the source model's own parameter) is one fp32 logit per query head of this rank
+    added to every softmax denominator (attention sinks, ``s_aux``).
     """
 
     def __init__(
@@ -51,7 +53,9 @@ class PagedAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
@@ -84,6 +88,7 @@ class PagedAttention(nn.Module):
         value: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         input_metadata: InputMetadata,
+        sinks: torch.Tensor | None = None,  # [Hq] attention-sink logits
     ) -> torch.Tensor:  # [T, Hq*D]
         num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -94,6 +99,8 @@ class PagedAttention(nn.Module):
                 f"kv_cache {tuple(kv_cache.shape)} does not hold {self.num_kv_heads} kv heads "
                 f"of dim {self.head_dim}"
             )
+        if sinks is not None:
+            sinks = sinks.float().reshape(self.num_heads)  # [Hq] fp32 (parameters may be bf16)
         if select_backend(query.device) == "triton":
             from runtime.attention import triton_ops
 
@@ -106,6 +113,7 @@ class PagedAttention(nn.Module):
                 sliding_window=self.sliding_window,
                 alibi_slopes=self.alibi_slopes,
                 logits_soft_cap=self.logits_soft_cap,
+                sinks=sinks,
             )
         else:
             reshape_and_cache_ref(key, value, kv_cache, input_metadata.slot_mapping)
@@ -117,6 +125,7 @@ class PagedAttention(nn.Module):
                 sliding_window=self.sliding_window,
                 alibi_slopes=self.alibi_slopes,
                 logits_soft_cap=self.logits_soft_cap,
+                sinks=sinks,
             )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

@@ -44,13 +44,16 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of every new token over its sequence's cached context.
 
     Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
     position ``p = L - Q + i`` and sees keys ``j`` with ``p - W < j <= p`` (``W`` the
     sliding window, transformers' convention). Scores: ``q.k * scale``, then soft-capping
-    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p)``; softmax in fp32.
+    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p)``; softmax in fp32. ``sinks``
+    (attention sinks, gpt-oss's ``s_aux``) add ``exp(sinks[h])`` to each row's softmax
+    denominator.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
@@ -78,7 +81,12 @@ def paged_attention_ref(
         if sliding_window is not None and sliding_window > 0:
             visible &= rel > -sliding_window
         scores = scores.masked_fill(~visible[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            # one more logit per head in the denominator, attached to no value
+            sink = sinks.float()[:, None, None].expand(-1, scores.shape[1], 1)  # [Hq, Q, 1]
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
     assert out.shape == (query.shape[0], num_heads, head_dim)
     return out

@@ -44,6 +44,25 @@ def scores_log2(
 
 
 @triton.jit
+def softmax_init(
+    sinks_ptr,  # [Hq] fp32 attention-sink logits (read only if HAS_SINKS)
+    heads,  # [M] int32 query head of each row
+    mask,  # [M] bool rows to read
+    with_sink,  # scalar bool: this program's rows count the sink
+    HAS_SINKS: tl.constexpr,
+):
+    """Running (max, denominator) before any key: (-inf, 0), or with an attention sink
+    (sink * log2(e), 1), i.e. exp(sink) already in the denominator with no value."""
+    m_i = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros(heads.shape, dtype=tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=mask, other=0.0) * LOG2E
+        m_i = tl.where(with_sink, sink, m_i)
+        l_i = tl.where(with_sink, 1.0, l_i)
+    return m_i, l_i
+
+
+@triton.jit
 def online_softmax_step(
     acc,  # [M, BLOCK_D] fp32 running numerator
     l_i,  # [M] fp32 running denominator
@@ -91,6 +110,7 @@ def check_attention_args(
     query: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     alibi_slopes: torch.Tensor | None,  # [Hq] fp32
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
 ) -> None:
     """Assert the layout every attention kernel's address math relies on."""
     assert query.dim() == 3, f"query must be [T, Hq, D], got {tuple(query.shape)}"
@@ -106,3 +126,6 @@ def check_attention_args(
     if alibi_slopes is not None:
         assert alibi_slopes.shape == (num_heads,) and alibi_slopes.dtype == torch.float32
         assert alibi_slopes.is_contiguous() and alibi_slopes.device == query.device
+    if sinks is not None:
+        assert sinks.shape == (num_heads,) and sinks.dtype == torch.float32, sinks.shape
+        assert sinks.is_contiguous() and sinks.device == query.device

@@ -18,6 +18,7 @@ from runtime.attention.triton_common import (
     mma,
     online_softmax_step,
     scores_log2,
+    softmax_init,
 )
 from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
 
@@ -34,6 +35,7 @@ def paged_decode_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_ids_ptr,  # [B] int32 which sequences decode (read only if HAS_SEQ_IDS)
     alibi_ptr,  # [Hq] fp32 (read only if HAS_ALIBI)
+    sinks_ptr,  # [Hq] fp32 (read only if HAS_SINKS)
     scale,
     soft_cap,
     window,
@@ -53,6 +55,7 @@ def paged_decode_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -90,8 +93,8 @@ def paged_decode_kernel(
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_row = kv_head * HEAD_DIM + offs_d  # [BLOCK_D]
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # The sink joins split 0's denominator (never empty then); the reduce weighs it in.
+    m_i, l_i = softmax_init(sinks_ptr, heads, g_mask, split == 0, HAS_SINKS)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     q_pos_g = tl.zeros([BLOCK_G], dtype=tl.int32) + q_pos
 
@@ -194,6 +197,7 @@ def paged_decode(
     sliding_window: int | None,
     alibi_slopes: torch.Tensor | None,  # [Hq] fp32
     logits_soft_cap: float | None,
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
 ) -> None:
@@ -204,7 +208,7 @@ def paged_decode(
     it). A capture holds fixed, and replays need unchanged: the number of decode
     sequences (pad with slot -1 / seq_len 1 rows), ``block_tables.shape`` and the
     tensors' addresses, the kernel constants (head layout, dtype, block size,
-    window/ALiBi/soft-cap presence) and the split count and stage count, which
+    window/ALiBi/soft-cap/sinks presence) and the split count and stage count, which
     `choose_num_splits` / `decode_stages` derive from the batch shape and device alone,
     never from sequence lengths, so one graph stays right and fast as sequences grow.
     Any split count gives the same result; it only changes speed.
@@ -244,6 +248,7 @@ def paged_decode(
         query_start_loc_ptr=query_start_loc,
         seq_ids_ptr=ids,
         alibi_ptr=alibi_slopes if alibi_slopes is not None else seq_lens,
+        sinks_ptr=sinks if sinks is not None else seq_lens,
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
@@ -263,6 +268,7 @@ def paged_decode(
         HAS_WINDOW=sliding_window is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_SOFTCAP=logits_soft_cap is not None,
+        HAS_SINKS=sinks is not None,
         DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
         num_warps=config.num_warps,
         num_stages=decode_stages(num_decode * num_kv_heads * num_splits, query.device, config),

@@ -29,6 +29,7 @@ def paged_attention(
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
     num_splits: int | None = None,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
@@ -44,7 +45,7 @@ def paged_attention(
 
     ``num_splits`` / ``*_config`` override the launch heuristics (tests, tuning).
     """
-    check_attention_args(query, kv_cache, alibi_slopes)
+    check_attention_args(query, kv_cache, alibi_slopes, sinks)
     sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
     logits_soft_cap = logits_soft_cap if logits_soft_cap and logits_soft_cap > 0 else None
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -55,6 +56,7 @@ def paged_attention(
         sliding_window=sliding_window,
         alibi_slopes=alibi_slopes,
         logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
     )
     tensors = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
     if metadata.num_prefill_tokens == 0:

@@ -18,6 +18,7 @@ from runtime.attention.triton_common import (
     mma,
     online_softmax_step,
     scores_log2,
+    softmax_init,
 )
 from runtime.attention.triton_config import PrefillConfig, default_prefill_config
 
@@ -93,6 +94,7 @@ def paged_prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_ids_ptr,  # [P] int32 sequences handled here (read only if HAS_SEQ_IDS)
     alibi_ptr,  # [Hq] fp32 (read only if HAS_ALIBI)
+    sinks_ptr,  # [Hq] fp32 (read only if HAS_SINKS)
     scale,
     soft_cap,
     window,
@@ -111,6 +113,7 @@ def paged_prefill_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     # Highest query tiles (the most keys under a causal mask) are scheduled first.
@@ -153,8 +156,8 @@ def paged_prefill_kernel(
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_row = (head // G) * HEAD_DIM + offs_d  # [BLOCK_D]
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
+    m_i, l_i = softmax_init(sinks_ptr, heads, m_mask, True, HAS_SINKS)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
@@ -188,6 +191,7 @@ def paged_prefill(
     sliding_window: int | None,
     alibi_slopes: torch.Tensor | None,  # [Hq] fp32
     logits_soft_cap: float | None,
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
     config: PrefillConfig | None = None,
 ) -> None:
     """Causal attention of every new token of ``seq_ids`` over its sequence's cache."""
@@ -211,6 +215,7 @@ def paged_prefill(
         query_start_loc_ptr=query_start_loc,
         seq_ids_ptr=seq_ids if seq_ids is not None else seq_lens,
         alibi_ptr=alibi_slopes if alibi_slopes is not None else seq_lens,
+        sinks_ptr=sinks if sinks is not None else seq_lens,
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
@@ -229,6 +234,7 @@ def paged_prefill(
         HAS_WINDOW=sliding_window is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_SOFTCAP=logits_soft_cap is not None,
+        HAS_SINKS=sinks is not None,
         DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

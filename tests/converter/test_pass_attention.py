@@ -51,7 +51,7 @@ def test_gqa_heads_from_the_views():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("scaling=self.scaling,", "s_aux=self.sinks, scaling=self.scaling,"),
+        ("scaling=self.scaling,", "odd_bias=self.bias, scaling=self.scaling,"),
         ("scaling=self.scaling,", "dropout=0.0,"),
         ("scaling=self.scaling,", "scaling=input_shape[0],"),
     ],
