@@ -83,7 +83,7 @@ class PagedRunner:
         layers = attention_layers(model)
         self.kv_caches = [None] * (max(layer.kv_cache_index for layer in layers) + 1)
         for layer in layers:
-            shape = (2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            shape = layer.kv_cache_shape(num_blocks, block_size)
             self.kv_caches[layer.kv_cache_index] = torch.zeros(shape, dtype=dtype, device=device)
         # Scrambled so consecutive blocks of a sequence are not adjacent in the cache.
         self.free = list(range(num_blocks))

@@ -1,7 +1,8 @@
 """KV cache allocation and the `BlockManager` that hands out its blocks.
 
 The cache of each attention layer is one tensor ``[2, num_blocks, block_size, Hkv, D]``
-(keys, values). Every layer uses the same block ids for a sequence, so one block table
+(keys, values; ``[1, ..., Hkv, D + Dv]`` for a value head size ``Dv != D``, see
+`runtime.attention.kv_layout`). Every layer uses the same block ids for a sequence, so one block table
 per sequence addresses all layers, and the block manager only counts blocks.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from runtime.attention.kv_layout import kv_cache_shape
 from runtime.attention.layer import attention_layers
 
 if TYPE_CHECKING:  # runtime.engine imports this module; avoid the cycle at runtime
@@ -21,19 +23,19 @@ if TYPE_CHECKING:  # runtime.engine imports this module; avoid the cycle at runt
 # ----------------------------------------------------------------------------- allocation
 
 
-def kv_cache_layouts(model: nn.Module) -> list[tuple[int, int]]:
-    """``(num_kv_heads, head_dim)`` of each KV cache, indexed by `kv_cache_index`.
+def kv_cache_layouts(model: nn.Module) -> list[tuple[int, int, int]]:
+    """``(num_kv_heads, head_dim, v_head_dim)`` of each KV cache, indexed by `kv_cache_index`.
 
     Layers that share a `kv_cache_index` (shared-KV models) must agree on the layout.
     """
-    layouts: dict[int, tuple[int, int]] = {}
+    layouts: dict[int, tuple[int, int, int]] = {}
     for layer in attention_layers(model):
-        layout = (layer.num_kv_heads, layer.head_dim)
+        layout = (layer.num_kv_heads, layer.head_dim, layer.v_head_dim)
         seen = layouts.setdefault(layer.kv_cache_index, layout)
         if seen != layout:
             raise ValueError(
                 f"attention layers sharing kv_cache_index {layer.kv_cache_index} disagree on "
-                f"(num_kv_heads, head_dim): {seen} vs {layout}"
+                f"(num_kv_heads, head_dim, v_head_dim): {seen} vs {layout}"
             )
     if not layouts:
         raise ValueError(f"{type(model).__name__} has no PagedAttention layer; nothing to cache")
@@ -45,13 +47,14 @@ def kv_cache_layouts(model: nn.Module) -> list[tuple[int, int]]:
 def kv_cache_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block costs over all layers (keys and values)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * h * d * itemsize for h, d in kv_cache_layouts(model))
+    return sum(block_size * h * (d + dv) * itemsize for h, d, dv in kv_cache_layouts(model))
 
 
 def allocate_kv_caches(
     model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    """One zeroed ``[2, num_blocks, block_size, Hkv, D]`` tensor per `kv_cache_index`.
+    """One zeroed cache tensor per `kv_cache_index` (``[2, num_blocks, block_size, Hkv, D]``,
+    or ``[1, ..., Hkv, D + Dv]`` where the value head size differs).
 
     Zeroed rather than empty: padding lanes of a kernel may read unwritten slots, and
     NaN garbage times a zero attention weight is still NaN.
@@ -59,8 +62,8 @@ def allocate_kv_caches(
     if num_blocks < 1:
         raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
     return [
-        torch.zeros(2, num_blocks, block_size, h, d, dtype=dtype, device=device)
-        for h, d in kv_cache_layouts(model)
+        torch.zeros(kv_cache_shape(num_blocks, block_size, h, d, dv), dtype=dtype, device=device)
+        for h, d, dv in kv_cache_layouts(model)
     ]
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
+from runtime.attention.kv_layout import kv_cache_shape, split_kv_cache
 from runtime.attention.metadata import InputMetadata
 
 HEAD_LAYOUTS = [(2, 2), (4, 2), (4, 1), (6, 2), (3, 3)]  # (Hq, Hkv): MHA, GQA, MQA, odd G
@@ -24,11 +25,11 @@ TOLERANCE = {torch.float32: (1e-4, 0.0), torch.float16: (4e-3, 4e-3), torch.bflo
 class Batch:
     query: torch.Tensor  # [T, Hq, D]
     key: torch.Tensor  # [T, Hkv, D] this step's new keys
-    value: torch.Tensor  # [T, Hkv, D]
-    kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D], context stored, rest NaN
+    value: torch.Tensor  # [T, Hkv, Dv]
+    kv_cache: torch.Tensor  # [S, num_blocks, block_size, Hkv, W], context stored, rest NaN
     metadata: InputMetadata
     full_keys: list[torch.Tensor]  # per sequence [L, Hkv, D], context + new, unpaged
-    full_values: list[torch.Tensor]  # per sequence [L, Hkv, D]
+    full_values: list[torch.Tensor]  # per sequence [L, Hkv, Dv]
     scale: float
     sliding_window: int | None
     alibi_slopes: torch.Tensor | None  # [Hq] fp32
@@ -52,6 +53,7 @@ def batches(
     draw,
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
     head_dims=(64, 80, 96, 128, 256),
+    v_head_dims=(None, None, 32, 64, 128),  # None: the key's head size
     sinks=(False, True),
 ):
     shapes = draw(st.lists(sequence_shapes(), min_size=1, max_size=4))
@@ -61,6 +63,7 @@ def batches(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=draw(st.sampled_from(head_dims)),
+        v_head_dim=draw(st.sampled_from(v_head_dims)),
         block_size=draw(st.sampled_from([1, 2, 4, 8, 16, 32])),
         dtype=draw(st.sampled_from(dtypes)),
         spare_blocks=draw(st.integers(0, 3)),
@@ -83,6 +86,7 @@ def make_batch(
     head_dim: int,
     block_size: int,
     dtype: torch.dtype,
+    v_head_dim: int | None = None,
     spare_blocks: int = 1,
     pad_columns: int = 1,
     block_order=None,
@@ -111,16 +115,19 @@ def make_batch(
     metadata.block_tables = torch.cat(
         [metadata.block_tables, torch.full((len(shapes), pad_columns), -1, dtype=torch.int32)], 1
     )  # [B, max_blocks + pad_columns]
-    kv_cache = torch.full(
-        (2, len(ids), block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype
-    )  # [2, num_blocks, block_size, Hkv, D]
+    v_head_dim = v_head_dim or head_dim
+    shape = kv_cache_shape(len(ids), block_size, num_kv_heads, head_dim, v_head_dim)
+    kv_cache = torch.full(shape, float("nan"), dtype=dtype)  # [S, num_blocks, block_size, Hkv, W]
+    key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
     full_keys, full_values, new_k, new_v = [], [], [], []
     for (ctx, new), table in zip(shapes, tables):
         k = torch.randn(ctx + new, num_kv_heads, head_dim, generator=gen).to(dtype)  # [L, Hkv, D]
-        v = torch.randn(ctx + new, num_kv_heads, head_dim, generator=gen).to(dtype)  # [L, Hkv, D]
+        v = torch.randn(ctx + new, num_kv_heads, v_head_dim, generator=gen).to(
+            dtype
+        )  # [L, Hkv, Dv]
         for pos in range(ctx):
-            kv_cache[0, table[pos // block_size], pos % block_size] = k[pos]
-            kv_cache[1, table[pos // block_size], pos % block_size] = v[pos]
+            key_cache[table[pos // block_size], pos % block_size] = k[pos]
+            value_cache[table[pos // block_size], pos % block_size] = v[pos]
         full_keys.append(k)
         full_values.append(v)
         new_k.append(k[ctx:])
@@ -147,7 +154,7 @@ def make_batch(
     )
 
 
-def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
+def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, Dv] fp32
     """The expected output, from the unpaged sequences: SDPA with an explicit boolean
     mask, or a masked softmax written out when ALiBi / soft-capping / sinks modify the
     scores."""
@@ -158,7 +165,7 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
         num_q, num_heads = q.shape[0], q.shape[1]
         group = num_heads // k.shape[1]
         kk = k.float().repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, D]
-        vv = v.float().repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, D]
+        vv = v.float().repeat_interleave(group, 1).transpose(0, 1)  # [Hq, L, Dv]
         qq = q.transpose(0, 1)  # [Hq, Q, D]
         length = k.shape[0]
         q_pos = torch.arange(length - num_q, length)[:, None]  # [Q, 1]
@@ -178,8 +185,8 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, D] fp32
             if batch.sinks is not None:  # exp(sink) joins each row's denominator
                 s = torch.cat([s, batch.sinks[:, None, None].expand(-1, num_q, 1)], -1)
                 vv = torch.cat([vv, vv.new_zeros(num_heads, 1, vv.shape[-1])], 1)
-            o = torch.softmax(s, -1) @ vv  # [Hq, Q, D]
-        outs.append(o.transpose(0, 1))  # [Q, Hq, D]
+            o = torch.softmax(s, -1) @ vv  # [Hq, Q, Dv]
+        outs.append(o.transpose(0, 1))  # [Q, Hq, Dv]
     return torch.cat(outs)
 
 

@@ -30,11 +30,11 @@ def test_reference_matches_dense_attention(batch):
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=batches(dtypes=(torch.float32,), head_dims=(64,)))
+@given(batch=batches(dtypes=(torch.float32,), head_dims=(64,), v_head_dims=(None, 32, 96)))
 def test_gather_returns_the_unpaged_sequence(batch):
     reshape_and_cache_ref(batch.key, batch.value, batch.kv_cache, batch.metadata.slot_mapping)
     for b, seq_len in enumerate(batch.metadata.host_seq_lens()):
-        k, v = gather_sequence_kv(batch.kv_cache, batch.metadata.block_tables[b], seq_len)
+        k, v = gather_sequence_kv(batch.kv_cache, batch.metadata.block_tables[b], seq_len, 64)
         torch.testing.assert_close(k, batch.full_keys[b], atol=0, rtol=0)
         torch.testing.assert_close(v, batch.full_values[b], atol=0, rtol=0)
 

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from runtime.attention.kv_layout import kv_cache_shape
 from runtime.attention.metadata import InputMetadata
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 
@@ -30,8 +31,11 @@ class PagedAttention(nn.Module):
     """Causal attention over a block-structured KV cache.
 
     ``forward(q, k, v, kv_cache, input_metadata)`` stores this step's k/v into
-    ``kv_cache`` (``[2, num_blocks, block_size, num_kv_heads, head_dim]``) at
-    ``input_metadata.slot_mapping`` and returns ``[T, num_heads * head_dim]``.
+    ``kv_cache`` (shape `kv_cache_shape`: ``[2, num_blocks, block_size, num_kv_heads,
+    head_dim]``) at ``input_metadata.slot_mapping`` and returns ``[T, num_heads *
+    v_head_dim]``. ``v_head_dim`` (default ``head_dim``) is the value head size where it
+    differs from the query/key one (MLA); the cache then holds both unpadded,
+    ``[1, num_blocks, block_size, num_kv_heads, head_dim + v_head_dim]``.
     ``scale`` is the source model's own scaling (never defaulted here). ``sliding_window``
     follows transformers: key j is visible to query i iff ``i - W < j <= i``.
     ``alibi_slopes`` holds this rank's heads' slopes. ``sinks`` (a forward argument, since
@@ -49,6 +53,7 @@ class PagedAttention(nn.Module):
         alibi_slopes: torch.Tensor | list[float] | None = None,
         logits_soft_cap: float | None = None,
         kv_cache_index: int | None = None,
+        v_head_dim: int | None = None,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -58,6 +63,7 @@ class PagedAttention(nn.Module):
             )
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = float(scale)
         # transformers uses None (and sometimes 0 / negative) for "no window".
@@ -77,6 +83,7 @@ class PagedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"v_head_dim={self.v_head_dim}, "
             f"scale={self.scale:g}, sliding_window={self.sliding_window}, "
             f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
         )
@@ -85,19 +92,20 @@ class PagedAttention(nn.Module):
         self,
         query: torch.Tensor,  # [T, Hq*D] or [T, Hq, D]
         key: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
-        value: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv*Dv] or [T, Hkv, Dv]
+        kv_cache: torch.Tensor,  # kv_cache_shape(num_blocks, block_size)
         input_metadata: InputMetadata,
         sinks: torch.Tensor | None = None,  # [Hq] attention-sink logits
     ) -> torch.Tensor:  # [T, Hq*D]
         num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if kv_cache.shape[3] != self.num_kv_heads or kv_cache.shape[4] != self.head_dim:
+        value = value.reshape(num_tokens, self.num_kv_heads, self.v_head_dim)
+        expected = self.kv_cache_shape(kv_cache.shape[1], kv_cache.shape[2])
+        if kv_cache.shape != expected:
             raise ValueError(
                 f"kv_cache {tuple(kv_cache.shape)} does not hold {self.num_kv_heads} kv heads "
-                f"of dim {self.head_dim}"
+                f"of dims {self.head_dim}/{self.v_head_dim}: expected {expected}"
             )
         if sinks is not None:
             sinks = sinks.float().reshape(self.num_heads)  # [Hq] fp32 (parameters may be bf16)
@@ -127,7 +135,13 @@ class PagedAttention(nn.Module):
                 logits_soft_cap=self.logits_soft_cap,
                 sinks=sinks,
             )
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        return out.reshape(num_tokens, self.num_heads * self.v_head_dim)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The shape of this layer's KV cache (`runtime.attention.kv_layout`)."""
+        return kv_cache_shape(
+            num_blocks, block_size, self.num_kv_heads, self.head_dim, self.v_head_dim
+        )
 
 
 def attention_layers(model: nn.Module) -> list[PagedAttention]:

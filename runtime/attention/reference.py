@@ -4,48 +4,53 @@ from __future__ import annotations
 
 import torch
 
+from runtime.attention.kv_layout import split_kv_cache
 from runtime.attention.metadata import InputMetadata
 
 
 def reshape_and_cache_ref(
     key: torch.Tensor,  # [T, Hkv, D]
-    value: torch.Tensor,  # [T, Hkv, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, Dv]
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W] (runtime.attention.kv_layout)
     slot_mapping: torch.Tensor,  # [T] int64, < 0 = skip
 ) -> None:
     """Store each token's K/V at its slot (``block * block_size + offset``)."""
+    key_cache, value_cache = split_kv_cache(kv_cache, key.shape[-1])
     block_size = kv_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
-    kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
+    key_cache[blocks, offsets] = key[keep].to(kv_cache.dtype)
+    value_cache[blocks, offsets] = value[keep].to(kv_cache.dtype)
 
 
 def gather_sequence_kv(
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W]
     block_table: torch.Tensor,  # [max_blocks]
     seq_len: int,
+    head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``seq_len`` cached K and V of one sequence, each ``[seq_len, Hkv, D]``."""
+    """The first ``seq_len`` cached K ``[seq_len, Hkv, D]`` and V ``[seq_len, Hkv, Dv]`` of
+    one sequence (keys of ``head_dim``)."""
+    key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
     block_size = kv_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
     blocks = block_table[:num_blocks].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    k = key_cache[blocks].flatten(0, 1)[:seq_len]
+    v = value_cache[blocks].flatten(0, 1)[:seq_len]
     return k, v
 
 
 def paged_attention_ref(
     query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D], this step's K/V already stored
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W], this step's K/V stored
     metadata: InputMetadata,
     scale: float,
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
     logits_soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,  # [Hq] fp32
-) -> torch.Tensor:  # [T, Hq, D]
+) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context.
 
     Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
@@ -57,8 +62,9 @@ def paged_attention_ref(
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
+    v_head_dim = split_kv_cache(kv_cache, head_dim)[1].shape[-1]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
+    out = query.new_empty(query.shape[0], num_heads, v_head_dim)
     starts = metadata.query_start_loc.tolist()
     seq_lens = metadata.host_seq_lens()
     for b, seq_len in enumerate(seq_lens):
@@ -66,9 +72,9 @@ def paged_attention_ref(
         if q_end == q_start:
             continue
         q = query[q_start:q_end].float().transpose(0, 1)  # [Hq, Q, D]
-        k, v = gather_sequence_kv(kv_cache, metadata.block_tables[b], seq_len)
+        k, v = gather_sequence_kv(kv_cache, metadata.block_tables[b], seq_len, head_dim)
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
-        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, Dv]
         scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hq, Q, L]
         if logits_soft_cap is not None and logits_soft_cap > 0:
             scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
@@ -88,5 +94,5 @@ def paged_attention_ref(
         else:
             probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
-    assert out.shape == (query.shape[0], num_heads, head_dim)
+    assert out.shape == (query.shape[0], num_heads, v_head_dim)
     return out

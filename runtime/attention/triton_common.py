@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.attention.kv_layout import split_kv_cache
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -108,17 +110,16 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def check_attention_args(
     query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W] (runtime.attention.kv_layout)
     alibi_slopes: torch.Tensor | None,  # [Hq] fp32
     sinks: torch.Tensor | None = None,  # [Hq] fp32
 ) -> None:
     """Assert the layout every attention kernel's address math relies on."""
     assert query.dim() == 3, f"query must be [T, Hq, D], got {tuple(query.shape)}"
-    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, tuple(kv_cache.shape)
     assert kv_cache.is_contiguous(), "kv_cache must be contiguous"
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
-    assert kv_cache.shape[4] == head_dim, (tuple(query.shape), tuple(kv_cache.shape))
+    split_kv_cache(kv_cache, head_dim)  # raises unless the cache holds keys of head_dim
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert query.stride(2) == 1 and query.stride(1) == head_dim, "query heads must be contiguous"
     assert query.dtype == kv_cache.dtype, (query.dtype, kv_cache.dtype)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.attention.kv_layout import split_kv_cache, value_offset
 from runtime.attention.triton_common import (
     dot_precision,
     mma,
@@ -25,11 +26,11 @@ from runtime.attention.triton_config import DecodeConfig, choose_num_splits, dec
 
 @triton.jit
 def paged_decode_kernel(
-    out_ptr,  # [T, Hq, D] output (written here only when NUM_SPLITS == 1)
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32 per-split normalised outputs
+    out_ptr,  # [T, Hq, Dv] output (written here only when NUM_SPLITS == 1)
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32 per-split normalised outputs
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 per-split log2-sum-exp
     query_ptr,  # [T, Hq, D], rows stride_qt apart
-    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D] contiguous
+    cache_ptr,  # key view [num_blocks, BLOCK_SIZE, Hkv, D] (runtime.attention.kv_layout)
     block_tables_ptr,  # [num_seqs, max_blocks] int32, -1 padded
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
@@ -42,12 +43,16 @@ def paged_decode_kernel(
     stride_qt,
     stride_ot,
     stride_bt,
-    value_offset,  # elements from the K half of the cache to the V half
+    value_offset,  # elements from a token-head's key to its value
     NUM_KV_HEADS: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
     BLOCK_G: tl.constexpr,  # G padded to a power of two >= 16 (tl.dot minimum)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,  # HEAD_DIM_V padded to a power of two
+    STRIDE_TOKEN: tl.constexpr,  # cache elements per token
+    STRIDE_HEAD: tl.constexpr,  # cache elements per KV head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     NUM_SPLITS: tl.constexpr,
@@ -92,10 +97,13 @@ def paged_decode_kernel(
     end = tl.minimum(start + per_split, seq_len)
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_row = kv_head * HEAD_DIM + offs_d  # [BLOCK_D]
+    kv_row = kv_head * STRIDE_HEAD + offs_d  # [BLOCK_D]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+    v_row = kv_head * STRIDE_HEAD + offs_dv  # [BLOCK_DV]
     # The sink joins split 0's denominator (never empty then); the reduce weighs it in.
     m_i, l_i = softmax_init(sinks_ptr, heads, g_mask, split == 0, HAS_SINKS)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     q_pos_g = tl.zeros([BLOCK_G], dtype=tl.int32) + q_pos
 
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -103,9 +111,9 @@ def paged_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        tok_off = (pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * (
-            NUM_KV_HEADS * HEAD_DIM
-        )  # [BLOCK_N]
+        tok_off = (
+            pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        ) * STRIDE_TOKEN  # [BLOCK_N]
         # Next chunk's block ids now: K/V addresses that depend on a block-table load in
         # the same iteration stop Triton from pipelining the K/V loads.
         next_n = offs_n + BLOCK_N
@@ -119,15 +127,17 @@ def paged_decode_kernel(
         s = scores_log2(qk, q_pos_g, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
         s = tl.where(visible[None, :], s, float("-inf"))
         v = tl.load(
-            cache_ptr + value_offset + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0
-        )  # [BLOCK_N, BLOCK_D]
+            cache_ptr + value_offset + tok_off[:, None] + v_row[None, :],
+            mask=n_mask[:, None] & dv_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_DV]
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
-    out_mask = g_mask[:, None] & d_mask[None, :]
+    out_mask = g_mask[:, None] & dv_mask[None, :]
     if NUM_SPLITS == 1:
         # seq_len 0 (never built by InputMetadata) would see no key: write 0, not NaN.
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM + offs_d[None, :]
+        o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM_V + offs_dv[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Empty splits (short sequences) store lse = -inf and weigh nothing in the reduce.
@@ -135,20 +145,20 @@ def paged_decode_kernel(
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         row = (b * (NUM_KV_HEADS * G) + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=out_mask)
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
 @triton.jit
 def decode_reduce_kernel(
-    out_ptr,  # [T, Hq, D]
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+    out_ptr,  # [T, Hq, Dv]
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_ids_ptr,  # [B] int32 (read only if HAS_SEQ_IDS)
     stride_ot,
     NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # the value head size Dv
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
@@ -185,9 +195,9 @@ def decode_reduce_kernel(
 
 
 def paged_decode(
-    out: torch.Tensor,  # [T, Hq, D], written at the decode tokens' rows
+    out: torch.Tensor,  # [T, Hq, Dv], written at the decode tokens' rows
     query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W] (runtime.attention.kv_layout)
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
@@ -221,17 +231,21 @@ def paged_decode(
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
+    key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
+    v_head_dim = value_cache.shape[-1]
     assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
-    assert out.is_contiguous() and out.shape == query.shape
+    assert out.is_contiguous() and out.shape == (*query.shape[:2], v_head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(num_decode, num_kv_heads, query.device, config)
     assert num_splits >= 1
-    block_d = triton.next_power_of_2(head_dim)
+    block_dv = triton.next_power_of_2(v_head_dim)
     part_out = part_lse = out  # unused placeholders when the kernel writes out directly
     if num_splits > 1:
         part_out = torch.empty(
-            (num_decode, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+            (num_decode, num_heads, num_splits, v_head_dim),
+            dtype=torch.float32,
+            device=query.device,
         )
         part_lse = torch.empty(
             (num_decode, num_heads, num_splits), dtype=torch.float32, device=query.device
@@ -242,7 +256,7 @@ def paged_decode(
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
         query_ptr=query,
-        cache_ptr=kv_cache,
+        cache_ptr=key_cache,
         block_tables_ptr=block_tables,
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
@@ -255,12 +269,16 @@ def paged_decode(
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
         stride_bt=block_tables.stride(0),
-        value_offset=kv_cache[0].numel(),
+        value_offset=value_offset(key_cache, value_cache),
         NUM_KV_HEADS=num_kv_heads,
         G=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM_V=v_head_dim,
+        BLOCK_DV=block_dv,
+        STRIDE_TOKEN=key_cache.stride(1),
+        STRIDE_HEAD=key_cache.stride(2),
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
@@ -282,8 +300,8 @@ def paged_decode(
             seq_ids_ptr=ids,
             stride_ot=out.stride(0),
             NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
+            HEAD_DIM=v_head_dim,
+            BLOCK_D=block_dv,
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             HAS_SEQ_IDS=seq_ids is not None,

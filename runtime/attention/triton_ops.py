@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.attention.kv_layout import split_kv_cache
 from runtime.attention.metadata import InputMetadata
 from runtime.attention.triton_cache import reshape_and_cache
 from runtime.attention.triton_common import check_attention_args
@@ -22,7 +23,7 @@ __all__ = ["paged_attention", "reshape_and_cache"]
 
 def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D], this step's K/V stored
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W], this step's K/V stored
     metadata: InputMetadata,
     *,
     scale: float,
@@ -33,7 +34,7 @@ def paged_attention(
     num_splits: int | None = None,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
-) -> torch.Tensor:  # [T, Hq, D]
+) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context.
 
     Sequences with one new token go to the split-KV decode kernel, the others to the
@@ -48,7 +49,8 @@ def paged_attention(
     check_attention_args(query, kv_cache, alibi_slopes, sinks)
     sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
     logits_soft_cap = logits_soft_cap if logits_soft_cap and logits_soft_cap > 0 else None
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    v_head_dim = split_kv_cache(kv_cache, query.shape[2])[1].shape[-1]
+    out = query.new_empty(query.shape[0], query.shape[1], v_head_dim)  # [T, Hq, Dv]
     if query.shape[0] == 0:
         return out
     common = dict(

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.attention.kv_layout import split_kv_cache, value_offset
 from runtime.attention.triton_common import (
     dot_precision,
     mma,
@@ -32,21 +33,22 @@ def _prefill_inner(
     q_pos,  # [BLOCK_M] int32
     slopes,  # [BLOCK_M] fp32
     bt_row,  # [max_blocks] int32 block table of this sequence
-    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D]
+    cache_ptr,  # key view [num_blocks, BLOCK_SIZE, Hkv, D] (runtime.attention.kv_layout)
     value_offset,
-    kv_row,  # [BLOCK_D] offsets of this KV head's features within a token
+    kv_row,  # [BLOCK_D] offsets of this KV head's key features within a token
     d_mask,  # [BLOCK_D] bool
+    v_row,  # [BLOCK_DV] offsets of its value features
+    dv_mask,  # [BLOCK_DV] bool
     lo,
     hi,
     scale,
     soft_cap,
     window,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    STRIDE_TOKEN: tl.constexpr,  # cache elements per token
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # apply the causal / window mask (the diagonal band)
-    EVEN: tl.constexpr,  # every tile full and HEAD_DIM a power of two: unpredicated loads
+    EVEN: tl.constexpr,  # every tile full and both head sizes powers of two: no predicates
     HAS_WINDOW: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -57,9 +59,9 @@ def _prefill_inner(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        tok_off = (pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * (
-            NUM_KV_HEADS * HEAD_DIM
-        )  # [BLOCK_N]
+        tok_off = (
+            pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        ) * STRIDE_TOKEN  # [BLOCK_N]
         # Prefetch the next tile's block ids so the K/V loads below can be pipelined.
         next_n = offs_n + BLOCK_N
         pages = tl.load(bt_row + next_n // BLOCK_SIZE, mask=next_n < hi, other=0)
@@ -76,19 +78,20 @@ def _prefill_inner(
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
+        v_ptrs = cache_ptr + value_offset + tok_off[:, None] + v_row[None, :]  # [BLOCK_N, BLOCK_DV]
         if EVEN:
-            v = tl.load(k_ptrs + value_offset)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(v_ptrs)
         else:
-            v = tl.load(k_ptrs + value_offset, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
 def paged_prefill_kernel(
-    out_ptr,  # [T, Hq, D]
+    out_ptr,  # [T, Hq, Dv]
     query_ptr,  # [T, Hq, D], rows stride_qt apart
-    cache_ptr,  # [2, num_blocks, BLOCK_SIZE, Hkv, D] contiguous
+    cache_ptr,  # key view [num_blocks, BLOCK_SIZE, Hkv, D] (runtime.attention.kv_layout)
     block_tables_ptr,  # [num_seqs, max_blocks] int32, -1 padded
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
@@ -101,11 +104,14 @@ def paged_prefill_kernel(
     stride_qt,
     stride_ot,
     stride_bt,
-    value_offset,  # elements from the K half of the cache to the V half
-    NUM_KV_HEADS: tl.constexpr,
+    value_offset,  # elements from a token-head's key to its value
     G: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,  # HEAD_DIM_V padded to a power of two
+    STRIDE_TOKEN: tl.constexpr,  # cache elements per token
+    STRIDE_HEAD: tl.constexpr,  # cache elements per KV head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,32 +161,35 @@ def paged_prefill_kernel(
         full_end = ((first + 1) // BLOCK_N) * BLOCK_N
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_row = (head // G) * HEAD_DIM + offs_d  # [BLOCK_D]
+    kv_row = (head // G) * STRIDE_HEAD + offs_d  # [BLOCK_D]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < HEAD_DIM_V
+    v_row = (head // G) * STRIDE_HEAD + offs_dv  # [BLOCK_DV]
     heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
     m_i, l_i = softmax_init(sinks_ptr, heads, m_mask, True, HAS_SINKS)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        lo, full_end, scale, soft_cap, window,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HEAD_DIM == BLOCK_D,
+        v_row, dv_mask, lo, full_end, scale, soft_cap, window,
+        STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, False, (HEAD_DIM == BLOCK_D) & (HEAD_DIM_V == BLOCK_DV),
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        full_end, hi, scale, soft_cap, window,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, False,
+        v_row, dv_mask, full_end, hi, scale, soft_cap, window,
+        STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, True, False,
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     # Every valid row sees at least its own key, so l_i > 0 where stored.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
 
 
 def paged_prefill(
-    out: torch.Tensor,  # [T, Hq, D], written at the prefill tokens' rows
+    out: torch.Tensor,  # [T, Hq, Dv], written at the prefill tokens' rows
     query: torch.Tensor,  # [T, Hq, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W] (runtime.attention.kv_layout)
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
@@ -200,16 +209,18 @@ def paged_prefill(
         return
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
+    v_head_dim = value_cache.shape[-1]
     assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
     assert seq_ids is None or seq_ids.dtype == torch.int32
     assert block_tables.stride(1) == 1
-    assert out.is_contiguous() and out.shape == query.shape
-    config = config or default_prefill_config(head_dim, query.dtype, query.device)
+    assert out.is_contiguous() and out.shape == (*query.shape[:2], v_head_dim)
+    config = config or default_prefill_config(max(head_dim, v_head_dim), query.dtype, query.device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, num_prefill)
     paged_prefill_kernel[grid](
         out_ptr=out,
         query_ptr=query,
-        cache_ptr=kv_cache,
+        cache_ptr=key_cache,
         block_tables_ptr=block_tables,
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
@@ -222,11 +233,14 @@ def paged_prefill(
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
         stride_bt=block_tables.stride(0),
-        value_offset=kv_cache[0].numel(),
-        NUM_KV_HEADS=num_kv_heads,
+        value_offset=value_offset(key_cache, value_cache),
         G=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM_V=v_head_dim,
+        BLOCK_DV=triton.next_power_of_2(v_head_dim),
+        STRIDE_TOKEN=key_cache.stride(1),
+        STRIDE_HEAD=key_cache.stride(2),
         BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,

@@ -89,8 +89,7 @@ def run_paged(model, seqs, steps, num_blocks):
     """Prefill all prompts in one flattened batch, then `steps` decodes; yields logits."""
     layers = attention_layers(model)
     caches = [
-        torch.zeros(2, num_blocks, BLOCK_SIZE, layer.num_kv_heads, layer.head_dim)
-        for layer in layers
+        torch.zeros(layer.kv_cache_shape(num_blocks, BLOCK_SIZE)) for layer in layers
     ]
     per_seq = num_blocks // len(seqs)
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
