@@ -26,3 +26,35 @@ def test_alibi_slopes_matter(cases, arch, change):
     result = report(case, generated_records(case, tweak=tweak))
     print(f"{arch} with ALiBi slopes {change}:", result.format())
     assert result.max_diff > 100 * ATOL
+
+
+@pytest.mark.parametrize("change", ["off", "doubled"])
+def test_falcon_alibi_slopes_matter(cases, change):
+    # "doubled": what transformers' eager Falcon path computes (its own bias plus the one
+    # folded into the mask); the generated model must follow the sdpa path, not that.
+    case = cases("falcon_alibi")
+
+    def tweak(model):
+        for layer in attention_layers(model):
+            assert layer.alibi_slopes is not None and layer.alibi_slopes.numel() == 4
+            layer.alibi_slopes = None if change == "off" else layer.alibi_slopes * 2
+
+    result = report(case, generated_records(case, tweak=tweak))
+    print(f"falcon_alibi with ALiBi slopes {change}:", result.format())
+    assert result.max_diff > 100 * ATOL
+
+
+def test_falcon_grouped_layout_matters(cases):
+    # K/V heads read from the other group of the fused [kv][q, q, k, v][D] rows
+    case = cases("falcon")
+
+    def tweak(model):
+        for block in model.transformer.h:
+            weight = block.self_attention.query_key_value.weight.data  # [2 * 4 * D, hidden]
+            groups = weight.view(2, 4, -1, weight.shape[-1])  # [group, q q k v, D, hidden]
+            kv = groups[:, 2:].clone()
+            groups[:, 2:] = kv.flip(0)
+
+    result = report(case, generated_records(case, tweak=tweak))
+    print("falcon with K/V from the other group:", result.format())
+    assert result.max_diff > 100 * ATOL
