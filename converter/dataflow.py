@@ -29,6 +29,9 @@ class Value:
 DEAD = Value("dead")
 NONNONE = Value("nonnone")
 UNKNOWN = Value("unknown")
+# Unknown, but one of the paths binding it gives None (`x if c else None`): a caller
+# passing it never lets the callee assume it is set.
+MAYBE_NONE = Value("unknown", "maybe None")
 FALSE_ATTRS = {"self.training"}  # inference: never training
 
 
@@ -41,6 +44,8 @@ def merge(a: Value, b: Value) -> Value:
         return a
     if a.kind in ("const", "nonnone") and b.kind in ("const", "nonnone"):
         return NONNONE
+    if DEAD in (a, b) or MAYBE_NONE in (a, b):
+        return MAYBE_NONE
     return UNKNOWN
 
 

@@ -62,3 +62,22 @@ def test_names_bound_by_try_and_local_imports_stay_alive():
     )
     block = code_of(prepare(source)[0], "TinyBlock")
     assert "residual = hidden_states * scale" in block and "import math" in block
+
+
+def test_an_argument_that_may_be_none_keeps_the_callees_none_check():
+    # granite_swa's NoPE layers: `pe = table[k] if k else None` passed on; the callee's
+    # `if pe is not None:` must survive (only a plain unknown name is assumed set)
+    source = TINY.replace(
+        "    def forward(self, hidden_states, attention_mask=None, cache=None, use_cache=False, **kwargs):\n"
+        "        residual = hidden_states\n",
+        "    def forward(self, hidden_states, attention_mask=None, cache=None, use_cache=False, odd_extra=None, **kwargs):\n"
+        "        residual = hidden_states\n"
+        "        if odd_extra is not None:\n"
+        "            hidden_states = hidden_states * odd_extra\n",
+    ).replace(
+        "            hidden_states = block(hidden_states, mask, cache=cache, **kwargs)",
+        "            odd = hidden_states.mean() if input_ids.shape[0] > 1 else None\n"
+        "            hidden_states = block(hidden_states, mask, cache=cache, odd_extra=odd, **kwargs)",
+    )
+    block = code_of(prepare(source)[0], "TinyBlock")
+    assert "if odd_extra is not None:" in block

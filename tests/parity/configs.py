@@ -50,7 +50,8 @@ FALCON = dict(
 
 # A case is named by its key; `model_type` (default: the key) picks the config class,
 # so one architecture can be tested under several configurations; `attn_implementation`
-# (default "eager") picks the HF reference path.
+# (default "eager") picks the HF reference path; `random_params` names parameters (by
+# last name component) drawn from N(0, 1) after HF's init, where that init is a constant.
 CONFIGS: dict[str, dict] = {
     # word_embed_proj_dim != hidden_size exercises project_in/project_out.
     "opt": dict(
@@ -140,6 +141,34 @@ CONFIGS: dict[str, dict] = {
         parallel_attn=False,
         bias=True,
         attn_implementation="sdpa",
+    ),
+    # Attention sinks (random per head: HF initialises them to zero), per-layer RoPE
+    # theta with a NoPE layer (theta 0), one full and one sliding layer, muP multipliers.
+    "granite_swa": dict(
+        COMMON,
+        layer_types=["full_attention", "sliding_attention"],
+        layer_rope_theta=[0, 10000.0],
+        sliding_window=4,
+        attention_multiplier=0.3,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.7,
+        logits_scaling=1.5,
+        random_params=["sinks"],
+    ),
+    # softmax in an `_attn` helper, no scaling; layer 1 local: a banded causal mask buffer
+    # of window 4 (sliding_window), layer 0 global.
+    "gpt_neo": dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 }
 

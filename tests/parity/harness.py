@@ -33,9 +33,14 @@ class Case:
 def make_case(arch: str, root: Path) -> Case:
     kwargs = dict(CONFIGS[arch])
     impl = kwargs.pop("attn_implementation", "eager")
+    randomize = set(kwargs.pop("random_params", ()))
     config = AutoConfig.for_model(kwargs.pop("model_type", arch), **kwargs)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.rsplit(".", 1)[-1] in randomize:
+                param.normal_()
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     tokens = SCENARIO.tokens(config.vocab_size)
