@@ -30,6 +30,8 @@ from converter.passes import eager_core
 from converter.passes.attention_args import CALL_KWARGS, KWARGS, ctor_args
 
 IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
+# transformers' attention-interface signature, up to its keyword-only options
+INTERFACE_PARAMS = ("module", "query", "key", "value", "attention_mask")
 _EMPTY = cst.Module(body=[])
 
 
@@ -90,17 +92,18 @@ class _Sink(cst.CSTTransformer):
         scope = f"{self.cls}.forward"
         if self.call is not None:
             raise self.ctx.error("two attention-interface calls in one forward", stmt, scope=scope)
-        positional = [a for a in call.args if a.keyword is None and not a.star]
-        if len(positional) != 5:
+        bound = _bind_interface(call)
+        if bound is None:
             raise self.ctx.error(
-                "attention-interface call without (module, q, k, v, mask) positional arguments",
+                "attention-interface call does not bind (module, query, key, value, "
+                "attention_mask) once each",
                 stmt,
                 scope=scope,
-                hint="extend converter/passes/attention.py",
+                hint="extend converter/passes/attention.py _bind_interface",
             )
         for arg in call.args:
             key = arg.keyword.value if arg.keyword is not None else None
-            if arg.star == "**" or key is None:
+            if arg.star == "**" or key is None or key in INTERFACE_PARAMS:
                 continue
             if key not in KWARGS and key not in CALL_KWARGS:
                 raise self.ctx.error(
@@ -119,7 +122,7 @@ class _Sink(cst.CSTTransformer):
                 "attention-interface result is not unpacked as (output, weights)", stmt, scope=scope
             )
         self.call = call
-        self.operands = [a.value for a in positional[1:4]]
+        self.operands = bound[1:4]
         ops = [self._operand(e) for e in self.operands]
         extra = "".join(
             f", {CALL_KWARGS[a.keyword.value]}={_code(a.value)}"
@@ -139,6 +142,24 @@ class _Sink(cst.CSTTransformer):
         code = _code(expr)
         simple = (cst.Name, cst.Attribute, cst.Call, cst.Subscript)
         return f"{code if isinstance(expr, simple) else f'({code})'}.transpose(1, 2)[0]"
+
+
+def _bind_interface(call: cst.Call) -> list[cst.BaseExpression] | None:
+    """The call's (module, query, key, value, attention_mask) expressions, passed by
+    position or by keyword (dory: ``attention_mask=...``); None unless each binds once."""
+    positional = [a.value for a in call.args if a.keyword is None and not a.star]
+    if len(positional) > len(INTERFACE_PARAMS):
+        return None
+    bound = dict(zip(INTERFACE_PARAMS, positional))
+    for arg in call.args:
+        key = arg.keyword.value if arg.keyword is not None else None
+        if key in INTERFACE_PARAMS:
+            if key in bound:
+                return None
+            bound[key] = arg.value
+    if len(bound) != len(INTERFACE_PARAMS):
+        return None
+    return [bound[p] for p in INTERFACE_PARAMS]
 
 
 def _assigned(block) -> set[str]:

@@ -92,3 +92,19 @@ def test_non_causal_attention_is_refused():
     assert "if not self.is_causal:\n            raise ValueError(" in code_of(
         module, "TinyAttention"
     )
+
+
+def test_interface_arguments_bound_by_keyword():
+    # dory passes attention_mask=...; any of q/k/v may come by keyword too
+    source = TINY.replace(
+        "self, q, k, v, attention_mask, dropout=0.0,",
+        "self, q, value=v, attention_mask=attention_mask, key=k, dropout=0.0,",
+    )
+    attn = code_of(prepare(source, through="attention")[0], "TinyAttention")
+    assert "self.attn(q.transpose(1, 2)[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0]," in attn
+    twice = TINY.replace(
+        "self, q, k, v, attention_mask, dropout=0.0,",
+        "self, q, k, v, attention_mask, value=v, dropout=0.0,",
+    )
+    with pytest.raises(ConversionError, match="does not bind .* once each"):
+        prepare(twice, through="attention")
