@@ -266,6 +266,13 @@ def earlier_results(keep: Path | None, workload_key: str) -> dict[str, RunResult
     return found
 
 
+def _ordered(results: dict) -> dict:
+    """Rows in a fixed order whichever invocation measured them: ours (by TP size), then
+    HF continuous batching, then HF generate."""
+    rank = {"hf-cb": 1, "hf-generate": 2}
+    return dict(sorted(results.items(), key=lambda kv: (rank.get(kv[0], 0), kv[0])))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -305,7 +312,7 @@ def main(argv=None) -> None:
                 (keep / "results").mkdir(exist_ok=True)
                 saved = {"workload": workload_key, "result": json.loads(results[key].to_json())}
                 (keep / "results" / f"{key}.json").write_text(json.dumps(saved))
-            write_report(out, args, slug, config, workload, roofline, results)
+            write_report(out, args, slug, config, workload, roofline, _ordered(results))
     print(f"\nreport: {out}")
 
 
