@@ -10,7 +10,6 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.cst_edits import drop_unused_locals
 from converter.cstwalk import names_read
 
 
@@ -77,7 +76,25 @@ class _Resolve(cst.CSTTransformer):
     def leave_FunctionDef(self, original, updated: cst.FunctionDef) -> cst.FunctionDef:
         # the key's local (`attn_implementation = ...`) picked an entry; nothing reads it now
         keys, self.keys = self.keys, set()
-        return drop_unused_locals(updated, keys)
+        for key in keys:
+            dropped = updated.visit(_DropStores({key}))
+            if key not in names_read(dropped.body):
+                updated = dropped
+        return updated
+
+
+class _DropStores(cst.CSTTransformer):
+    """Removes ``name = ...`` statements (at any depth) for `names`."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def leave_SimpleStatementLine(self, original, updated):
+        small = updated.body[0] if len(updated.body) == 1 else None
+        if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])):
+            if small.targets[0].target.value in self.names:
+                return cst.RemoveFromParent()
+        return updated
 
 
 def resolve_constructions(node: cst.CSTNode, tables: dict[str, str]) -> cst.CSTNode:

@@ -13,7 +13,7 @@ from collections import deque
 
 import libcst as cst
 
-from converter.analysis import child_class, dotted, methods_of, nodes_of, owns
+from converter.analysis import child_class, dotted, methods_of, nodes_of, owns, self_attr
 from converter.context import ConversionContext
 
 
@@ -73,11 +73,15 @@ def find_roles(module: cst.Module, ctx: ConversionContext) -> None:
 
 
 def _softmax_cores(module: cst.Module) -> list[str]:
-    """Classes whose own forward calls a softmax: hand-written attention cores."""
+    """Classes whose forward calls a softmax, itself or in a ``self.<helper>(...)`` it
+    calls (GPT-Neo's ``_attn``): hand-written attention cores."""
     found = []
     for node in module.body:
-        forward = methods_of(node).get("forward") if isinstance(node, cst.ClassDef) else None
+        methods = methods_of(node) if isinstance(node, cst.ClassDef) else {}
+        forward = methods.get("forward")
         calls = nodes_of(forward, cst.Call) if forward is not None else []
+        helpers = {self_attr(c.func) for c in calls} & set(methods) - {"forward"}
+        calls += [c for h in sorted(helpers) for c in nodes_of(methods[h], cst.Call)]
         names = [c.func.attr if isinstance(c.func, cst.Attribute) else c.func for c in calls]
         if any(isinstance(n, cst.Name) and n.value == "softmax" for n in names):
             found.append(node.name.value)

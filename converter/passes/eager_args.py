@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from converter.analysis import bound_names, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
-from converter.passes.attention_args import _assignments, _statements, head_shape
+from converter.passes.attention_args import _assignments, _statements, _unfused, head_shape
+from converter.passes.eager_masks import window_of
 
 VIEWS = ("view", "reshape")
 _EMPTY = cst.Module(body=[])
@@ -122,6 +124,9 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     kv = (_heads(k, before, methods) or (None, None))[0]
     if kv is not None and kv != args["num_heads"]:
         args["num_kv_heads"] = kv
+    window = window_of(ctx, node, core, f"{cls}.forward")  # a banded mask buffer
+    if window is not None:
+        args["sliding_window"] = window
     if alibi and any(alibi["bias"] in names_read(s) for s in core):
         slopes = alibi["slopes"]
         args["alibi_slopes"] = (
@@ -182,21 +187,63 @@ def _inline(dim: cst.BaseExpression, assigns) -> str:
 
 def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
     """Dims of the view splitting `name`'s heads: in the forward, else in a ``self.<m>()``
-    helper the name is computed by (Bloom's ``_reshape``)."""
-    dims = head_shape(name, assigns)
+    helper the name is computed by (Bloom's ``_reshape``, GPT-Neo's ``_split_heads``,
+    whose parameters stand for the call's arguments)."""
+    dims = head_shape(name, assigns) or _sized_view(name, assigns)
     if dims is not None:
         return dims
     for rhs in assigns.get(name, []):
         for call in nodes_of(rhs, cst.Call):
             helper = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
-            if helper in methods:
-                stmts = _statements(methods[helper].body.body)
-                for views in _assignments(stmts).values():
-                    for value in views:
-                        for c in nodes_of(value, cst.Call):
-                            if _method(c) in VIEWS and len(c.args) >= 4:
-                                return [a.value for a in c.args]
+            if helper not in methods:
+                continue
+            inner = _assignments(_statements(methods[helper].body.body))
+            for views in inner.values():
+                for value in views:
+                    for c in nodes_of(value, cst.Call):
+                        if _method(c) in VIEWS and len(c.args) >= 4:
+                            return [a.value for a in c.args]
+                        if _method(c) in VIEWS and (dims := _sized(c, inner)):
+                            return [_bind(d, methods[helper], call) for d in dims]
     return None
+
+
+def _sized(view: cst.Call, assigns) -> list[cst.BaseExpression] | None:
+    """``x.view(*s)`` / ``x.view(s)`` with ``s = y.size()[:-1] + (H, D)``: [prefix, H, D]."""
+    if len(view.args) != 1:
+        return None
+    shape = view.args[0].value
+    if isinstance(shape, cst.Name) and len(assigns.get(shape.value, [])) == 1:
+        shape = assigns[shape.value][0]
+    if m.matches(shape, m.BinaryOperation(operator=m.Add(), right=m.Tuple())):
+        return [shape.left, *(el.value for el in shape.right.elements)]
+    return None
+
+
+def _sized_view(name: str, assigns) -> list[cst.BaseExpression] | None:
+    """A `_sized` view in `name`'s dataflow (breadth first); reached through a slice of
+    the last axis (``qkv[..., :D]``, GPT-NeoX-Japanese), ``3 * D`` names one part's D."""
+    queue, seen = [(name, False)], {name}
+    while queue:
+        current, sliced = queue.pop(0)
+        for rhs in assigns.get(current, []):
+            cut = sliced or bool(nodes_of(rhs, cst.Slice))
+            for call in nodes_of(rhs, cst.Call):
+                dims = _sized(call, assigns) if _method(call) in VIEWS else None
+                if dims:
+                    return [*dims[:-1], _unfused(dims[-1])] if cut else dims
+            for ref in sorted(names_read(rhs) - seen):
+                seen.add(ref)
+                queue.append((ref, cut))
+    return None
+
+
+def _bind(dim: cst.BaseExpression, helper: cst.FunctionDef, call: cst.Call):
+    """A helper's parameter in `dim` -> the argument `call` passes for it."""
+    params = [p.name.value for p in helper.params.params][1:]  # without self / cls
+    args = dict(zip(params, (a.value for a in call.args if a.keyword is None)))
+    args |= {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    return args.get(dim.value, dim) if isinstance(dim, cst.Name) else dim
 
 
 def _heads_of(dims) -> str | None:

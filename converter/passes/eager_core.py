@@ -29,6 +29,7 @@ from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
 from converter.passes.eager_args import ctor_args
 from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args
+from converter.passes.eager_inline import inline_softmax_helpers
 
 SOFTMAX = ("softmax",)
 PRODUCTS = ("matmul", "bmm", "baddbmm")
@@ -104,7 +105,7 @@ class _NoneFor(cst.CSTTransformer):
 def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef):
     """(new forward, PagedAttention args) for the eager core(s) of `cls`."""
     scope = f"{cls}.forward"
-    body = keep_eager_arms(list(forward.body.body))
+    body = keep_eager_arms(inline_softmax_helpers(ctx, node, list(forward.body.body), scope))
     new_body, args = _block(ctx, cls, node, forward, body, [], None, scope)
     new_forward = forward.with_changes(body=forward.body.with_changes(body=new_body))
     if "alibi_slopes" in args:

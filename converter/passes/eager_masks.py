@@ -1,0 +1,116 @@
+"""Mask buffers an eager core reads (GPT-Neo's and OpenAI GPT's ``self.bias``).
+
+The paged kernel masks causally on its own, so a core's mask buffer may only be dropped
+when it is causal: built in ``__init__`` as ``tril(ones(...))`` (any ``.view``), maybe
+banded under a condition, ``bias = bitwise_xor(bias, tril(bias, -W))`` (GPT-Neo's local
+layers): key j visible to query i iff ``i - W < j <= i``, PagedAttention's
+``sliding_window=W``. Any other buffer the scores read stops the conversion.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from converter.analysis import dotted, methods_of, self_attr
+from converter.cstwalk import nodes_of
+
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def _name(call: cst.Call) -> str:
+    return (dotted(call.func) or "").rsplit(".", 1)[-1]
+
+
+def _buffers(init: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    """``self.X = nn.Buffer(V, ...)`` / ``self.register_buffer("X", V, ...)`` -> {X: V}."""
+    out = {}
+    for call in nodes_of(init.body, cst.Call):
+        if _name(call) == "register_buffer" and len(call.args) >= 2:
+            key = call.args[0].value
+            if isinstance(key, cst.SimpleString):
+                out[key.evaluated_value] = call.args[1].value
+    for assign in nodes_of(init.body, cst.Assign):
+        value = assign.value
+        if isinstance(value, cst.Call) and _name(value) == "Buffer" and value.args:
+            for target in assign.targets:
+                if (attr := self_attr(target.target)) is not None:
+                    out[attr] = value.args[0].value
+    return out
+
+
+def _is_causal(expr: cst.BaseExpression) -> bool:
+    """``tril(ones(...))`` possibly wrapped in ``.view(...)`` / ``.to(...)``."""
+    return any(
+        _name(c) == "tril" and c.args and any(_name(o) == "ones" for o in nodes_of(c, cst.Call))
+        for c in nodes_of(expr, cst.Call)
+    )
+
+
+def _band(expr: cst.BaseExpression, name: str) -> str | None:
+    """W of ``bitwise_xor(name, tril(name, -W))``, else None."""
+    if not (isinstance(expr, cst.Call) and _name(expr) == "bitwise_xor" and len(expr.args) == 2):
+        return None
+    first, second = (a.value for a in expr.args)
+    if not (isinstance(first, cst.Name) and first.value == name and isinstance(second, cst.Call)):
+        return None
+    if _name(second) != "tril" or len(second.args) != 2:
+        return None
+    offset = second.args[1].value
+    if isinstance(offset, cst.UnaryOperation) and isinstance(offset.operator, cst.Minus):
+        return _code(offset.expression)
+    return None
+
+
+def _assignments(body, name: str, cond: str | None = None):
+    """(condition or None, value) of each ``name = value`` in `body`, ifs included."""
+    out = []
+    for stmt in body:
+        if isinstance(stmt, cst.SimpleStatementLine):
+            for small in stmt.body:
+                if isinstance(small, cst.Assign) and any(
+                    isinstance(t.target, cst.Name) and t.target.value == name for t in small.targets
+                ):
+                    out.append((cond, small.value))
+        elif isinstance(stmt, cst.If) and stmt.orelse is None and cond is None:
+            out += _assignments(stmt.body.body, name, _code(stmt.test))
+        elif any(n.value == name for n in nodes_of(stmt, cst.Name)):
+            out.append(("?", stmt))  # assigned some other way: unknown
+    return out
+
+
+def window_of(ctx, node: cst.ClassDef, core, scope: str) -> str | None:
+    """PagedAttention's ``sliding_window`` expression for the mask buffers `core` reads."""
+    init = methods_of(node)["__init__"]
+    buffers = _buffers(init)
+    read = {self_attr(a) for s in core for a in nodes_of(s, cst.Attribute)} & set(buffers)
+    windows = []
+    for attr in sorted(read):
+
+        def refuse(attr=attr):
+            return ctx.error(
+                f"eager attention core reads the buffer self.{attr}, which is not a causal mask",
+                init,
+                scope=scope,
+                hint="extend converter/passes/eager_masks.py (or PagedAttention)",
+            )
+
+        value = buffers[attr]
+        if _is_causal(value):
+            continue
+        if not isinstance(value, cst.Name):
+            raise refuse()
+        steps = _assignments(init.body.body, value.value)
+        if not steps or steps[0][0] is not None or not _is_causal(steps[0][1]):
+            raise refuse()
+        for cond, expr in steps[1:]:
+            width = _band(expr, value.value) if cond != "?" else None
+            if width is None:
+                raise refuse()
+            windows.append(width if cond is None else f"{width} if {cond} else None")
+    if len(windows) > 1:
+        raise ctx.error("eager attention core reads several banded masks", init, scope=scope)
+    return windows[0] if windows else None
