@@ -16,13 +16,12 @@ With TP size 1 every parallel layer is a plain local layer: no process group nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import libcst as cst
 
 from converter.analysis import dotted, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cst_edits import add_import_from, drop_unused_locals
+from converter.passes.tp_args import LinearArgs, expr, kwarg, linear_args
 from converter.passes.tp_fuse import Fusion, LocalQKVSplit, plan_fusions, split_statement
 from converter.passes.tp_heads import (
     HeadCounts,
@@ -31,7 +30,7 @@ from converter.passes.tp_heads import (
     pa_args,
     paged_attention_call,
 )
-from converter.tp_plan import CONV1D_CTORS, Decision, resolve_plan
+from converter.tp_plan import Decision, ctor_call, resolve_plan, with_ctor
 
 _EMPTY = cst.Module([])
 PARALLEL_CTORS = {
@@ -44,36 +43,6 @@ PARALLEL_CTORS = {
 
 def code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
-
-
-def expr(text: str) -> cst.BaseExpression:
-    return cst.parse_expression(text)
-
-
-@dataclass
-class LinearArgs:
-    in_: str
-    out: str
-    bias: str
-    extra: tuple[str, ...] = ()  # ("transposed=True",) for Conv1D
-
-
-def linear_args(call: cst.Call, ctx: ConversionContext, where: str) -> LinearArgs:
-    if (dotted(call.func) or "") in CONV1D_CTORS:  # Conv1D(nf=out, nx=in): weight [in, out]
-        nf, nx = (code(a.value) for a in call.args[:2])
-        return LinearArgs(nx, nf, "True", ("transposed=True",))
-    names = ["in_features", "out_features", "bias"]
-    got: dict[str, str] = {}
-    for i, arg in enumerate(call.args):
-        key = arg.keyword.value if arg.keyword else (names[i] if i < 3 else None)
-        if key not in names:
-            raise ctx.error(
-                f"{where}: nn.Linear argument {code(arg).strip()!r} has no parallel equivalent",
-                call,
-                hint="extend converter/passes/tp.py",
-            )
-        got[key] = code(arg.value)
-    return LinearArgs(got["in_features"], got["out_features"], got.get("bias", "True"))
 
 
 class _InitRewriter(cst.CSTTransformer):
@@ -90,7 +59,8 @@ class _InitRewriter(cst.CSTTransformer):
         if not isinstance(small, cst.Assign) or len(small.targets) != 1:
             return updated
         attr = self_attr(small.targets[0].target)
-        if attr is None or not isinstance(small.value, cst.Call):
+        call = ctor_call(small.value)
+        if attr is None or call is None:
             return updated
         fusion = self.member_of.get(attr)
         if fusion is not None:
@@ -104,9 +74,10 @@ class _InitRewriter(cst.CSTTransformer):
                     )
                 ]
             )
-        new_value = self.p.ctor_for(self.cls, attr, small.value)
-        if new_value is small.value:
+        new_call = self.p.ctor_for(self.cls, attr, call)
+        if new_call is call:
             return updated
+        new_value = with_ctor(small.value, new_call)
         return updated.with_changes(body=[small.with_changes(value=new_value)])
 
 
@@ -121,9 +92,14 @@ class _TPPass:
         self.orphans: set[str] = set()  # ctor arguments the rewrite may leave unused
         self.qkv_single: dict[str, str] = {}  # class -> its fused [Q|K|V] linear's attr
 
-    def ctor(self, name: str, args: list[str]) -> cst.Call:
+    def ctor(self, name: str, args: list[cst.BaseExpression | cst.Arg | str]) -> cst.Call:
+        """``name(*args)``: nodes as they are, text (tables of strings) through `expr`."""
         self.used.add(name)
-        return cst.parse_expression(f"{name}({', '.join(args)})")
+        args = [
+            a if isinstance(a, cst.Arg) else cst.Arg(expr(a) if isinstance(a, str) else a)
+            for a in args
+        ]
+        return cst.Call(cst.Name(name), args)
 
     def ctor_for(self, cls: str, attr: str, call: cst.Call) -> cst.Call:
         decision = self.decisions.get((cls, attr))
@@ -140,18 +116,18 @@ class _TPPass:
             return call.with_changes(func=cst.Name("VocabParallelEmbedding"))
         a = linear_args(call, self.ctx, where)
         if decision.style == "lm_head":
-            return self.ctor("ParallelLMHead", [a.out, a.in_, f"bias={a.bias}"])
+            return self.ctor("ParallelLMHead", [a.out, a.in_, kwarg("bias", a.bias)])
         fused_single = self.fused_checkpoint(cls, attr, a, call)
         if fused_single is not None:
-            self.orphans.add(a.out)  # e.g. Phi-3's `op_size`, now unused
+            self.orphans.add(code(a.out))  # e.g. Phi-3's `op_size`, now unused
             return fused_single
         extra = []
         if decision.style == "colwise_gather_output":
-            extra.append("gather_output=True")
+            extra.append(kwarg("gather_output", cst.Name("True")))
         if decision.style == "rowwise_split_input" and not self.class_has_sharded_producer(cls):
-            extra.append("input_is_parallel=False")
+            extra.append(kwarg("input_is_parallel", cst.Name("False")))
         return self.ctor(
-            PARALLEL_CTORS[decision.style], [a.in_, a.out, f"bias={a.bias}", *extra, *a.extra]
+            PARALLEL_CTORS[decision.style], [a.in_, a.out, kwarg("bias", a.bias), *extra, *a.extra]
         )
 
     def class_has_sharded_producer(self, cls: str) -> bool:
@@ -186,25 +162,29 @@ class _TPPass:
             self.qkv_single[cls] = attr
             return self.ctor("QKVParallelLinear", [*self.qkv_args(pa, a.in_, a.bias), *a.extra])
         if kind == "gate_up":
-            out = cst.parse_expression(a.out)
-            half = f"({a.out}) // 2"
+            out = a.out
+            half = cst.BinaryOperation(
+                out.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]),
+                cst.FloorDivide(),
+                cst.Integer("2"),
+            )  # (out) // 2, unless out is 2 * X (or X * 2)
             if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
                 if code(out.left) == "2":
-                    half = code(out.right)
+                    half = out.right
                 elif code(out.right) == "2":
-                    half = code(out.left)
+                    half = out.left
+            halves = cst.List([cst.Element(half), cst.Element(half)])
             return self.ctor(
-                "MergedColumnParallelLinear",
-                [a.in_, f"[{half}, {half}]", f"bias={a.bias}", *a.extra],
+                "MergedColumnParallelLinear", [a.in_, halves, kwarg("bias", a.bias), *a.extra]
             )
         return None
 
     @staticmethod
-    def qkv_args(pa: dict[str, str], in_: str, bias: str) -> list[str]:
+    def qkv_args(pa: dict[str, str], in_, bias) -> list:
         """QKVParallelLinear(hidden, head_size, total heads[, total kv heads], bias=...):
         the sizes the PagedAttention ctor already states, before TP localises them."""
         kv = [pa["num_kv_heads"]] if "num_kv_heads" in pa else []
-        return [in_, pa["head_dim"], pa["num_heads"], *kv, f"bias={bias}"]
+        return [in_, pa["head_dim"], pa["num_heads"], *kv, kwarg("bias", bias)]
 
     def fused_ctor(self, f: Fusion) -> cst.Call:
         if f.kind == "qkv":
@@ -216,12 +196,11 @@ class _TPPass:
                     pa["head_dim"],
                     pa["num_heads"],
                     pa.get("num_kv_heads", "None"),
-                    f"bias={f.bias}",
+                    kwarg("bias", f.bias),
                 ],
             )
-        return self.ctor(
-            "MergedColumnParallelLinear", [f.in_, f"[{', '.join(f.outs)}]", f"bias={f.bias}"]
-        )
+        outs = cst.List([cst.Element(expr(o)) for o in f.outs])
+        return self.ctor("MergedColumnParallelLinear", [f.in_, outs, kwarg("bias", f.bias)])
 
     def rewrite_class(self, node: cst.ClassDef) -> cst.ClassDef:
         cls = node.name.value
