@@ -15,6 +15,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
     "GPTNeoForCausalLM": ("gpt_neo", "GPTNeoForCausalLM"),
     "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
+    "GPTNeoXJapaneseForCausalLM": ("gpt_neox_japanese", "GPTNeoXJapaneseForCausalLM"),
     "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
     "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
     "GraniteSWAForCausalLM": ("granite_swa", "GraniteSWAForCausalLM"),

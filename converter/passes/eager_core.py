@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import bound_names, self_attr
+from converter.analysis import bound_names, dotted, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
 from converter.passes.eager_args import ctor_args
@@ -77,9 +77,10 @@ def _product(stmts) -> tuple[cst.CSTNode, cst.BaseExpression] | None:
                 positional = [a.value for a in node.args if a.keyword is None]
                 if "batch1" in args:
                     return node, args["batch1"]
-                if isinstance(node.func, cst.Attribute) and _method(node) == "baddbmm":
-                    # alibi.baddbmm(q, k): the method form's first argument is batch1
-                    return node, positional[0]
+                if _method(node) == "baddbmm" and dotted(node.func) in ("torch.baddbmm", "baddbmm"):
+                    # torch.baddbmm(input, q, k): the function form's batch1 comes second
+                    return node, positional[1]
+                # alibi.baddbmm(q, k): the method form's first argument is batch1
                 return node, positional[0]
     return None
 

@@ -170,6 +170,25 @@ CONFIGS: dict[str, dict] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # fused QKV interleaved per head behind a size()[:-1] + (H, 3 * D) view, softmax in an
+    # `_attn` helper (torch.baddbmm with alpha=1/norm), partial rotary, the last layer's
+    # dense bias returned to the block.
+    "gpt_neox_japanese": dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_multiple_size=2,
+        max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+        },
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 ARCHS = list(CONFIGS)
