@@ -198,13 +198,11 @@ def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
             if helper not in methods:
                 continue
             inner = _assignments(_statements(methods[helper].body.body))
-            for views in inner.values():
-                for value in views:
-                    for c in nodes_of(value, cst.Call):
-                        if _method(c) in VIEWS and len(c.args) >= 4:
-                            return [a.value for a in c.args]
-                        if _method(c) in VIEWS and (dims := _sized(c, inner)):
-                            return [_bind(d, methods[helper], call) for d in dims]
+            for c in nodes_of(methods[helper].body, cst.Call):
+                if _method(c) in VIEWS and len(c.args) >= 4:
+                    return [a.value for a in c.args]
+                if _method(c) in VIEWS and (dims := _sized(c, inner)):
+                    return [_bind(d, methods[helper], call) for d in dims]
     return None
 
 

@@ -77,24 +77,46 @@ def _inline(ctx, helper: cst.FunctionDef, assign, call, later, stmt, scope):
     for arg in call.args:
         if arg.keyword is not None:
             bound[arg.keyword.value] = arg.value
-    lines = []
+    lines, renames = [], {}
     for param in params:
         value = bound.get(param.name.value, param.default)
         if value is None:
             raise refuse(f"no argument for {param.name.value}")
-        if not (isinstance(value, cst.Name) and value.value == param.name.value):
+        if isinstance(value, cst.Name) and value.value not in ("None", "True", "False"):
+            renames[param.name.value] = value.value  # so q/k/v keep the caller's names
+        else:
             lines.append(cst.parse_statement(f"{param.name.value} = {_EMPTY.code_for_node(value)}"))
-    inner = list(helper.body.body)
+    inner = [s.visit(_Rename(renames)) for s in helper.body.body]
     last = inner[-1] if inner else None
     ret = last.body[0] if isinstance(last, cst.SimpleStatementLine) else None
     if not isinstance(ret, cst.Return) or ret.value is None:
         raise refuse("its last statement is not `return <value>`")
+    own = {n for s in helper.body.body for n in bound_names(s)} - set(renames)
+    if len(set(renames.values())) != len(renames) or own & set(renames.values()):
+        raise refuse("an argument's name is taken by another of its parameters or locals")
     if len(nodes_of(helper.body, cst.Return)) != 1:
         raise refuse("it returns from more than one place")
     targets = set(bound_names(cst.SimpleStatementLine([assign])))
-    binds = {n for s in inner for n in bound_names(s)} | {p.name.value for p in params}
+    binds = {n for s in [*lines, *inner] for n in bound_names(s)}
     clobbered = sorted((binds & later) - targets)
     if clobbered:
         raise refuse(f"it binds {clobbered}, which the forward reads after the call")
     result = assign.with_changes(value=ret.value)
     return [*lines, *inner[:-1], stmt.with_changes(body=[result])]
+
+
+class _Rename(cst.CSTTransformer):
+    """Parameter names -> argument names (attribute fields and keywords untouched)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.Name:
+        new = self.names.get(updated.value)
+        return updated.with_changes(value=new) if new else updated
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+        return updated.with_changes(attr=original.attr)
+
+    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+        return updated.with_changes(keyword=original.keyword)

@@ -155,3 +155,17 @@ def test_bhtd_views_and_local_kv_heads(monkeypatch):
         "PagedAttention(self.n_heads, self.head_size, self.scaling, "
         "num_kv_heads=self.groups if self.grouped else self.n_heads)" in attn
     )
+
+
+def test_dispatch_key_local_in_a_branch_goes(monkeypatch):
+    source = DISPATCHED.replace("SCALE_A", "* self.scaling").replace(
+        "        impl = config._attn_implementation\n"
+        "        self.attn_core = CORE_KINDS[impl](config, layer_idx)\n",
+        "        if config.num_hidden_layers > 0:\n"
+        "            impl = config._attn_implementation\n"
+        "            self.attn_core = CORE_KINDS[impl](config, layer_idx)\n",
+    )
+    assert "        if config.num_hidden_layers > 0:" in source
+    module, _ = _convert(monkeypatch, source, _rules())
+    block = code_of(module, "TinyBlock")
+    assert "self.attn_core = TinyAttention(config, layer_idx)" in block and "impl" not in block
