@@ -1,8 +1,9 @@
 """Dead-store elimination on one function body (backward liveness, loops to a fixpoint).
 
 An assignment whose targets are all names nobody reads later goes, and so does a store
-into a container nobody reads later (``mapping[k] = v``). Attribute stores
-(``self.x = ...``) and expression statements stay: they have effects.
+into a local container nobody reads later (``mapping[k] = v``). Attribute stores
+(``self.x = ...``), stores into a parameter's container (the caller sees them: gemma3n's
+``shared_kv_states[t] = k, v``) and expression statements stay: they have effects.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def _name_targets(small) -> set[str] | None:
         ):
             out |= {e.value.value for e in t.elements}
         elif isinstance(t, cst.Subscript) and isinstance(t.value, cst.Name):
-            out.add(t.value.value)  # store into a local container: dead if it is
+            # dead if the container is; `x[]` (live throughout for a parameter x) keeps
+            # stores into a caller's container
+            out |= {t.value.value, f"{t.value.value}[]"}
         else:
             return None
     return out
@@ -54,7 +57,8 @@ def _small(small, live: set[str]):
             kill = set()
         return small, (live - kill) | uses
     if isinstance(small, (cst.Return, cst.Raise)):
-        return small, names_read(small)
+        # what the caller sees after any exit (its containers' `x[]`) stays live
+        return small, names_read(small) | {n for n in live if n.endswith("[]")}
     return small, live | names_read(small)
 
 
@@ -115,7 +119,8 @@ def statement(stmt, live: set[str], apply: bool):
 
 
 def eliminate_dead_stores(func: cst.FunctionDef) -> cst.FunctionDef:
-    body, _ = block(func.body.body, set(), True)
+    params = [*func.params.posonly_params, *func.params.params, *func.params.kwonly_params]
+    body, _ = block(func.body.body, {f"{p.name.value}[]" for p in params}, True)
     return func.with_changes(
         body=func.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])])
     )
