@@ -39,6 +39,9 @@ PLAN_STYLES = {
     "rowwise_rep": "rowwise",
     "local_colwise": "colwise",
     "local_rowwise": "rowwise",
+    # MLA's latent projection (kv_lora_rank + rope dims, shared by every head): replicated;
+    # transformers' style only averages the rope part's gradient, a training concern.
+    "mla_kv_a_proj": "replicated",
 }
 
 
@@ -100,9 +103,10 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
             continue
         for assign in _assigns(init):
             attr = self_attr(assign.targets[0].target) if len(assign.targets) == 1 else None
-            if attr is None or not isinstance(assign.value, cst.Call):
+            call = ctor_call(assign.value)
+            if attr is None or call is None:
                 continue
-            ctor = dotted(assign.value.func) or ""
+            ctor = dotted(call.func) or ""
             kind = (
                 "linear"
                 if ctor in LINEAR_CTORS or ctor in CONV1D_CTORS or ctor in linear_classes
@@ -113,8 +117,31 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
             if kind:
                 cls = stmt.name.value
                 site_paths = [p + (attr,) for p in paths[cls]]
-                sites.append(Site(cls, attr, kind, assign.value, site_paths))
+                sites.append(Site(cls, attr, kind, call, site_paths))
     return sites
+
+
+def ctor_call(value: cst.BaseExpression) -> cst.Call | None:
+    """The construction an attribute assignment makes: the call itself, or the call of a
+    conditional one whose other branch is ``None`` (``None if lora else nn.Linear(...)``)."""
+    if isinstance(value, cst.Call):
+        return value
+    if isinstance(value, cst.IfExp):
+        branches = (value.body, value.orelse)
+        calls = [b for b in branches if isinstance(b, cst.Call)]
+        nones = [b for b in branches if isinstance(b, cst.Name) and b.value == "None"]
+        if len(calls) == 1 and len(nones) == 1:
+            return calls[0]
+    return None
+
+
+def with_ctor(value: cst.BaseExpression, new: cst.Call) -> cst.BaseExpression:
+    """`value` with its `ctor_call` replaced by `new`."""
+    if isinstance(value, cst.IfExp):
+        if isinstance(value.body, cst.Call):
+            return value.with_changes(body=new)
+        return value.with_changes(orelse=new)
+    return new
 
 
 def _assigns(fn: cst.FunctionDef) -> list[cst.Assign]:

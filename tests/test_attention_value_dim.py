@@ -95,9 +95,12 @@ def test_layer_returns_value_dim_heads_on_both_backends(monkeypatch):
     tables = [[3, 0, 6], [5, 1, 7]]
     for context, new in [([0, 0], [7, 3]), ([7, 3], [2, 4]), ([9, 7], [1, 1])]:
         metadata = InputMetadata.build(tables, context, new, block_size, device=DEVICE)
-        q = torch.randn(sum(new), heads * dim, device=DEVICE)  # [T, Hq*D]
+        # As MLA builds them: q head-major ([H, T, D] transposed back), v a slice of a
+        # per-head [nope | v] projection. Neither is token-major contiguous.
+        q = torch.randn(heads, sum(new), dim, device=DEVICE).transpose(0, 1)  # [T, Hq, D]
         k = torch.randn(sum(new), heads * dim, device=DEVICE)  # [T, Hkv*D]
-        v = torch.randn(sum(new), heads * v_dim, device=DEVICE)  # [T, Hkv*Dv]
+        kv = torch.randn(sum(new), heads, 32 + v_dim, device=DEVICE)  # [T, Hkv, nope + Dv]
+        v = kv[..., 32:]  # [T, Hkv, Dv]
         outs = {}
         for backend, cache in caches.items():
             monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", backend)

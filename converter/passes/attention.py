@@ -162,6 +162,20 @@ def _bind_interface(call: cst.Call) -> list[cst.BaseExpression] | None:
     return [bound[p] for p in INTERFACE_PARAMS]
 
 
+_ATTN_HEAD_DIM = m.Attribute(
+    value=m.Attribute(value=m.Name("self"), attr=m.Name("attn")), attr=m.Name("head_dim")
+)
+
+
+class _ValueHeads(cst.CSTTransformer):
+    """``self.attn.head_dim`` -> ``self.attn.v_head_dim`` (the sink's unflatten)."""
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+        if m.matches(updated, _ATTN_HEAD_DIM):
+            return updated.with_changes(attr=cst.Name("v_head_dim"))
+        return updated
+
+
 def _assigned(block) -> set[str]:
     """Names assigned (at any depth) in a list of statements."""
     out: set[str] = set()
@@ -229,7 +243,9 @@ class _Classes:
                     forward,
                     scope=f"{cls}.forward",
                 )
-            args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward)
+            args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward, methods)
+            if "v_head_dim" in args:  # the output's heads are value-sized
+                new_forward = new_forward.visit(_ValueHeads())
         self.ctx.paged_attention[cls] = args
         new_forward = add_params(
             new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]

@@ -14,6 +14,8 @@ import libcst as cst
 from converter.analysis import BUILTINS, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
+from converter.passes.head_shapes import operand_shapes
+from converter.passes.shape_ops import norm
 
 # attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
 KWARGS: dict[str, str | None] = {
@@ -128,8 +130,13 @@ def ctor_args(
     operands,
     init: cst.FunctionDef,
     forward: cst.FunctionDef,
+    methods: dict[str, cst.FunctionDef] | None = None,
 ) -> dict[str, str]:
-    """PagedAttention arguments (name -> code) for `call`, the interface call of `cls`."""
+    """PagedAttention arguments (name -> code) for `call`, the interface call of `cls`.
+
+    Head counts and sizes come from the operands' symbolic shapes (`head_shapes`, which
+    follows helper methods, splits and concatenations), else from the first view in
+    their dataflow (`head_shape`); ``v_head_dim`` where the value's head size differs."""
     scope = f"{cls}.forward"
     kwargs = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
     if "scaling" not in kwargs:
@@ -143,6 +150,16 @@ def ctor_args(
     assigns = _assignments(_statements(body))
     q_dims = head_shape(_code(operands[0]), assigns)
     k_dims = head_shape(_code(operands[1]), assigns)
+    local = _forward_locals(ctx, init)
+    q_new, k_new, v_new = (
+        _head_dims(dims, local)
+        for dims in operand_shapes(forward, call, operands, methods or {}, init)
+    )
+    if q_new[1] is not None:  # [B, H, T, D]: the interpreter's view of the operands
+        q_dims = [cst.parse_expression(q_new[0] or "-1"), cst.parse_expression(q_new[1])]
+    if k_new[0] is not None or (k_dims is None and k_new[1] is not None):
+        # [H, D] as the view search gives it; only the key's head count H is read
+        k_dims = [cst.parse_expression(k_new[0] or "-1"), cst.parse_expression("0")]
     if q_dims is None or k_dims is None:
         raise ctx.error(
             "cannot find the q/k view that splits heads",
@@ -166,24 +183,46 @@ def ctor_args(
     args = {"num_heads": heads, "head_dim": _code(q_dims[-1]), "scale": _code(kwargs["scaling"])}
     if kv is not None and kv != heads:
         args["num_kv_heads"] = kv
+    if v_new[1] is not None and norm(v_new[1]) != norm(args["head_dim"]):
+        args["v_head_dim"] = v_new[1]
     for key, target in KWARGS.items():
         if target and key != "scaling" and key in kwargs:
             args[target] = _code(kwargs[key])
     args.update(rule_overrides(ctx))
-    allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
-    init_attrs = {a for a in _self_stores(init)}
     for name, code in args.items():
-        expr = cst.parse_expression(code)
-        free = names_read(expr) - allowed - {"self"}
-        missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
-        if free or missing:
+        if local(code):
             raise ctx.error(
-                f"PagedAttention {name}={code} uses forward-local values {sorted(free | missing)}",
+                f"PagedAttention {name}={code} uses forward-local values {local(code)}",
                 forward,
                 scope=scope,
                 hint="compute it in __init__ in the source or extend the pass",
             )
     return args
+
+
+def _forward_locals(ctx: ConversionContext, init: cst.FunctionDef):
+    """A function: code -> the names in it that ``__init__`` cannot evaluate."""
+    allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
+    init_attrs = _self_stores(init)
+
+    def local(code: str) -> list[str]:
+        expr = cst.parse_expression(code)
+        free = names_read(expr) - allowed - {"self"}
+        missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
+        return sorted(free | missing)
+
+    return local
+
+
+def _head_dims(dims, local) -> tuple[str | None, str | None]:
+    """(head count, head size) of a ``[B, H, T, D]`` operand, each None where unknown,
+    inferred (``-1``) or not computable in ``__init__``."""
+    if dims is None or len(dims) != 4:
+        return None, None
+    heads, size = dims[1], dims[3]
+    heads = heads if heads not in (None, "-1") and not local(heads) else None
+    size = size if size not in (None, "-1") and not local(size) else None
+    return heads, size
 
 
 def rule_overrides(ctx: ConversionContext) -> dict[str, str]:
@@ -210,9 +249,11 @@ def _self_stores(func: cst.FunctionDef) -> set[str]:
     """Names and ``self.<attr>`` attributes a function assigns."""
     found = set(_assignments(_statements(func.body.body)))
     for target in nodes_of(func, cst.AssignTarget):
-        attr = self_attr(target.target)
-        if attr is not None:
-            found.add(attr)
+        # ``self.a, self.b = ...`` stores both
+        for node in nodes_of(target.target, cst.Attribute):
+            attr = self_attr(node)
+            if attr is not None:
+                found.add(attr)
     return found
 
 

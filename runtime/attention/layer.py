@@ -96,7 +96,7 @@ class PagedAttention(nn.Module):
         kv_cache: torch.Tensor,  # kv_cache_shape(num_blocks, block_size)
         input_metadata: InputMetadata,
         sinks: torch.Tensor | None = None,  # [Hq] attention-sink logits
-    ) -> torch.Tensor:  # [T, Hq*D]
+    ) -> torch.Tensor:  # [T, Hq*Dv]
         num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -111,6 +111,10 @@ class PagedAttention(nn.Module):
             sinks = sinks.float().reshape(self.num_heads)  # [Hq] fp32 (parameters may be bf16)
         if select_backend(query.device) == "triton":
             from runtime.attention import triton_ops
+
+            # The kernels read each token's heads as one row; a source that built q/k/v
+            # head-major ([B, H, T, D], e.g. MLA's torch.cat of parts) hands in strided views.
+            query, key, value = (_heads_contiguous(t) for t in (query, key, value))
 
             triton_ops.reshape_and_cache(key, value, kv_cache, input_metadata.slot_mapping)
             out = triton_ops.paged_attention(
@@ -142,6 +146,10 @@ class PagedAttention(nn.Module):
         return kv_cache_shape(
             num_blocks, block_size, self.num_kv_heads, self.head_dim, self.v_head_dim
         )
+
+
+def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:  # [T, H, D]
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def attention_layers(model: nn.Module) -> list[PagedAttention]:

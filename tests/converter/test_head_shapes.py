@@ -1,0 +1,124 @@
+"""attention: head counts and sizes from the operands' symbolic shapes (head_shapes.py):
+helper methods, latent projections, split/cat of parts, integer indexing of a fused
+per-head view, and a value head size of its own (MLA's ``v_head_dim``)."""
+
+from __future__ import annotations
+
+from tests.converter.snippets import TINY, code_of, prepare
+
+TINY_FORWARD = (
+    "        shape = (*input_shape, -1, self.head_size)\n"
+    "        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)\n"
+    "        q = q.view(shape).transpose(1, 2)\n"
+    "        k = k.view(shape).transpose(1, 2)\n"
+    "        v = v.view(shape).transpose(1, 2)\n"
+    "        if cache is not None:\n"
+    "            k, v = cache.update(k, v, 0)\n"
+)
+TINY_INIT = "        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n"
+
+# MLA, renamed: a latent projection viewed as ONE head (the old view search took its
+# [B, 1, T, R] view for the key), expanded to every head by a helper method; the key is
+# a new tensor [nope | rope], the value the other part of the expansion.
+LATENT_INIT = """\
+        self.n_h = config.num_attention_heads
+        self.nope, self.rope, self.val, self.rank = 12, 4, 8, 16
+        self.qk_size = self.nope + self.rope
+        self.to_q = nn.Linear(config.hidden_size, self.n_h * self.qk_size)
+        self.down = nn.Linear(config.hidden_size, self.rank + self.rope)
+        self.up = nn.Linear(self.rank, self.n_h * (self.nope + self.val))
+"""
+LATENT_FORWARD = """\
+        b, t = hidden_states.shape[:-1]
+        q = self.to_q(hidden_states).view(b, t, -1, self.qk_size).transpose(1, 2)
+        q_a, q_b = torch.split(q, [self.nope, self.rope], dim=-1)
+        lat, k_b = torch.split(self.down(hidden_states), [self.rank, self.rope], dim=-1)
+        lat = lat.view(b, 1, t, self.rank)
+        k_b = k_b.view(b, 1, t, self.rope)
+        if cache is not None:
+            lat, k_b = cache.update(lat, k_b, 0)
+        q = torch.cat((q_a, q_b), dim=-1)
+        k, v = self.unpack(lat, k_b)
+"""
+UNPACK = """\
+    def unpack(self, lat, k_b):
+        b, _, t, _ = lat.shape
+        both = self.up(lat).view(b, t, -1, self.nope + self.val).transpose(1, 2)
+        k_a, val = torch.split(both, [self.nope, self.val], dim=-1)
+        k_b = k_b.expand(-1, k_a.shape[1], -1, -1)
+        key = both.new_empty(*both.shape[:-1], self.nope + self.rope)
+        key[..., : self.nope].copy_(k_a)
+        key[..., self.nope :].copy_(k_b)
+        return key, val
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+"""
+
+# Persimmon, renamed: a fused per-head [B, T, H, 3, D] view carved by integer indexing
+# in a helper, then partial rotary by last-dim slices put back together with cat.
+CARVED_INIT = """\
+        self.n_h = config.num_attention_heads
+        self.per_head = config.hidden_size // self.n_h
+        self.rot = self.per_head // 2
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+"""
+CARVED_FORWARD = """\
+        q, k, v = self.carve(self.qkv(hidden_states))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q_r, q_p = q[..., : self.rot], q[..., self.rot :]
+        q = torch.cat((q_r * 2, q_p), dim=-1)
+"""
+CARVE = """\
+    def carve(self, fused):
+        b, t, _ = fused.shape
+        fused = fused.view(b, t, self.n_h, 3, self.per_head)
+        return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+"""
+FORWARD = "    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):\n"
+
+
+def _variant(init: str, forward: str, helper: str) -> str:
+    source = TINY.replace(TINY_INIT, init).replace(TINY_FORWARD, forward)
+    source = source.replace(FORWARD, helper, 1)
+    assert source.count(init) == source.count(forward) == 1 and helper in source
+    return source
+
+
+def _attention(source: str) -> str:
+    module, _ = prepare(source, through="attention")
+    return " ".join(code_of(module, "TinyAttention").split())
+
+
+def test_latent_attention_gets_every_head_and_its_value_head_size():
+    code = _attention(_variant(LATENT_INIT, LATENT_FORWARD, UNPACK))
+    assert (
+        "self.attn = PagedAttention(self.n_h, self.qk_size, self.scaling, v_head_dim=self.val)"
+        in code
+    )
+    # the sink's output has value-sized heads
+    assert ".unflatten(-1, (-1, self.attn.v_head_dim))[None]" in code
+
+
+def test_fused_view_carved_by_indexing_in_a_helper():
+    code = _attention(_variant(CARVED_INIT, CARVED_FORWARD, CARVE))
+    assert "self.attn = PagedAttention(self.n_h, self.per_head, self.scaling)" in code
+    assert "v_head_dim" not in code
+
+
+def test_branches_that_disagree_leave_the_older_view_search_in_charge():
+    # The two arms give the key different head sizes: the interpreter keeps only what
+    # both agree on, so no v_head_dim appears from one arm's value.
+    forward = TINY_FORWARD.replace(
+        "        v = v.view(shape).transpose(1, 2)\n",
+        "        if self.config.flag:\n"
+        "            v = v.view(*input_shape, -1, 2 * self.head_size).transpose(1, 2)\n"
+        "        else:\n"
+        "            v = v.view(shape).transpose(1, 2)\n",
+    )
+    source = TINY.replace(TINY_FORWARD, forward)
+    assert source != TINY
+    code = _attention(source)
+    assert "PagedAttention(config.num_attention_heads, self.head_size, self.scaling)" in code
+    assert "v_head_dim" not in code
