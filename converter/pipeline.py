@@ -18,7 +18,7 @@ from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
 from converter.guard import check_not_generated, check_python, stage_errors, stage_name
-from converter.passes import attention, flatten, imports, prune, select, strip, tp, weights
+from converter.passes import attention, flatten, imports, prune, select, strip, tidy, tp, weights
 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
@@ -28,16 +28,11 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 CORE: list[Pass] = [imports.run, select.run, strip.run, attention.run, flatten.run, prune.run]
 
 
-def unreachable(module: cst.Module, ctx: ConversionContext) -> cst.Module:
-    """Module-level code the TP pass left unused (a local nn.Linear subclass it replaced)."""
-    return select.shake(module, {ctx.lm_class})
-
-
 STAGES: list[Pass] = [
     *CORE,
     # --- C2: tp, weights: add stages below this line ---
     tp.run,
-    unreachable,
+    tidy.run,
     weights.run,
 ]
 

@@ -154,22 +154,6 @@ class BloomAttention(nn.Module):
         value_layer = fused_qkv[..., 2, :].transpose(1, 2)
         return query_layer, key_layer, value_layer
 
-    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        # What we want to achieve is:
-        # batch_size * num_heads, seq_length, head_dim -> batch_size, seq_length, num_heads * head_dim
-        batch_size_and_num_heads, seq_length, _ = x.shape
-        batch_size = batch_size_and_num_heads // local_num_heads(self.num_heads)
-
-        # First view to decompose the batch size
-        # batch_size * num_heads, seq_length, head_dim -> batch_size, num_heads, seq_length, head_dim
-        x = x.view(batch_size, local_num_heads(self.num_heads), seq_length, self.head_dim)
-
-        # batch_size, num_heads, seq_length, head_dim -> batch_size, seq_length, num_heads, head_dim
-        x = x.permute(0, 2, 1, 3)
-
-        # batch_size, seq_length, num_heads, head_dim -> batch_size, seq_length, num_heads * head_dim
-        return x.reshape(batch_size, seq_length, local_num_heads(self.num_heads) * self.head_dim)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -305,11 +289,6 @@ class BloomModel(nn.Module):
 
         # Final Layer Norm
         self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-
-    def build_alibi_tensor(
-        self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype
-    ) -> torch.Tensor:
-        return build_alibi_tensor(attention_mask, num_heads, dtype)
 
     def forward(
         self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], input_metadata: InputMetadata

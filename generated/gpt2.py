@@ -21,7 +21,6 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.gpt2.configuration_gpt2 import GPT2Config
 from transformers.pytorch_utils import Conv1D
-from transformers.utils.generic import maybe_autocast
 
 from runtime.attention import InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
@@ -88,45 +87,6 @@ class GPT2Attention(nn.Module):
             raise ValueError(
                 "GPT2Attention: this configuration makes attention bidirectional; paged attention is causal only"
             )
-
-    def _upcast_and_reordered_attn(self, query, key, value, attention_mask=None):
-        # Use `torch.baddbmm` (a bit more efficient w/ alpha param for scaling -- from Megatron-LM)
-        bsz, num_heads, q_seq_len, dk = query.size()
-        _, _, k_seq_len, _ = key.size()
-
-        # Preallocate attn_weights for `baddbmm`
-        attn_weights = torch.empty(
-            bsz * num_heads, q_seq_len, k_seq_len, dtype=torch.float32, device=query.device
-        )
-
-        # Upcast (turn off autocast) and reorder (Scale K by 1 / root(dk))
-        with maybe_autocast(query.device.type, enabled=False):
-            q, k = (
-                query.reshape(-1, q_seq_len, dk),
-                key.transpose(-1, -2).reshape(-1, dk, k_seq_len),
-            )
-            attn_weights = torch.baddbmm(
-                attn_weights, q.float(), k.float(), beta=0, alpha=self.scaling
-            )
-            attn_weights = attn_weights.reshape(bsz, num_heads, q_seq_len, k_seq_len)
-
-        if attention_mask is not None:
-            # Apply the attention mask
-            attn_weights = attn_weights + attention_mask
-
-        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-
-        # Downcast (if necessary) back to V's dtype (if in mixed-precision) -- No-Op if otherwise
-        if attn_weights.dtype != torch.float32:
-            raise RuntimeError(
-                "Error with upcasting, attn_weights does not have dtype torch.float32"
-            )
-        attn_weights = attn_weights.type(value.dtype)
-
-        attn_output = torch.matmul(attn_weights, value)
-        attn_output = attn_output.transpose(1, 2)
-
-        return attn_output, attn_weights
 
     def forward(
         self,

@@ -174,50 +174,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
 
         return attn_output, None, self.dense_bias
 
-    @classmethod
-    def _merge_heads(cls, tensor, num_attention_heads, attn_head_size):
-        # tensor [bs, num_attention_heads, seq_len, attn_head_size]
-        tensor = tensor.permute(0, 2, 1, 3).contiguous()
-        # -> [bs, seq_len, num_attention_heads, attn_head_size]
-        tensor = tensor.view(tensor.size(0), tensor.size(1), num_attention_heads * attn_head_size)
-        # -> [bs, seq_len, hidden_size]
-        return tensor
-
-    def _attn(self, query, key, value, attention_mask=None):
-        # q, k, v: [bs, num_attention_heads, seq_len, attn_head_size]
-        # compute causal mask from causal mask buffer
-        batch_size, num_attention_heads, query_length, attn_head_size = query.size()
-        key_length = key.size(-2)
-
-        query = query.view(batch_size * num_attention_heads, query_length, attn_head_size)
-        key = key.view(batch_size * num_attention_heads, key_length, attn_head_size)
-
-        # [batch_size * num_heads, q_length, kv_length]
-        attn_scores = torch.zeros(
-            batch_size * num_attention_heads,
-            query_length,
-            key_length,
-            dtype=query.dtype,
-            device=key.device,
-        )
-        attention_scores = torch.baddbmm(
-            attn_scores,
-            query,
-            key.transpose(1, 2),
-            beta=1.0,
-            alpha=1.0 / self.norm_factor,
-        )
-
-        attention_scores = attention_scores.view(batch_size, num_attention_heads, query_length, -1)
-        if attention_mask is not None:
-            attention_scores = attention_scores + attention_mask
-
-        attn_weights = nn.functional.softmax(attention_scores, dim=-1)
-        attn_weights = attn_weights.to(value.dtype)
-
-        attn_output = torch.matmul(attn_weights, value)
-        return attn_output, attn_weights
-
 
 def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor | None) -> Tensor:
     if bias is not None:

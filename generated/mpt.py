@@ -198,9 +198,6 @@ class MptModel(nn.Module):
         # backward compatibility with weights on the Hub
         self.norm_f.bias = None
 
-    def build_mpt_alibi_tensor(self, num_heads, sequence_length, alibi_bias_max=8, device=None):
-        return build_mpt_alibi_tensor(num_heads, sequence_length, alibi_bias_max, device)
-
     def forward(
         self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], input_metadata: InputMetadata
     ):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import libcst as cst
 
 from converter.linear_subclasses import linear_subclasses
-from converter.pipeline import unreachable
+from converter.passes import tidy
 from tests.converter.test_pass_tp import SNIPPET, convert
 
 SUBCLASSES = """
@@ -52,6 +52,6 @@ def test_subclass_shards_like_linear_and_its_class_goes():
     assert ctx.tp_decisions["TinyMLP.wi"] == "colwise (dataflow)"
     # not a plain linear map: a local, replicated layer
     assert "self.project_out = ScaledDense(" in code
-    module = unreachable(cst.parse_module(code), ctx)
+    module = tidy.run(cst.parse_module(code), ctx)
     names = {s.name.value for s in module.body if isinstance(s, cst.ClassDef)}
     assert names.isdisjoint({"UnfusedDense", "ViaFunctional"}) and "ScaledDense" in names
