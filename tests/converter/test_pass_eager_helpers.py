@@ -6,6 +6,7 @@ other mask buffer is refused, ``torch.baddbmm``'s function form reads q second."
 import pytest
 
 from converter.errors import ConversionError
+from converter.passes import tidy
 from converter.pipeline import load_rules
 from tests.converter.snippets import code_of, prepare
 from tests.converter.test_pass_eager_core import EAGER, EAGER_CORE
@@ -138,3 +139,11 @@ def test_function_form_baddbmm_reads_q_second(monkeypatch):
     attn = code_of(module, "TinyAttention")
     assert "mixed = self.attn(q.transpose(1, 2)[0]" in attn  # not the zeros
     assert "PagedAttention(self.n_heads, self.head_size, self.scaling," in attn
+
+
+def test_tidy_drops_the_inlined_helper(monkeypatch):
+    module, ctx = _convert(monkeypatch, _source())
+    assert "def _score_mix" in code_of(module, "TinyAttention")  # select kept it
+    attn = code_of(tidy.run(module, ctx), "TinyAttention")
+    assert "def _score_mix" not in attn  # nothing calls it after the rewrite
+    assert "def _heads_of" in attn and "def forward" in attn and "def __init__" in attn
