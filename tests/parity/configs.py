@@ -189,6 +189,45 @@ CONFIGS: dict[str, dict] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # Multi-head latent attention (MLA): queries through a low-rank q_a/q_b pair, K/V
+    # expanded per head from a shared latent; the value head size (12) differs from the
+    # query/key one (16 + 8): PagedAttention(v_head_dim=...), an unpadded D + Dv cache.
+    "minicpm3": dict(
+        COMMON,
+        num_key_value_heads=4,  # HF's eager path repeats K/V by heads // kv_heads
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+    ),
+    # q_lora_rank None: a plain q_proj, built in a conditional expression (sharded in it).
+    "minicpm3_q_proj": dict(
+        COMMON,
+        model_type="minicpm3",
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=20,
+    ),
+    # MLA with interleaved rotary; attention TP plan from rules/architectures.toml.
+    "youtu": dict(
+        COMMON,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        rope_interleave=True,
+    ),
+    # fused query_key_value carved per head by indexing ([B, T, H, 3, D][..., i, :]) in a
+    # helper, per-head q/k LayerNorms, partial rotary (0.5) by slices put back with cat.
+    "persimmon": dict(
+        {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, qk_layernorm=True
+    ),
 }
 
 ARCHS = list(CONFIGS)
