@@ -48,7 +48,9 @@ class RenamePositions(cst.CSTTransformer):
 
 def base_signature(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.FunctionDef:
     """``forward(self, input_ids, positions, kv_caches, input_metadata)``; every other
-    parameter is removed (recorded in ctx: the pruner treats it as None)."""
+    parameter is removed (recorded in ctx: the pruner treats it as None), except that one
+    with a literal default other than None becomes a local bound to it (gemma4's
+    ``logits_to_keep = 0``: the paged forward is HF's called without that argument)."""
     params = forward.params.params
     ids = ctx.classes[ctx.base_model_class].forward_params[1]  # HF's input_ids
     keep = {
@@ -66,7 +68,26 @@ def base_signature(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.Func
     new = [params[0]] + [
         cst.Param(cst.Name(n), cst.Annotation(cst.parse_expression(a))) for n, a in keep.items()
     ]
-    return forward.with_changes(params=cst.Parameters(params=new))
+    defaults = [
+        cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(p.name)], p.default)])
+        for p in params[1:]
+        if p.name.value not in keep and p.default is not None and _literal(p.default)
+    ]
+    body = list(forward.body.body)
+    at = 1 if body and m.matches(body[0], m.SimpleStatementLine([m.Expr(m.SimpleString())])) else 0
+    body[at:at] = defaults
+    return forward.with_changes(
+        params=cst.Parameters(params=new), body=forward.body.with_changes(body=body)
+    )
+
+
+def _literal(node: cst.BaseExpression) -> bool:
+    """A number, string or bool literal (``-1`` included); None is not one."""
+    if isinstance(node, cst.UnaryOperation):
+        node = node.expression
+    return isinstance(node, (cst.Integer, cst.Float, cst.SimpleString)) or m.matches(
+        node, m.Name("True") | m.Name("False")
+    )
 
 
 def lm_methods(ctx: ConversionContext, forward: cst.FunctionDef) -> list[cst.FunctionDef]:

@@ -6,7 +6,8 @@
 - ``**kwargs`` parameters of every ``forward`` (the plumbing; prune drops their uses);
 - ``return SomeOutput(field=expr, ...)`` -> ``return expr`` for output dataclasses, and
   the forward return annotations naming them;
-- identity calls (``slice_logits_to_keep(h, n)`` -> ``h``); listed ``self.<attr> =`` stores.
+- identity calls (``slice_logits_to_keep(h, n)`` -> ``h``), None calls (HF's attention-mask
+  builders); listed ``self.<attr> =`` stores.
 Labels/loss, caches, masks and output flags are left to the dataflow pruner.
 """
 
@@ -35,6 +36,7 @@ class _Strip(cst.CSTTransformer):
         calls = rules.get("calls", {})
         self.identity = set(calls.get("identity", [])) | set(calls.get("identity_functions", []))
         self.adds = set(calls.get("add_functions", []))
+        self.nones = set(calls.get("none_functions", []))
         modules = set(calls.get("identity_modules", []))
         self.fields = rules.get("outputs", {}).get("fields", [])
         self.drop_attrs = set(rules.get("attributes", {}).get("drop", []))
@@ -135,6 +137,8 @@ class _Strip(cst.CSTTransformer):
             return positional[0].value
         if name in self.identity and positional:
             return positional[0].value
+        if name in self.nones:
+            return cst.Name("None")
         if name in self.adds and len(positional) >= 2:
             lhs, rhs = positional[0].value, positional[1].value
             return cst.BinaryOperation(
@@ -169,7 +173,7 @@ def _needs_visit(strip: _Strip, cls: str, func: cst.FunctionDef) -> bool:
     for node in nodes_of(func.body, cst.Call, cst.Return, cst.Assign):
         if isinstance(node, cst.Call):
             name = dotted(node.func)
-            if name in strip.identity or name in strip.adds or self_attr(node.func) in dropout:
+            if name in strip.identity | strip.adds | strip.nones or self_attr(node.func) in dropout:
                 return True
         elif isinstance(node, cst.Return):
             if isinstance(node.value, cst.Call) and dotted(node.value.func) in strip.output_names:

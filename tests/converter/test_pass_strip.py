@@ -54,3 +54,14 @@ def test_decorators_of_a_local_output_dataclass_are_not_checked():
     assert "return hidden_states\n" in code_of(module, "TinyModel")
     module, _ = prepare(source)
     assert "TinyOddOutput" not in module.code and "odd_doc_wrapper" not in module.code
+
+
+def test_mask_builders_are_none():
+    # rules/training.toml [calls] none_functions: a mask that travels through a helper
+    # (not only into attention) is None, so the helper's `is not None` branches fold
+    source = TINY.replace(
+        "        hidden_states = inputs_embeds\n",
+        "        masks = {\"odd\": mask}\n        hidden_states = inputs_embeds\n",
+    )
+    model = code_of(prepare(source, through="strip")[0], "TinyModel")
+    assert "mask = None" in model and "create_causal_mask" not in model
