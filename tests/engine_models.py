@@ -29,9 +29,10 @@ def char_tokenizer(vocab_size: int, specials: dict[str, int]) -> PreTrainedToken
 def build_model_dir(arch: str, root: Path, with_tokenizer: bool = True):
     """Save a tiny random `arch` model under root/arch; returns (dir, HF model)."""
     kwargs = dict(CONFIGS[arch])  # a case may pick its config class by `model_type`
+    impl = kwargs.pop("attn_implementation", "eager")  # and its HF reference path
     config = AutoConfig.for_model(kwargs.pop("model_type", arch), **kwargs)
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     if with_tokenizer:

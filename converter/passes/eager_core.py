@@ -30,6 +30,7 @@ from converter.cstwalk import names_read, nodes_of
 from converter.passes.eager_args import ctor_args
 from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args
 from converter.passes.eager_inline import inline_softmax_helpers
+from converter.passes.eager_point import split_point
 
 SOFTMAX = ("softmax",)
 PRODUCTS = ("matmul", "bmm", "baddbmm")
@@ -144,7 +145,7 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
             scope=scope,
             hint="extend converter/passes/eager_core.py",
         )
-    if isinstance(body[i_sm], cst.If):
+    if isinstance(body[i_sm], cst.If) and _product([body[i_sm]]) is not None:
         return _branch(ctx, cls, node, forward, body, i_sm, before, (update, k, v), scope)
     found = _product(body[anchor + 1 : i_sm + 1])
     if found is None or not isinstance(found[1], cst.Name):
@@ -153,6 +154,9 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
         )
     product, q_expr = found
     q = q_expr.value
+    if anchor >= 0:  # the query's heads may be split after the cache update (XGLM)
+        at = next(j for j in range(anchor + 1, i_sm + 1) if _product([body[j]]) is not None)
+        anchor = split_point(node, forward, body, anchor, q, at)
 
     owned = set(ctx.classes[cls].children)
     tainted = _targets(body[i_sm])

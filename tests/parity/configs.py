@@ -228,6 +228,20 @@ CONFIGS: dict[str, dict] = {
     "persimmon": dict(
         {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, qk_layernorm=True
     ),
+    # eager core: q pre-scaled, its heads split after the cache update and flattened into
+    # the batch for bmm; sinusoidal positions (offset 2), scaled embeddings, tied head.
+    "xglm": dict(
+        vocab_size=128,
+        d_model=64,
+        ffn_dim=128,
+        num_layers=2,
+        attention_heads=4,
+        max_position_embeddings=128,
+        init_std=0.2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
 }
 
 ARCHS = list(CONFIGS)
