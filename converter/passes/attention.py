@@ -14,7 +14,8 @@ sliding_window=..., logits_soft_cap=...)`` built from the call's OWN keyword exp
 source itself uses in its q/k ``view``/``reshape`` (falling back to the config fields it
 reads), see `attention_args`. ``forward`` gains keyword-only ``kv_cache`` and
 ``input_metadata``. A literal ``self.is_causal = False`` stops the conversion; a
-config-dependent one gets a build-time guard.
+config-dependent one gets a build-time guard. Several calls that differ only in their
+value become one paged attention over the values side by side (`attention_group`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from converter.analysis import flat_statements, is_interface_lookup, methods_of,
 from converter.context import ConversionContext
 from converter.cstedit import add_import, add_params
 from converter.cstwalk import nodes_of
-from converter.passes import eager_core
+from converter.passes import attention_group, eager_core
 from converter.passes.attention_args import CALL_KWARGS, KWARGS, ctor_args
 
 IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
@@ -49,6 +50,8 @@ class _Sink(cst.CSTTransformer):
         self.call: cst.Call | None = None
         self.operands: list[cst.BaseExpression] = []
         self.sink: cst.SimpleStatementLine | None = None
+        self.group: list[cst.Call] = []  # calls differing only in value (attention_group)
+        self.seen = 0
 
     def leave_SimpleStatementLine(self, original, updated):
         small = updated.body[0] if len(updated.body) == 1 else None
@@ -90,7 +93,8 @@ class _Sink(cst.CSTTransformer):
 
     def _rewrite(self, stmt, small, call: cst.Call):
         scope = f"{self.cls}.forward"
-        if self.call is not None:
+        self.seen += 1
+        if self.call is not None and not self.group:
             raise self.ctx.error("two attention-interface calls in one forward", stmt, scope=scope)
         bound = _bind_interface(call)
         if bound is None:
@@ -121,15 +125,25 @@ class _Sink(cst.CSTTransformer):
             raise self.ctx.error(
                 "attention-interface result is not unpacked as (output, weights)", stmt, scope=scope
             )
+        if self.call is not None:  # a later call of the group: its part of the fused output
+            return attention_group.part(_code(out), self.seen - 1).with_changes(
+                leading_lines=stmt.leading_lines
+            )
         self.call = call
         self.operands = bound[1:4]
         ops = [self._operand(e) for e in self.operands]
+        if self.group:
+            ops[2] = self._operand(attention_group.fused_value(self.group, _bind_interface))
         extra = "".join(
             f", {CALL_KWARGS[a.keyword.value]}={_code(a.value)}"
             for a in call.args
             if a.keyword is not None and a.keyword.value in CALL_KWARGS
         )
         call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata{extra})"
+        if self.group:
+            first, *rest = attention_group.first_statements(_code(out), call, len(self.group))
+            self.sink = first.with_changes(leading_lines=stmt.leading_lines)
+            return cst.FlattenSentinel([self.sink, *rest])
         # [T, Hq*D] -> [1, T, Hq, D]: exactly what the interface returned
         new = cst.parse_statement(
             f"{_code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"
@@ -236,6 +250,9 @@ class _Classes:
             new_forward, args = eager_core.rewrite(self.ctx, cls, updated, forward)
         else:
             sink = _Sink(self.ctx, cls)
+            calls = attention_group.interface_calls(forward)
+            if len(calls) > 1 and attention_group.groupable(forward, calls, _bind_interface):
+                sink.group = calls
             new_forward = forward.visit(sink)
             if sink.call is None:
                 raise self.ctx.error(
@@ -244,6 +261,9 @@ class _Classes:
                     scope=f"{cls}.forward",
                 )
             args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward, methods)
+            if sink.group:  # the values side by side in one cache entry per head
+                one = args.get("v_head_dim", args["head_dim"])
+                args["v_head_dim"] = f"{len(sink.group)} * ({one})"
             if "v_head_dim" in args:  # the output's heads are value-sized
                 new_forward = new_forward.visit(_ValueHeads())
         self.ctx.paged_attention[cls] = args
