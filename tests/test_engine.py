@@ -146,11 +146,12 @@ def test_a_failed_step_leaves_the_engine_consistent(models) -> None:
     assert_no_leak(llm)
 
 
-def test_triton_backend_through_the_engine(models, monkeypatch) -> None:
+@pytest.mark.parametrize("arch", ["qwen2", "minicpm3"])  # minicpm3: the [1, .., D + Dv] cache
+def test_triton_backend_through_the_engine(models, monkeypatch, arch) -> None:
     """The GPU default backend (Triton, interpreted on CPU) on the engine's own metadata:
     chunked prefills mixed with decodes, 1-token chunks, prefix-cache hits."""
     monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", "triton")
-    model_dir, hf = models("qwen2")
+    model_dir, hf = models(arch)
     shared = list(range(30, 46))
     prompts = [[5, 6, 7, 8, 9], shared + [1, 2], shared + [3], [10, 11, 12]]
     llm = LLM(model_dir, block_size=4, max_num_batched_tokens=9, enable_prefix_caching=True,
