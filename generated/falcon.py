@@ -190,7 +190,8 @@ class FalconAttention(nn.Module):
             self.num_heads,
             self.head_dim,
             self.inv_norm_factor if config.alibi else 1 / (math.sqrt(self.head_dim)),
-            num_kv_heads=self.num_heads if self.new_decoder_architecture else self.num_kv_heads,
+            num_kv_heads=self.num_kv_heads,
+            expanded_kv=True,
             alibi_slopes=(
                 torch.diff(
                     build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),

@@ -20,7 +20,13 @@ import libcst.matchers as m
 from converter.analysis import bound_names, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
-from converter.passes.attention_args import _assignments, _statements, _unfused, head_shape
+from converter.passes.attention_args import (
+    _assignments,
+    _statements,
+    _unfused,
+    head_shape,
+    rule_overrides,
+)
 from converter.passes.eager_masks import window_of
 
 VIEWS = ("view", "reshape")
@@ -124,6 +130,7 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     kv = (_heads(k, before, methods) or (None, None))[0]
     if kv is not None and kv != args["num_heads"]:
         args["num_kv_heads"] = kv
+    args.update(rule_overrides(ctx))  # [<type>.paged_attention]: what no view tells
     window = window_of(ctx, node, core, f"{cls}.forward")  # a banded mask buffer
     if window is not None:
         args["sliding_window"] = window

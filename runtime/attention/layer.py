@@ -40,7 +40,10 @@ class PagedAttention(nn.Module):
     follows transformers: key j is visible to query i iff ``i - W < j <= i``.
     ``alibi_slopes`` holds this rank's heads' slopes. ``sinks`` (a forward argument, since
     it is the source model's own parameter) is one fp32 logit per query head of this rank
-    added to every softmax denominator (attention sinks, ``s_aux``).
+    added to every softmax denominator (attention sinks, ``s_aux``). ``expanded_kv``: the
+    source hands in k/v already repeated over each query group (``[T, Hq, D]``, query head
+    h reading kv head ``h // (Hq // Hkv)``, Falcon's new decoder architecture); the layer
+    caches one head per group, so the cache holds ``num_kv_heads``, not ``num_heads``.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class PagedAttention(nn.Module):
         logits_soft_cap: float | None = None,
         kv_cache_index: int | None = None,
         v_head_dim: int | None = None,
+        expanded_kv: bool = False,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -72,6 +76,7 @@ class PagedAttention(nn.Module):
             float(logits_soft_cap) if logits_soft_cap and logits_soft_cap > 0 else None
         )
         self.kv_cache_index = kv_cache_index
+        self.expanded_kv = expanded_kv
         if alibi_slopes is not None:
             slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32).flatten()
             if slopes.numel() != num_heads:
@@ -99,6 +104,10 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:  # [T, Hq*Dv]
         num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
+        if self.expanded_kv and key.numel() == num_tokens * self.num_heads * self.head_dim:
+            group = self.num_heads // self.num_kv_heads  # copies of each kv head
+            key = key.reshape(num_tokens, self.num_heads, self.head_dim)[:, ::group]
+            value = value.reshape(num_tokens, self.num_heads, self.v_head_dim)[:, ::group]
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.reshape(num_tokens, self.num_kv_heads, self.v_head_dim)
         expected = self.kv_cache_shape(kv_cache.shape[1], kv_cache.shape[2])

@@ -169,3 +169,15 @@ def test_dispatch_key_local_in_a_branch_goes(monkeypatch):
     module, _ = _convert(monkeypatch, source, _rules())
     block = code_of(module, "TinyBlock")
     assert "self.attn_core = TinyAttention(config, layer_idx)" in block and "impl" not in block
+
+
+def test_paged_attention_rule_overrides_reach_eager_cores(monkeypatch):
+    rules = _rules()
+    rules["architectures"]["tiny"]["paged_attention"] = {
+        "num_kv_heads": "config.groups",
+        "expanded_kv": "True",
+    }
+    source = DISPATCHED.replace("SCALE_A", "* self.scaling")
+    module, _ = _convert(monkeypatch, source, rules)
+    attn = code_of(module, "TinyAttention").replace("\n", " ")
+    assert "num_kv_heads=config.groups," in attn and "expanded_kv=True," in attn

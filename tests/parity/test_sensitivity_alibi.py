@@ -49,6 +49,8 @@ def test_falcon_grouped_layout_matters(cases):
     case = cases("falcon")
 
     def tweak(model):
+        # the K/V broadcast over each query group is cached once per group: 2 heads, not 4
+        assert [layer.num_kv_heads for layer in attention_layers(model)] == [2, 2]
         for block in model.transformer.h:
             weight = block.self_attention.query_key_value.weight.data  # [2 * 4 * D, hidden]
             groups = weight.view(2, 4, -1, weight.shape[-1])  # [group, q q k v, D, hidden]
