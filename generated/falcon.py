@@ -256,32 +256,17 @@ class FalconAttention(nn.Module):
         if self.attn.alibi_slopes is None:
             cos, sin = position_embeddings
             query_layer, key_layer = apply_rotary_pos_emb(query_layer, key_layer, cos, sin)
+        attn_output = self.attn(
+            query_layer.transpose(1, 2)[0],
+            key_layer.transpose(1, 2)[0],
+            value_layer.transpose(1, 2)[0],
+            kv_cache,
+            input_metadata,
+        )[None]  # [1, T, Hq*D]
 
-        if self.attn.alibi_slopes is None:
-            attn_output = self.attn(
-                query_layer.transpose(1, 2)[0],
-                key_layer.transpose(1, 2)[0],
-                value_layer.transpose(1, 2)[0],
-                kv_cache,
-                input_metadata,
-            )[None]  # [1, T, Hq*D]
+        attn_output = self.dense(attn_output)
 
-            attn_output = self.dense(attn_output)
-
-            return attn_output, None
-
-        else:
-            attn_output = self.attn(
-                query_layer.transpose(1, 2)[0],
-                key_layer.transpose(1, 2)[0],
-                value_layer.transpose(1, 2)[0],
-                kv_cache,
-                input_metadata,
-            )[None]  # [1, T, Hq*D]
-
-            attn_output = self.dense(attn_output)
-
-            return attn_output, None
+        return attn_output, None
 
 
 class FalconMLP(nn.Module):

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
 import libcst.matchers as m
 
@@ -113,6 +115,22 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
     if with_bias["scale"] != without["scale"]:
         merged["scale"] = f"{with_bias['scale']} if {enabled} else {without['scale']}"
     return merged
+
+
+def same_arms(stmt: cst.If) -> list[cst.BaseStatement]:
+    """The if/else as one block when, once rewritten, every arm is the same code (Falcon's
+    rotary and ALiBi arms both end as the same paged call) and its tests only read
+    values (no calls to skip); else the if/else itself."""
+    arms, tests, node = [], [], stmt
+    while isinstance(node, cst.If):
+        arms.append(list(node.body.body))
+        tests.append(node.test)
+        node = node.orelse
+    if node is None or any(nodes_of(t, cst.Call) for t in tests):
+        return [stmt]
+    arms.append(list(node.body.body))
+    dumps = {ast.dump(ast.parse(cst.Module(body=arm).code)) for arm in arms}
+    return arms[0] if len(dumps) == 1 else [stmt]
 
 
 class BiasTests(cst.CSTTransformer):

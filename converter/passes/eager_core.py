@@ -28,7 +28,7 @@ from converter.analysis import bound_names, dotted, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import names_read, nodes_of
 from converter.passes.eager_args import ctor_args
-from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args
+from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args, same_arms
 from converter.passes.eager_inline import inline_softmax_helpers
 from converter.passes.eager_point import split_point
 
@@ -220,4 +220,5 @@ def _branch(ctx, cls, node, forward, body, i, before, kv, scope):
         )
 
     new_if = visit(body[i])
-    return [*body[:i], new_if, *body[i + 1 :]], merge_arm_args(ctx, found, body[i], scope)
+    args = merge_arm_args(ctx, found, body[i], scope)
+    return [*body[:i], *same_arms(new_if), *body[i + 1 :]], args

@@ -80,8 +80,8 @@ def test_dispatched_class_and_branch_local_cores(monkeypatch):
     attn = code_of(module, "TinyAttention")
     forward = attn.split("def forward")[1]
     assert "scaled_dot_product_attention" not in forward and "softmax" not in forward
-    assert forward.count("self.attn(q.transpose(1, 2)[0]") == 2  # one per arm
-    assert "if self.attn.alibi_slopes is None:" in forward  # the bias test, now static
+    # one paged call per arm; both arms then read the same, so they merge into one block
+    assert forward.count("self.attn(q.transpose(1, 2)[0]") == 1 and "else:" not in forward
     assert "position_bias" not in forward
     # both arms scale by self.scaling; the bias arm's scale multiplies the bias too
     assert (
@@ -181,3 +181,13 @@ def test_paged_attention_rule_overrides_reach_eager_cores(monkeypatch):
     module, _ = _convert(monkeypatch, source, rules)
     attn = code_of(module, "TinyAttention").replace("\n", " ")
     assert "num_kv_heads=config.groups," in attn and "expanded_kv=True," in attn
+
+
+def test_arms_that_differ_stay_branches(monkeypatch):
+    arm_b = "contiguous().view(*input_shape, -1)\n            attn_output = self.out(context)"
+    source = DISPATCHED.replace("SCALE_A", "* self.scaling").replace(arm_b, arm_b + " * 2")
+    assert source.count("self.out(context) * 2") == 1
+    module, _ = _convert(monkeypatch, source, _rules())
+    forward = code_of(module, "TinyAttention").split("def forward")[1]
+    assert forward.count("self.attn(q.transpose(1, 2)[0]") == 2
+    assert "if self.attn.alibi_slopes is None:" in forward  # the bias test, now static
