@@ -122,3 +122,28 @@ def test_branches_that_disagree_leave_the_older_view_search_in_charge():
     code = _attention(source)
     assert "PagedAttention(config.num_attention_heads, self.head_size, self.scaling)" in code
     assert "v_head_dim" not in code
+
+
+def test_inferred_kv_heads_come_from_the_projection_width():
+    # Separate q/k/v with `-1` views and a KV head count the class reads under another
+    # name: the older search fell back to num_attention_heads (silently MHA); the key's
+    # projection width n_kv * head_size names it.
+    init = (
+        "        self.n_kv = config.kv_groups\n"
+        "        self.to_q = nn.Linear(config.hidden_size, config.hidden_size)\n"
+        "        self.to_k = nn.Linear(config.hidden_size, self.n_kv * self.head_size)\n"
+        "        self.to_v = nn.Linear(config.hidden_size, self.n_kv * self.head_size)\n"
+    )
+    forward = (
+        "        shape = (*input_shape, -1, self.head_size)\n"
+        "        q = self.to_q(hidden_states).view(shape).transpose(1, 2)\n"
+        "        k = self.to_k(hidden_states).view(shape).transpose(1, 2)\n"
+        "        v = self.to_v(hidden_states).view(shape).transpose(1, 2)\n"
+    )
+    source = TINY.replace(TINY_INIT, init).replace(TINY_FORWARD, forward)
+    assert init in source and forward in source
+    code = _attention(source)
+    assert (
+        "PagedAttention(config.num_attention_heads, self.head_size, self.scaling, "
+        "num_kv_heads=self.n_kv)" in code
+    )
