@@ -13,6 +13,18 @@ def code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
+class _OneLine(cst.CSTTransformer):
+    def leave_ParenthesizedWhitespace(self, original, updated):
+        return cst.SimpleWhitespace(" ")
+
+
+def one_line(node: cst.BaseExpression) -> str:
+    """Code of an expression as it compares: outer parentheses off, line breaks (and
+    comments) inside brackets as one space, so source wrapped at any width (``(\n
+    config.x\n)``, ``2\n* d``) reads as unwrapped and parses again on its own."""
+    return code(node.visit(_OneLine()).with_changes(lpar=[], rpar=[]))
+
+
 def add_import_from(module: cst.Module, names: set[str], package: str) -> cst.Module:
     """`from <package> import <names>` after the module's last top-level import."""
     if not names:

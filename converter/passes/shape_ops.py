@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import libcst as cst
 
 from converter.analysis import self_attr
+from converter.cst_edits import one_line
 from converter.cstwalk import nodes_of
 
 _EMPTY = cst.Module(body=[])
@@ -23,14 +24,15 @@ class Shape:
 
 
 def norm(code: str | None) -> str | None:
-    """Code without outer parentheses, so ``(a + b)`` and ``a + b`` compare equal."""
+    """Code without outer parentheses, so ``(a + b)`` and ``a + b`` compare equal, on one
+    line (`one_line`: parsed inside parentheses, a wrapped ``2\n* d`` reads ``2 * d``)."""
     if code is None:
         return None
     try:
-        node = cst.parse_expression(code)
+        node = cst.parse_expression(f"({code})")
     except cst.ParserSyntaxError:
         return code
-    return _EMPTY.code_for_node(node.with_changes(lpar=[], rpar=[]))
+    return one_line(node)
 
 
 def code(node: cst.CSTNode) -> str:

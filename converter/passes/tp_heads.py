@@ -12,6 +12,7 @@ from __future__ import annotations
 import libcst as cst
 
 from converter.analysis import dotted, self_attr
+from converter.cst_edits import one_line
 
 _EMPTY = cst.Module([])
 PA_ATTR = "attn"  # the attention pass's `self.attn = PagedAttention(...)`
@@ -77,14 +78,14 @@ def head_expressions(init: cst.FunctionDef, seed: str | None) -> set[str]:
     """The PA ctor's head-count expression plus every `self.X` aliasing it in __init__."""
     if seed is None:
         return set()
-    found = _equivalents(seed)
+    found = _equivalents(one_line(cst.parse_expression(f"({seed})")))
     assigns = []
     for line in init.body.body:
         for small in line.body if isinstance(line, cst.SimpleStatementLine) else []:
             if isinstance(small, cst.Assign) and len(small.targets) == 1:
                 attr = self_attr(small.targets[0].target)
                 if attr:
-                    assigns.append((f"self.{attr}", code(small.value)))
+                    assigns.append((f"self.{attr}", one_line(small.value)))
     changed = True
     while changed:
         changed = False

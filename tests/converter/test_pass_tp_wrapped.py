@@ -51,3 +51,26 @@ def test_wrapped_odd_factor_keeps_the_whole_expression():
     )
     flat = " ".join(code.split())
     assert "[(6 * config.intermediate_size) // 2, (6 * config.intermediate_size) // 2]" in flat
+
+
+def test_wrapped_head_count_alias_is_localised():
+    # `self.odd_kv = (\n config.num_key_value_heads\n)` aliases the PA ctor's KV head count
+    source = SNIPPET.replace(
+        "        self.attn = PagedAttention(",
+        "        self.odd_kv = (\n            config.num_key_value_heads\n        )\n"
+        "        self.attn = PagedAttention(",
+    ).replace(
+        "        k = self.k_proj(hidden_states)\n",
+        "        k = self.k_proj(hidden_states).view(1, -1, self.odd_kv, self.head_dim)\n",
+    )
+    code, _ = convert(source)
+    assert "view(1, -1, local_num_kv_heads(self.odd_kv), self.head_dim)" in code
+
+
+def test_shape_code_compares_across_line_breaks():
+    from converter.passes.shape_ops import norm
+
+    assert (
+        norm("2\n    * config.odd_width") == norm("2 * config.odd_width") == "2 * config.odd_width"
+    )
+    assert norm("(\n    self.odd_dim\n)") == "self.odd_dim"
