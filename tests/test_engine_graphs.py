@@ -56,6 +56,8 @@ def test_decode_graph_plumbing_gives_eager_tokens(tmp_path, budget: int) -> None
     assert [o.token_ids for o in outs] == expected
     assert EagerGraphs.replays > 5  # decodes (and 1-token chunks) went through the graphs
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    llm.close()  # the graphs go first (under TP they pin the NCCL communicator)
+    assert runner.graphs is None and graphs.graphs == {}
 
 
 class FlakyGraphs(EagerGraphs):

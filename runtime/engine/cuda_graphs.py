@@ -51,6 +51,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple] = {}  # bs -> (replay function, output [bs, hidden])
+        self.captured: list[torch.cuda.CUDAGraph] = []
 
     def metadata(self, bs: int, max_seq_len: int) -> InputMetadata:
         return InputMetadata(
@@ -114,7 +115,19 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
             hidden = model(*args)  # [bs, hidden]
         torch.cuda.synchronize()
+        self.captured.append(graph)
         return graph.replay, hidden, graph.pool() if pool is None else pool
+
+    def release(self) -> None:
+        """Destroy the captured graphs. Under TP this must come before the process group
+        is destroyed: a graph that captured an NCCL collective holds a reference on the
+        communicator, and destroying the group then waits for it forever (pytorch#115388)."""
+        if self.captured:
+            torch.cuda.synchronize()
+        for graph in self.captured:
+            graph.reset()
+        self.captured.clear()
+        self.graphs.clear()
 
     def fits(self, inputs) -> bool:
         return inputs.num_seqs <= self.max_bs and inputs.block_tables.shape[1] <= self.width

@@ -148,6 +148,12 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len, agree)
 
+    def release_graphs(self) -> None:
+        """Destroy the decode graphs (before the TP group goes; see DecodeGraphs.release)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """int64 host arrays -> device tensors (same shapes): on CUDA, packed into one
         pinned buffer and copied once, asynchronously."""

@@ -114,6 +114,11 @@ class Worker:
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         return self.runner.execute(inputs)
 
+    def close(self) -> None:
+        """Release what must go before the process group: the captured decode graphs."""
+        if self.runner is not None:
+            self.runner.release_graphs()
+
 
 def _all_ranks(ok: bool, group) -> bool:
     """True when `ok` on every rank (a MIN all-reduce over the CPU group)."""
@@ -167,6 +172,7 @@ def worker_main(rank: int, config: EngineConfig, conn) -> None:
     from runtime.parallel import destroy_parallel
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    worker = None
     try:
         group = _setup(config, rank)
         worker, _, error = _start(config, group)
@@ -186,6 +192,8 @@ def worker_main(rank: int, config: EngineConfig, conn) -> None:
         except Exception:  # noqa: BLE001
             pass
     finally:
+        if worker is not None:
+            worker.close()
         destroy_parallel()
 
 
@@ -238,6 +246,9 @@ class Executor:
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the other ranks (they leave their loop on "exit") and leave the group.
         After a failed start they have already returned: just reap them."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()  # every rank drops its graphs before the group is destroyed
         if not self.procs:
             return
         from runtime.parallel import destroy_parallel
