@@ -37,19 +37,10 @@ class GPTNeoSelfAttention(nn.Module):
         super().__init__()
         self.config = config
 
-        max_positions = config.max_position_embeddings
-        bias = torch.tril(torch.ones((max_positions, max_positions), dtype=bool)).view(
-            1, 1, max_positions, max_positions
-        )
-
         # local causal self attention is a sliding window where each token can only attend to the previous
         # window_size tokens. This is implemented by updating the causal mask such that for each token
         # all other tokens are masked except the previous window_size tokens.
         self.attention_type = attention_type
-        if attention_type == "local":
-            bias = torch.bitwise_xor(bias, torch.tril(bias, -config.window_size))
-
-        self.bias = nn.Buffer(bias, persistent=False)
         self.is_causal = True
         self.layer_id = layer_id
 

@@ -147,3 +147,19 @@ def test_tidy_drops_the_inlined_helper(monkeypatch):
     attn = code_of(tidy.run(module, ctx), "TinyAttention")
     assert "def _score_mix" not in attn  # nothing calls it after the rewrite
     assert "def _heads_of" in attn and "def forward" in attn and "def __init__" in attn
+
+
+def test_tidy_drops_the_mask_buffer_the_core_read(monkeypatch):
+    # self.tri was read only by the inlined core; a non-persistent buffer nothing reads
+    # any more goes with the locals that built it. A buffer the source never read itself
+    # (transformers' own code may, e.g. rope's original_inv_freq) stays.
+    source = _source().replace(
+        '        self.tri = nn.Buffer(tri, persistent=False)\n',
+        '        self.tri = nn.Buffer(tri, persistent=False)\n'
+        '        self.spare = nn.Buffer(torch.ones(2), persistent=False)\n',
+    )
+    module, ctx = _convert(monkeypatch, source)
+    init = code_of(tidy.run(module, ctx), "TinyAttention").split("def forward")[0]
+    assert "self.tri" not in init and "torch.tril" not in init and "bitwise_xor" not in init
+    assert "self.spare = nn.Buffer(torch.ones(2), persistent=False)" in init
+    assert "self.attn = PagedAttention(" in init
