@@ -154,9 +154,9 @@ def test_tidy_drops_the_mask_buffer_the_core_read(monkeypatch):
     # any more goes with the locals that built it. A buffer the source never read itself
     # (transformers' own code may, e.g. rope's original_inv_freq) stays.
     source = _source().replace(
-        '        self.tri = nn.Buffer(tri, persistent=False)\n',
-        '        self.tri = nn.Buffer(tri, persistent=False)\n'
-        '        self.spare = nn.Buffer(torch.ones(2), persistent=False)\n',
+        "        self.tri = nn.Buffer(tri, persistent=False)\n",
+        "        self.tri = nn.Buffer(tri, persistent=False)\n"
+        "        self.spare = nn.Buffer(torch.ones(2), persistent=False)\n",
     )
     module, ctx = _convert(monkeypatch, source)
     init = code_of(tidy.run(module, ctx), "TinyAttention").split("def forward")[0]
