@@ -44,6 +44,10 @@ class PagedAttention(nn.Module):
     source hands in k/v already repeated over each query group (``[T, Hq, D]``, query head
     h reading kv head ``h // (Hq // Hkv)``, Falcon's new decoder architecture); the layer
     caches one head per group, so the cache holds ``num_kv_heads``, not ``num_heads``.
+    The ALiBi bias is ``slope * (j - i) * alibi_scale`` (``alibi_scale`` default 1); with
+    ``alibi_bf16`` it is built as transformers' Falcon builds it, ``bf16(slope * bf16(j))
+    * alibi_scale`` at absolute key position j (exact parity where slopes are not exact
+    in bfloat16).
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class PagedAttention(nn.Module):
         kv_cache_index: int | None = None,
         v_head_dim: int | None = None,
         expanded_kv: bool = False,
+        alibi_scale: float | None = None,
+        alibi_bf16: bool | None = False,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -77,6 +83,8 @@ class PagedAttention(nn.Module):
         )
         self.kv_cache_index = kv_cache_index
         self.expanded_kv = expanded_kv
+        self.alibi_scale = 1.0 if alibi_scale is None else float(alibi_scale)
+        self.alibi_bf16 = bool(alibi_bf16)
         if alibi_slopes is not None:
             slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32).flatten()
             if slopes.numel() != num_heads:
@@ -135,6 +143,8 @@ class PagedAttention(nn.Module):
                 alibi_slopes=self.alibi_slopes,
                 logits_soft_cap=self.logits_soft_cap,
                 sinks=sinks,
+                alibi_scale=self.alibi_scale,
+                alibi_bf16=self.alibi_bf16,
             )
         else:
             reshape_and_cache_ref(key, value, kv_cache, input_metadata.slot_mapping)
@@ -147,6 +157,8 @@ class PagedAttention(nn.Module):
                 alibi_slopes=self.alibi_slopes,
                 logits_soft_cap=self.logits_soft_cap,
                 sinks=sinks,
+                alibi_scale=self.alibi_scale,
+                alibi_bf16=self.alibi_bf16,
             )
         return out.reshape(num_tokens, self.num_heads * self.v_head_dim)
 

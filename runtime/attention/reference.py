@@ -50,13 +50,17 @@ def paged_attention_ref(
     alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
     logits_soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,  # [Hq] fp32
+    alibi_scale: float = 1.0,
+    alibi_bf16: bool = False,
 ) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context.
 
     Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
     position ``p = L - Q + i`` and sees keys ``j`` with ``p - W < j <= p`` (``W`` the
     sliding window, transformers' convention). Scores: ``q.k * scale``, then soft-capping
-    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p)``; softmax in fp32. ``sinks``
+    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p) * alibi_scale`` (with
+    ``alibi_bf16``: ``bf16(slope_h * bf16(j)) * alibi_scale``, transformers' Falcon);
+    softmax in fp32. ``sinks``
     (attention sinks, gpt-oss's ``s_aux``) add ``exp(sinks[h])`` to each row's softmax
     denominator.
     """
@@ -81,8 +85,12 @@ def paged_attention_ref(
         q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
         rel = k_pos[None, :] - q_pos[:, None]  # [Q, L]
-        if alibi_slopes is not None:
-            scores = scores + alibi_slopes.float()[:, None, None] * rel[None]
+        if alibi_slopes is not None and alibi_bf16:
+            # bf16 tensor times positions, as Falcon's build_alibi_tensor: [Hq, 1, L]
+            bias = alibi_slopes.to(torch.bfloat16)[:, None, None] * k_pos.to(torch.bfloat16)
+            scores = scores + bias.float() * alibi_scale
+        elif alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * rel[None] * alibi_scale
         visible = rel <= 0
         if sliding_window is not None and sliding_window > 0:
             visible &= rel > -sliding_window

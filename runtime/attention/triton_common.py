@@ -20,6 +20,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bfloat16 (ties to even), as fp32; bit arithmetic, so the CPU
+    interpreter rounds exactly as the GPU and torch's ``.to(torch.bfloat16)``."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def scores_log2(
     qk,  # [M, N] fp32 raw q.k
     q_pos,  # [M] int32 absolute position of each query row
@@ -27,17 +36,24 @@ def scores_log2(
     slopes,  # [M] fp32 ALiBi slope of each row (unused without HAS_ALIBI)
     scale,
     soft_cap,
+    alibi_scale,  # fp32 factor on the ALiBi bias
     HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,  # 0 none, 1 slope * (j - i), 2 bf16(slope * bf16(j)) (Falcon)
 ):
-    """Scores in log2 units: (softcap(qk * scale) + alibi) * log2(e); callers mask."""
+    """Scores in log2 units: (softcap(qk * scale) + alibi * alibi_scale) * log2(e);
+    callers mask."""
     if HAS_SOFTCAP or HAS_ALIBI:
         s = qk * scale
         if HAS_SOFTCAP:
             s = _tanh(s / soft_cap) * soft_cap
-        if HAS_ALIBI:
+        if HAS_ALIBI == 1:
             rel = (k_pos[None, :] - q_pos[:, None]).to(tl.float32)  # [M, N]
-            s = s + slopes[:, None] * rel
+            s = s + slopes[:, None] * rel * alibi_scale
+        elif HAS_ALIBI == 2:
+            # transformers' Falcon builds slope * position in bfloat16, at the absolute key
+            # position (the per-row constant of the relative form would round differently)
+            pos = _round_bf16(k_pos.to(tl.float32))  # [N]
+            s = s + _round_bf16(_round_bf16(slopes)[:, None] * pos[None, :]) * alibi_scale
         s = s * LOG2E
     else:
         # One multiply on the hot path when no modifier is active.

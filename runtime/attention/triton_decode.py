@@ -40,6 +40,7 @@ def paged_decode_kernel(
     scale,
     soft_cap,
     window,
+    alibi_scale,
     stride_qt,
     stride_ot,
     stride_bt,
@@ -124,7 +125,9 @@ def paged_decode_kernel(
         visible = n_mask
         if HAS_WINDOW:
             visible = visible & (offs_n > q_pos - window)
-        s = scores_log2(qk, q_pos_g, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
+        s = scores_log2(
+            qk, q_pos_g, offs_n, slopes, scale, soft_cap, alibi_scale, HAS_SOFTCAP, HAS_ALIBI
+        )
         s = tl.where(visible[None, :], s, float("-inf"))
         v = tl.load(
             cache_ptr + value_offset + tok_off[:, None] + v_row[None, :],
@@ -210,6 +213,8 @@ def paged_decode(
     sinks: torch.Tensor | None = None,  # [Hq] fp32
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    alibi_scale: float = 1.0,
+    alibi_bf16: bool = False,
 ) -> None:
     """Decode attention for sequences with exactly one new token (the last of each).
 
@@ -266,6 +271,7 @@ def paged_decode(
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
+        alibi_scale=float(alibi_scale),
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
         stride_bt=block_tables.stride(0),
@@ -284,7 +290,7 @@ def paged_decode(
         NUM_SPLITS=num_splits,
         HAS_SEQ_IDS=seq_ids is not None,
         HAS_WINDOW=sliding_window is not None,
-        HAS_ALIBI=alibi_slopes is not None,
+        HAS_ALIBI=0 if alibi_slopes is None else 2 if alibi_bf16 else 1,
         HAS_SOFTCAP=logits_soft_cap is not None,
         HAS_SINKS=sinks is not None,
         DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),

@@ -34,6 +34,8 @@ def paged_attention(
     num_splits: int | None = None,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
+    alibi_scale: float = 1.0,
+    alibi_bf16: bool = False,
 ) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context.
 
@@ -45,6 +47,8 @@ def paged_attention(
     which is free when the metadata carries its host copies.
 
     ``num_splits`` / ``*_config`` override the launch heuristics (tests, tuning).
+    ALiBi: ``slope * (j - i) * alibi_scale``; with ``alibi_bf16`` as transformers' Falcon
+    builds it, ``bf16(slope * bf16(j)) * alibi_scale`` at absolute key position j.
     """
     check_attention_args(query, kv_cache, alibi_slopes, sinks)
     sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
@@ -59,6 +63,8 @@ def paged_attention(
         alibi_slopes=alibi_slopes,
         logits_soft_cap=logits_soft_cap,
         sinks=sinks,
+        alibi_scale=alibi_scale,
+        alibi_bf16=alibi_bf16,
     )
     tensors = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
     if metadata.num_prefill_tokens == 0:

@@ -44,6 +44,7 @@ def _prefill_inner(
     scale,
     soft_cap,
     window,
+    alibi_scale,
     STRIDE_TOKEN: tl.constexpr,  # cache elements per token
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -72,7 +73,9 @@ def _prefill_inner(
         else:
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         qk = mma(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N]
-        s = scores_log2(qk, q_pos, offs_n, slopes, scale, soft_cap, HAS_SOFTCAP, HAS_ALIBI)
+        s = scores_log2(
+            qk, q_pos, offs_n, slopes, scale, soft_cap, alibi_scale, HAS_SOFTCAP, HAS_ALIBI
+        )
         if MASKED:
             visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
@@ -101,6 +104,7 @@ def paged_prefill_kernel(
     scale,
     soft_cap,
     window,
+    alibi_scale,
     stride_qt,
     stride_ot,
     stride_bt,
@@ -117,7 +121,7 @@ def paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     HAS_SEQ_IDS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,  # 0 none, 1 relative, 2 bf16-rounded absolute (scores_log2)
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -170,13 +174,13 @@ def paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        v_row, dv_mask, lo, full_end, scale, soft_cap, window,
+        v_row, dv_mask, lo, full_end, scale, soft_cap, window, alibi_scale,
         STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, False, (HEAD_DIM == BLOCK_D) & (HEAD_DIM_V == BLOCK_DV),
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     acc, l_i, m_i = _prefill_inner(
         acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        v_row, dv_mask, full_end, hi, scale, soft_cap, window,
+        v_row, dv_mask, full_end, hi, scale, soft_cap, window, alibi_scale,
         STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, True, False,
         HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
@@ -202,6 +206,8 @@ def paged_prefill(
     logits_soft_cap: float | None,
     sinks: torch.Tensor | None = None,  # [Hq] fp32
     config: PrefillConfig | None = None,
+    alibi_scale: float = 1.0,
+    alibi_bf16: bool = False,
 ) -> None:
     """Causal attention of every new token of ``seq_ids`` over its sequence's cache."""
     num_prefill = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
@@ -230,6 +236,7 @@ def paged_prefill(
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
+        alibi_scale=float(alibi_scale),
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
         stride_bt=block_tables.stride(0),
@@ -246,7 +253,7 @@ def paged_prefill(
         BLOCK_N=config.block_n,
         HAS_SEQ_IDS=seq_ids is not None,
         HAS_WINDOW=sliding_window is not None,
-        HAS_ALIBI=alibi_slopes is not None,
+        HAS_ALIBI=0 if alibi_slopes is None else 2 if alibi_bf16 else 1,
         HAS_SOFTCAP=logits_soft_cap is not None,
         HAS_SINKS=sinks is not None,
         DOT_PREC=dot_precision(kv_cache.dtype, kv_cache.device),
