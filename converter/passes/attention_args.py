@@ -201,8 +201,11 @@ def ctor_args(
 
 
 def _forward_locals(ctx: ConversionContext, init: cst.FunctionDef):
-    """A function: code -> the names in it that ``__init__`` cannot evaluate."""
+    """A function: code -> the names in it that ``__init__`` cannot evaluate (the
+    PagedAttention ctor goes at its end: a local it binds once, at top level, is there;
+    gemma4's ``layer_config = config.per_layer_config[layer_idx]``)."""
     allowed = {p.name.value for p in init.params.params} | ctx.module_symbols | BUILTINS
+    allowed |= _bound_once(init)
     init_attrs = _self_stores(init)
 
     def local(code: str) -> list[str]:
@@ -212,6 +215,13 @@ def _forward_locals(ctx: ConversionContext, init: cst.FunctionDef):
         return sorted(free | missing)
 
     return local
+
+
+def _bound_once(init: cst.FunctionDef) -> set[str]:
+    """Names a top-level statement of `init` binds, and nothing else in it rebinds."""
+    top = _assignments([s for s in init.body.body if isinstance(s, cst.SimpleStatementLine)])
+    every = _assignments(_statements(init.body.body))
+    return {name for name in top if len(every.get(name, [])) == 1}
 
 
 def _head_dims(dims, local) -> tuple[str | None, str | None]:

@@ -93,11 +93,33 @@ class Interpreter:
     def _branch(self, stmt: cst.If, env: dict) -> None:
         blocks = self._blocks(stmt)
         envs = [self.run(block, dict(env))[1] for block in blocks]
+        opaque = [self._container_reads(block, env) for block in blocks]
         if len(envs) == 1:
             envs.append(dict(env))
+            opaque.append(set())
         first, second = envs[0], envs[1]
         for name in set(first) | set(second):
-            env[name] = merge(first.get(name), second.get(name))
+            a, b = first.get(name), second.get(name)
+            # a branch that only reads the value out of a container (gemma4's KV-shared
+            # layers: `k, v = shared[t]`) takes the shape the other branch computes
+            a = b if a is None and name in opaque[0] else a
+            b = a if b is None and name in opaque[1] else b
+            env[name] = merge(a, b)
+
+    def _container_reads(self, block: list, env: dict) -> set[str]:
+        """Names a block binds from ``container[key]`` (a container that is no tensor)."""
+        found: set[str] = set()
+        for stmt in block:
+            for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else []:
+                if not (isinstance(small, cst.Assign) and isinstance(small.value, cst.Subscript)):
+                    continue
+                if self.eval(small.value.value, env) is not None:
+                    continue
+                for target in (t.target for t in small.targets):
+                    names = target.elements if isinstance(target, (cst.Tuple, cst.List)) else []
+                    names = [e.value for e in names] or [target]
+                    found |= {n.value for n in names if isinstance(n, cst.Name)}
+        return found
 
     def _small(self, small, env: dict) -> None:
         if isinstance(small, cst.Assign):
