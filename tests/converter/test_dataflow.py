@@ -4,7 +4,18 @@ import libcst as cst
 import pytest
 
 from converter.callgraph import Function, bind
-from converter.dataflow import DEAD, NONNONE, UNKNOWN, Env, const, merge, reads_dead, truth, value
+from converter.dataflow import (
+    DEAD,
+    MAYBE_NONE,
+    NONNONE,
+    UNKNOWN,
+    Env,
+    const,
+    merge,
+    reads_dead,
+    truth,
+    value,
+)
 from converter.passes.prune_calls import rebuild_args
 
 
@@ -45,7 +56,10 @@ def test_values_and_walrus():
     assert value(cst.parse_expression("ids[None]"), e) == NONNONE
     assert truth(cst.parse_expression("not isinstance(m := mask, dict)"), e) is True
     assert e.get("m") == DEAD  # the walrus bound the removed value
-    assert merge(const(1), NONNONE) == NONNONE and merge(DEAD, NONNONE) == UNKNOWN
+    assert merge(const(1), NONNONE) == NONNONE
+    # None on one path: still unknown to every test, but never promoted to "set"
+    assert merge(DEAD, NONNONE) == MAYBE_NONE != UNKNOWN and MAYBE_NONE.kind == "unknown"
+    assert merge(MAYBE_NONE, const(2)) == MAYBE_NONE and merge(UNKNOWN, NONNONE) == UNKNOWN
 
 
 def test_reads_dead_ignores_attributes_keywords_and_comprehension_variables():
