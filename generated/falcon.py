@@ -192,15 +192,14 @@ class FalconAttention(nn.Module):
             self.inv_norm_factor if config.alibi else 1 / (math.sqrt(self.head_dim)),
             num_kv_heads=self.num_kv_heads,
             expanded_kv=True,
-            alibi_slopes=(
-                torch.diff(
-                    build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),
-                    dim=-1,
-                ).flatten()
-            )
-            * self.inv_norm_factor
+            alibi_slopes=torch.diff(
+                build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),
+                dim=-1,
+            ).flatten()
             if config.alibi
             else None,
+            alibi_scale=self.inv_norm_factor if config.alibi else None,
+            alibi_bf16=True if config.alibi else None,
         )
 
     def _split_heads(

@@ -136,9 +136,15 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
         args["sliding_window"] = window
     if alibi and any(alibi["bias"] in names_read(s) for s in core):
         slopes = alibi["slopes"]
-        args["alibi_slopes"] = (
-            f"({slopes}) * {' * '.join(bias_factors)}" if bias_factors else slopes
-        )
+        if alibi.get("bfloat16"):  # the builder rounds slope * position: scale after it
+            args["alibi_slopes"] = slopes
+            if bias_factors:
+                args["alibi_scale"] = " * ".join(bias_factors)
+            args["alibi_bf16"] = "True"
+        elif bias_factors:
+            args["alibi_slopes"] = f"({slopes}) * {' * '.join(bias_factors)}"
+        else:
+            args["alibi_slopes"] = slopes
     # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
     # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
     params = {p.name.value for p in methods["forward"].params.params} - {"self"}

@@ -74,8 +74,9 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
     """One PagedAttention's arguments for cores in several arms of a branch."""
     biased = [a for a in arms if "alibi_slopes" in a]
     plain = [a for a in arms if "alibi_slopes" not in a]
+    bias_keys = {k for a in arms for k in a if k.startswith("alibi_")}  # slopes, scale, bf16
     merged = dict(arms[0])
-    for key in sorted(set().union(*arms) - {"alibi_slopes", "scale"}):
+    for key in sorted(set().union(*arms) - bias_keys - {"scale"}):
         values = {a.get(key) for a in arms}
         if len(values) != 1:
             raise ctx.error(
@@ -87,7 +88,7 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
             )
     scales = {a["scale"] for a in arms}
     if not biased or not plain:
-        if len(scales) != 1 or len({a.get("alibi_slopes") for a in arms}) != 1:
+        if len(scales) != 1 or any(len({a.get(k) for a in arms}) != 1 for k in bias_keys):
             raise ctx.error(
                 f"eager attention cores in the arms of one branch use different scales "
                 f"{sorted(scales)}",
@@ -111,7 +112,8 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
         raise ctx.error(
             "eager attention cores of one kind use different scales", where, scope=scope
         )
-    merged["alibi_slopes"] = f"{with_bias['alibi_slopes']} if {enabled} else None"
+    for key in sorted(bias_keys):
+        merged[key] = f"{with_bias[key]} if {enabled} else None"
     if with_bias["scale"] != without["scale"]:
         merged["scale"] = f"{with_bias['scale']} if {enabled} else {without['scale']}"
     return merged

@@ -191,3 +191,18 @@ def test_arms_that_differ_stay_branches(monkeypatch):
     forward = code_of(module, "TinyAttention").split("def forward")[1]
     assert forward.count("self.attn(q.transpose(1, 2)[0]") == 2
     assert "if self.attn.alibi_slopes is None:" in forward  # the bias test, now static
+
+
+def test_bfloat16_bias_is_scaled_after_rounding(monkeypatch):
+    # [<type>.alibi] bfloat16: the builder rounds slope * position, so the factor applied
+    # after the bias joined the scores becomes alibi_scale instead of scaling the slopes
+    rules = _rules()
+    rules["architectures"]["tiny"]["alibi"]["bfloat16"] = True
+    source = DISPATCHED.replace("SCALE_A", "* self.scaling")
+    module, _ = _convert(monkeypatch, source, rules)
+    attn = " ".join(code_of(module, "TinyAttention").split())
+    assert (
+        "alibi_slopes=torch.ones(config.num_attention_heads) if config.use_bias else None, "
+        "alibi_scale=self.scaling if config.use_bias else None, "
+        "alibi_bf16=True if config.use_bias else None)" in attn
+    )

@@ -133,9 +133,11 @@ CONFIGS: dict[str, dict] = {
     # Falcon-RW style: ALiBi, old MHA layout (interleaved per head), sequential residual,
     # biases. Compared with HF's sdpa path, transformers' default for Falcon: its eager
     # ALiBi path adds the bias twice (once itself, once inside the mask the model built).
+    # 16 heads: slopes 2^(-k/2), inexact in the bfloat16 the builder computes them in.
     "falcon_alibi": dict(
         FALCON,
         model_type="falcon",
+        num_attention_heads=16,
         alibi=True,
         multi_query=False,
         parallel_attn=False,
