@@ -97,11 +97,32 @@ def _o_proj_input(stmt: cst.CSTNode, owned: set[str], tainted: set[str]) -> str 
 
 
 class _NoneFor(cst.CSTTransformer):
+    """Reads of `names` -> ``None`` (assignment targets, attribute fields and keywords
+    keep their names)."""
+
     def __init__(self, names: set[str]) -> None:
         self.names = names
 
     def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
         return cst.Name("None") if updated.value in self.names else updated
+
+    def leave_AssignTarget(self, original, updated: cst.AssignTarget) -> cst.AssignTarget:
+        return updated.with_changes(target=original.target)
+
+    def leave_Attribute(self, original, updated: cst.Attribute) -> cst.Attribute:
+        return updated.with_changes(attr=original.attr)
+
+    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+        return updated.with_changes(keyword=original.keyword)
+
+
+def _none_for(after, names: set[str]) -> list:
+    """`after` with reads of the dropped `names` -> None, until a statement rebinds one."""
+    out = []
+    for stmt in after:
+        out.append(stmt.visit(_NoneFor(names)) if names else stmt)
+        names = names - _targets(stmt)
+    return out
 
 
 def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef):
@@ -189,7 +210,7 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
         f"{out} = self.attn({q}.transpose(1, 2)[0], {k}.transpose(1, 2)[0], "
         f"{v}.transpose(1, 2)[0], kv_cache, input_metadata)[None]  # [1, T, Hq*D]\n"
     )
-    rest = [s.visit(_NoneFor((dropped | tainted) & live_after - {out})) for s in after]
+    rest = _none_for(after, (dropped | tainted) & live_after - {out})
     new_body = [*body[: anchor + 1], paged, *kept, *rest]
     views = [*before, *body[: anchor + 1]]
     core = body[anchor + 1 : i_sm + 1]

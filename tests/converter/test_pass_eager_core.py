@@ -112,3 +112,18 @@ def test_undeclared_score_bias_is_refused(monkeypatch):
     monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(False))
     with pytest.raises(ConversionError, match=r"adds forward input\(s\) \['position_bias'\]"):
         prepare(EAGER, through="attention")
+
+
+def test_dropped_name_rebound_after_the_core(monkeypatch):
+    # reads of the probabilities become None until the forward binds the name again
+    source = EAGER.replace(
+        "        attn_output = self.out(context)\n        return attn_output, probs\n",
+        "        attn_output = self.out(context)\n        kept = probs\n"
+        "        probs = attn_output * 0\n        return attn_output + probs, kept\n",
+    )
+    assert "kept = probs" in source
+    monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(True))
+    module, _ = prepare(source, through="attention")
+    forward = code_of(module, "TinyAttention").split("def forward")[1]
+    assert "kept = None" in forward and "probs = attn_output * 0" in forward
+    assert "return attn_output + probs, kept" in forward
