@@ -9,6 +9,7 @@ import importlib
 # architecture -> (module under generated/, class name)
 _MODELS: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
+    "DiffLlamaForCausalLM": ("diffllama", "DiffLlamaForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),

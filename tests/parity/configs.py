@@ -244,6 +244,11 @@ CONFIGS: dict[str, dict] = {
         bos_token_id=0,
         eos_token_id=2,
     ),
+    # Differential attention: two interface calls over value halves, one paged attention
+    # (values side by side, v_head_dim = 2 * head_dim); 4 KV heads so the halves differ.
+    # initializer_range 0.1: at 0.2 HF's own fp32 logits differ from fp64 by 1.2e-4 at
+    # prefill (above the tolerance), at 0.1 by 1.7e-6 (max |logit| 2.7).
+    "diffllama": dict(COMMON, num_key_value_heads=4, head_dim=16, initializer_range=0.1),
 }
 
 ARCHS = list(CONFIGS)
