@@ -7,8 +7,8 @@ turned into ``out, w = a, b``. The eager-core rewrite then sees one forward, and
 deletion removes the inlined scores, masks and softmax.
 
 Refused: a helper with another return than its last statement, ``*`` arguments, or
-one that binds a name the forward reads after the call (the inlined body would clobber
-it).
+one that binds a name the forward reads after the call before rebinding it (the inlined
+body would clobber it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import libcst as cst
 
 from converter.analysis import bound_names, methods_of, self_attr
-from converter.cstwalk import names_read, nodes_of
+from converter.cstwalk import nodes_of
+from converter.passes.liveness import block as live_block
 
 _EMPTY = cst.Module(body=[])
 
@@ -53,7 +54,7 @@ def inline_softmax_helpers(ctx, node: cst.ClassDef, body, scope: str) -> list:
             out.append(stmt)
             continue
         assign, call, name = found
-        later = set().union(*(names_read(s) for s in body[i + 1 :])) if body[i + 1 :] else set()
+        later = live_block(body[i + 1 :], set(), False)[1]  # read before rebound
         out += _inline(ctx, methods[name], assign, call, later, stmt, scope)
     return out
 

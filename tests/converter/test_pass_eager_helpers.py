@@ -163,3 +163,14 @@ def test_tidy_drops_the_mask_buffer_the_core_read(monkeypatch):
     assert "self.tri" not in init and "torch.tril" not in init and "bitwise_xor" not in init
     assert "self.spare = nn.Buffer(torch.ones(2), persistent=False)" in init
     assert "self.attn = PagedAttention(" in init
+
+
+def test_helper_local_rebound_by_the_forward_is_no_clobber(monkeypatch):
+    # the forward binds n_q itself after the call before reading it: inlining is safe
+    source = _source().replace(
+        "        return attn_output, weights\n",
+        "        n_q = 1\n        return attn_output + n_q, weights\n",
+    )
+    module, _ = _convert(monkeypatch, source)
+    forward = code_of(module, "TinyAttention").split("def forward")[1]
+    assert "n_q = 1" in forward and "_score_mix" not in forward
