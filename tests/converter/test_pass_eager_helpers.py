@@ -172,5 +172,6 @@ def test_helper_local_rebound_by_the_forward_is_no_clobber(monkeypatch):
         "        n_q = 1\n        return attn_output + n_q, weights\n",
     )
     module, _ = _convert(monkeypatch, source)
-    forward = code_of(module, "TinyAttention").split("def forward")[1]
-    assert "n_q = 1" in forward and "_score_mix" not in forward
+    forward = code_of(module, "TinyAttention").split("def forward")[1].split("    def ")[0]
+    assert "mixed = self.attn(" in forward and "_score_mix" not in forward
+    assert "        n_q = 1\n        return attn_output + n_q, None" in forward
