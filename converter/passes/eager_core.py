@@ -1,6 +1,10 @@
-"""Attention sink for hand-written eager cores (no attention interface): Bloom, MPT.
+"""Attention sink for hand-written eager cores (no attention interface): Bloom, MPT,
+Falcon, GPT-Neo, GPT-NeoX-Japanese.
 
-Anchored on the ``softmax`` of the attention forward (catalogue pattern P2):
+First a softmax helper method is inlined (`eager_inline`) and a fused-kernel arm next
+to the softmax arm dropped (`eager_arms.keep_eager_arms`); a core inside the arms of a
+branch is rewritten arm by arm (`_branch`, `eager_arms.merge_arm_args`). Then each core
+is anchored on its ``softmax`` (catalogue pattern P2):
 
 - the span starts after the KV-cache update ``k, v = cache.update(k, v, ...)``: by the
   ``Cache`` contract its operands are ``[B, H, T, D]`` there, and the query is the score
@@ -12,12 +16,12 @@ Anchored on the ``softmax`` of the attention forward (catalogue pattern P2):
   reads are deleted (scores, alibi slices, masks, softmax, merge-heads), and later reads
   of the attention probabilities become ``None``.
 
-The scale is the source's own: factors multiplied into (``*``, ``*=``, ``alpha=``) or
-divided out of (``/``, ``/=``) the q·kᵀ chain before the softmax; none means 1.0.
-ALiBi comes from ``[<type>.alibi]`` in rules/architectures.toml: ``bias`` (the forward
-parameter holding the bias) and ``slopes`` (an ``__init__`` expression: per-head slopes
-from the model's own builder). Slopes times key position equals the source's bias up to
-a per-query-row constant, which the softmax ignores.
+The PagedAttention arguments (`eager_args`): the scale is the source's own factors on
+the q·kᵀ chain; ALiBi comes from ``[<type>.alibi]`` in rules/architectures.toml: ``bias``
+(the forward parameter holding the bias), ``slopes`` (an ``__init__`` expression: per-head
+slopes from the model's own builder), optionally ``enabled`` and ``bfloat16``. Slopes
+times key position equals the source's bias up to a per-query-row constant, which the
+softmax ignores. Mask buffers: `eager_masks`.
 """
 
 from __future__ import annotations
