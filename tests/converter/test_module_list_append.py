@@ -6,26 +6,30 @@ from __future__ import annotations
 
 from tests.converter.snippets import TINY, code_of, prepare
 
-SOURCE = TINY.replace(
-    "class TinyModel(TinyPreTrainedModel):",
-    "class TinyOddTable(nn.Module):\n"
-    "    def __init__(self, width):\n"
-    "        super().__init__()\n"
-    "        self.width = width\n\n"
-    "    def forward(self, x):\n"
-    "        return x * self.width\n\n\n"
-    "class TinyModel(TinyPreTrainedModel):",
-).replace(
-    "        self.gradient_checkpointing = False\n",
-    "        self.gradient_checkpointing = False\n"
-    "        self.odd_tables = nn.ModuleList()\n"
-    "        for width in (1, 2):\n"
-    "            self.odd_tables.append(TinyOddTable(width))\n",
-).replace(
-    "        hidden_states = inputs_embeds\n",
-    "        hidden_states = inputs_embeds\n"
-    "        scaled = {t.width: t(hidden_states) for t in self.odd_tables}\n"
-    "        hidden_states = hidden_states + scaled[1]\n",
+SOURCE = (
+    TINY.replace(
+        "class TinyModel(TinyPreTrainedModel):",
+        "class TinyOddTable(nn.Module):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__()\n"
+        "        self.width = width\n\n"
+        "    def forward(self, x):\n"
+        "        return x * self.width\n\n\n"
+        "class TinyModel(TinyPreTrainedModel):",
+    )
+    .replace(
+        "        self.gradient_checkpointing = False\n",
+        "        self.gradient_checkpointing = False\n"
+        "        self.odd_tables = nn.ModuleList()\n"
+        "        for width in (1, 2):\n"
+        "            self.odd_tables.append(TinyOddTable(width))\n",
+    )
+    .replace(
+        "        hidden_states = inputs_embeds\n",
+        "        hidden_states = inputs_embeds\n"
+        "        scaled = {t.width: t(hidden_states) for t in self.odd_tables}\n"
+        "        hidden_states = hidden_states + scaled[1]\n",
+    )
 )
 
 

@@ -61,7 +61,7 @@ def test_mask_builders_are_none():
     # (not only into attention) is None, so the helper's `is not None` branches fold
     source = TINY.replace(
         "        hidden_states = inputs_embeds\n",
-        "        masks = {\"odd\": mask}\n        hidden_states = inputs_embeds\n",
+        '        masks = {"odd": mask}\n        hidden_states = inputs_embeds\n',
     )
     model = code_of(prepare(source, through="strip")[0], "TinyModel")
     assert "mask = None" in model and "create_causal_mask" not in model
