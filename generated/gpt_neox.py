@@ -207,7 +207,6 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
-        self.config = config
 
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(

@@ -249,7 +249,6 @@ class GPTNeoXJapaneseModel(nn.Module):
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__()
         self.config = config
-        self.config = config
 
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -289,7 +288,6 @@ class GPTNeoXJapaneseModel(nn.Module):
 class GPTNeoXJapaneseForCausalLM(nn.Module):
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__()
-        self.config = config
         self.config = config
 
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)

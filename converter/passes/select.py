@@ -33,6 +33,9 @@ HF_ATTRS = {
     "_keys_to_ignore_on_load_missing": "keys_to_ignore_on_load_missing",
 }
 SUPER_INIT = m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__")))
+SELF_CONFIG = m.SimpleStatementLine(
+    body=[m.Assign(targets=[m.AssignTarget(m.Attribute(m.Name("self"), m.Name("config")))])]
+)
 POST_INIT = m.SimpleStatementLine(
     body=[m.Expr(value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("post_init"))))]
 )
@@ -227,6 +230,7 @@ class _Select:
 
     def _fix_init(self, body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
         out: list[cst.BaseStatement] = []
+        stores_config = any(m.matches(s, SELF_CONFIG) for s in body)  # GPT-NeoX's own store
         for stmt in body:
             if m.matches(stmt, POST_INIT):
                 continue
@@ -235,10 +239,18 @@ class _Select:
             if call is not None and len(call.args) == 1 and self.in_family:
                 first = call.args[0].value
                 out.append(stmt.with_changes(body=[cst.Expr(call.with_changes(args=[]))]))
-                out.append(
-                    cst.SimpleStatementLine(
-                        [cst.Assign([cst.AssignTarget(cst.parse_expression("self.config"))], first)]
-                    )
+                out += (
+                    []
+                    if stores_config
+                    else [
+                        cst.SimpleStatementLine(
+                            [
+                                cst.Assign(
+                                    [cst.AssignTarget(cst.parse_expression("self.config"))], first
+                                )
+                            ]
+                        )
+                    ]
                 )
                 continue
             out.append(stmt)
