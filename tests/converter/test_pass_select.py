@@ -1,6 +1,6 @@
 """select: dependency closure of the LM class; HF machinery recorded, then dropped."""
 
-from tests.converter.snippets import code_of, prepare
+from tests.converter.snippets import TINY, code_of, prepare
 
 
 def test_records_hf_attributes_before_dropping_them():
@@ -24,3 +24,16 @@ def test_closure_and_class_rewrites():
     assert "class TinyBlock(nn.Module):" in code  # GradientCheckpointingLayer
     assert "SCALE_CONST = 2" in code  # a module constant a kept helper reads
     assert "from transformers.models.tiny.configuration_tiny import TinyConfig" in code
+
+
+def test_source_config_store_is_not_doubled():
+    source = TINY.replace(
+        "        super().__init__(config)\n        self.norms =",
+        "        super().__init__(config)\n        self.config = config\n        self.norms =",
+    )
+    assert source != TINY
+    module, _ = prepare(source, through="select")
+    assert code_of(module, "TinyModel").count("self.config = config") == 1
+    # without the source's own store, select adds the one HF's base class made
+    module, _ = prepare(TINY, through="select")
+    assert code_of(module, "TinyModel").count("self.config = config") == 1
