@@ -118,7 +118,10 @@ def _stack_loop(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.Functio
     else:
         if not isinstance(loop.target, cst.Name):
             raise ctx.error("stack loop target is not a name", loop, scope=scope)
-        index, layer = "i", loop.target.value
+        # a fresh index name: the forward may use `i` for something else (a comprehension)
+        used = {n.value for n in nodes_of(forward, cst.Name)}
+        index = next(n for n in ("i", *(f"i{k}" for k in range(1, len(used) + 2))) if n not in used)
+        layer = loop.target.value
         new_loop = loop.with_changes(
             target=cst.parse_expression(f"({index}, {layer})").with_changes(lpar=[], rpar=[]),
             iter=cst.Call(cst.Name("enumerate"), [cst.Arg(loop.iter)]),

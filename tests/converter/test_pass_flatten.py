@@ -72,3 +72,16 @@ def test_wrapper_above_the_stack_is_threaded():
     assert "kv_caches=kv_caches, input_metadata=input_metadata" in model
     assert "return decoder_outputs\n" in model  # the stack returns hidden states now
     assert "def forward(self, input_ids: torch.Tensor, kv_caches" in model
+
+
+def test_stack_index_name_is_fresh():
+    # the forward already uses `i` (a comprehension): the stack loop's index is another name
+    source = TINY.replace(
+        "        hidden_states = inputs_embeds\n",
+        "        hidden_states = inputs_embeds\n"
+        "        odd = {i: hidden_states * i for i in (1, 2)}\n"
+        "        hidden_states = odd[2]\n",
+    )
+    model = code_of(prepare(source)[0], "TinyModel")
+    assert "for i1, block in enumerate(self.blocks):" in model
+    assert "kv_cache=kv_caches[i1]" in model and "hidden_states = odd[2]" in model
