@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,13 +31,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.report import Roofline, write_report  # noqa: E402
+from benchmarks.runs import earlier_results, ordered, prepare_model, system_runs  # noqa: E402
 from runtime.engine.bench import (  # noqa: E402
     RunResult,
     format_result,
     make_workload,
     preset_config,
     run_ours,
-    save_random_model,
 )
 
 SYSTEMS = ("ours", "hf-cb", "hf-generate")
@@ -119,20 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tp expects sizes >= 1, got {args.tp!r}")
     args.tp = args.tp_sizes[0] if args.worker else max(args.tp_sizes)
     return args
-
-
-def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(result key, system, tp) for each run: ours once per TP size ("ours" alone when there
-    is one size, "ours-tp<N>" otherwise), each HF baseline once."""
-    runs = []
-    for system in args.systems:
-        if system != "ours":
-            runs.append((system, system, 1))
-        elif len(args.tp_sizes) == 1:
-            runs.append(("ours", "ours", args.tp_sizes[0]))
-        else:
-            runs += [(f"ours-tp{t}", "ours", t) for t in args.tp_sizes]
-    return runs
 
 
 def device_slug(device: str) -> str:
@@ -235,44 +220,6 @@ def run_system(
     return result
 
 
-def prepare_model(args, config, dtype, keep: Path | None, tmp: Path) -> Path:
-    """The saved random model: reused from --keep-dir when it was built for the same
-    shape, dtype and seed, else built (and kept there when --keep-dir is given)."""
-    stamp = json.dumps({"model": args.model, "dtype": args.dtype, "seed": args.seed})
-    model_dir = (keep or tmp) / "model"
-    if keep is not None and (keep / "model.stamp").exists():
-        if (keep / "model.stamp").read_text() == stamp and (model_dir / "config.json").exists():
-            print(f"reusing the random model in {model_dir}", flush=True)
-            return model_dir
-        shutil.rmtree(model_dir, ignore_errors=True)
-        (keep / "results").exists() and shutil.rmtree(keep / "results")
-    start = time.perf_counter()
-    save_random_model(config, model_dir, dtype, args.device, args.seed)
-    print(f"random weights saved in {time.perf_counter() - start:.1f} s", flush=True)
-    if keep is not None:
-        (keep / "model.stamp").write_text(stamp)
-    return model_dir
-
-
-def earlier_results(keep: Path | None, workload_key: str) -> dict[str, RunResult]:
-    """Results that earlier invocations kept for the same workload (see --keep-dir)."""
-    if keep is None or not (keep / "results").is_dir():
-        return {}
-    found = {}
-    for path in sorted((keep / "results").glob("*.json")):
-        saved = json.loads(path.read_text())
-        if saved.get("workload") == workload_key:
-            found[path.stem] = RunResult.from_json(json.dumps(saved["result"]))
-    return found
-
-
-def _ordered(results: dict) -> dict:
-    """Rows in a fixed order whichever invocation measured them: ours (by TP size), then
-    HF continuous batching, then HF generate."""
-    rank = {"hf-cb": 1, "hf-generate": 2}
-    return dict(sorted(results.items(), key=lambda kv: (rank.get(kv[0], 0), kv[0])))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -312,7 +259,7 @@ def main(argv=None) -> None:
                 (keep / "results").mkdir(exist_ok=True)
                 saved = {"workload": workload_key, "result": json.loads(results[key].to_json())}
                 (keep / "results" / f"{key}.json").write_text(json.dumps(saved))
-            write_report(out, args, slug, config, workload, roofline, _ordered(results))
+            write_report(out, args, slug, config, workload, roofline, ordered(results))
     print(f"\nreport: {out}")
 
 

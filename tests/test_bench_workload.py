@@ -93,3 +93,30 @@ def test_roofline_counts_weights_per_step_and_every_kv_read(tmp_path: Path) -> N
     expected_s = (4 * roof.weight_bytes + roof.kv_read_bytes + roof.kv_write_bytes) / 1e9
     assert roof.seconds == pytest.approx(expected_s)
     assert roof.output_tps == pytest.approx(6 / expected_s)
+
+
+def test_throughput_runs_and_kept_results(tmp_path) -> None:
+    """--tp 1,2 runs ours per size; --keep-dir results come back only for the same workload."""
+    import argparse
+    import json
+
+    from benchmarks.runs import earlier_results, ordered, system_runs
+
+    args = argparse.Namespace(systems=["ours", "hf-cb"], tp_sizes=[1, 2])
+    assert system_runs(args) == [
+        ("ours-tp1", "ours", 1),
+        ("ours-tp2", "ours", 2),
+        ("hf-cb", "hf-cb", 1),
+    ]
+    args.tp_sizes = [2]
+    assert system_runs(args)[0] == ("ours", "ours", 2)
+
+    result = RunResult("HF generate", 2, input_tokens=3, output_tokens=4, elapsed_s=1.0)
+    (tmp_path / "results").mkdir()
+    saved = {"workload": "w1", "result": json.loads(result.to_json())}
+    (tmp_path / "results" / "hf-generate.json").write_text(json.dumps(saved))
+    assert earlier_results(tmp_path, "w2") == {}
+    found = earlier_results(tmp_path, "w1")
+    assert list(found) == ["hf-generate"] and found["hf-generate"].output_tokens == 4
+    rows = {"hf-generate": 1, "hf-cb": 2, "ours-tp2": 3, "ours-tp1": 4}
+    assert list(ordered(rows)) == ["ours-tp1", "ours-tp2", "hf-cb", "hf-generate"]
