@@ -9,18 +9,17 @@ Roles are found by structure, never by attribute names:
 
 from __future__ import annotations
 
-import ast
 import builtins
 
 import libcst as cst
 import libcst.matchers as m
 
+from converter.ast_facts import INTERFACE_REGISTRY, class_facts, line_index
 from converter.context import Child, ClassInfo, ConversionContext
 from converter.cstwalk import nodes_of
 from converter.dispatch import dispatch_tables
 
 BUILTINS = frozenset(dir(builtins))
-INTERFACE_REGISTRY = "ALL_ATTENTION_FUNCTIONS"
 MODULE_LIST = m.Call(func=m.Attribute(attr=m.Name("ModuleList")) | m.Name("ModuleList"))
 
 
@@ -146,27 +145,6 @@ def _child_of_assign(
     return ctor, ctor if ctor in local else None, False, value
 
 
-def line_index(source: str) -> dict[tuple[str, str], int]:
-    """(enclosing def/class qualname, first code line of a statement) -> line, from
-    Python's `ast` (cheap; LibCST positions cost a second pass over the code)."""
-    lines = source.splitlines()
-    index: dict[tuple[str, str], int] = {}
-
-    def walk(node: ast.AST, scope: list[str]) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.stmt):
-                key = lines[child.lineno - 1].strip()
-                index.setdefault((".".join(scope), key), child.lineno)
-                index.setdefault(("", key), child.lineno)
-            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                walk(child, scope + [child.name])
-            else:
-                walk(child, scope)
-
-    walk(ast.parse(source), [])
-    return index
-
-
 def flat_statements(body) -> list[cst.BaseSmallStatement]:
     """Small statements of a block, descending into if/else/for/with/try (no visitor)."""
     out: list[cst.BaseSmallStatement] = []
@@ -181,37 +159,9 @@ def flat_statements(body) -> list[cst.BaseSmallStatement]:
     return out
 
 
-def _ast_facts(source: str) -> dict[str, tuple[int, set[str], bool]]:
-    """Per top-level class, from Python's `ast` (fast): line, config fields read
-    (``config.X`` / ``self.config.X``), whether it looks up the attention interface."""
-    facts = {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        reads: set[str] = set()
-        interface = False
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Attribute):
-                base = sub.value
-                if (isinstance(base, ast.Name) and base.id == "config") or (
-                    isinstance(base, ast.Attribute)
-                    and base.attr == "config"
-                    and isinstance(base.value, ast.Name)
-                    and base.value.id == "self"
-                ):
-                    reads.add(sub.attr)
-                if isinstance(base, ast.Name) and base.id == INTERFACE_REGISTRY:
-                    interface = True
-            elif isinstance(sub, ast.Subscript):
-                if isinstance(sub.value, ast.Name) and sub.value.id == INTERFACE_REGISTRY:
-                    interface = True
-        facts[node.name] = (node.lineno, reads, interface)
-    return facts
-
-
 def _collect_classes(module: cst.Module, ctx: ConversionContext) -> dict[str, ClassInfo]:
     local = {s.name.value for s in module.body if isinstance(s, cst.ClassDef)}
-    facts = _ast_facts(ctx.source_text)
+    facts = class_facts(ctx.source_text)
     ctx.dispatch = dispatch_tables(module)
     classes: dict[str, ClassInfo] = {}
     for node in module.body:
