@@ -3,7 +3,7 @@
 
 Kernels live beside this file: `triton_cache` (store K/V by slot), `triton_prefill`
 (varlen prefill and chunked prefill over the paged cache), `triton_decode` (split-KV
-decode plus its log-sum-exp reduce).
+decode) and `triton_reduce` (its log-sum-exp merge of the splits).
 """
 
 from __future__ import annotations
