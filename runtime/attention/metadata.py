@@ -104,9 +104,7 @@ class InputMetadata:
                 raise ValueError(f"every sequence needs at least one new token, got {qlen}")
             total = ctx + qlen
             if total > len(table) * block_size:
-                raise ValueError(
-                    f"{total} tokens do not fit {len(table)} blocks of {block_size}"
-                )
+                raise ValueError(f"{total} tokens do not fit {len(table)} blocks of {block_size}")
             for pos in range(ctx, total):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
             starts.append(starts[-1] + qlen)
