@@ -12,6 +12,7 @@ from runtime.parallel.state import (
     get_tp_rank,
     get_tp_size,
     init_parallel,
+    local_head_block,
     local_num_heads,
     local_num_kv_heads,
     tensor_model_parallel_all_gather,
@@ -63,6 +64,18 @@ def test_local_num_heads_error(monkeypatch):
     assert local_num_heads(8) == 2
     with pytest.raises(ValueError, match="6 attention heads"):
         local_num_heads(6)
+
+
+def test_unsharded_layers_keep_every_head(monkeypatch):
+    """A layer whose plan gathered q/k/v for this config (sharded=False) runs all heads."""
+    monkeypatch.setattr(state, "_TP_SIZE", 2)
+    monkeypatch.setattr(state, "_TP_RANK", 1)
+    assert local_num_heads(71, sharded=False) == 71 and local_num_heads(8, True) == 4
+    assert local_num_kv_heads(3, sharded=False) == 3
+    slopes = torch.arange(4.0)
+    assert torch.equal(local_head_block(slopes), torch.tensor([2.0, 3.0]))
+    assert torch.equal(local_head_block(slopes, sharded=False), slopes)
+    assert local_head_block(None) is None
 
 
 def _collectives(rank, world_size):

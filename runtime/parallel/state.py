@@ -146,21 +146,26 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     return torch.cat(parts, dim=dim)  # [..., tp * x.shape[dim], ...]
 
 
-def local_num_heads(total: int) -> int:
-    """Query heads on this rank: the TP size must divide the total."""
+def local_num_heads(total: int, sharded: bool = True) -> int:
+    """Query heads on this rank: the TP size must divide the total. `sharded=False`: the
+    layer runs every head on every rank (its plan gathered q/k/v for this config)."""
+    if not sharded:
+        return total
     tp = get_tp_size()
     if total % tp != 0:
         raise ValueError(f"{total} attention heads cannot be split over tensor_parallel_size={tp}")
     return total // tp
 
 
-def local_num_kv_heads(total_kv: int) -> int:
-    """KV heads on this rank.
+def local_num_kv_heads(total_kv: int, sharded: bool = True) -> int:
+    """KV heads on this rank (`sharded=False`: all of them, as for `local_num_heads`).
 
     With tp > total_kv each rank keeps one KV head, replicated on tp // total_kv ranks:
     a query head needs its whole KV head, and splitting a head's dimension over ranks
     would need a collective inside attention.
     """
+    if not sharded:
+        return total_kv
     tp = get_tp_size()
     if total_kv >= tp:
         if total_kv % tp != 0:
@@ -174,3 +179,11 @@ def local_num_kv_heads(total_kv: int) -> int:
             f"(the TP size must be a multiple of the KV head count)"
         )
     return max(1, total_kv // tp)
+
+
+def local_head_block(per_head: torch.Tensor | None, sharded: bool = True) -> torch.Tensor | None:
+    """This rank's contiguous block of a per-query-head tensor [H, ...] (ALiBi slopes,
+    attention sinks): [H / tp, ...]; the whole tensor when not `sharded`; None stays None."""
+    if per_head is None or not sharded:
+        return per_head
+    return per_head.chunk(get_tp_size())[get_tp_rank()]
