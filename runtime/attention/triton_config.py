@@ -64,9 +64,13 @@ def choose_num_splits(
     num_seqs: int, num_kv_heads: int, device: torch.device, config: DecodeConfig
 ) -> int:
     """Splits depend only on batch shape and device, never on sequence lengths, so one
-    captured CUDA graph stays valid as the sequences grow."""
+    captured CUDA graph stays valid as the sequences grow. The count is a power of two
+    (rounded down): it is a compile-time constant of the kernels, and a handful of values
+    lets the engine compile every variant before serving (runtime/engine/kernel_warmup.py)
+    instead of meeting a new one, and compiling it, whenever the decode batch changes."""
     target = config.programs_per_sm * _sm_count(device)
-    return max(1, min(config.max_splits, round(target / max(1, num_seqs * num_kv_heads))))
+    wanted = max(1, min(config.max_splits, round(target / max(1, num_seqs * num_kv_heads))))
+    return 1 << (wanted.bit_length() - 1)
 
 
 def decode_stages(programs: int, device: torch.device, config: DecodeConfig) -> int:

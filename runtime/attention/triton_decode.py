@@ -25,7 +25,10 @@ from runtime.attention.triton_config import DecodeConfig, choose_num_splits, dec
 from runtime.attention.triton_reduce import decode_reduce_kernel
 
 
-@triton.jit
+# The block-table row stride is the widest table of the step, which changes every few
+# steps: left unspecialised, it costs no recompilation (Triton otherwise compiles a
+# variant for multiples of 16 and one for the rest).
+@triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_kernel(
     out_ptr,  # [T, Hq, Dv] output (written here only when NUM_SPLITS == 1)
     part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32 per-split normalised outputs

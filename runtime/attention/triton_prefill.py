@@ -90,7 +90,10 @@ def _prefill_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The block-table row stride is the widest table of the step, which changes every few
+# steps: left unspecialised, it costs no recompilation (Triton otherwise compiles a
+# variant for multiples of 16 and one for the rest).
+@triton.jit(do_not_specialize=["stride_bt"])
 def paged_prefill_kernel(
     out_ptr,  # [T, Hq, Dv]
     query_ptr,  # [T, Hq, D], rows stride_qt apart

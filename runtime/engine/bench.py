@@ -9,6 +9,7 @@ as safetensors so every engine loads them through its ordinary path.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -194,6 +195,7 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         log(f"ours: {len(workload)} requests ...")
+        compiled_before = _triton_cache_entries()
         token_times: dict[str, list[float]] = {}
         start = time.perf_counter()
         # Token ids only, as the HF baselines return them: no per-step detokenization.
@@ -210,6 +212,7 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
                 times.extend([now] * (len(out.token_ids) - len(times)))
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+        compiled = _triton_cache_entries() - compiled_before
     finally:
         _shutdown(llm)
     ttft, itl = latencies_from_timestamps(start, list(token_times.values()))
@@ -222,7 +225,22 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         ttft_s=ttft,
         itl_s=itl,
         peak_memory_bytes=peak,
+        notes=[f"Triton kernels compiled during the timed run (new cache entries): {compiled}"]
+        if device.startswith("cuda")
+        else [],
     )
+
+
+def _triton_cache_entries() -> int:
+    """Entries in Triton's on-disk kernel cache: each new one is a compilation (a kernel
+    variant first met), whichever process of the engine made it."""
+    path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".triton", "cache"
+    )
+    try:
+        return len(os.listdir(path))
+    except FileNotFoundError:
+        return 0
 
 
 def _shutdown(llm) -> None:

@@ -136,13 +136,20 @@ class ModelRunner:
         max_model_len: int = 2048,
         use_cuda_graphs: bool = False,
         agree: Callable[[bool], bool] | None = None,
+        warm_up: bool = False,
     ) -> None:
+        """`warm_up`: compile every attention-kernel variant now (kernel_warmup.py), not in
+        the first serving steps. `agree`: the TP ranks' vote on their graph captures."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
         self.block_size = kv_caches[0].shape[2]
         self._staging: torch.Tensor | None = None
         self.graphs = None
+        if warm_up:
+            from runtime.engine.kernel_warmup import warm_up_kernels
+
+            warm_up_kernels(self, max_num_seqs)
         if use_cuda_graphs and device.type == "cuda":
             from runtime.engine.cuda_graphs import DecodeGraphs
 

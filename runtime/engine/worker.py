@@ -108,7 +108,7 @@ class Worker:
             agree = lambda ok: _all_ranks(ok, group)  # noqa: E731
         self.runner = ModelRunner(
             self.model, caches, self.device, cfg.max_num_seqs, max_len, cfg.use_cuda_graphs,
-            agree,
+            agree, warm_up=self.device.type == "cuda",
         )  # fmt: skip
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:

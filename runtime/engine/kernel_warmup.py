@@ -1,0 +1,91 @@
+"""Compile every attention-kernel variant a serving run can ask for before it starts.
+
+Triton compiles a kernel the first time it meets a new combination of compile-time
+constants. Most are fixed per model (head layout, dtype, block size), but the decode
+kernel's split count and pipeline depth follow the number of sequences decoding in a
+step, and steps that mix prompt chunks with decodes use the variants that pick their
+sequences through an id list. Left to the first steps that need them, these compilations
+land inside serving (each a second or so on a GPU host), right when the first requests
+wait for their first token. `warm_up_kernels` runs one dummy step per variant instead:
+the decode variants come from the same `choose_num_splits` / `decode_stages` the kernel
+launcher uses, so the list stays right when the heuristic changes.
+
+Dummy rows store nothing (slot -1) and read one key of block 0, like the padding rows of
+CUDA-graph batches; their outputs are never read. Under tensor parallelism every rank
+runs the same steps in the same order, so the model's all-reduces pair up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from runtime.attention.layer import attention_layers
+from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
+from runtime.engine.model_runner import StepInputs
+
+
+def decode_variant_sizes(
+    max_num_seqs: int, kv_head_counts: set[int], device: torch.device
+) -> list[int]:
+    """The smallest decode batch size of each distinct (split count, stage count) of the
+    decode kernel, over every KV head count of the model's layers."""
+    config = DecodeConfig()
+    first_size: dict[tuple, int] = {}
+    for batch in range(1, max_num_seqs + 1):
+        key = []
+        for heads in sorted(kv_head_counts):
+            splits = choose_num_splits(batch, heads, device, config)
+            key.append((heads, splits, decode_stages(batch * heads * splits, device, config)))
+        first_size.setdefault(tuple(key), batch)
+    return sorted(first_size.values())
+
+
+def dummy_step(num_decode: int, prefill_len: int) -> StepInputs:
+    """`num_decode` one-token rows and, when `prefill_len` > 1, one prompt chunk of that
+    many tokens; nothing is stored and nothing samples."""
+    query_lens = np.array(
+        [prefill_len] * (prefill_len > 1) + [1] * num_decode, dtype=np.int64
+    )  # [B]
+    num_seqs = query_lens.shape[0]
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)  # [B+1]
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    total = int(query_start_loc[-1])
+    seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [T]
+    positions = np.arange(total) - query_start_loc[:-1][seq_of_token]  # [T]
+    return StepInputs(
+        input_ids=np.zeros(total, dtype=np.int64),
+        positions=positions,
+        slot_mapping=np.full(total, -1, dtype=np.int64),
+        query_start_loc=query_start_loc,
+        seq_lens=query_lens.copy(),
+        block_tables=np.zeros((num_seqs, 1), dtype=np.int64),
+        logits_indices=np.zeros(0, dtype=np.int64),
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(query_lens.max()),
+        num_prefill_tokens=int(query_lens[query_lens > 1].sum()),
+    )
+
+
+def warm_up_steps(model, max_num_seqs: int, block_size: int, device: torch.device):
+    """The dummy steps that together meet every kernel variant: a lone prompt chunk, and
+    for each decode variant a decode-only step and one mixed with a prompt chunk."""
+    kv_heads = {layer.num_kv_heads for layer in attention_layers(model)}
+    chunk = min(2, block_size)  # a prompt chunk inside block 0
+    steps = [dummy_step(0, chunk)]
+    for size in decode_variant_sizes(max_num_seqs, kv_heads, device):
+        steps += [dummy_step(size, 0), dummy_step(size, chunk)]
+    return steps
+
+
+@torch.inference_mode()
+def warm_up_kernels(runner, max_num_seqs: int) -> int:
+    """Run the warm-up steps eagerly on `runner` (a `ModelRunner` without graphs yet);
+    returns how many ran."""
+    steps = warm_up_steps(runner.model, max_num_seqs, runner.block_size, runner.device)
+    for inputs in steps:
+        ids, pos, metadata = runner.build(inputs)
+        runner.model(ids, pos, runner.kv_caches, metadata)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return len(steps)
