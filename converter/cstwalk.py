@@ -85,3 +85,46 @@ def names_read(node: cst.CSTNode) -> set[str]:
         else:
             stack.extend(children(current))
     return found
+
+
+def call_name(call: cst.Call) -> str | None:
+    """The called name: `softmax` for `torch.softmax(...)`, `x.softmax(...)` or `softmax(...)`."""
+    func = call.func
+    if isinstance(func, cst.Attribute):
+        return func.attr.value
+    return func.value if isinstance(func, cst.Name) else None
+
+
+def has_softmax(node: cst.CSTNode) -> bool:
+    """Whether `node` calls a softmax (the anchor of an eager attention core)."""
+    return any(call_name(c) == "softmax" for c in nodes_of(node, cst.Call))
+
+
+def assigned_names(stmts) -> set[str]:
+    """Names assigned (at any depth) in a list of statements."""
+    out: set[str] = set()
+    for stmt in stmts:
+        for target in nodes_of(stmt, cst.AssignTarget):
+            out |= {n.value for n in nodes_of(target.target, cst.Name)}
+    return out
+
+
+def reachable_methods(methods: dict[str, cst.FunctionDef], roots: set[str]) -> set[str]:
+    """`roots` and every method they reach through `self.<name>` references."""
+    keep = set(roots)
+    work = list(keep)
+    while work:
+        for ref in self_refs(methods[work.pop()]):
+            if ref in methods and ref not in keep:
+                keep.add(ref)
+                work.append(ref)
+    return keep
+
+
+def self_refs(node: cst.CSTNode) -> set[str]:
+    """Attribute names read as ``self.<name>``."""
+    return {
+        n.attr.value
+        for n in nodes_of(node, cst.Attribute)
+        if isinstance(n.value, cst.Name) and n.value.value == "self"
+    }

@@ -26,7 +26,7 @@ import libcst.matchers as m
 from converter.analysis import flat_statements, is_interface_lookup, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cstedit import add_import, add_params
-from converter.cstwalk import nodes_of
+from converter.cstwalk import assigned_names
 from converter.passes import attention_group, eager_core
 from converter.passes.attention_args import CALL_KWARGS, KWARGS, ctor_args
 
@@ -82,7 +82,7 @@ class _Sink(cst.CSTTransformer):
         for i, block in enumerate(branches):
             if any(stmt is self.sink for stmt in block):
                 other = branches[1 - i]
-                if _assigned(other) & _assigned([self.sink]):
+                if assigned_names(other) & assigned_names([self.sink]):
                     return cst.FlattenSentinel(block)
         return updated
 
@@ -188,15 +188,6 @@ class _ValueHeads(cst.CSTTransformer):
         if m.matches(updated, _ATTN_HEAD_DIM):
             return updated.with_changes(attr=cst.Name("v_head_dim"))
         return updated
-
-
-def _assigned(block) -> set[str]:
-    """Names assigned (at any depth) in a list of statements."""
-    out: set[str] = set()
-    for stmt in block:
-        for target in nodes_of(stmt, cst.AssignTarget):
-            out |= {n.value for n in nodes_of(target.target, cst.Name)}
-    return out
 
 
 def _append_init(ctx, cls: str, init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:

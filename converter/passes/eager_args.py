@@ -19,7 +19,7 @@ import libcst.matchers as m
 
 from converter.analysis import bound_names, methods_of, self_attr
 from converter.context import ConversionContext
-from converter.cstwalk import names_read, nodes_of
+from converter.cstwalk import call_name, has_softmax, names_read, nodes_of
 from converter.passes.attention_args import (
     _assignments,
     _statements,
@@ -35,17 +35,6 @@ _EMPTY = cst.Module(body=[])
 
 def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
-
-
-def _method(call: cst.Call) -> str | None:
-    func = call.func
-    if isinstance(func, cst.Attribute):
-        return func.attr.value
-    return func.value if isinstance(func, cst.Name) else None
-
-
-def _softmax(stmt: cst.CSTNode) -> bool:
-    return any(_method(c) == "softmax" for c in nodes_of(stmt, cst.Call))
 
 
 def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[str]]:
@@ -86,7 +75,7 @@ def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[s
             chain |= targets
             if _value_reads(stmt) & (biased | {bias}):
                 biased |= targets
-        if _softmax(stmt):
+        if has_softmax(stmt):
             break
     return (" * ".join(factors) if factors else "1.0"), bias_factors
 
@@ -177,7 +166,7 @@ def _heads(name: str, before, methods) -> tuple[str | None, str] | None:
     direct = [
         rhs
         for rhs in assigns.get(name, [])
-        if isinstance(rhs, cst.Call) and _method(rhs) in VIEWS and len(rhs.args) == 4
+        if isinstance(rhs, cst.Call) and call_name(rhs) in VIEWS and len(rhs.args) == 4
     ]
     if direct:  # the query the product reads, [B, H, T, D]
         dims = [a.value for a in direct[-1].args]
@@ -212,9 +201,9 @@ def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
                 continue
             inner = _assignments(_statements(methods[helper].body.body))
             for c in nodes_of(methods[helper].body, cst.Call):
-                if _method(c) in VIEWS and len(c.args) >= 4:
+                if call_name(c) in VIEWS and len(c.args) >= 4:
                     return [a.value for a in c.args]
-                if _method(c) in VIEWS and (dims := _sized(c, inner)):
+                if call_name(c) in VIEWS and (dims := _sized(c, inner)):
                     return [_bind(d, methods[helper], call) for d in dims]
     return None
 
@@ -240,7 +229,7 @@ def _sized_view(name: str, assigns) -> list[cst.BaseExpression] | None:
         for rhs in assigns.get(current, []):
             cut = sliced or bool(nodes_of(rhs, cst.Slice))
             for call in nodes_of(rhs, cst.Call):
-                dims = _sized(call, assigns) if _method(call) in VIEWS else None
+                dims = _sized(call, assigns) if call_name(call) in VIEWS else None
                 if dims:
                     return [*dims[:-1], _unfused(dims[-1])] if cut else dims
             for ref in sorted(names_read(rhs) - seen):

@@ -19,24 +19,7 @@ import ast
 import libcst as cst
 import libcst.matchers as m
 
-from converter.cstwalk import nodes_of
-
-
-def _has_softmax(node: cst.CSTNode) -> bool:
-    for call in nodes_of(node, cst.Call):
-        func = call.func
-        name = func.attr.value if isinstance(func, cst.Attribute) else getattr(func, "value", None)
-        if name == "softmax":
-            return True
-    return False
-
-
-def _assigned(block) -> set[str]:
-    out: set[str] = set()
-    for stmt in block:
-        for target in nodes_of(stmt, cst.AssignTarget):
-            out |= {n.value for n in nodes_of(target.target, cst.Name)}
-    return out
+from converter.cstwalk import assigned_names, has_softmax, nodes_of
 
 
 def _arms(stmt: cst.If) -> list[list[cst.BaseStatement]]:
@@ -51,10 +34,10 @@ def keep_eager_arms(body) -> list[cst.BaseStatement]:
     """`body` with each softmax-vs-fused-kernel if/else replaced by its softmax arm."""
     out: list[cst.BaseStatement] = []
     for stmt in body:
-        if isinstance(stmt, cst.If) and stmt.orelse is not None and _has_softmax(stmt):
+        if isinstance(stmt, cst.If) and stmt.orelse is not None and has_softmax(stmt):
             arms = _arms(stmt)
-            soft = [i for i, arm in enumerate(arms) if _has_softmax(cst.Module(body=arm))]
-            if len(soft) == 1 and _assigned(arms[soft[0]]) & _assigned(arms[1 - soft[0]]):
+            soft = [i for i, arm in enumerate(arms) if has_softmax(cst.Module(body=arm))]
+            if len(soft) == 1 and assigned_names(arms[soft[0]]) & assigned_names(arms[1 - soft[0]]):
                 out += keep_eager_arms(arms[soft[0]])
                 continue
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=keep_eager_arms(arms[0])))

@@ -30,7 +30,7 @@ import libcst as cst
 
 from converter.analysis import bound_names, dotted, self_attr
 from converter.context import ConversionContext
-from converter.cstwalk import names_read, nodes_of
+from converter.cstwalk import call_name, has_softmax, names_read, nodes_of
 from converter.passes.eager_args import ctor_args
 from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args, same_arms
 from converter.passes.eager_inline import inline_softmax_helpers
@@ -45,17 +45,6 @@ def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
-def has_softmax(node: cst.CSTNode) -> bool:
-    return any(_method(c) in SOFTMAX for c in nodes_of(node, cst.Call))
-
-
-def _method(call: cst.Call) -> str | None:
-    func = call.func
-    if isinstance(func, cst.Attribute):
-        return func.attr.value
-    return func.value if isinstance(func, cst.Name) else None
-
-
 def _targets(stmt: cst.CSTNode) -> set[str]:
     return set(bound_names(stmt))
 
@@ -63,7 +52,7 @@ def _targets(stmt: cst.CSTNode) -> set[str]:
 def _cache_update(stmt: cst.CSTNode) -> cst.Call | None:
     for call in nodes_of(stmt, cst.Call):
         positional = [a for a in call.args if a.keyword is None and not a.star]
-        if _method(call) == "update" and len(positional) >= 2:
+        if call_name(call) == "update" and len(positional) >= 2:
             if all(isinstance(a.value, cst.Name) for a in positional[:2]):
                 return call
     return None
@@ -77,12 +66,15 @@ def _product(stmts) -> tuple[cst.CSTNode, cst.BaseExpression] | None:
                 node.operator, cst.MatrixMultiply
             ):
                 return node, node.left
-            if isinstance(node, cst.Call) and _method(node) in PRODUCTS:
+            if isinstance(node, cst.Call) and call_name(node) in PRODUCTS:
                 args = {a.keyword.value: a.value for a in node.args if a.keyword}
                 positional = [a.value for a in node.args if a.keyword is None]
                 if "batch1" in args:
                     return node, args["batch1"]
-                if _method(node) == "baddbmm" and dotted(node.func) in ("torch.baddbmm", "baddbmm"):
+                if call_name(node) == "baddbmm" and dotted(node.func) in (
+                    "torch.baddbmm",
+                    "baddbmm",
+                ):
                     # torch.baddbmm(input, q, k): the function form's batch1 comes second
                     return node, positional[1]
                 # alibi.baddbmm(q, k): the method form's first argument is batch1

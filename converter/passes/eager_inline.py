@@ -16,19 +16,10 @@ from __future__ import annotations
 import libcst as cst
 
 from converter.analysis import bound_names, methods_of, self_attr
-from converter.cstwalk import nodes_of
+from converter.cstwalk import has_softmax, nodes_of
 from converter.passes.liveness import block as live_block
 
 _EMPTY = cst.Module(body=[])
-
-
-def _softmax(node: cst.CSTNode) -> bool:
-    for call in nodes_of(node, cst.Call):
-        func = call.func
-        name = func.attr.value if isinstance(func, cst.Attribute) else getattr(func, "value", None)
-        if name == "softmax":
-            return True
-    return False
 
 
 def _helper_call(stmt, methods) -> tuple[cst.Assign, cst.Call, str] | None:
@@ -39,7 +30,7 @@ def _helper_call(stmt, methods) -> tuple[cst.Assign, cst.Call, str] | None:
     if not isinstance(small, cst.Assign) or not isinstance(small.value, cst.Call):
         return None
     name = self_attr(small.value.func) if isinstance(small.value.func, cst.Attribute) else None
-    if name in methods and name != "forward" and _softmax(methods[name]):
+    if name in methods and name != "forward" and has_softmax(methods[name]):
         return small, small.value, name
     return None
 

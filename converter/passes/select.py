@@ -20,7 +20,7 @@ import libcst.matchers as m
 
 from converter.analysis import bound_names
 from converter.context import ConversionContext
-from converter.cstwalk import nodes_of
+from converter.cstwalk import nodes_of, reachable_methods
 from converter.dispatch import resolve_constructions
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
@@ -47,15 +47,6 @@ def _code(node: cst.CSTNode) -> str:
 
 
 from converter.cstwalk import names_read  # noqa: E402  (re-exported)
-
-
-def self_refs(node: cst.CSTNode) -> set[str]:
-    """Attribute names read as ``self.<name>``."""
-    return {
-        n.attr.value
-        for n in nodes_of(node, cst.Attribute)
-        if isinstance(n.value, cst.Name) and n.value.value == "self"
-    }
 
 
 def shake(module: cst.Module, roots: set[str]) -> cst.Module:
@@ -198,14 +189,9 @@ class _Select:
         if in_family:  # HF class attributes were recorded in ctx; the model machinery goes
             body = [s for s in body if not isinstance(s, cst.SimpleStatementLine)]
         methods = {s.name.value: s for s in body if isinstance(s, cst.FunctionDef)}
-        keep = {n for n in KEPT_METHODS if n in methods}
-        keep |= self.called.get(original.name.value, set()) & set(methods)
-        work = list(keep)
-        while work:
-            for ref in self_refs(methods[work.pop()]):
-                if ref in methods and ref not in keep:
-                    keep.add(ref)
-                    work.append(ref)
+        roots = {n for n in KEPT_METHODS if n in methods}
+        roots |= self.called.get(original.name.value, set()) & set(methods)
+        keep = reachable_methods(methods, roots)
         body = [s for s in body if not isinstance(s, cst.FunctionDef) or s.name.value in keep]
         if not body:
             body = [cst.SimpleStatementLine([cst.Pass()])]

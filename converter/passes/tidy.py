@@ -18,21 +18,15 @@ import libcst.matchers as m
 
 from converter.analysis import dotted, methods_of
 from converter.context import ConversionContext
-from converter.cstwalk import nodes_of
+from converter.cstwalk import nodes_of, reachable_methods
 from converter.passes.liveness import eliminate_dead_stores
-from converter.passes.select import KEPT_METHODS, child_method_calls, self_refs, shake
+from converter.passes.select import KEPT_METHODS, child_method_calls, shake
 
 
 def _reached(node: cst.ClassDef, called: set[str]) -> set[str]:
     methods = methods_of(node)
-    keep = {n for n in (*KEPT_METHODS, "compute_logits", *called) if n in methods}
-    work = list(keep)
-    while work:
-        for ref in self_refs(methods[work.pop()]):
-            if ref in methods and ref not in keep:
-                keep.add(ref)
-                work.append(ref)
-    return keep
+    roots = {n for n in (*KEPT_METHODS, "compute_logits", *called) if n in methods}
+    return reachable_methods(methods, roots)
 
 
 def _attrs_read(source: str) -> set[str]:
