@@ -64,3 +64,26 @@ def drop_unused_locals(init: cst.FunctionDef, candidates: set[str]) -> cst.Funct
         if len(pattern.findall(code(init))) == len(pattern.findall(code(defs[0]))):
             body.remove(defs[0])
     return init.with_changes(body=init.body.with_changes(body=body))
+
+
+def ctor_call(value: cst.BaseExpression) -> cst.Call | None:
+    """The construction an attribute assignment makes: the call itself, or the call of a
+    conditional one whose other branch is ``None`` (``None if lora else nn.Linear(...)``)."""
+    if isinstance(value, cst.Call):
+        return value
+    if isinstance(value, cst.IfExp):
+        branches = (value.body, value.orelse)
+        calls = [b for b in branches if isinstance(b, cst.Call)]
+        nones = [b for b in branches if isinstance(b, cst.Name) and b.value == "None"]
+        if len(calls) == 1 and len(nones) == 1:
+            return calls[0]
+    return None
+
+
+def with_ctor(value: cst.BaseExpression, new: cst.Call) -> cst.BaseExpression:
+    """`value` with its `ctor_call` replaced by `new`."""
+    if isinstance(value, cst.IfExp):
+        if isinstance(value.body, cst.Call):
+            return value.with_changes(body=new)
+        return value.with_changes(orelse=new)
+    return new

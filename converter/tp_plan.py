@@ -18,8 +18,10 @@ import libcst as cst
 
 from converter.analysis import dotted, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cst_edits import ctor_call
 from converter.hf_tables import config_tp_plan
 from converter.linear_subclasses import linear_subclasses
+from converter.tp_cases import plan_override
 from converter.tp_dataflow import dataflow_styles
 
 LINEAR_CTORS = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
@@ -42,6 +44,7 @@ PLAN_STYLES = {
     # MLA's latent projection (kv_lora_rank + rope dims, shared by every head): replicated;
     # transformers' style only averages the rope part's gradient, a training concern.
     "mla_kv_a_proj": "replicated",
+    "colwise_qkv": "colwise_qkv",  # [Q|K|V] cut per segment (converter/tp_cases.py)
 }
 
 
@@ -61,6 +64,7 @@ class Decision:
     style: str  # colwise | rowwise | colwise_gather_output | rowwise_split_input |
     #             replicated | vocab | lm_head
     source: str  # where the style came from (for the conversion log and the report)
+    cases: tuple = ()  # style "conditional": ((style, condition), ...), converter/tp_cases.py
 
 
 def embedding_subclasses(module: cst.Module) -> set[str]:
@@ -121,29 +125,6 @@ def collect_sites(module: cst.Module, ctx: ConversionContext) -> list[Site]:
     return sites
 
 
-def ctor_call(value: cst.BaseExpression) -> cst.Call | None:
-    """The construction an attribute assignment makes: the call itself, or the call of a
-    conditional one whose other branch is ``None`` (``None if lora else nn.Linear(...)``)."""
-    if isinstance(value, cst.Call):
-        return value
-    if isinstance(value, cst.IfExp):
-        branches = (value.body, value.orelse)
-        calls = [b for b in branches if isinstance(b, cst.Call)]
-        nones = [b for b in branches if isinstance(b, cst.Name) and b.value == "None"]
-        if len(calls) == 1 and len(nones) == 1:
-            return calls[0]
-    return None
-
-
-def with_ctor(value: cst.BaseExpression, new: cst.Call) -> cst.BaseExpression:
-    """`value` with its `ctor_call` replaced by `new`."""
-    if isinstance(value, cst.IfExp):
-        if isinstance(value.body, cst.Call):
-            return value.with_changes(body=new)
-        return value.with_changes(orelse=new)
-    return new
-
-
 def _assigns(fn: cst.FunctionDef) -> list[cst.Assign]:
     """Assignments of a function body, including those under if/else (no traversal of
     expressions: ctor assignments are statements)."""
@@ -181,7 +162,10 @@ def _lookup(plan: dict[str, str], paths: list[tuple[str, ...]]) -> str | None:
 def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, str], Decision]:
     """(class, attr) -> Decision for every linear and embedding site."""
     arch_rules = ctx.rules.get("architectures", {}).get(ctx.model_type, {})
-    override = dict(arch_rules.get("tp_plan", {}))
+    try:
+        override = plan_override(arch_rules.get("tp_plan", {}))
+    except ValueError as e:
+        raise ctx.error(f"rules/architectures.toml [{ctx.model_type}] {e}") from None
     base_plan = config_tp_plan(ctx.model_type) or {}
     lm_plan = dict(ctx.tp_plan)
     tp_rules = ctx.rules.get("tp", {})
@@ -222,6 +206,9 @@ def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, 
                 f"{where}: {e}", hint="add a tp_plan override in rules/architectures.toml"
             ) from None
         style, source = next(((s, src) for s, src in found if s), (None, ""))
+        if isinstance(style, tuple):
+            decisions[key] = Decision("conditional", source, style)
+            continue
         if style is not None:
             if style not in PLAN_STYLES:
                 raise ctx.error(

@@ -34,8 +34,13 @@ from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
+    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    get_tp_size,
+    local_head_block,
+    local_num_heads,
+    local_num_kv_heads,
 )
 
 logger = logging.get_logger(__name__)
@@ -175,29 +180,68 @@ class FalconAttention(nn.Module):
             qkv_out_dim = self.hidden_size + 2 * self.head_dim
         else:
             qkv_out_dim = 3 * self.hidden_size
-        self.query_key_value = ColumnParallelLinear(
-            self.hidden_size, qkv_out_dim, bias=config.bias, gather_output=True
+        self.query_key_value = (
+            ColumnParallelLinear(self.hidden_size, qkv_out_dim, bias=config.bias)
+            if config.new_decoder_architecture and config.num_kv_heads % get_tp_size() == 0
+            else QKVParallelLinear(
+                self.hidden_size,
+                self.head_dim,
+                self.num_heads,
+                (
+                    config.num_kv_heads
+                    if (config.new_decoder_architecture or not config.multi_query)
+                    else 1
+                ),
+                bias=config.bias,
+            )
+            if not config.new_decoder_architecture
+            and config.multi_query
+            and config.num_attention_heads % get_tp_size() == 0
+            else ColumnParallelLinear(self.hidden_size, qkv_out_dim, bias=config.bias)
+            if not config.new_decoder_architecture
+            and not config.multi_query
+            and config.num_attention_heads % get_tp_size() == 0
+            else ColumnParallelLinear(
+                self.hidden_size, qkv_out_dim, bias=config.bias, gather_output=True
+            )
         )
         self.new_decoder_architecture = config.new_decoder_architecture
         self.multi_query = config.multi_query
+        # this config's tensor-parallel plan shards the heads (rules tp_plan cases)
+        self.shard_heads = (
+            (config.new_decoder_architecture and config.num_kv_heads % get_tp_size() == 0)
+            or (
+                not config.new_decoder_architecture
+                and config.multi_query
+                and config.num_attention_heads % get_tp_size() == 0
+            )
+            or (
+                not config.new_decoder_architecture
+                and not config.multi_query
+                and config.num_attention_heads % get_tp_size() == 0
+            )
+        )
         self.dense = RowParallelLinear(
-            self.hidden_size, self.hidden_size, bias=config.bias, input_is_parallel=False
+            self.hidden_size, self.hidden_size, bias=config.bias, input_is_parallel=self.shard_heads
         )
         self.num_kv_heads = (
             config.num_kv_heads if (self.new_decoder_architecture or not self.multi_query) else 1
         )
         self.attn = PagedAttention(
-            self.num_heads,
+            local_num_heads(self.num_heads, self.shard_heads),
             self.head_dim,
             self.inv_norm_factor if config.alibi else 1 / (math.sqrt(self.head_dim)),
-            num_kv_heads=self.num_kv_heads,
+            num_kv_heads=local_num_kv_heads(self.num_kv_heads, self.shard_heads),
             expanded_kv=True,
-            alibi_slopes=torch.diff(
-                build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),
-                dim=-1,
-            ).flatten()
-            if config.alibi
-            else None,
+            alibi_slopes=local_head_block(
+                torch.diff(
+                    build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),
+                    dim=-1,
+                ).flatten()
+                if config.alibi
+                else None,
+                self.shard_heads,
+            ),
             alibi_scale=self.inv_norm_factor if config.alibi else None,
             alibi_bf16=True if config.alibi else None,
         )
@@ -208,7 +252,13 @@ class FalconAttention(nn.Module):
         if self.new_decoder_architecture:
             batch, seq_len, _ = fused_qkv.shape
             qkv = fused_qkv.view(
-                batch, seq_len, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim
+                batch,
+                seq_len,
+                -1,
+                local_num_heads(self.num_heads, self.shard_heads)
+                // local_num_kv_heads(self.num_kv_heads, self.shard_heads)
+                + 2,
+                self.head_dim,
             )
             query = qkv[:, :, :, :-2]
             key = qkv[:, :, :, [-2]]
@@ -220,11 +270,22 @@ class FalconAttention(nn.Module):
             return query, key, value
         elif not self.multi_query:
             batch_size, seq_length, three_times_hidden_size = fused_qkv.shape
-            fused_qkv = fused_qkv.view(batch_size, seq_length, self.num_heads, 3, self.head_dim)
+            fused_qkv = fused_qkv.view(
+                batch_size,
+                seq_length,
+                local_num_heads(self.num_heads, self.shard_heads),
+                3,
+                self.head_dim,
+            )
             return fused_qkv[..., 0, :], fused_qkv[..., 1, :], fused_qkv[..., 2, :]
         else:
             batch_size, seq_length, three_times_hidden_size = fused_qkv.shape
-            fused_qkv = fused_qkv.view(batch_size, seq_length, self.num_heads + 2, self.head_dim)
+            fused_qkv = fused_qkv.view(
+                batch_size,
+                seq_length,
+                local_num_heads(self.num_heads, self.shard_heads) + 2,
+                self.head_dim,
+            )
             return fused_qkv[..., :-2, :], fused_qkv[..., [-2], :], fused_qkv[..., [-1], :]
 
     def forward(
@@ -236,14 +297,21 @@ class FalconAttention(nn.Module):
         input_metadata: InputMetadata,
     ):
         fused_qkv = self.query_key_value(hidden_states)  # [batch_size, seq_length, 3 x hidden_size]
-        num_kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+        num_kv_heads = (
+            local_num_heads(self.num_heads, self.shard_heads)
+            if self.new_decoder_architecture
+            else local_num_kv_heads(self.num_kv_heads, self.shard_heads)
+        )
         # 3 x [batch_size, seq_length, num_heads, head_dim]
         (query_layer, key_layer, value_layer) = self._split_heads(fused_qkv)
 
         batch_size, query_length, _, _ = query_layer.shape
 
         query_layer = query_layer.transpose(1, 2).reshape(
-            batch_size, self.num_heads, query_length, self.head_dim
+            batch_size,
+            local_num_heads(self.num_heads, self.shard_heads),
+            query_length,
+            self.head_dim,
         )
         key_layer = key_layer.transpose(1, 2).reshape(
             batch_size, num_kv_heads, query_length, self.head_dim

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import dotted, methods_of, self_attr
+from converter.analysis import dotted, methods_of
 from converter.context import ConversionContext
 from converter.cst_edits import add_import_from, drop_unused_locals
 from converter.passes.tp_args import LinearArgs, expr, kwarg, linear_args
@@ -30,7 +30,15 @@ from converter.passes.tp_heads import (
     pa_args,
     paged_attention_call,
 )
-from converter.tp_plan import Decision, ctor_call, resolve_plan, with_ctor
+from converter.passes.tp_init import InitRewriter
+from converter.passes.tp_switch import (
+    flag_name,
+    insert_flag,
+    runtime_names,
+    sharded_conditions,
+    switch,
+)
+from converter.tp_plan import Decision, resolve_plan
 
 _EMPTY = cst.Module([])
 PARALLEL_CTORS = {
@@ -45,42 +53,6 @@ def code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
-class _InitRewriter(cst.CSTTransformer):
-    """Rewrites the ctor calls of one class's __init__."""
-
-    def __init__(self, pass_: _TPPass, cls: str, fusions: list[Fusion]) -> None:
-        self.p, self.cls, self.fusions = pass_, cls, fusions
-        self.member_of = {m: f for f in fusions for m in f.members}
-
-    def leave_SimpleStatementLine(
-        self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
-    ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
-        small = updated.body[0] if len(updated.body) == 1 else None
-        if not isinstance(small, cst.Assign) or len(small.targets) != 1:
-            return updated
-        attr = self_attr(small.targets[0].target)
-        call = ctor_call(small.value)
-        if attr is None or call is None:
-            return updated
-        fusion = self.member_of.get(attr)
-        if fusion is not None:
-            if attr != fusion.members[-1]:
-                return cst.RemovalSentinel.REMOVE
-            new = self.p.fused_ctor(fusion)
-            return updated.with_changes(
-                body=[
-                    small.with_changes(
-                        targets=[cst.AssignTarget(expr(f"self.{fusion.fused}"))], value=new
-                    )
-                ]
-            )
-        new_call = self.p.ctor_for(self.cls, attr, call)
-        if new_call is call:
-            return updated
-        new_value = with_ctor(small.value, new_call)
-        return updated.with_changes(body=[small.with_changes(value=new_value)])
-
-
 class _TPPass:
     def __init__(self, module: cst.Module, ctx: ConversionContext) -> None:
         self.ctx = ctx
@@ -91,6 +63,9 @@ class _TPPass:
         self.pa: dict[str, dict[str, str]] = {}
         self.orphans: set[str] = set()  # ctor arguments the rewrite may leave unused
         self.qkv_single: dict[str, str] = {}  # class -> its fused [Q|K|V] linear's attr
+        # class -> when its heads shard (text), for styles the config picks
+        self.sharded_if = sharded_conditions(self.decisions, ctx)
+        self.flag: dict[str, str] = {}  # class -> the attribute holding that flag
 
     def ctor(self, name: str, args: list[cst.BaseExpression | cst.Arg | str]) -> cst.Call:
         """``name(*args)``: nodes as they are, text (tables of strings) through `expr`."""
@@ -101,11 +76,15 @@ class _TPPass:
         ]
         return cst.Call(cst.Name(name), args)
 
-    def ctor_for(self, cls: str, attr: str, call: cst.Call) -> cst.Call:
+    def ctor_for(self, cls: str, attr: str, call: cst.Call) -> cst.BaseExpression:
         decision = self.decisions.get((cls, attr))
         if decision is None or decision.style == "replicated":
             return call
         where = f"{cls}.{attr}"
+        if decision.style == "conditional":
+            for _, cond in decision.cases:
+                self.used |= runtime_names(cond) if cond else set()
+            return switch(decision.cases, lambda style: self.column_ctor(cls, style, call, where))
         if decision.style == "vocab":
             ctor = dotted(call.func) or ""
             if ctor.split(".")[-1] != "Embedding":
@@ -121,13 +100,36 @@ class _TPPass:
         if fused_single is not None:
             self.orphans.add(code(a.out))  # e.g. Phi-3's `op_size`, now unused
             return fused_single
+        if decision.style in ("colwise_qkv", "colwise_gather_output"):
+            return self.column_ctor(cls, decision.style, call, where)
         extra = []
-        if decision.style == "colwise_gather_output":
-            extra.append(kwarg("gather_output", cst.Name("True")))
-        if decision.style == "rowwise_split_input" and not self.class_has_sharded_producer(cls):
+        if decision.style.startswith("rowwise") and cls in self.sharded_if:
+            # its input is this rank's heads when the config's case shards them
+            extra.append(kwarg("input_is_parallel", expr(f"self.{self.flag[cls]}")))
+        elif decision.style == "rowwise_split_input" and not self.class_has_sharded_producer(cls):
             extra.append(kwarg("input_is_parallel", cst.Name("False")))
         return self.ctor(
             PARALLEL_CTORS[decision.style], [a.in_, a.out, kwarg("bias", a.bias), *extra, *a.extra]
+        )
+
+    def column_ctor(self, cls: str, style: str, call: cst.Call, where: str) -> cst.Call:
+        """The column-parallel layer of one style for the linear `call` builds."""
+        a = linear_args(call, self.ctx, where)
+        if style == "colwise_qkv":
+            if cls not in self.pa:
+                raise self.ctx.error(
+                    f"{where}: colwise_qkv needs the class's PagedAttention head counts",
+                    call,
+                    hint="use it on the fused q/k/v projection of an attention class",
+                )
+            return self.ctor(
+                "QKVParallelLinear", [*self.qkv_args(self.pa[cls], a.in_, a.bias), *a.extra]
+            )
+        gather = (
+            [kwarg("gather_output", cst.Name("True"))] if style == "colwise_gather_output" else []
+        )
+        return self.ctor(
+            "ColumnParallelLinear", [a.in_, a.out, kwarg("bias", a.bias), *gather, *a.extra]
         )
 
     def class_has_sharded_producer(self, cls: str) -> bool:
@@ -138,7 +140,7 @@ class _TPPass:
         return any(
             c == cls
             and (
-                d.style == "colwise"
+                d.style in ("colwise", "colwise_qkv", "conditional")
                 or (d.style == "colwise_gather_output" and self.is_fused_checkpoint(attr))
             )
             for (c, attr), d in self.decisions.items()
@@ -216,6 +218,10 @@ class _TPPass:
         localise = pa_call is not None and self.class_has_sharded_producer(cls)
         if pa_call is not None:
             self.pa[cls] = pa_args(pa_call)
+        flag = None
+        if cls in self.sharded_if:
+            self.flag[cls] = flag_name(node)
+            flag = f"self.{self.flag[cls]}"
         if localise:
             heads = head_expressions(init, self.pa[cls]["num_heads"])
             kv = head_expressions(init, self.pa[cls].get("num_kv_heads")) - heads
@@ -227,10 +233,13 @@ class _TPPass:
         for stmt in node.body.body:
             if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
                 stmt = drop_unused_locals(
-                    stmt.visit(_InitRewriter(self, cls, fusions)), self.orphans
+                    stmt.visit(InitRewriter(self, cls, fusions)), self.orphans
                 )
+                if flag:
+                    stmt = insert_flag(stmt, self.flag[cls], self.sharded_if[cls])
+                    self.used |= runtime_names(self.sharded_if[cls])
                 if localise:
-                    wrapper = WrapPagedAttention()
+                    wrapper = WrapPagedAttention(flag)
                     stmt = stmt.visit(wrapper)
                     self.used |= wrapper.used
             elif isinstance(stmt, cst.FunctionDef):
@@ -240,7 +249,7 @@ class _TPPass:
                 if stmt.name.value == "forward" and cls in self.qkv_single:
                     stmt = stmt.visit(LocalQKVSplit(self.qkv_single[cls]))
                 if heads or kv:
-                    counter = HeadCounts(heads, kv)
+                    counter = HeadCounts(heads, kv, flag)
                     stmt = stmt.visit(counter)
                     self.used |= counter.used
             new_body.append(stmt)

@@ -23,15 +23,25 @@ def code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
-def _wrap(fn: str, node: cst.BaseExpression) -> cst.Call:
-    return cst.Call(func=cst.Name(fn), args=[cst.Arg(node)])
+def _wrap(fn: str, node: cst.BaseExpression, flag: str | None = None) -> cst.Call:
+    """`fn(node)`, or `fn(node, <flag>)` where the config decides whether heads shard."""
+    args = [cst.Arg(node)] + ([cst.Arg(cst.parse_expression(flag))] if flag else [])
+    return cst.Call(func=cst.Name(fn), args=args)
+
+
+def _head_block(node: cst.BaseExpression, flag: str | None) -> tuple[cst.BaseExpression, set]:
+    """This rank's contiguous block of a per-query-head tensor, and the names it uses."""
+    if flag:
+        return _wrap("local_head_block", node, flag), {"local_head_block"}
+    local = f"({code(node)}).chunk(get_tp_size())[get_tp_rank()]"
+    return cst.parse_expression(local), {"get_tp_size", "get_tp_rank"}
 
 
 class HeadCounts(cst.CSTTransformer):
     """Wraps reads of head-count expressions in methods other than ``__init__``."""
 
-    def __init__(self, heads: set[str], kv_heads: set[str]) -> None:
-        self.heads, self.kv_heads = heads, kv_heads
+    def __init__(self, heads: set[str], kv_heads: set[str], flag: str | None = None) -> None:
+        self.heads, self.kv_heads, self.flag = heads, kv_heads, flag
         self.used: set[str] = set()
 
     def leave_Attribute(
@@ -48,7 +58,7 @@ class HeadCounts(cst.CSTTransformer):
         if fn is None:
             return updated
         self.used.add(fn)
-        return _wrap(fn, updated)
+        return _wrap(fn, updated, self.flag)
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         """Per-query-head tensors passed to the paged attention call (``sinks=``, the
@@ -58,9 +68,9 @@ class HeadCounts(cst.CSTTransformer):
         args = list(updated.args)
         for i, arg in enumerate(args):
             if arg.keyword is not None and arg.keyword.value in PER_HEAD_CALL_ARGS:
-                self.used |= {"get_tp_size", "get_tp_rank"}
-                local = f"({code(arg.value)}).chunk(get_tp_size())[get_tp_rank()]"
-                args[i] = arg.with_changes(value=cst.parse_expression(local))
+                value, used = _head_block(arg.value, self.flag)
+                self.used |= used
+                args[i] = arg.with_changes(value=value)
         return updated.with_changes(args=args)
 
 
@@ -116,8 +126,9 @@ def pa_args(call: cst.Call) -> dict[str, str]:
 
 
 class WrapPagedAttention(cst.CSTTransformer):
-    def __init__(self) -> None:
+    def __init__(self, flag: str | None = None) -> None:
         self.used: set[str] = set()
+        self.flag = flag  # `self.<attr>` where the config decides whether heads shard
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         if not (dotted(updated.func) or "").endswith("PagedAttention"):
@@ -130,10 +141,10 @@ class WrapPagedAttention(cst.CSTTransformer):
             )
             if fn:
                 self.used.add(fn)
-                args[i] = arg.with_changes(value=_wrap(fn, arg.value))
+                args[i] = arg.with_changes(value=_wrap(fn, arg.value, self.flag))
             elif key == "alibi_slopes":
                 # one slope per query head, [H]: this rank's contiguous block of heads
-                self.used |= {"get_tp_size", "get_tp_rank"}
-                local = f"({code(arg.value)}).chunk(get_tp_size())[get_tp_rank()]"
-                args[i] = arg.with_changes(value=cst.parse_expression(local))
+                value, used = _head_block(arg.value, self.flag)
+                self.used |= used
+                args[i] = arg.with_changes(value=value)
         return updated.with_changes(args=args)

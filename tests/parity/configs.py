@@ -130,6 +130,16 @@ CONFIGS: dict[str, dict] = {
     "falcon_mqa": dict(
         FALCON, model_type="falcon", multi_query=True, parallel_attn=True, tie_word_embeddings=False
     ),
+    # Multi-query with 3 heads (Falcon-7B has 71): TP=2 cannot split them, so the config's
+    # tp_plan case gathers query_key_value and attention runs whole on every rank.
+    "falcon_mqa_odd": dict(
+        FALCON,
+        model_type="falcon",
+        hidden_size=48,
+        num_attention_heads=3,
+        multi_query=True,
+        parallel_attn=True,
+    ),
     # Falcon-RW style: ALiBi, old MHA layout (interleaved per head), sequential residual,
     # biases. Compared with HF's sdpa path, transformers' default for Falcon: its eager
     # ALiBi path adds the bias twice (once itself, once inside the mask the model built).
