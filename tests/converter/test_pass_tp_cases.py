@@ -1,0 +1,204 @@
+"""tp: projections whose tensor-parallel style the config picks at build time (rules
+tp_plan cases, converter/tp_cases.py): one layer per case in a conditional expression, a
+`shard_heads` flag that head counts, per-head tensors and the row-parallel consumer read."""
+
+from __future__ import annotations
+
+import itertools
+
+import libcst as cst
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from converter.analysis import analyze
+from converter.context import ConversionContext
+from converter.errors import ConversionError
+from converter.passes import tp
+from converter.passes.tp_switch import InlineLater, attr_values
+from converter.pipeline import load_rules
+from converter.tp_cases import parse_cases, sharded_expression
+
+# A fused projection in a layout a flag picks; the group count is set after the projection.
+SOURCE = """
+import torch
+from torch import nn
+from runtime.attention import PagedAttention
+
+
+class Mixer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_q = cfg.n_q
+        self.hd = cfg.width // cfg.n_q
+        self.blend = nn.Linear(cfg.width, (cfg.n_grp * 2 + cfg.n_q) * self.hd, bias=cfg.use_bias)
+        self.packed = cfg.packed
+        self.fold = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
+        self.n_grp = cfg.n_grp if self.packed else 1
+        self.sink_logits = nn.Parameter(torch.zeros(cfg.n_q))
+        self.attn = PagedAttention(self.n_q, self.hd, 1.0, num_kv_heads=self.n_grp, alibi_slopes=torch.ones(cfg.n_q) if cfg.slopes else None)
+
+    def forward(self, x, kv_cache, input_metadata):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface("eager", None)
+        y = self.blend(x).view(1, -1, self.n_grp, self.n_q // self.n_grp + 2, self.hd)
+        q, k, v = y[..., :-2, :], y[..., -2, :], y[..., -1, :]
+        out = self.attn(q.flatten(-2), k, v, kv_cache, input_metadata, sinks=self.sink_logits)
+        return self.fold(out)
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.mixer = Mixer(cfg)
+
+    def forward(self, h, kv_cache, input_metadata):
+        return h + self.mixer(h, kv_cache, input_metadata)
+
+
+class Trunk(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.stages = nn.ModuleList([Stage(cfg) for _ in range(cfg.depth)])
+
+    def forward(self, input_ids, positions, kv_caches, input_metadata):
+        h = self.tok(input_ids)
+        for i, stage in enumerate(self.stages):
+            h = stage(h, kv_caches[i], input_metadata)
+        return h
+
+
+class TrunkForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches, input_metadata):
+        return self.model(input_ids, positions, kv_caches, input_metadata)
+"""
+
+CASES = [
+    ["colwise", "cfg.packed and cfg.n_grp % get_tp_size() == 0"],
+    ["colwise_qkv", "not cfg.packed and cfg.n_q % get_tp_size() == 0"],
+    ["colwise_gather_output"],
+]
+PLAN = {"stages.*.mixer.blend": CASES, "stages.*.mixer.fold": "rowwise_split_input"}
+
+
+def convert(source: str = SOURCE, plan: dict | None = None):
+    module = cst.parse_module(source)
+    ctx = ConversionContext.from_source(
+        source, "modeling_trunk.py", "trunk", "transformers.models.trunk"
+    )
+    rules = load_rules()
+    ctx.rules = {**rules, "architectures": {"trunk": {"tp_plan": plan or PLAN}}}
+    ctx.base_model_prefix = "model"
+    analyze(module, ctx)
+    return " ".join(tp.run(module, ctx).code.split()), ctx
+
+
+def test_one_layer_per_case_in_a_conditional_expression():
+    code, ctx = convert()
+    column = (
+        "ColumnParallelLinear(cfg.width, (cfg.n_grp * 2 + cfg.n_q) * self.hd, bias=cfg.use_bias"
+    )
+    # the KV head count `self.n_grp` is assigned only after the projection: its value,
+    # with `self.packed` (also assigned later) inlined in turn
+    qkv = "QKVParallelLinear(cfg.width, self.hd, self.n_q, (cfg.n_grp if cfg.packed else 1), bias=cfg.use_bias)"
+    assert (
+        f"self.blend = ({column}) if cfg.packed and cfg.n_grp % get_tp_size() == 0 "
+        f"else {qkv} if not cfg.packed and cfg.n_q % get_tp_size() == 0 "
+        f"else {column}, gather_output=True))"
+    ) in code
+    assert ctx.tp_decisions["Mixer.blend"].startswith("conditional (rules/architectures.toml")
+
+
+def test_flag_before_its_first_reader_and_read_by_the_consumer():
+    code, _ = convert()
+    flag = (
+        "self.shard_heads = (cfg.packed and cfg.n_grp % get_tp_size() == 0) or "
+        "(not cfg.packed and cfg.n_q % get_tp_size() == 0)"
+    )
+    assert flag in code
+    assert code.index("self.blend = (") < code.index(flag) < code.index("self.fold =")
+    assert "bias=cfg.use_bias, input_is_parallel=self.shard_heads)" in code
+    assert "from runtime.parallel import" in code and "get_tp_size" in code
+
+
+def test_head_counts_and_per_head_tensors_follow_the_flag():
+    code, _ = convert()
+    assert (
+        "PagedAttention(local_num_heads(self.n_q, self.shard_heads), self.hd, 1.0, "
+        "num_kv_heads=local_num_kv_heads(self.n_grp, self.shard_heads), "
+        "alibi_slopes=local_head_block(torch.ones(cfg.n_q) if cfg.slopes else None, self.shard_heads))"
+    ) in code
+    assert (
+        "view(1, -1, local_num_kv_heads(self.n_grp, self.shard_heads), "
+        "local_num_heads(self.n_q, self.shard_heads) // local_num_kv_heads(self.n_grp, self.shard_heads) + 2, self.hd)"
+    ) in code
+    assert "sinks=local_head_block(self.sink_logits, self.shard_heads)" in code
+
+
+def test_flag_name_avoids_the_class_own_attributes():
+    source = SOURCE.replace(
+        "self.packed = cfg.packed", "self.packed = cfg.packed\n        self.shard_heads = 3"
+    )
+    code, _ = convert(source)
+    assert "self.shard_heads_ = (cfg.packed" in code
+    assert "local_num_heads(self.n_q, self.shard_heads_)" in code
+
+
+def test_two_projections_sharding_under_different_conditions_is_an_error():
+    plan = {**PLAN, "stages.*.mixer.fold": [["colwise", "cfg.packed"], ["colwise_gather_output"]]}
+    with pytest.raises(
+        ConversionError, match="Mixer: tp_plan cases must shard its heads under one"
+    ):
+        convert(plan=plan)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ([["colwise", "cfg.a"]], "must be a list of"),  # no fallback
+        ([["rowwise", "cfg.a"], ["colwise"]], "style 'rowwise' is not one of"),
+        ([], "must be a list of"),
+    ],
+)
+def test_malformed_cases_are_one_line_errors(entry, message):
+    with pytest.raises(ConversionError, match=message):
+        convert(plan={**PLAN, "stages.*.mixer.blend": entry})
+    with pytest.raises(ValueError, match=message):
+        parse_cases(entry)
+
+
+def test_inline_later_is_recursive_and_terminates():
+    init = cst.parse_module(
+        "def __init__(self, c):\n    self.m = c.flag\n    self.k = c.n if self.m else 1\n"
+        "    self.a = self.b + 1\n    self.b = self.a * 2\n"
+    ).body[0]
+    values = attr_values(init)
+
+    def inline(text: str, seen: set[str]) -> str:
+        node = cst.parse_expression(text).visit(InlineLater(values, seen))
+        return cst.Module([]).code_for_node(node)
+
+    assert inline("self.k + self.z", set()) == "(c.n if c.flag else 1) + self.z"
+    assert inline("self.k", {"k"}) == "self.k"  # assigned already: read as is
+    assert inline("self.b", set()) == "((self.b + 1) * 2)"  # a cycle stops where it closes
+
+
+STYLES = st.sampled_from(["colwise", "colwise_qkv", "colwise_gather_output"])
+
+
+@given(st.lists(STYLES, min_size=1, max_size=5))
+def test_sharded_expression_is_the_first_true_case(styles):
+    """Over every truth assignment of the conditions, the flag is "the case picked (first
+    true condition, else the last) is not gathered"."""
+    names = [f"c{i}" for i in range(len(styles) - 1)]
+    cases = parse_cases([[s, n] for s, n in zip(styles, names)] + [[styles[-1]]])
+    text = sharded_expression(cases)
+    for values in itertools.product([False, True], repeat=len(names)):
+        env = dict(zip(names, values))
+        picked = next((s for s, n in zip(styles, names) if env[n]), styles[-1])
+        assert eval(text, {}, env) == (picked != "colwise_gather_output"), (text, env)
