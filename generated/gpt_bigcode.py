@@ -26,6 +26,9 @@ from runtime.parallel import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    get_tp_size,
+    local_num_heads,
+    local_num_kv_heads,
 )
 
 
@@ -66,22 +69,37 @@ class GPTBigCodeAttention(nn.Module):
             if self.multi_query:
                 raise NotImplementedError("Multi-Query Attention not supported for cross_attention")
 
-            self.c_attn = ColumnParallelLinear(
-                self.embed_dim, 2 * self.embed_dim, bias=True, gather_output=True
+            self.c_attn = (
+                ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim, bias=True)
+                if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+                else ColumnParallelLinear(
+                    self.embed_dim, 2 * self.embed_dim, bias=True, gather_output=True
+                )
             )
             self.q_attn = nn.Linear(self.embed_dim, self.embed_dim)
         else:
-            self.c_attn = ColumnParallelLinear(
-                self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
+            self.c_attn = (
+                ColumnParallelLinear(self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True)
+                if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+                else ColumnParallelLinear(
+                    self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
+                )
             )
+        # this config's tensor-parallel plan shards the heads (rules tp_plan cases)
+        self.shard_heads = (
+            not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+        )
 
         self.c_proj = RowParallelLinear(
-            self.embed_dim, self.embed_dim, bias=True, input_is_parallel=False
+            self.embed_dim, self.embed_dim, bias=True, input_is_parallel=self.shard_heads
         )
 
         self.attn_dropout = config.attn_pdrop
         self.attn = PagedAttention(
-            config.num_attention_heads, self.head_dim, self.scaling, num_kv_heads=self.kv_heads
+            local_num_heads(config.num_attention_heads, self.shard_heads),
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=local_num_kv_heads(self.kv_heads, self.shard_heads),
         )
 
     def forward(
@@ -110,7 +128,11 @@ class GPTBigCodeAttention(nn.Module):
             else:
                 query, key, value = (
                     self.c_attn(hidden_states)
-                    .view(*hidden_states.shape[:2], self.num_heads, 3 * self.head_dim)
+                    .view(
+                        *hidden_states.shape[:2],
+                        local_num_heads(self.num_heads, self.shard_heads),
+                        3 * self.head_dim,
+                    )
                     .transpose(1, 2)
                     .split(3 * [self.head_dim], dim=3)
                 )

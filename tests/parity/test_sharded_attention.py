@@ -4,6 +4,7 @@ runs sharded where the layout allows it, gathered where it does not, and stays a
 Falcon's one generated module holds three query_key_value layouts: grouped (KV groups
 per rank), multi-query (q split per segment, the one K/V head on every rank) and
 interleaved MHA (whole heads per rank); 3 heads over 2 ranks fall back to gathering.
+GPTBigCode's c_attn: interleaved per head shards, its multi-query arm gathers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from transformers import AutoConfig
 
 from converter.parity import build_generated, run_generated
 
-# case -> (sharded, local query heads, local KV heads, local query_key_value rows)
-# at TP=2; FALCON: hidden 64, head_dim 16 unless the case changes them.
+# case -> (fused projection, (sharded, local query heads, local KV heads, its local rows))
+# at TP=2. FALCON / GPT: hidden 64, 4 heads of 16 unless the case changes them.
 EXPECTED = {
-    "falcon": (True, 2, 1, (2 * 2 + 4) * 16 // 2),  # grouped, 2 KV groups: one per rank
-    "falcon_mqa": (True, 2, 1, (4 // 2 + 2) * 16),  # [q_r | k | v]: K/V replicated
-    "falcon_alibi": (True, 8, 8, 3 * 64 // 2),  # 16 interleaved heads, head_dim 4
-    "falcon_mqa_odd": (False, 3, 1, (3 + 2) * 16 // 2),  # gathered: weight split, heads whole
+    "falcon": ("query_key_value", (True, 2, 1, (2 * 2 + 4) * 16 // 2)),  # a KV group per rank
+    "falcon_mqa": ("query_key_value", (True, 2, 1, (4 // 2 + 2) * 16)),  # [q_r | k | v]
+    "falcon_alibi": ("query_key_value", (True, 8, 8, 3 * 64 // 2)),  # 16 interleaved heads
+    "falcon_mqa_odd": ("query_key_value", (False, 3, 1, (3 + 2) * 16 // 2)),  # gathered
+    "gpt_bigcode_mha": ("c_attn", (True, 2, 2, 3 * 64 // 2)),  # interleaved per head
+    "gpt_bigcode": ("c_attn", (False, 4, 1, (64 + 2 * 16) // 2)),  # MQA arm: gathered
 }
 
 
@@ -32,12 +35,13 @@ def _worker(rank: int, world_size: int, jobs: list[tuple[str, str, list[list[int
         config = AutoConfig.from_pretrained(model_dir)
         model = build_generated(config, Path(model_dir))
         layers = [m for m in model.modules() if hasattr(m, "shard_heads")]
+        proj = EXPECTED[arch][0]
         facts = {
             (
                 bool(m.shard_heads),
                 m.attn.num_heads,
                 m.attn.num_kv_heads,
-                m.query_key_value.weight.shape[0],
+                getattr(m, proj).weight.shape[0],
             )
             for m in layers
         }
@@ -48,7 +52,7 @@ def _worker(rank: int, world_size: int, jobs: list[tuple[str, str, list[list[int
     return out
 
 
-def test_falcon_attention_shards_by_layout_tp2(cases):
+def test_attention_shards_by_layout_tp2(cases):
     chosen = {arch: cases(arch) for arch in EXPECTED}
     jobs = [(a, str(c.model_dir), c.tokens) for a, c in chosen.items()]
     per_rank = run_distributed(_worker, 2, jobs, timeout=600)
@@ -57,7 +61,7 @@ def test_falcon_attention_shards_by_layout_tp2(cases):
         for out in per_rank:
             n_layers, facts, _ = out[arch]
             assert n_layers == case_layers(case), arch
-            assert facts == {EXPECTED[arch]}, (arch, facts)
+            assert facts == {EXPECTED[arch][1]}, (arch, facts)
         result = report(case, from_worker(per_rank[0][arch][2]))
         print("TP=2", result.format())
         if result.max_diff >= ATOL:
