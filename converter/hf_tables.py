@@ -7,8 +7,9 @@ few literals with `ast` costs milliseconds and keeps `convert` fast. What is rea
   literals expanded by comprehensions (no calls, no outside names);
 - the checkpoint renames of `conversion_mapping.py` for a model class or type
   (`WeightRenaming` entries; HF applies every matching one in order, then the legacy
-  table). Other transform kinds (weight converters that split or merge tensors) are
-  reported, so a conversion that needs them stops instead of loading wrong weights.
+  table), and its `WeightConverter`s of one Chunk or Concatenate (`hf_converters`).
+  Other transform kinds (chained operations, MoE merges) are reported, so a
+  conversion that needs them stops instead of loading wrong weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from converter.errors import ConversionError
+from converter.hf_converters import Converter, parse_converter, source_regex
 from converter.resolve import configuration_file, transformers_root
 
 
@@ -34,13 +36,7 @@ class Renaming:
         """`(pattern, replacement)` pairs for `re.sub(..., count=1)`, compiled as HF does:
         `*.` is any prefix, and a pattern ending in a word character ends on a name
         boundary (`weight` matches `q_proj.weight`, not `q_proj.weight_scale`)."""
-        out = []
-        for source in self.sources:
-            pattern = source.replace("*.", r".*\.")
-            if re.search(r"[a-zA-Z0-9]$", pattern):
-                pattern += r"(?!\w)"
-            out.append((pattern, self.target))
-        return out
+        return [(source_regex(source), self.target) for source in self.sources]
 
 
 @dataclass(frozen=True)
@@ -128,10 +124,12 @@ def _str_list(node: ast.expr) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _transform(node: ast.expr) -> Renaming | Unsupported:
+def _transform(node: ast.expr) -> Renaming | Converter | Unsupported:
     code = ast.unparse(node)
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         return Unsupported(code)
+    if node.func.id == "WeightConverter":
+        return parse_converter(node) or Unsupported(code)
     if node.func.id != "WeightRenaming":
         return Unsupported(code)
     args = dict(zip(("source_patterns", "target_patterns"), node.args))
@@ -152,11 +150,11 @@ class _MappingEvaluator:
     literal and later `mapping[k] = ...` / `mapping[k] += ...` statements."""
 
     def __init__(self) -> None:
-        self.mapping: dict[str, list[Renaming | Unsupported]] = {}
+        self.mapping: dict[str, list[Renaming | Converter | Unsupported]] = {}
         # Keys whose value came from a statement this reader cannot evaluate.
         self.opaque: set[str] = set()
 
-    def value(self, node: ast.expr) -> list[Renaming | Unsupported] | None:
+    def value(self, node: ast.expr) -> list[Renaming | Converter | Unsupported] | None:
         if isinstance(node, ast.List):
             return [_transform(e) for e in node.elts]
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
@@ -252,9 +250,18 @@ def _conversion_tables() -> tuple[dict, frozenset[str], dict[str, str]]:
 def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming]:
     """The renames transformers applies when loading `class_name` (else `model_type`)
     checkpoints, followed by the legacy table, in HF's order."""
+    return checkpoint_transforms(class_name, model_type)[0]
+
+
+def checkpoint_transforms(
+    class_name: str, model_type: str
+) -> tuple[list[Renaming], list[Converter]]:
+    """`checkpoint_renames`, and the tensor converters HF tries (at most one per key)
+    after every rename, in order."""
     mapping, opaque, _ = _conversion_tables()
     chosen = class_name if class_name in mapping or class_name in opaque else model_type
     out: list[Renaming] = []
+    converters: list[Converter] = []
     for key in (chosen, "legacy"):
         if key in opaque:
             raise ConversionError(
@@ -270,7 +277,7 @@ def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming]:
                     "cannot express",
                     path=Path("transformers/conversion_mapping.py"),
                     construct=t.code,
-                    hint="extend converter/passes/weights.py",
+                    hint="extend converter/hf_converters.py",
                 )
-            out.append(t)
-    return out
+            (converters if isinstance(t, Converter) else out).append(t)
+    return out, converters

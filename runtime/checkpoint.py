@@ -8,7 +8,7 @@ matching, sharded loading and the strictness live here, once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ def load_checkpoint(
     prefix: str,
     ignored: list[str],
     tied: set[str],
+    converters: Sequence[tuple[str, int, list[str], list[str]]] = (),
 ) -> set[str]:
     """Load (name, tensor) pairs into ``model``; returns the names of the parameters loaded.
 
@@ -32,7 +33,12 @@ def load_checkpoint(
     without ``prefix`` and through ``stacked_params_mapping`` ``(fused param, checkpoint
     name, shard id)``, and loads through its parameter's ``weight_loader`` (which shards for
     tensor parallelism). Keys of ``tied`` parameters and of buffers are skipped, as are those
-    matching an ``ignored`` pattern. Strict: one ValueError names every checkpoint key that
+    matching an ``ignored`` pattern. After the renames, at most one of ``converters``
+    ``(op, dim, source regexes, target names)`` applies, as in transformers: "chunk" splits
+    the key's tensor into one equal piece per target along ``dim``, "concatenate" waits
+    for one tensor per source (same key otherwise) and joins them in source order; the
+    pieces then load like any checkpoint tensor, full size, through the target's
+    ``weight_loader`` (so a chunk of a fused tensor is sharded as its own projection). Strict: one ValueError names every checkpoint key that
     matches no parameter and every parameter left unloaded (a lenient loader turns a rename
     into silently wrong logits); a loader error is prefixed with the parameter's name.
     """
@@ -50,17 +56,17 @@ def load_checkpoint(
 
     shards: dict[str, set] = {}
     unknown: list[str] = []
-    for checkpoint_name, tensor in weights:
-        name = checkpoint_name
-        for pattern, replacement in renames:
-            name = re.sub(pattern, replacement, name, count=1)
+    # concatenations waiting for their other sources: target key -> {source index: tensor}
+    pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+
+    def load(name: str, tensor: torch.Tensor, checkpoint_name: str) -> None:
         found = resolve(name)
         if found is None:
             bare = name.removeprefix(prefix)
             skip = {name, prefix + bare, bare} & (tied | buffers)
             if not skip and not any(re.search(p, name) for p in ignored):
                 unknown.append(checkpoint_name)
-            continue
+            return
         param_name, shard_id = found
         param = params[param_name]
         weight_loader = getattr(param, "weight_loader", default_weight_loader)
@@ -72,6 +78,31 @@ def load_checkpoint(
         except ValueError as e:
             raise ValueError(f"{param_name} (checkpoint {checkpoint_name}): {e}") from None
         shards.setdefault(param_name, set()).add(shard_id)
+
+    for checkpoint_name, tensor in weights:
+        name = checkpoint_name
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name, count=1)
+        match = _convert(name, converters)
+        if match is None:
+            load(name, tensor, checkpoint_name)
+            continue
+        (op, dim, sources, targets), index, found = match
+        # the key with the matched source replaced by each target
+        keys = [name[: found.start()] + t + name[found.end() :] for t in targets]
+        if op == "chunk":
+            for key, piece in zip(keys, torch.chunk(tensor, len(targets), dim=dim)):
+                load(key, piece, checkpoint_name)  # piece: the full size of one target
+            continue
+        group = pending.setdefault(keys[0], {})
+        group[index] = (checkpoint_name, tensor)
+        if len(group) == len(sources):
+            del pending[keys[0]]
+            parts = [group[i] for i in range(len(sources))]
+            joined = torch.cat([t for _, t in parts], dim=dim)  # sources in HF's order
+            load(keys[0], joined, " + ".join(n for n, _ in parts))
+    for target, group in pending.items():  # a concatenation short of a source
+        unknown += [f"{n} (no other source for {target})" for n, _ in group.values()]
 
     def complete(param_name: str) -> bool:
         got = shards.get(param_name, set())
@@ -86,3 +117,16 @@ def load_checkpoint(
             f"{len(missing)} parameter(s) not loaded {missing}"
         )
     return set(shards)
+
+
+def _convert(
+    name: str, converters: Sequence[tuple[str, int, list[str], list[str]]]
+) -> tuple[tuple[str, int, list[str], list[str]], int, re.Match] | None:
+    """The first converter whose source regex matches ``name``: (converter, source
+    index, match); None when none does."""
+    for converter in converters:
+        for index, pattern in enumerate(converter[2]):
+            found = re.search(pattern, name)
+            if found is not None:
+                return converter, index, found
+    return None

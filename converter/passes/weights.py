@@ -3,7 +3,8 @@
 The method comes from ``templates/load_weights.py.jinja``, filled with this module's
 tables: transformers' checkpoint renames (`converter.hf_tables`: conversion_mapping.py
 for the LM class or model type, then the legacy table; plus the class's own
-``_checkpoint_conversion_mapping``), the stacked-params mapping the TP pass recorded,
+``_checkpoint_conversion_mapping``), its tensor converters (`converter.hf_converters`:
+chunk / concatenate, emitted only when the model has some), the stacked-params mapping the TP pass recorded,
 the base-model prefix, ``_keys_to_ignore_on_load_unexpected`` and the tied keys.
 
 Tying follows transformers: ``_tied_weights_keys`` (a dict, target -> source) applies
@@ -23,7 +24,7 @@ import libcst as cst
 from converter.analysis import methods_of
 from converter.context import ConversionContext
 from converter.cst_edits import add_import_from
-from converter.hf_tables import checkpoint_renames
+from converter.hf_tables import checkpoint_transforms
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _EMPTY = cst.Module([])
@@ -49,7 +50,8 @@ def _str(text: str) -> str:
 
 def load_weights_source(ctx: ConversionContext) -> str:
     renames = [(k, v) for k, v in ctx.checkpoint_conversion_mapping.items()]
-    for renaming in checkpoint_renames(ctx.lm_class, ctx.model_type):
+    renamings, converters = checkpoint_transforms(ctx.lm_class, ctx.model_type)
+    for renaming in renamings:
         renames += renaming.regexes()
     prefix = ctx.base_model_prefix or ctx.base_model_attr
     tied = dict(ctx.tied_weights_keys)
@@ -58,6 +60,10 @@ def load_weights_source(ctx: ConversionContext) -> str:
         stacked=[
             (_str(f".{f}."), _str(f".{s}."), repr(i).replace("'", '"'))
             for f, s, i in ctx.stacked_params
+        ],
+        converters=[
+            (_str(op), dim, [_str(p) for p in sources], [_str(t) for t in targets])
+            for op, dim, sources, targets in (c.table() for c in converters)
         ],
         prefix=_str(f"{prefix}." if prefix else ""),
         ignored=[_str(p) for p in ctx.keys_to_ignore_on_load_unexpected],
