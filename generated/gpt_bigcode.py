@@ -24,6 +24,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
+    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     get_tp_size,
@@ -72,6 +73,14 @@ class GPTBigCodeAttention(nn.Module):
             self.c_attn = (
                 ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim, bias=True)
                 if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+                else QKVParallelLinear(
+                    self.embed_dim,
+                    self.head_dim,
+                    config.num_attention_heads,
+                    self.kv_heads,
+                    bias=True,
+                )
+                if config.multi_query and config.num_attention_heads % get_tp_size() == 0
                 else ColumnParallelLinear(
                     self.embed_dim, 2 * self.embed_dim, bias=True, gather_output=True
                 )
@@ -81,6 +90,14 @@ class GPTBigCodeAttention(nn.Module):
             self.c_attn = (
                 ColumnParallelLinear(self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True)
                 if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+                else QKVParallelLinear(
+                    self.embed_dim,
+                    self.head_dim,
+                    config.num_attention_heads,
+                    self.kv_heads,
+                    bias=True,
+                )
+                if config.multi_query and config.num_attention_heads % get_tp_size() == 0
                 else ColumnParallelLinear(
                     self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
                 )
@@ -88,7 +105,7 @@ class GPTBigCodeAttention(nn.Module):
         # this config's tensor-parallel plan shards the heads (rules tp_plan cases)
         self.shard_heads = (
             not config.multi_query and config.num_attention_heads % get_tp_size() == 0
-        )
+        ) or (config.multi_query and config.num_attention_heads % get_tp_size() == 0)
 
         self.c_proj = RowParallelLinear(
             self.embed_dim, self.embed_dim, bias=True, input_is_parallel=self.shard_heads
@@ -122,7 +139,12 @@ class GPTBigCodeAttention(nn.Module):
                 query, key, value = (
                     self.c_attn(hidden_states)
                     .unsqueeze(1)
-                    .split((self.embed_dim, self.kv_dim, self.kv_dim), dim=3)
+                    .split(
+                        [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size]
+                        if isinstance(self.c_attn, QKVParallelLinear)
+                        else (self.embed_dim, self.kv_dim, self.kv_dim),
+                        dim=3,
+                    )
                 )
                 query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)
             else:

@@ -32,6 +32,7 @@ from converter.passes.tp_heads import (
 )
 from converter.passes.tp_init import InitRewriter
 from converter.passes.tp_switch import (
+    GuardedQKVSplit,
     flag_name,
     insert_flag,
     runtime_names,
@@ -131,6 +132,14 @@ class _TPPass:
         return self.ctor(
             "ColumnParallelLinear", [a.in_, a.out, kwarg("bias", a.bias), *gather, *a.extra]
         )
+
+    def maybe_qkv(self, cls: str) -> list[str]:
+        """Linears of `cls` the config may build as a QKVParallelLinear (a colwise_qkv case)."""
+        return [
+            a
+            for (c, a), d in self.decisions.items()
+            if c == cls and any(style == "colwise_qkv" for style, _ in d.cases)
+        ]
 
     def class_has_sharded_producer(self, cls: str) -> bool:
         """Does a linear of `cls` leave its output sharded (so a row-parallel consumer
@@ -248,6 +257,8 @@ class _TPPass:
                         stmt = split_statement(stmt, f)
                 if stmt.name.value == "forward" and cls in self.qkv_single:
                     stmt = stmt.visit(LocalQKVSplit(self.qkv_single[cls]))
+                for attr in self.maybe_qkv(cls) if stmt.name.value == "forward" else ():
+                    stmt = stmt.visit(GuardedQKVSplit(attr))
                 if heads or kv:
                     counter = HeadCounts(heads, kv, flag)
                     stmt = stmt.visit(counter)

@@ -129,3 +129,41 @@ def sharded_conditions(decisions: dict, ctx: ConversionContext) -> dict[str, str
                 hint="give every q/k/v projection of the class the same cases in rules/architectures.toml",
             )
     return {cls: texts.pop() for cls, texts in out.items()}
+
+
+class GuardedQKVSplit(cst.CSTTransformer):
+    """``self.<qkv>(x)[.unsqueeze(d)...].split(sizes, dim=d)`` where the config may build
+    ``self.<qkv>`` as a ``QKVParallelLinear`` (a `colwise_qkv` case): its local output is
+    [Q_r | K | V], so the split takes the layer's own sizes when it is one, the source's
+    otherwise. Splits after a view / reshape cut heads, not the fused output: left alone."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+        self.used: set[str] = set()
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        func = updated.func
+        if not (isinstance(func, cst.Attribute) and func.attr.value == "split"):
+            return updated
+        if not updated.args or updated.args[0].keyword is not None:
+            return updated
+        node = func.value
+        while (
+            isinstance(node, cst.Call)
+            and isinstance(node.func, cst.Attribute)
+            and node.func.attr.value == "unsqueeze"
+        ):
+            node = node.func.value
+        if not (isinstance(node, cst.Call) and self_attr(node.func) == self.attr):
+            return updated
+        layer = f"self.{self.attr}"
+        local = expr(f"[{layer}.q_size, {layer}.kv_size, {layer}.kv_size]")
+        sizes = cst.IfExp(
+            test=expr(f"isinstance({layer}, QKVParallelLinear)"),
+            body=local,
+            orelse=updated.args[0].value,
+        )
+        self.used.add("QKVParallelLinear")
+        return updated.with_changes(
+            args=[updated.args[0].with_changes(value=sizes), *updated.args[1:]]
+        )

@@ -202,3 +202,22 @@ def test_sharded_expression_is_the_first_true_case(styles):
         env = dict(zip(names, values))
         picked = next((s for s, n in zip(styles, names) if env[n]), styles[-1])
         assert eval(text, {}, env) == (picked != "colwise_gather_output"), (text, env)
+
+
+def test_splits_of_a_maybe_qkv_output_take_the_layer_sizes_when_it_is_one():
+    """A fused output split into q | k | v directly (through unsqueeze) gets the
+    QKVParallelLinear's local sizes when the config builds one; a split after a view cuts
+    heads, not the fused output, and stays."""
+    source = SOURCE.replace(
+        "        q, k, v = y[..., :-2, :], y[..., -2, :], y[..., -1, :]",
+        "        q, k, v = self.blend(x).unsqueeze(0).split((cfg_q, cfg_kv, cfg_kv), dim=-1)\n"
+        "        q, k, v = y.split([self.hd] * 3, dim=-1)",
+    )
+    code, _ = convert(source)
+    assert (
+        ".unsqueeze(0).split([self.blend.q_size, self.blend.kv_size, self.blend.kv_size] "
+        "if isinstance(self.blend, QKVParallelLinear) else (cfg_q, cfg_kv, cfg_kv), dim=-1)"
+    ) in code
+    assert "y.split([self.hd] * 3, dim=-1)" in code
+    no_qkv = {**PLAN, "stages.*.mixer.blend": [CASES[0], CASES[2]]}
+    assert "isinstance(" not in convert(source, no_qkv)[0]

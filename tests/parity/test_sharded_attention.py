@@ -4,7 +4,8 @@ runs sharded where the layout allows it, gathered where it does not, and stays a
 Falcon's one generated module holds three query_key_value layouts: grouped (KV groups
 per rank), multi-query (q split per segment, the one K/V head on every rank) and
 interleaved MHA (whole heads per rank); 3 heads over 2 ranks fall back to gathering.
-GPTBigCode's c_attn: interleaved per head shards, its multi-query arm gathers.
+GPTBigCode's c_attn: interleaved per head and multi-query both shard; the MQA arm's split
+of c_attn's output takes the layer's local sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ EXPECTED = {
     "falcon_alibi": ("query_key_value", (True, 8, 8, 3 * 64 // 2)),  # 16 interleaved heads
     "falcon_mqa_odd": ("query_key_value", (False, 3, 1, (3 + 2) * 16 // 2)),  # gathered
     "gpt_bigcode_mha": ("c_attn", (True, 2, 2, 3 * 64 // 2)),  # interleaved per head
-    "gpt_bigcode": ("c_attn", (False, 4, 1, (64 + 2 * 16) // 2)),  # MQA arm: gathered
+    "gpt_bigcode": ("c_attn", (True, 2, 1, 64 // 2 + 2 * 16)),  # MQA: [q_r | k | v]
 }
 
 
