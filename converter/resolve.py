@@ -46,9 +46,21 @@ def installed_model_types() -> list[str]:
     )
 
 
-def modeling_file(model_type: str) -> Path:
-    """`models/<type>/modeling_<type>.py` of the installed transformers."""
+def module_name(model_type: str) -> str:
+    """The `models/<name>/` directory of a model type: the type itself with `_` for `-`,
+    else transformers' own mapping (`openai-gpt` lives in `models/openai/`), imported
+    only then."""
     name = model_type.replace("-", "_")
+    if (transformers_root() / "models" / name).is_dir():
+        return name
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    return model_type_to_module_name(model_type)
+
+
+def modeling_file(model_type: str) -> Path:
+    """`models/<name>/modeling_<name>.py` of the installed transformers (`module_name`)."""
+    name = module_name(model_type)
     path = transformers_root() / "models" / name / f"modeling_{name}.py"
     if not path.is_file():
         close = difflib.get_close_matches(name, installed_model_types(), n=3)
@@ -66,8 +78,8 @@ def modeling_file(model_type: str) -> Path:
 
 
 def configuration_file(model_type: str) -> Path | None:
-    """`models/<type>/configuration_<type>.py`, or None when the type has none installed."""
-    name = model_type.replace("-", "_")
+    """`models/<name>/configuration_<name>.py`, or None when the type has none installed."""
+    name = module_name(model_type)
     path = transformers_root() / "models" / name / f"configuration_{name}.py"
     return path if path.is_file() else None
 
@@ -79,7 +91,7 @@ def _looks_like_path(target: str) -> bool:
 def resolve(target: str) -> Source:
     """A model type or a path -> the modeling file and its model type."""
     if not _looks_like_path(target):
-        return Source(modeling_file(target), target.replace("-", "_"))
+        return Source(modeling_file(target), module_name(target))
     path = Path(target)
     if not path.exists():
         raise ConversionError(

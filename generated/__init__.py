@@ -25,6 +25,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
     "MptForCausalLM": ("mpt", "MptForCausalLM"),
     "OPTForCausalLM": ("opt", "OPTForCausalLM"),
+    "OpenAIGPTLMHeadModel": ("openai", "OpenAIGPTLMHeadModel"),
     "PersimmonForCausalLM": ("persimmon", "PersimmonForCausalLM"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
     "PhiForCausalLM": ("phi", "PhiForCausalLM"),

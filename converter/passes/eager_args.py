@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import libcst as cst
 import libcst.matchers as m
 
@@ -27,7 +29,9 @@ from converter.passes.attention_args import (
     head_shape,
     rule_overrides,
 )
-from converter.passes.eager_masks import window_of
+from converter.passes.eager_masks import mask_names, window_of
+from converter.passes.eager_static import shapes_before, static_dim, static_sizes
+from converter.passes.shape_ops import Shape
 
 VIEWS = ("view", "reshape")
 _EMPTY = cst.Module(body=[])
@@ -37,8 +41,12 @@ def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
 
 
-def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[str]]:
-    """(scale, factors that also multiply the bias) of the q·kᵀ chain before the softmax."""
+def scale_of(
+    stmts, product: cst.CSTNode, bias: str | None, masks: frozenset[str] = frozenset()
+) -> tuple[str, list[str]]:
+    """(scale, factors that also multiply the bias) of the q·kᵀ chain before the softmax.
+    Factors reading `masks` (causal mask buffers, `eager_masks.mask_names`) are masks, not
+    scales; factors under ``if <test>:`` apply only when the test holds."""
     factors: list[str] = []
     bias_factors: list[str] = []
     if isinstance(product, cst.Call):
@@ -47,12 +55,31 @@ def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[s
     chain: set[str] = set()
     biased: set[str] = set()  # chain names that already hold the bias
 
-    def add(factor: str, with_bias: bool) -> None:
-        factors.append(factor)
-        if with_bias:
-            bias_factors.append(factor)
+    def found(into: list) -> Callable[[str, bool], None]:
+        def add(factor: str, with_bias: bool) -> None:
+            if names_read(cst.parse_expression(factor)) & masks:
+                return
+            into.append((factor, with_bias))
 
-    for stmt in stmts:
+        return add
+
+    def walk(block, add) -> bool:
+        for stmt in block:
+            if isinstance(stmt, cst.If) and stmt.orelse is None and not has_softmax(stmt):
+                inner: list = []
+                walk(stmt.body.body, found(inner))
+                if inner:
+                    joined = " * ".join(f for f, _ in inner)
+                    add(f"({joined} if {_code(stmt.test)} else 1.0)", any(b for _, b in inner))
+                continue
+            _factors(stmt, add)
+            if has_softmax(stmt):
+                return True
+        return False
+
+    def _factors(stmt, add) -> None:
+        if set(bound_names(stmt)) & masks:
+            return  # a mask cropped to the scores' size is no part of the chain
         for node in nodes_of(stmt, cst.BinaryOperation, cst.AugAssign):
             if isinstance(node, cst.AugAssign):
                 if isinstance(node.target, cst.Name) and node.target.value in chain:
@@ -72,11 +99,14 @@ def scale_of(stmts, product: cst.CSTNode, bias: str | None) -> tuple[str, list[s
                 add(f"1 / ({_code(node.right)})", has_bias)
         if _reaches(stmt, chain, product):
             targets = set(bound_names(stmt))
-            chain |= targets
+            chain.update(targets)
             if _value_reads(stmt) & (biased | {bias}):
-                biased |= targets
-        if has_softmax(stmt):
-            break
+                biased.update(targets)
+
+    collected: list = []
+    walk(stmts, found(collected))
+    factors += [f for f, _ in collected]
+    bias_factors += [f for f, b in collected if b]
     return (" * ".join(factors) if factors else "1.0"), bias_factors
 
 
@@ -94,10 +124,12 @@ def _reaches(node: cst.CSTNode, chain: set[str], product: cst.CSTNode) -> bool:
     )
 
 
-def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, update):
+def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, update, forward):
     """PagedAttention arguments; `before` runs before the core, `update` is the cache
-    update (its cache object is no score input)."""
+    update (its cache object is no score input). Size reads the forward makes at run time
+    become their static dims (`eager_static`)."""
     methods = methods_of(node)
+    env = shapes_before(node, forward, methods, before)
     init = methods["__init__"]
     config = (
         "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
@@ -110,11 +142,16 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
             scope=f"{cls}.forward",
         )
     alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi") or {}
-    scale, bias_factors = scale_of(core, product, alibi.get("bias"))
+    masks = mask_names(ctx, node, core, f"{cls}.forward")
+    scale, bias_factors = scale_of(core, product, alibi.get("bias"), masks)
+    q_shape = env.get(q)
+    head_dim = q_heads[1]
+    if static_dim(head_dim) is None and isinstance(q_shape, Shape):
+        head_dim = static_dim(q_shape.dims[-1]) or head_dim  # x.size(-1) // H in a helper
     args = {
         "num_heads": q_heads[0] or f"{config}.num_attention_heads",
-        "head_dim": q_heads[1],
-        "scale": scale,
+        "head_dim": head_dim,
+        "scale": static_sizes(scale, env),
     }
     kv = (_heads(k, before, methods) or (None, None))[0]
     if kv is not None and kv != args["num_heads"]:

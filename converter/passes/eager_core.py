@@ -28,13 +28,21 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import bound_names, dotted, self_attr
+from converter.analysis import bound_names, dotted, methods_of, self_attr
 from converter.context import ConversionContext
 from converter.cstwalk import call_name, has_softmax, names_read, nodes_of
 from converter.passes.eager_args import ctor_args
 from converter.passes.eager_arms import BiasTests, keep_eager_arms, merge_arm_args, same_arms
 from converter.passes.eager_inline import inline_softmax_helpers
+from converter.passes.eager_none import lengths, none_for
+from converter.passes.eager_operands import (
+    final_point,
+    key_operand,
+    key_shape_agrees,
+    value_operand,
+)
 from converter.passes.eager_point import split_point
+from converter.passes.eager_static import shapes_before
 
 SOFTMAX = ("softmax",)
 PRODUCTS = ("matmul", "bmm", "baddbmm")
@@ -92,35 +100,6 @@ def _o_proj_input(stmt: cst.CSTNode, owned: set[str], tainted: set[str]) -> str 
     return None
 
 
-class _NoneFor(cst.CSTTransformer):
-    """Reads of `names` -> ``None`` (assignment targets, attribute fields and keywords
-    keep their names)."""
-
-    def __init__(self, names: set[str]) -> None:
-        self.names = names
-
-    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
-        return cst.Name("None") if updated.value in self.names else updated
-
-    def leave_AssignTarget(self, original, updated: cst.AssignTarget) -> cst.AssignTarget:
-        return updated.with_changes(target=original.target)
-
-    def leave_Attribute(self, original, updated: cst.Attribute) -> cst.Attribute:
-        return updated.with_changes(attr=original.attr)
-
-    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
-        return updated.with_changes(keyword=original.keyword)
-
-
-def _none_for(after, names: set[str]) -> list:
-    """`after` with reads of the dropped `names` -> None, until a statement rebinds one."""
-    out = []
-    for stmt in after:
-        out.append(stmt.visit(_NoneFor(names)) if names else stmt)
-        names = names - _targets(stmt)
-    return out
-
-
 def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef):
     """(new forward, PagedAttention args) for the eager core(s) of `cls`."""
     scope = f"{cls}.forward"
@@ -155,13 +134,8 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
         k, v = (a.value.value for a in update.args[:2])
     elif kv is not None:
         anchor, (update, k, v) = -1, kv  # the update ran before this block
-    else:
-        raise ctx.error(
-            "eager attention core without a KV-cache update before the softmax",
-            forward,
-            scope=scope,
-            hint="extend converter/passes/eager_core.py",
-        )
+    else:  # no cache: the paged call stores this step's K/V (eager_operands)
+        return _no_cache(ctx, cls, node, forward, body, i_sm, before, scope)
     if isinstance(body[i_sm], cst.If) and _product([body[i_sm]]) is not None:
         return _branch(ctx, cls, node, forward, body, i_sm, before, (update, k, v), scope)
     found = _product(body[anchor + 1 : i_sm + 1])
@@ -174,6 +148,15 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
     if anchor >= 0:  # the query's heads may be split after the cache update (XGLM)
         at = next(j for j in range(anchor + 1, i_sm + 1) if _product([body[j]]) is not None)
         anchor = split_point(node, forward, body, anchor, q, at)
+    return _rewrite(
+        ctx, cls, node, forward, body, i_sm, before, scope, anchor, q, product, update, k, v
+    )
+
+
+def _rewrite(ctx, cls, node, forward, body, i_sm, before, scope, anchor, q, product, update, k, v):
+    """The span rewrite once the paged call's place (after `anchor`), the query and the
+    k/v names are known (`update`: the cache update, None for an uncached core)."""
+    k_transposed = update is None and key_operand(product)[1]
 
     owned = set(ctx.classes[cls].children)
     tainted = _targets(body[i_sm])
@@ -202,15 +185,65 @@ def _block(ctx, cls, node, forward, body, before, kv, scope):
             kept.append(stmt)
         else:
             dropped |= targets
+    k_read = f"{k}.permute(0, 3, 1, 2)[0]" if k_transposed else f"{k}.transpose(1, 2)[0]"
     paged = cst.parse_statement(
-        f"{out} = self.attn({q}.transpose(1, 2)[0], {k}.transpose(1, 2)[0], "
+        f"{out} = self.attn({q}.transpose(1, 2)[0], {k_read}, "
         f"{v}.transpose(1, 2)[0], kv_cache, input_metadata)[None]  # [1, T, Hq*D]\n"
     )
-    rest = _none_for(after, (dropped | tainted) & live_after - {out})
+    false = set(ctx.rules.get("training", {}).get("flags", {}).get("false", []))
+    rest = none_for(after, (dropped | tainted) & live_after - {out}, lengths(span, false))
     new_body = [*body[: anchor + 1], paged, *kept, *rest]
     views = [*before, *body[: anchor + 1]]
     core = body[anchor + 1 : i_sm + 1]
-    return new_body, ctor_args(ctx, cls, node, views, q, k, core, product, update)
+    return new_body, ctor_args(ctx, cls, node, views, q, k, core, product, update, forward)
+
+
+def _no_cache(ctx, cls, node, forward, body, i_sm, before, scope):
+    """A core with no KV-cache update: the paged call goes where q, k and v are final."""
+    found = _product(body[: i_sm + 1])
+    key = key_operand(found[0]) if found is not None else None
+    if key is None or not isinstance(found[1], cst.Name):
+        raise ctx.error(
+            "eager attention core without a KV-cache update: no q·kᵀ product of a named "
+            "query and key (k, k.transpose(-1, -2) or k.mT)",
+            forward,
+            scope=scope,
+            hint="extend converter/passes/eager_operands.py",
+        )
+    (product, q_expr), (k, transposed) = found, key
+    v = value_operand(body, i_sm + 1, _targets(body[i_sm]))
+    if v is None:
+        raise ctx.error(
+            "eager attention core: no product of the probabilities with a named value",
+            forward,
+            scope=scope,
+        )
+    at = next(j for j in range(i_sm + 1) if _product([body[j]]) is not None)
+    anchor = final_point(body, at, {q_expr.value, k, v})
+    env = shapes_before(node, forward, methods_of(node), [*before, *body[: anchor + 1]])
+    if not key_shape_agrees(env, q_expr.value, k, transposed):
+        raise ctx.error(
+            f"eager attention core: the key {k} is read as "
+            f"{'[B, H, D, T]' if transposed else '[B, H, T, D]'}, but its shape says otherwise",
+            forward,
+            scope=scope,
+        )
+    return _rewrite(
+        ctx,
+        cls,
+        node,
+        forward,
+        body,
+        i_sm,
+        before,
+        scope,
+        anchor,
+        q_expr.value,
+        product,
+        None,
+        k,
+        v,
+    )
 
 
 def _branch(ctx, cls, node, forward, body, i, before, kv, scope):

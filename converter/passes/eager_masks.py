@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import dotted, methods_of, self_attr
-from converter.cstwalk import nodes_of
+from converter.analysis import bound_names, dotted, methods_of, self_attr
+from converter.cstwalk import names_read, nodes_of
 
 _EMPTY = cst.Module(body=[])
 
@@ -114,3 +114,78 @@ def window_of(ctx, node: cst.ClassDef, core, scope: str) -> str | None:
     if len(windows) > 1:
         raise ctx.error("eager attention core reads several banded masks", init, scope=scope)
     return windows[0] if windows else None
+
+
+def mask_names(ctx, node: cst.ClassDef, core, scope: str) -> frozenset[str]:
+    """Names `core` binds from the mask buffers it reads (``b = self.bias[..., :T, :S]``).
+    Scores may meet them only in a blend, ``s * b + C * (1 - b)`` with C a negative
+    constant (OpenAI GPT's ``-1e4``): masked scores become C, which the softmax zeroes as
+    the kernel's causal mask does; a bare ``s * b`` leaves them 0 and stops the conversion."""
+    buffers = set(_buffers(methods_of(node)["__init__"]))
+    names: set[str] = set()
+    for stmt in core:
+        targets = set(bound_names(stmt))
+        reads = {self_attr(a) for a in nodes_of(stmt, cst.Attribute)} & buffers
+        small = stmt.body if isinstance(stmt, cst.SimpleStatementLine) else [stmt]
+        rhs = [getattr(x, "value", None) or x for x in small]
+        values = set().union(*(names_read(v.visit(_NoSizes())) for v in rhs)) - {"self", "_"}
+        if targets and not targets & values and (reads or (values and values <= names)):
+            names |= targets
+    for stmt in core:
+        for mul in nodes_of(stmt, cst.BinaryOperation):
+            if not isinstance(mul.operator, cst.Multiply):
+                continue
+            left, right = names_read(mul.left), names_read(mul.right)
+            scores = (left & names and right - names) or (right & names and left - names)
+            if scores and not _in_blend(stmt, mul, names):
+                raise ctx.error(
+                    f"eager attention core multiplies its scores by a mask ({_code(mul)}) "
+                    "outside a blend s * m + C * (1 - m)",
+                    stmt,
+                    scope=scope,
+                    hint="extend converter/passes/eager_masks.py",
+                )
+    return frozenset(names)
+
+
+class _NoSizes(cst.CSTTransformer):
+    """``x.size(i)`` / ``x.shape`` read no values (a mask cropped to the scores' size)."""
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if isinstance(original.func, cst.Attribute) and original.func.attr.value == "size":
+            return cst.Name("_")
+        return updated
+
+    def leave_Attribute(self, original, updated: cst.Attribute) -> cst.BaseExpression:
+        return cst.Name("_") if updated.attr.value == "shape" else updated
+
+
+def _negative(expr: cst.BaseExpression) -> bool:
+    """A negative constant: ``-1e4``, ``-10000``, ``torch.finfo(x.dtype).min``."""
+    if isinstance(expr, cst.UnaryOperation) and isinstance(expr.operator, cst.Minus):
+        return isinstance(expr.expression, (cst.Integer, cst.Float))
+    return isinstance(expr, cst.Attribute) and expr.attr.value == "min"
+
+
+def _complement(expr: cst.BaseExpression, names: set[str]) -> bool:
+    """``1 - m`` (``1.0 - m``) of a mask name."""
+    return (
+        isinstance(expr, cst.BinaryOperation)
+        and isinstance(expr.operator, cst.Subtract)
+        and isinstance(expr.left, (cst.Integer, cst.Float))
+        and float(expr.left.value) == 1.0
+        and bool(names_read(expr.right) & names)
+    )
+
+
+def _in_blend(stmt, mul: cst.BinaryOperation, names: set[str]) -> bool:
+    """`mul` is the ``s * m`` of an ``s * m + C * (1 - m)`` in `stmt` (either order)."""
+    for add in nodes_of(stmt, cst.BinaryOperation):
+        if not isinstance(add.operator, cst.Add) or mul not in (add.left, add.right):
+            continue
+        other = add.right if add.left is mul else add.left
+        if isinstance(other, cst.BinaryOperation) and isinstance(other.operator, cst.Multiply):
+            a, b = other.left, other.right
+            if (_negative(a) and _complement(b, names)) or (_negative(b) and _complement(a, names)):
+                return True
+    return False

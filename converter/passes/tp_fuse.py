@@ -213,17 +213,30 @@ class LocalQKVSplit(cst.CSTTransformer):
 
     def __init__(self, attr: str) -> None:
         self.attr = attr
+        self.fed: set[str] = set()  # names holding the layer's output (``x = self.qkv(x)``)
+
+    def _produces(self, node: cst.CSTNode) -> bool:
+        return any(
+            isinstance(c.func, cst.Attribute) and self_attr(c.func) == self.attr
+            for c in nodes_of(node, cst.Call)
+        ) or (isinstance(node, cst.Name) and node.value in self.fed)
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        for target in original.targets:
+            if isinstance(target.target, cst.Name):
+                name = target.target.value
+                (self.fed.add if self._produces(original.value) else self.fed.discard)(name)
+        return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         func = updated.func
         if not (isinstance(func, cst.Attribute) and func.attr.value == "split"):
             return updated
-        producers = [
-            c
-            for c in nodes_of(func.value, cst.Call)
-            if isinstance(c.func, cst.Attribute) and self_attr(c.func) == self.attr
-        ]
-        if not producers or not updated.args or updated.args[0].keyword is not None:
+        if (
+            not self._produces(func.value)
+            or not updated.args
+            or updated.args[0].keyword is not None
+        ):
             return updated
         layer = f"self.{self.attr}"
         sizes = cst.parse_expression(f"[{layer}.q_size, {layer}.kv_size, {layer}.kv_size]")

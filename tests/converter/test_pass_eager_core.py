@@ -98,13 +98,19 @@ def test_divided_scores_and_no_alibi(monkeypatch):
     )
 
 
-def test_core_without_cache_update_is_refused(monkeypatch):
+def test_core_without_cache_update_converts(monkeypatch):
+    # no cache: the paged call stores K/V itself, right after q, k and v are final
     source = EAGER.replace(
         "        if cache is not None:\n            k, v = cache.update(k, v, 0)\n", ""
     )
-    monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(False))
-    with pytest.raises(ConversionError, match="KV-cache update"):
-        prepare(source, through="attention")
+    monkeypatch.setattr("tests.converter.snippets.load_rules", lambda: _rules(True))
+    module, _ = prepare(source, through="attention")
+    forward = code_of(module, "TinyAttention").split("def forward")[1]
+    assert (
+        "v = v.view(shape).transpose(1, 2)\n        context = self.attn(q.transpose(1, 2)[0], k.transpose(1, 2)[0]"
+        in forward
+    )
+    assert "softmax" not in forward
 
 
 def test_undeclared_score_bias_is_refused(monkeypatch):

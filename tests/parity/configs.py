@@ -259,6 +259,10 @@ CONFIGS: dict[str, dict] = {
     # initializer_range 0.1: at 0.2 HF's own fp32 logits differ from fp64 by 1.2e-4 at
     # prefill (above the tolerance), at 0.1 by 1.7e-6 (max |logit| 2.7).
     "diffllama": dict(COMMON, num_key_value_heads=4, head_dim=16, initializer_range=0.1),
+    # GPT-1: an eager core with no KV cache (recomputes the sequence), K stored transposed
+    # ([B, H, D, T]), the scale under a constructor flag, the causal buffer blended into
+    # the scores (w * b - 1e4 * (1 - b)); Conv1D [Q|K|V] split by size; learned positions.
+    "openai-gpt": dict(GPT, afn="gelu"),
 }
 
 ARCHS = list(CONFIGS)

@@ -1,0 +1,28 @@
+"""tp_fuse.LocalQKVSplit: a split of the fused [Q|K|V] layer's output uses this rank's
+sizes, also when the output was first bound to a name (OpenAI GPT's ``x = self.c_attn(x)``
+then ``x.split(...)``); a name rebound to something else is left alone."""
+
+import libcst as cst
+
+from converter.passes.tp_fuse import LocalQKVSplit
+
+LOCAL = "[self.blend.q_size, self.blend.kv_size, self.blend.kv_size]"
+
+
+def _split(code: str) -> str:
+    return cst.parse_module(code).visit(LocalQKVSplit("blend")).code
+
+
+def test_split_through_a_bound_name():
+    out = _split(
+        "def forward(self, z):\n    z = self.blend(z)\n    a, b, c = z.split(self.sz, dim=2)\n"
+    )
+    assert f"z.split({LOCAL}, dim=2)" in out
+
+
+def test_rebound_name_is_not_split_locally():
+    code = (
+        "def forward(self, z):\n    z = self.blend(z)\n    z = self.other(z)\n"
+        "    a, b, c = z.split(self.sz, dim=2)\n"
+    )
+    assert _split(code) == code
