@@ -75,16 +75,11 @@ class PagedRunner:
     """A minimal driver: per-sequence block tables, one KV cache per attention layer."""
 
     def __init__(self, model, block_size: int, num_blocks: int, device, dtype) -> None:
-        import torch
-
-        from runtime.attention import attention_layers
+        from runtime.cache import allocate_kv_caches
 
         self.model, self.block_size, self.device = model, block_size, device
-        layers = attention_layers(model)
-        self.kv_caches = [None] * (max(layer.kv_cache_index for layer in layers) + 1)
-        for layer in layers:
-            shape = layer.kv_cache_shape(num_blocks, block_size)
-            self.kv_caches[layer.kv_cache_index] = torch.zeros(shape, dtype=dtype, device=device)
+        # one cache per kv_cache_index (or per declared slot), as the engine allocates
+        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, dtype, device)
         # Scrambled so consecutive blocks of a sequence are not adjacent in the cache.
         self.free = list(range(num_blocks))
         random.Random(1).shuffle(self.free)

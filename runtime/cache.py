@@ -26,7 +26,10 @@ if TYPE_CHECKING:  # runtime.engine imports this module; avoid the cycle at runt
 def kv_cache_layouts(model: nn.Module) -> list[tuple[int, int, int]]:
     """``(num_kv_heads, head_dim, v_head_dim)`` of each KV cache, indexed by `kv_cache_index`.
 
-    Layers that share a `kv_cache_index` (shared-KV models) must agree on the layout.
+    Layers that share a `kv_cache_index` (shared-KV models) must agree on the layout. A
+    model whose layer stack runs several times per forward, each application in its own
+    caches (hrm_text), declares ``num_kv_cache_slots``: that many caches, all of the one
+    layout its attention layers must then share.
     """
     layouts: dict[int, tuple[int, int, int]] = {}
     for layer in attention_layers(model):
@@ -41,6 +44,15 @@ def kv_cache_layouts(model: nn.Module) -> list[tuple[int, int, int]]:
         raise ValueError(f"{type(model).__name__} has no PagedAttention layer; nothing to cache")
     if sorted(layouts) != list(range(len(layouts))):
         raise ValueError(f"kv_cache_index values must be 0..n-1, got {sorted(layouts)}")
+    slots = getattr(model, "num_kv_cache_slots", None)
+    if slots is not None:
+        if len(set(layouts.values())) != 1 or slots < len(layouts):
+            raise ValueError(
+                f"{type(model).__name__} declares {slots} KV cache slots over "
+                f"{len(layouts)} attention layers of layouts {sorted(set(layouts.values()))}: "
+                "slots need at least one per layer and one shared layout"
+            )
+        return [layouts[0]] * slots
     return [layouts[i] for i in range(len(layouts))]
 
 

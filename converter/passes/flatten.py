@@ -5,6 +5,8 @@
 - the decoder-stack loop becomes ``for i, layer in enumerate(...)`` passing
   ``kv_cache=kv_caches[i]``; the stack class (and classes above it, up to the base model)
   take ``kv_caches`` and ``input_metadata``;
+- a stack applied several times per forward, whose attention offsets its cache index by a
+  forward argument, indexes ``kv_caches[<offset> + i]`` instead (converter/passes/cache_slots.py);
 - the base model's ``position_ids`` is renamed ``positions``;
 - the ``*ForCausalLM`` gets the generated ``forward(input_ids, positions, kv_caches,
   input_metadata)`` -> ``[T, hidden]`` (the base model runs on a batch of one, ``[1, T]``)
@@ -23,6 +25,7 @@ import libcst.matchers as m
 from converter.analysis import child_class, dotted, methods_of, nodes_of
 from converter.context import ConversionContext
 from converter.cstedit import add_params
+from converter.passes.cache_slots import cache_offset, declare_slots, offset_argument
 from converter.passes.flatten_lm import (
     RenamePositions,
     base_signature,
@@ -88,7 +91,27 @@ class _AddKwargs(cst.CSTTransformer):
         return updated.with_changes(args=[*args, *self.extra, *star])
 
 
-def _stack_loop(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.FunctionDef:
+def _slot(loop: cst.For, layer: str, index: str, offset: str | None, ctx) -> str:
+    """The cache index of the loop's layer call: ``i``, or ``<offset value> + i`` where
+    the attention offsets its cache index (`converter.passes.cache_slots`)."""
+    if offset is None:
+        return index
+    calls = [c for c in nodes_of(loop.body, cst.Call) if dotted(c.func) == layer]
+    value = offset_argument(calls[0], offset) if calls else None
+    if value is None:
+        raise ctx.error(
+            f"the attention offsets its cache index by {offset!r}, which the stack loop "
+            "does not pass to its layer",
+            loop,
+            scope=f"{ctx.stack_class}.forward",
+            hint="extend converter/passes/cache_slots.py",
+        )
+    return f"{cst.Module([]).code_for_node(value)} + {index}"
+
+
+def _stack_loop(
+    ctx: ConversionContext, forward: cst.FunctionDef, offset: str | None = None
+) -> cst.FunctionDef:
     stack = m.Attribute(value=m.Name("self"), attr=m.Name(ctx.stack_attr))
     iterable = stack | m.Subscript(value=stack)
     loops: list[cst.For] = []
@@ -130,7 +153,8 @@ def _stack_loop(ctx: ConversionContext, forward: cst.FunctionDef) -> cst.Functio
         ctx,
         ctx.stack_class,
         set(),
-        f"kv_cache=kv_caches[{index}], input_metadata=input_metadata",
+        f"kv_cache=kv_caches[{_slot(loop, layer, index, offset, ctx)}], "
+        "input_metadata=input_metadata",
         {layer},
     )
     new_loop = new_loop.with_changes(body=new_loop.body.visit(adder))
@@ -157,7 +181,8 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     for cls in kv_users:
         adder = _AddKwargs(ctx, cls, attention | kv_users, KV_ARGS)
         new_forward[cls] = add_params(forwards[cls].visit(adder), KV)
-    stack = add_params(_stack_loop(ctx, forwards[ctx.stack_class]), KVS)
+    offset = cache_offset(ctx)
+    stack = add_params(_stack_loop(ctx, forwards[ctx.stack_class], offset), KVS)
     new_forward[ctx.stack_class] = stack
     for cls in above:
         adder = _AddKwargs(ctx, cls, above | {ctx.stack_class}, KVS_ARGS)
@@ -176,7 +201,10 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
             if cls == ctx.lm_class:
                 inner = []
                 for s in stmt.body.body:
-                    inner += lm_defs if s is old else [s]
+                    is_init = isinstance(s, cst.FunctionDef) and s.name.value == "__init__"
+                    inner += (
+                        lm_defs if s is old else [declare_slots(s) if offset and is_init else s]
+                    )
             else:
                 inner = [new_forward.get(cls, old) if s is old else s for s in stmt.body.body]
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=inner))
