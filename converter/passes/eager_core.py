@@ -1,5 +1,5 @@
 """Attention sink for hand-written eager cores (no attention interface): Bloom, MPT,
-Falcon, GPT-Neo, GPT-NeoX-Japanese.
+Falcon, GPT-Neo, GPT-NeoX-Japanese, OpenAI GPT.
 
 First a softmax helper method is inlined (`eager_inline`) and a fused-kernel arm next
 to the softmax arm dropped (`eager_arms.keep_eager_arms`); a core inside the arms of a
@@ -9,6 +9,8 @@ is anchored on its ``softmax`` (catalogue pattern P2):
 - the span starts after the KV-cache update ``k, v = cache.update(k, v, ...)``: by the
   ``Cache`` contract its operands are ``[B, H, T, D]`` there, and the query is the score
   product's first operand as it stands at that point (later reshapes are the core's);
+- a core with no cache update (OpenAI GPT) starts where q, k and v are final: the paged
+  call stores K/V itself (`eager_operands`: a bare key operand is stored transposed);
 - it ends at the assignment of the value the output projection (an owned module of the
   class) reads: merge-heads output, ``[B, T, H*D]``;
 - the paged call goes right after the anchor, ``X = self.attn(q.transpose(1, 2)[0], ...,

@@ -20,6 +20,9 @@ def test_resolve_type_and_path(tmp_path):
     src = resolve("llama")
     assert src.model_type == "llama" and src.path.name == "modeling_llama.py"
     assert resolve(str(src.path)).model_type == "llama"
+    # a model type whose directory transformers names otherwise: the directory's name
+    gpt1 = resolve("openai-gpt")
+    assert gpt1.model_type == "openai" and gpt1.path.name == "modeling_openai.py"
     with pytest.raises(ConversionError, match="unknown model type 'lama'.*did you mean"):
         resolve("lama")
     with pytest.raises(ConversionError, match="no such file"):
