@@ -30,7 +30,7 @@ from converter.passes.attention_args import (
     rule_overrides,
 )
 from converter.passes.eager_masks import mask_names, window_of
-from converter.passes.eager_static import shapes_before, static_dim, static_sizes
+from converter.passes.eager_static import forward_only, shapes_before, static_dim, static_sizes
 from converter.passes.shape_ops import Shape
 
 VIEWS = ("view", "reshape")
@@ -153,6 +153,11 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
         "head_dim": head_dim,
         "scale": static_sizes(scale, env),
     }
+    if stray := sorted(forward_only(args["scale"], methods["forward"], init)):
+        raise ctx.error(
+            f"eager attention core: its scores are multiplied by forward value(s) {stray}",
+            methods["forward"], scope=f"{cls}.forward", hint="extend converter/passes/eager_masks.py",
+        )  # fmt: skip
     kv = (_heads(k, before, methods) or (None, None))[0]
     if kv is not None and kv != args["num_heads"]:
         args["num_kv_heads"] = kv

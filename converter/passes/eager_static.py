@@ -166,3 +166,16 @@ class _Sizes(cst.CSTTransformer):
 def static_sizes(expr: str, env: dict) -> str:
     """`expr` with each size read of a tensor known in `env` replaced by its static dim."""
     return code(cst.parse_expression(expr).visit(_Sizes(env)))
+
+
+def forward_only(expr: str, forward: cst.FunctionDef, init: cst.FunctionDef) -> set[str]:
+    """Names `expr` reads that only the forward binds (a per-call mask multiplied into the
+    scores, a size no shape tells): such a scale cannot be a constructor argument."""
+
+    def bound(fn: cst.FunctionDef) -> set[str]:
+        params = {p.name.value for p in (*fn.params.params, *fn.params.kwonly_params)}
+        return params | {
+            n for s in nodes_of(fn.body, cst.SimpleStatementLine) for n in bound_names(s)
+        }
+
+    return names_read(cst.parse_expression(expr)) & (bound(forward) - bound(init) - STATIC)

@@ -119,3 +119,12 @@ def test_non_causal_buffer_is_refused():
     core = UNCACHED.replace("torch.tril(torch.ones(64, 64))", "torch.rand(64, 64)")
     with pytest.raises(ConversionError, match="self.tri, which is not a causal mask"):
         _attention(core)
+
+
+def test_scores_times_a_forward_mask_is_refused():
+    # a per-call mask multiplied into the scores is no constructor-time scale
+    core = UNCACHED.replace("ss = ss + gate", "ss = ss * gate")
+    with pytest.raises(
+        ConversionError, match=r"multiplied by forward value\(s\) \['attention_mask'\]"
+    ):
+        _attention(core)
