@@ -19,6 +19,22 @@ from dataclasses import dataclass
 
 _OPS = {"Chunk": "chunk", "Concatenate": "concatenate"}
 
+# transformers renamings defined by code, not patterns: the runtime.checkpoint constant
+# (pattern, replacement function) that replays each
+NAMED_RENAMINGS = {"LayerPairCollapse": "LAYER_PAIR_COLLAPSE"}
+
+
+@dataclass(frozen=True)
+class NamedRenaming:
+    """A `WeightRenaming` subclass of transformers replayed by a runtime.checkpoint
+    constant (`NAMED_RENAMINGS`); it takes its place among the renames, in order."""
+
+    hf_class: str
+
+    @property
+    def constant(self) -> str:
+        return NAMED_RENAMINGS[self.hf_class]
+
 
 def source_regex(source: str) -> str:
     """A transform's source pattern compiled as HF does: `*.` is any prefix, and a pattern

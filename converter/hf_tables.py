@@ -21,7 +21,13 @@ from functools import cache
 from pathlib import Path
 
 from converter.errors import ConversionError
-from converter.hf_converters import Converter, parse_converter, source_regex
+from converter.hf_converters import (
+    NAMED_RENAMINGS,
+    Converter,
+    NamedRenaming,
+    parse_converter,
+    source_regex,
+)
 from converter.resolve import configuration_file, transformers_root
 
 
@@ -44,6 +50,9 @@ class Unsupported:
     """A transform load_weights cannot express (the source text, for the error)."""
 
     code: str
+
+
+Transform = Renaming | NamedRenaming | Converter | Unsupported
 
 
 def config_tp_plan(model_type: str) -> dict[str, str] | None:
@@ -124,12 +133,14 @@ def _str_list(node: ast.expr) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _transform(node: ast.expr) -> Renaming | Converter | Unsupported:
+def _transform(node: ast.expr) -> Transform:
     code = ast.unparse(node)
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         return Unsupported(code)
     if node.func.id == "WeightConverter":
         return parse_converter(node) or Unsupported(code)
+    if node.func.id in NAMED_RENAMINGS and not node.args and not node.keywords:
+        return NamedRenaming(node.func.id)
     if node.func.id != "WeightRenaming":
         return Unsupported(code)
     args = dict(zip(("source_patterns", "target_patterns"), node.args))
@@ -150,11 +161,11 @@ class _MappingEvaluator:
     literal and later `mapping[k] = ...` / `mapping[k] += ...` statements."""
 
     def __init__(self) -> None:
-        self.mapping: dict[str, list[Renaming | Converter | Unsupported]] = {}
+        self.mapping: dict[str, list[Transform]] = {}
         # Keys whose value came from a statement this reader cannot evaluate.
         self.opaque: set[str] = set()
 
-    def value(self, node: ast.expr) -> list[Renaming | Converter | Unsupported] | None:
+    def value(self, node: ast.expr) -> list[Transform] | None:
         if isinstance(node, ast.List):
             return [_transform(e) for e in node.elts]
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
@@ -247,7 +258,7 @@ def _conversion_tables() -> tuple[dict, frozenset[str], dict[str, str]]:
     return evaluator.mapping, frozenset(evaluator.opaque), aliases
 
 
-def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming]:
+def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming | NamedRenaming]:
     """The renames transformers applies when loading `class_name` (else `model_type`)
     checkpoints, followed by the legacy table, in HF's order."""
     return checkpoint_transforms(class_name, model_type)[0]
@@ -255,12 +266,12 @@ def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming]:
 
 def checkpoint_transforms(
     class_name: str, model_type: str
-) -> tuple[list[Renaming], list[Converter]]:
+) -> tuple[list[Renaming | NamedRenaming], list[Converter]]:
     """`checkpoint_renames`, and the tensor converters HF tries (at most one per key)
     after every rename, in order."""
     mapping, opaque, _ = _conversion_tables()
     chosen = class_name if class_name in mapping or class_name in opaque else model_type
-    out: list[Renaming] = []
+    out: list[Renaming | NamedRenaming] = []
     converters: list[Converter] = []
     for key in (chosen, "legacy"):
         if key in opaque:

@@ -10,6 +10,7 @@ import importlib
 _MODELS: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "DiffLlamaForCausalLM": ("diffllama", "DiffLlamaForCausalLM"),
+    "DoryForCausalLM": ("dory", "DoryForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),

@@ -377,8 +377,8 @@ class HrmTextForCausalLM(nn.Module):
         self.model = HrmTextModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
-        # transformers caches each application of the layer stack in its own slots,
-        # config.num_hidden_layers of them over all applications
+        # transformers caches each application of the layer stack in its own slots
+        # (config.num_hidden_layers)
         self.num_kv_cache_slots = self.config.num_hidden_layers
         if getattr(self.config, "tie_word_embeddings", False):
             # one parameter, as transformers ties it (lm_head shares the embedding's rows)

@@ -8,7 +8,7 @@ matching, sharded loading and the strictness live here, once.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ def load_checkpoint(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     *,
-    renames: list[tuple[str, str]],
+    renames: list[tuple[str, str | Callable[[re.Match], str]]],
     stacked_params_mapping: list[tuple[str, str, object]],
     prefix: str,
     ignored: list[str],
@@ -29,7 +29,8 @@ def load_checkpoint(
 ) -> set[str]:
     """Load (name, tensor) pairs into ``model``; returns the names of the parameters loaded.
 
-    Each key goes through ``renames`` (regex, replacement; in order), is matched with or
+    Each key goes through ``renames`` (regex, replacement string or function of the
+    match, as `re.sub` takes; in order), is matched with or
     without ``prefix`` and through ``stacked_params_mapping`` ``(fused param, checkpoint
     name, shard id)``, and loads through its parameter's ``weight_loader`` (which shards for
     tensor parallelism). Keys of ``tied`` parameters and of buffers are skipped, as are those
@@ -130,3 +131,17 @@ def _convert(
             if found is not None:
                 return converter, index, found
     return None
+
+
+def _layer_pair_collapse(match: re.Match) -> str:
+    index, name = int(match[1]), match[2]
+    name = {"attn_alpha": "lambda_1", "mlp_alpha": "lambda_2"}.get(
+        name, ("self_attn", "mlp")[index % 2]
+    )
+    return f"layers.{index // 2}.{name}"
+
+
+# transformers' LayerPairCollapse (core_model_loading.py), a renaming regexes cannot
+# express: checkpoints storing decoder layer i as an attention block `layers.{2i}.mixer`
+# and an MLP block `layers.{2i+1}.mixer` (alphas `attn_alpha` / `mlp_alpha`).
+LAYER_PAIR_COLLAPSE = (r"layers\.(\d+)\.(mixer|attn_alpha|mlp_alpha)(?=\.|$)", _layer_pair_collapse)

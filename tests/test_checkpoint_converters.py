@@ -3,6 +3,8 @@ on synthetic checkpoints, composed with stacked shards and TP sharding."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -94,3 +96,18 @@ def test_a_chunk_of_the_wrong_size_names_the_fused_key():
     ckpt["root.blk.ffn.both_w"] = torch.randn(10, 4)
     with pytest.raises(ValueError, match=r"blk.ffn.lr.weight \(checkpoint root.blk.ffn.both_w\)"):
         load(Toy(), ckpt)
+
+
+def test_layer_pair_collapse_renames_pairs_into_one_layer():
+    from runtime.checkpoint import LAYER_PAIR_COLLAPSE
+
+    pattern, replace = LAYER_PAIR_COLLAPSE
+    cases = {
+        "m.layers.0.mixer.wq.weight": "m.layers.0.self_attn.wq.weight",
+        "m.layers.5.mixer.up.weight": "m.layers.2.mlp.up.weight",
+        "m.layers.6.attn_alpha": "m.layers.3.lambda_1",
+        "m.layers.7.mlp_alpha": "m.layers.3.lambda_2",
+        "m.layers.7.mixers.x": "m.layers.7.mixers.x",  # a longer name: untouched
+    }
+    for old, new in cases.items():
+        assert re.sub(pattern, replace, old, count=1) == new

@@ -5,7 +5,7 @@ modules, each applied in nested cycles) give every application its own cache lay
 offsetting the index of the cache update: ``cache.update(k, v, self.layer_idx + offset)``,
 with ``offset`` a forward argument the stack loop hands each layer. Their cache has
 ``config.num_hidden_layers`` slots (``DynamicCache(config=...)``), which the config counts
-over all applications.
+over all applications (or more, appended by the model: a rules ``kv_cache_slots``).
 
 The flatten pass keeps that arithmetic: the stack loop indexes ``kv_caches[offset + i]``
 (``offset`` is the expression the loop passes to the layer for it) and the LM class
@@ -81,11 +81,17 @@ def offset_argument(call: cst.Call, offset: str) -> cst.BaseExpression | None:
     return None
 
 
-def declare_slots(init: cst.FunctionDef) -> cst.FunctionDef:
-    """`init` (the LM class's __init__) with the cache-slot count appended."""
+def declare_slots(ctx: ConversionContext, init: cst.FunctionDef) -> cst.FunctionDef:
+    """`init` (the LM class's __init__) with the cache-slot count appended: the rules'
+    ``kv_cache_slots`` expression where the model grows its cache beyond the config's
+    layer count (dory appends a copy of the recurrent layers per extra loop), else
+    ``config.num_hidden_layers``."""
+    arch = ctx.rules.get("architectures", {}).get(ctx.model_type, {})
+    count = arch.get("kv_cache_slots", "self.config.num_hidden_layers")
+    where = "rules/architectures.toml" if "kv_cache_slots" in arch else "config.num_hidden_layers"
     stmt = cst.parse_statement(
-        "# transformers caches each application of the layer stack in its own slots,\n"
-        "# config.num_hidden_layers of them over all applications\n"
-        f"self.{SLOTS_ATTR} = self.config.num_hidden_layers\n"
+        "# transformers caches each application of the layer stack in its own slots\n"
+        f"# ({where})\n"
+        f"self.{SLOTS_ATTR} = {count}\n"
     )
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, stmt]))

@@ -24,6 +24,7 @@ import libcst as cst
 from converter.analysis import methods_of
 from converter.context import ConversionContext
 from converter.cst_edits import add_import_from
+from converter.hf_converters import NamedRenaming
 from converter.hf_tables import checkpoint_transforms
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -51,12 +52,16 @@ def _str(text: str) -> str:
 def load_weights_source(ctx: ConversionContext) -> str:
     renames = [(k, v) for k, v in ctx.checkpoint_conversion_mapping.items()]
     renamings, converters = checkpoint_transforms(ctx.lm_class, ctx.model_type)
+    entries = [f"({_str(p)}, {_str(r)})" for p, r in renames]
     for renaming in renamings:
-        renames += renaming.regexes()
+        if isinstance(renaming, NamedRenaming):  # a runtime.checkpoint (pattern, function)
+            entries.append(renaming.constant)
+        else:
+            entries += [f"({_str(p)}, {_str(r)})" for p, r in renaming.regexes()]
     prefix = ctx.base_model_prefix or ctx.base_model_attr
     tied = dict(ctx.tied_weights_keys)
     return _template().render(
-        renames=[(_str(p), _str(r)) for p, r in renames],
+        renames=entries,
         stacked=[
             (_str(f".{f}."), _str(f".{s}."), repr(i).replace("'", '"'))
             for f, s, i in ctx.stacked_params
@@ -93,7 +98,7 @@ def _with_tying(init: cst.FunctionDef, tie: cst.If | None) -> cst.FunctionDef:
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, tie]))
 
 
-def _add_imports(module: cst.Module) -> cst.Module:
+def _add_imports(module: cst.Module, named: set[str]) -> cst.Module:
     stmts = [cst.parse_statement("from collections.abc import Iterable")]
     have = {
         _EMPTY.code_for_node(s).strip()
@@ -106,7 +111,7 @@ def _add_imports(module: cst.Module) -> cst.Module:
         if _EMPTY.code_for_node(stmt).strip() not in have:
             body.insert(0, stmt)
     module = module.with_changes(body=body)
-    return add_import_from(module, {"load_checkpoint"}, "runtime.checkpoint")
+    return add_import_from(module, {"load_checkpoint", *named}, "runtime.checkpoint")
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
@@ -125,4 +130,6 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
             ]
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*members, method]))
         body.append(stmt)
-    return _add_imports(module.with_changes(body=body))
+    renamings, _ = checkpoint_transforms(ctx.lm_class, ctx.model_type)
+    named = {r.constant for r in renamings if isinstance(r, NamedRenaming)}
+    return _add_imports(module.with_changes(body=body), named)

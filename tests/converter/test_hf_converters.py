@@ -104,3 +104,25 @@ def test_no_converters_no_table():
     ctx = ConversionContext.from_source("", "modeling_zz.py", "zz", "transformers.models.zz")
     ctx.lm_class = "ZzForCausalLM"
     assert "converters" not in weights_pass.load_weights_source(ctx)
+
+
+def test_code_defined_renaming_is_replayed_by_name(monkeypatch):
+    from converter.hf_converters import NamedRenaming
+    from converter.hf_tables import _transform
+
+    assert _transform(ast.parse("LayerPairCollapse()", mode="eval").body) == NamedRenaming(
+        "LayerPairCollapse"
+    )
+    monkeypatch.setattr(
+        weights_pass,
+        "checkpoint_transforms",
+        lambda _cls, _type: (
+            [NamedRenaming("LayerPairCollapse"), Renaming((r"\.zz\.",), ".yy.")],
+            [],
+        ),
+    )
+    ctx = ConversionContext.from_source("", "modeling_zz.py", "zz", "transformers.models.zz")
+    ctx.lm_class = "ZzForCausalLM"
+    source = weights_pass.load_weights_source(ctx)
+    # in order, before the regex renames that may depend on it
+    assert '            LAYER_PAIR_COLLAPSE,\n            (r"\\.zz\\.", ".yy."),' in source
