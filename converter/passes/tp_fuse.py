@@ -221,11 +221,19 @@ class LocalQKVSplit(cst.CSTTransformer):
             for c in nodes_of(node, cst.Call)
         ) or (isinstance(node, cst.Name) and node.value in self.fed)
 
+    def _is_output(self, node: cst.CSTNode) -> bool:
+        """The layer's output itself: a view or reshape of it (CodeGen's per-head
+        ``self.qkv(x).view(..., 3 * d)``) cuts heads, not the fused [Q|K|V], and keeps
+        the source's sizes."""
+        if isinstance(node, cst.Call):
+            return isinstance(node.func, cst.Attribute) and self_attr(node.func) == self.attr
+        return isinstance(node, cst.Name) and node.value in self.fed
+
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         for target in original.targets:
             if isinstance(target.target, cst.Name):
                 name = target.target.value
-                (self.fed.add if self._produces(original.value) else self.fed.discard)(name)
+                (self.fed.add if self._is_output(original.value) else self.fed.discard)(name)
         return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:

@@ -26,3 +26,13 @@ def test_rebound_name_is_not_split_locally():
         "    a, b, c = z.split(self.sz, dim=2)\n"
     )
     assert _split(code) == code
+
+
+def test_split_of_a_per_head_view_keeps_the_source_sizes():
+    """CodeGen: ``w = self.blend(z).view(..., 3 * d)`` cuts each head's [q, v, k], not the
+    fused output: its split sizes stay the source's."""
+    code = (
+        "def forward(self, z):\n    w = self.blend(z).view(2, 3, -1, 3 * self.d)\n"
+        "    a, b, c = w.split(self.d, dim=-1)\n"
+    )
+    assert _split(code) == code
