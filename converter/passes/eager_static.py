@@ -65,12 +65,6 @@ class StaticInterpreter(Interpreter):
         op = code(node.operator)
         return f"({left}){op}({right})" if _compound(left, right) else f"{left}{op}{right}"
 
-    def _branch(self, stmt: cst.If, env: dict) -> None:
-        if nodes_of(stmt, cst.Return):  # an arm that returns leaves no environment to merge
-            env.update(dict.fromkeys(bound_names(stmt)))
-            return
-        super()._branch(stmt, env)
-
     def _inline(self, method: cst.FunctionDef, call: cst.Call, env: dict):
         if self.depth >= MAX_DEPTH:
             return None

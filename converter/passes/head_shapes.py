@@ -1,29 +1,26 @@
 """Symbolic shapes of the attention operands, from the source's own tensor code.
 
-The attention interface receives q/k/v as ``[B, H, T, D]``. Which expressions give H and
-D is read off the code that builds each operand, by a small abstract interpreter over the
-attention forward (and the class's helper methods it calls, e.g. ``self._split_heads``,
-``self.expand_kv``): a shape is a tuple of dim expressions (code), and the interpreter
-knows what the tensor operations do to it:
+An abstract interpreter over the forward and its helpers reads H and D of the ``[B, H, T,
+D]`` q/k/v off the code building each; a shape is a tuple of dim code. It knows:
 
 - ``view``/``reshape`` (dims, tuple names, ``*shape``): the new dims; a ``-1`` that only
   splits the last dim of an ``nn.Linear`` output whose width is ``A * B`` with ``B`` the
   dims after it becomes ``A`` (MLA's ``kv_b_proj(...).view(B, T, -1, nope + v)``);
 - ``transpose``/``permute``/``unsqueeze``, integer indexing (``x[..., 0, :]``), last-dim
   slices and ``split``/``chunk`` (the parts remember the tensor they were cut from, so a
-  ``cat`` of all of them is that tensor again), ``cat`` otherwise sums the last dims;
-- ``new_empty(*x.shape[:-1], D)`` and friends, ``x.shape[i]`` / ``x.size(i)``;
-- any other call is shape-preserving for its tensor argument(s): norms, rotary helpers,
-  ``cache.update(k, v, ...)`` (one result per positional tensor argument).
+  ``cat`` of them all is that tensor again; else it sums last dims), ``new_empty``, ``size``;
+- any other call preserves its tensor arguments' shapes (norms, rotary helpers,
+  ``cache.update(k, v, ...)``: one result per positional tensor argument).
 
-Unknown stays ``None``; callers fall back to the older view search.
+Unknown stays ``None``; callers fall back to the older view search. An ``if`` with a
+``return`` in an arm leaves the names it binds unknown.
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import self_attr
+from converter.analysis import bound_names, self_attr
 from converter.cstwalk import nodes_of
 from converter.passes.shape_ops import (
     CATS,
@@ -91,6 +88,9 @@ class Interpreter:
         return out
 
     def _branch(self, stmt: cst.If, env: dict) -> None:
+        if nodes_of(stmt, cst.Return):  # a returning arm leaves no environment to merge
+            env.update(dict.fromkeys(bound_names(stmt)))
+            return
         blocks = self._blocks(stmt)
         envs = [self.run(block, dict(env))[1] for block in blocks]
         opaque = [self._container_reads(block, env) for block in blocks]

@@ -147,3 +147,23 @@ def test_inferred_kv_heads_come_from_the_projection_width():
         "PagedAttention(config.num_attention_heads, self.head_size, self.scaling, "
         "num_kv_heads=self.n_kv)" in code
     )
+
+
+def test_an_if_returning_from_both_arms_leaves_its_names_unknown():
+    """OpenAI GPT's split helper returns from both arms of an if/else: the interpreter
+    must not merge the arms' return values as environments (it raised TypeError)."""
+    import libcst as cst
+
+    from converter.passes.head_shapes import Interpreter
+
+    helper = cst.parse_module(
+        "def fold(self, z, flip=False):\n"
+        "    w = z.view(2, 3, 4, 5)\n"
+        "    if flip:\n"
+        "        w = w.permute(0, 2, 3, 1)\n"
+        "        return w\n"
+        "    else:\n"
+        "        return w.permute(0, 2, 1, 3)\n"
+    ).body[0]
+    kind, env = Interpreter({}, {}).run(list(helper.body.body), {"z": None})
+    assert kind == "end" and env["w"] is None
