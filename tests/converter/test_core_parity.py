@@ -88,9 +88,7 @@ def load_strict(model: torch.nn.Module, ckpt: dict[str, torch.Tensor], ctx, conf
 def run_paged(model, seqs, steps, num_blocks):
     """Prefill all prompts in one flattened batch, then `steps` decodes; yields logits."""
     layers = attention_layers(model)
-    caches = [
-        torch.zeros(layer.kv_cache_shape(num_blocks, BLOCK_SIZE)) for layer in layers
-    ]
+    caches = [torch.zeros(layer.kv_cache_shape(num_blocks, BLOCK_SIZE)) for layer in layers]
     per_seq = num_blocks // len(seqs)
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
     tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(seqs))]
