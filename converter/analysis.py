@@ -16,21 +16,11 @@ import libcst.matchers as m
 
 from converter.ast_facts import INTERFACE_REGISTRY, class_facts, line_index
 from converter.context import Child, ClassInfo, ConversionContext
-from converter.cstwalk import nodes_of
+from converter.cstwalk import dotted, nodes_of
 from converter.dispatch import dispatch_tables
 
 BUILTINS = frozenset(dir(builtins))
 MODULE_LIST = m.Call(func=m.Attribute(attr=m.Name("ModuleList")) | m.Name("ModuleList"))
-
-
-def dotted(node: cst.BaseExpression) -> str | None:
-    """``self.model.decoder`` -> "self.model.decoder"; None for anything else."""
-    if isinstance(node, cst.Name):
-        return node.value
-    if isinstance(node, cst.Attribute):
-        base = dotted(node.value)
-        return f"{base}.{node.attr.value}" if base else None
-    return None
 
 
 def self_attr(node: cst.BaseExpression) -> str | None:

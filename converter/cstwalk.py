@@ -128,3 +128,13 @@ def self_refs(node: cst.CSTNode) -> set[str]:
         for n in nodes_of(node, cst.Attribute)
         if isinstance(n.value, cst.Name) and n.value.value == "self"
     }
+
+
+def dotted(node: cst.BaseExpression) -> str | None:
+    """``self.model.decoder`` -> "self.model.decoder"; None for anything else."""
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        base = dotted(node.value)
+        return f"{base}.{node.attr.value}" if base else None
+    return None

@@ -10,16 +10,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.cstwalk import names_read
-
-
-def _dotted(node: cst.BaseExpression) -> str | None:
-    if isinstance(node, cst.Name):
-        return node.value
-    if isinstance(node, cst.Attribute):
-        base = _dotted(node.value)
-        return f"{base}.{node.attr.value}" if base else None
-    return None
+from converter.cstwalk import dotted, names_read
 
 
 def dispatch_tables(module: cst.Module) -> dict[str, str]:
@@ -28,7 +19,7 @@ def dispatch_tables(module: cst.Module) -> dict[str, str]:
     derives from (the eager base the variants subclass); failing that, the ``"eager"``
     entry. Tables without a clear base stay unresolved."""
     bases = {
-        s.name.value: [_dotted(a.value) or "" for a in s.bases]
+        s.name.value: [dotted(a.value) or "" for a in s.bases]
         for s in module.body
         if isinstance(s, cst.ClassDef)
     }
@@ -68,9 +59,9 @@ class _Resolve(cst.CSTTransformer):
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         func = updated.func
-        if isinstance(func, cst.Subscript) and _dotted(func.value) in self.tables:
+        if isinstance(func, cst.Subscript) and dotted(func.value) in self.tables:
             self.keys |= set().union(*(names_read(e) for e in func.slice))
-            return updated.with_changes(func=cst.Name(self.tables[_dotted(func.value)]))
+            return updated.with_changes(func=cst.Name(self.tables[dotted(func.value)]))
         return updated
 
     def leave_FunctionDef(self, original, updated: cst.FunctionDef) -> cst.FunctionDef:
