@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tp expects comma-separated integers, got {args.tp!r}")
     if not args.tp_sizes or min(args.tp_sizes) < 1:
         p.error(f"--tp expects sizes >= 1, got {args.tp!r}")
-    args.tp = args.tp_sizes[0] if args.worker else max(args.tp_sizes)
+    args.tp = args.tp_sizes[0]  # a worker runs the one size it is given
     return args
 
 
