@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.engine.bench import Request, RunResult, latencies_from_timestamps
+from hf2paged.bench import Request, RunResult, latencies_from_timestamps
 
 
 def load_hf_model(model_dir, dtype, device, attn_implementation: str = "sdpa"):

@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from hf2paged.bench import preset_config, save_random_model  # noqa: E402
 from runtime.engine import LLM, SamplingParams  # noqa: E402
-from runtime.engine.bench import preset_config, save_random_model  # noqa: E402
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.engine.bench import Request, RunResult, percentile
+from hf2paged.bench import Request, RunResult, percentile
 
 
 @dataclass

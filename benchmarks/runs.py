@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runtime.engine.bench import RunResult, save_random_model
+from hf2paged.bench import RunResult, save_random_model
 
 
 def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:

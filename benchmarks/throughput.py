@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from benchmarks.report import Roofline, write_report  # noqa: E402
 from benchmarks.runs import earlier_results, ordered, prepare_model, system_runs  # noqa: E402
-from runtime.engine.bench import (  # noqa: E402
+from hf2paged.bench import (  # noqa: E402
     RunResult,
     format_result,
     make_workload,

@@ -16,8 +16,8 @@ pytestmark = [
 
 
 def test_llm_from_a_gguf_file_streams_the_answer() -> None:
+    from hf2paged.smollm2 import find_smollm2_gguf
     from runtime.engine import LLM, SamplingParams
-    from runtime.engine.smollm2 import find_smollm2_gguf
 
     with LLM(find_smollm2_gguf(), kv_cache_memory_bytes=32 << 20) as llm:
         prompt = llm.apply_chat_template(

@@ -1,4 +1,4 @@
-"""Parity harness: HF eager reference vs the generated model (see converter/parity.py).
+"""Parity harness: HF eager reference vs the generated model (see hf2paged/verify/parity.py).
 
 `make_case` builds a tiny random HF model, saves it with `save_pretrained` and records
 its logits on the scenario's sequences; `generated_records` loads the generated model
@@ -16,7 +16,7 @@ import torch
 from configs import CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from converter.parity import Scenario, build_generated, compare, hf_reference, run_generated
+from hf2paged.verify.parity import Scenario, build_generated, compare, hf_reference, run_generated
 
 ATOL = 1e-4
 SCENARIO = Scenario()

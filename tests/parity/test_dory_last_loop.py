@@ -12,7 +12,7 @@ import torch
 from configs import CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from converter.parity import PagedRunner, build_generated
+from hf2paged.verify.parity import PagedRunner, build_generated
 
 PIECES = [6, 3, 1, 1, 1, 1, 1]  # tokens per forward
 

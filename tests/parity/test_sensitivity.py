@@ -13,7 +13,7 @@ import pytest
 from harness import ATOL, generated_records, report
 from transformers import AutoConfig
 
-from converter.parity import build_generated
+from hf2paged.verify.parity import build_generated
 from runtime.attention import attention_layers
 from runtime.loader import iter_weights
 

@@ -16,7 +16,7 @@ from distributed import run_distributed
 from harness import ATOL, SCENARIO, from_worker, report
 from transformers import AutoConfig
 
-from converter.parity import build_generated, run_generated
+from hf2paged.verify.parity import build_generated, run_generated
 
 # case -> (fused projection, (sharded, local query heads, local KV heads, its local rows))
 # at TP=2. FALCON / GPT: hidden 64, 4 heads of 16 unless the case changes them.

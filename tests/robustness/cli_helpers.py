@@ -8,9 +8,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from converter.cli import app
 from converter.render import REPO_ROOT
 from converter.resolve import modeling_file
+from hf2paged.cli import app
 
 GENERATED = REPO_ROOT / "generated"
 

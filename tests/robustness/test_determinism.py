@@ -53,7 +53,7 @@ def test_same_bytes_under_other_hash_seeds():
     for seed in ("0", "4242"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         proc = subprocess.run(
-            [sys.executable, "-m", "converter.cli", "convert", "llama", "opt", "--stdout"],
+            [sys.executable, "-m", "hf2paged.cli", "convert", "llama", "opt", "--stdout"],
             cwd=REPO_ROOT,
             env=env,
             capture_output=True,

@@ -117,7 +117,7 @@ def test_real_sigint_during_convert_all(tmp_path):
     out = _seeded_out(tmp_path)
     before = snapshot(out)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "converter.cli", "convert", "--all", "--out", str(out)],
+        [sys.executable, "-m", "hf2paged.cli", "convert", "--all", "--out", str(out)],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

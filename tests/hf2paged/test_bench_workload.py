@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.engine.bench import (
+from hf2paged.bench import (
     Request,
     RunResult,
     latencies_from_timestamps,
@@ -17,7 +17,7 @@ from runtime.engine.bench import (
     preset_config,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def test_workload_is_seeded_and_in_range() -> None:
@@ -74,7 +74,7 @@ def test_roofline_counts_weights_per_step_and_every_kv_read(tmp_path: Path) -> N
     from transformers import AutoModelForCausalLM
 
     from benchmarks.report import Roofline
-    from runtime.engine.bench import save_random_model
+    from hf2paged.bench import save_random_model
 
     config = preset_config("tiny")
     save_random_model(config, tmp_path, torch.float32, "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from converter.cli import app
+from hf2paged.cli import app
 
 PROMPT = "hello world, the quick brown fox"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engine import smollm2
+from hf2paged import smollm2
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_package_without_the_file(monkeypatch, tmp_path: Path) -> None:
 def test_demo_without_the_package_exits_2_with_the_pip_command(monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from converter.cli import app
+    from hf2paged.cli import app
 
     real_find_spec = importlib.util.find_spec
 

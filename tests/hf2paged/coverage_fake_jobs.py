@@ -9,7 +9,7 @@ import signal
 import time
 from dataclasses import asdict
 
-from converter.coverage_job import Outcome, mark_started
+from hf2paged.verify.coverage_job import Outcome, mark_started
 
 
 def fake_check(model_type: str, architecture: str, timeout: float, marker_dir: str | None) -> dict:

@@ -14,18 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.coverage_job import Outcome
-from converter.coverage_report import Summary, render_markdown, summarize
-from converter.coverage_rules import (
+from converter.render import REPO_ROOT
+from converter.resolve import transformers_version
+from converter.writer import write_files
+from hf2paged.verify.coverage_job import Outcome
+from hf2paged.verify.coverage_report import Summary, render_markdown, summarize
+from hf2paged.verify.coverage_rules import (
     Classification,
     causal_lm_types,
     classify_all,
     load_coverage_rules,
 )
-from converter.coverage_runner import run_jobs
-from converter.render import REPO_ROOT
-from converter.resolve import transformers_version
-from converter.writer import write_files
+from hf2paged.verify.coverage_runner import run_jobs
 
 DEFAULT_REPORT = REPO_ROOT / "docs" / "coverage.md"
 README = REPO_ROOT / "README.md"

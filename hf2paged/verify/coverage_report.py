@@ -6,8 +6,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from converter.coverage_job import ATOL, Outcome
-from converter.coverage_rules import Classification
+from hf2paged.verify.coverage_job import ATOL, Outcome
+from hf2paged.verify.coverage_rules import Classification
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.engine.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+from hf2paged.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
 
 QUESTION = "What is the capital of France?"
 # float32 logits of the same weights differ by summation order only.

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from converter.coverage_job import Outcome, check, init_worker
+from hf2paged.verify.coverage_job import Outcome, check, init_worker
 
 GRACE = 30.0  # seconds past the soft timeout before the worker is killed
 

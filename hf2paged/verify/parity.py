@@ -13,8 +13,7 @@ The reference is HF's forward over each whole sequence: causal attention makes i
 logits at position i those of the step that fed token i. Blocks are handed out in a
 scrambled order so block tables are not contiguous.
 
-Heavy imports (torch, transformers, runtime, generated) happen inside functions; the
-converter package touches the runtime only here, to check what it generated.
+Heavy imports (torch, transformers, runtime, generated) happen inside functions.
 """
 
 from __future__ import annotations

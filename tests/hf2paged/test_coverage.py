@@ -7,12 +7,13 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from converter.cli import app
-from converter.coverage import readme_with_summary, select_types
-from converter.coverage_config import tiny_overrides
-from converter.coverage_job import Outcome, check, init_worker
-from converter.coverage_report import render_markdown, summarize
-from converter.coverage_rules import (
+from converter.errors import ConversionError
+from hf2paged.cli import app
+from hf2paged.verify.coverage import readme_with_summary, select_types
+from hf2paged.verify.coverage_config import tiny_overrides
+from hf2paged.verify.coverage_job import Outcome, check, init_worker
+from hf2paged.verify.coverage_report import render_markdown, summarize
+from hf2paged.verify.coverage_rules import (
     causal_lm_types,
     classify,
     classify_all,
@@ -20,7 +21,6 @@ from converter.coverage_rules import (
     detect_bucket,
     load_coverage_rules,
 )
-from converter.errors import ConversionError
 
 RULES = load_coverage_rules()
 
@@ -98,7 +98,7 @@ def test_unconvertible_type_yields_a_row_with_the_converters_reason():
 def test_a_type_over_its_timeout_is_a_timeout_row(monkeypatch):
     import time
 
-    import converter.coverage_job as job
+    import hf2paged.verify.coverage_job as job
 
     def slow_check(*args):
         # Like the converter's last line of defence: every Exception becomes a one-line
@@ -153,7 +153,7 @@ def test_a_crash_or_a_hang_in_one_job_never_stops_the_others():
     sys.path.insert(0, str(Path(__file__).parent))
     from coverage_fake_jobs import fake_check
 
-    from converter.coverage_runner import run_jobs
+    from hf2paged.verify.coverage_runner import run_jobs
 
     jobs = [("ok_a", "A"), ("crash_b", "B"), ("ok_c", "C"), ("hang_d", "D"), ("ok_e", "E")]
     done = []
@@ -170,7 +170,7 @@ def test_a_crash_or_a_hang_in_one_job_never_stops_the_others():
 
 
 def test_failures_group_by_cause_without_file_line_or_construct():
-    from converter.coverage_report import failure_groups
+    from hf2paged.verify.coverage_report import failure_groups
 
     classes = classify_all(
         RULES, {"bloom": "BloomForCausalLM", "mpt": "MptForCausalLM", "llama": "LlamaForCausalLM"}

@@ -22,7 +22,7 @@ NEW_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from runtime.engine.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+    from hf2paged.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
 
     return ensure_hf_model_dir(find_smollm2_gguf())[0]
 
@@ -65,8 +65,8 @@ def test_greedy_tokens_equal_hf_generate(llm, hf_model) -> None:
 
 
 def test_prefill_and_decode_logits_match_hf(llm, hf_model) -> None:
+    from hf2paged.demo import _engine_model, paged_logits
     from runtime.engine import SamplingParams
-    from runtime.engine.demo import _engine_model, paged_logits
 
     prompt = llm.apply_chat_template([{"role": "user", "content": QUESTIONS[1]}])
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0]

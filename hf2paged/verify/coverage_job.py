@@ -4,7 +4,7 @@ convert (in memory, never touching generated/) -> tiny random HF model, saved wi
 `save_pretrained` to a temp dir -> import the generated module from a temp dir ->
 build it and load the checkpoint through its own `load_weights` -> logits of a
 mixed-length prefill, decode steps through the paged cache and a chunked prefill,
-against HF eager (converter/parity.py). Every failure becomes an `Outcome` with the
+against HF eager (hf2paged/verify/parity.py). Every failure becomes an `Outcome` with the
 stage it happened in and one line of reason; nothing escapes to the pool.
 """
 
@@ -143,8 +143,8 @@ def _check(model_type: str, architecture: str, tmp: Path, out: Outcome) -> None:
     import transformers
 
     from converter.convert import generate
-    from converter.coverage_config import tiny_config
-    from converter.coverage_rules import load_coverage_rules
+    from hf2paged.verify.coverage_config import tiny_config
+    from hf2paged.verify.coverage_rules import load_coverage_rules
 
     hf_cls = _stage(out, "config", getattr, transformers, architecture)
     if hf_cls is None:
@@ -187,7 +187,7 @@ def _check(model_type: str, architecture: str, tmp: Path, out: Outcome) -> None:
 
 
 def scenario():
-    from converter.parity import Scenario
+    from hf2paged.verify.parity import Scenario
 
     # 3 prompts (5, 9, 3 tokens: longer than the sliding windows of 4), 3 decode steps,
     # then a chunked prefill mixed with decodes; blocks of 4 tokens.
@@ -197,7 +197,7 @@ def scenario():
 def _hf_case(hf_cls, config, model_dir: Path):
     import torch
 
-    from converter.parity import hf_reference
+    from hf2paged.verify.parity import hf_reference
 
     with torch.device("meta"):
         meta = hf_cls._from_config(config, attn_implementation="eager")
@@ -255,7 +255,7 @@ def _load(model, model_dir: Path):
 
 
 def _run(model, case):
-    from converter.parity import compare, run_generated
+    from hf2paged.verify.parity import compare, run_generated
 
     tokens, reference = case
     records = run_generated(model, tokens, scenario())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from converter.cli import app
+from hf2paged.cli import app
 
 runner = CliRunner()
 
@@ -100,3 +100,25 @@ def test_verify_tiny_model(tmp_path):
     strict = run("verify", str(tmp_path), "--tolerance", "0")
     assert strict.exit_code == 1 and "FAIL" in strict.stderr
     assert run("verify", str(tmp_path / "missing")).exit_code == 2
+
+
+def test_convert_and_check_never_import_torch(tmp_path):
+    """`convert`/`check` stay fast: every command imports its heavy modules in its body,
+    and the app registers all of them without reading sys.argv."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from hf2paged.cli import app\n"
+        "names = {c.name or c.callback.__name__ for c in app.registered_commands}\n"
+        "assert {'convert', 'check', 'verify', 'coverage', 'generate', 'demo', 'bench'} <= names, names\n"
+        f"r = CliRunner().invoke(app, ['convert', 'opt', '--out', {str(tmp_path)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        f"r = CliRunner().invoke(app, ['check', '--out', {str(tmp_path)!r}])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'runtime', 'generated') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
