@@ -46,7 +46,7 @@ def paged_logits(
     """Logits ``[len(token_ids) - prompt_len + 1, vocab]``: the prompt's last token after one
     prefill, then one decode step per following token, all through a paged KV cache."""
     from runtime.attention import InputMetadata
-    from runtime.cache import allocate_kv_caches
+    from runtime.kv_cache import allocate_kv_caches
 
     param = next(model.parameters())
     num_blocks = -(-len(token_ids) // block_size)

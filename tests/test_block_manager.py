@@ -7,7 +7,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from runtime.cache import BlockManager
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.sequence import Sequence
 

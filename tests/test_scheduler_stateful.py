@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_block_manager import check_block_invariants
 
-from runtime.cache import BlockManager
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import Scheduler, SchedulerOutput
 from runtime.engine.sequence import Sequence, SequenceStatus

@@ -10,7 +10,7 @@ over all applications (or more, appended by the model: a rules ``kv_cache_slots`
 The flatten pass keeps that arithmetic: the stack loop indexes ``kv_caches[offset + i]``
 (``offset`` is the expression the loop passes to the layer for it) and the LM class
 declares ``num_kv_cache_slots = config.num_hidden_layers``, which
-`runtime.cache.kv_cache_layouts` allocates (every slot with the one layout the stacks
+`runtime.kv_cache.kv_cache_layouts` allocates (every slot with the one layout the stacks
 share). Matching is structural (a ``.update`` call whose third argument adds a forward
 parameter to a ``self`` attribute), never by name.
 """

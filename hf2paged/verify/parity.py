@@ -74,7 +74,7 @@ class PagedRunner:
     """A minimal driver: per-sequence block tables, one KV cache per attention layer."""
 
     def __init__(self, model, block_size: int, num_blocks: int, device, dtype) -> None:
-        from runtime.cache import allocate_kv_caches
+        from runtime.kv_cache import allocate_kv_caches
 
         self.model, self.block_size, self.device = model, block_size, device
         # one cache per kv_cache_index (or per declared slot), as the engine allocates

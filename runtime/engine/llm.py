@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
-from runtime.cache import BlockManager
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.loading import check_model, check_request, eos_token_ids, load_tokenizer

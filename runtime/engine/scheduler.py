@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.cache import BlockManager
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.sequence import Sequence, SequenceStatus
 
 

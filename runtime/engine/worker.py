@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runtime.cache import (
+from runtime.engine.config import EngineConfig
+from runtime.engine.loading import architecture
+from runtime.engine.model_runner import ModelRunner, StepInputs, dummy_prefill_inputs
+from runtime.kv_cache import (
     allocate_kv_caches,
     cuda_kv_budget_bytes,
     kv_cache_block_bytes,
     num_blocks_for_budget,
 )
-from runtime.engine.config import EngineConfig
-from runtime.engine.loading import architecture
-from runtime.engine.model_runner import ModelRunner, StepInputs, dummy_prefill_inputs
 from runtime.loader import iter_weights, load_config
 
 # KV cache on CPU without kv_cache_memory_bytes: room for this many full contexts, but

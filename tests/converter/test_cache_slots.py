@@ -8,7 +8,7 @@ import torch
 
 from converter.errors import ConversionError
 from runtime.attention import PagedAttention
-from runtime.cache import kv_cache_layouts
+from runtime.kv_cache import kv_cache_layouts
 from tests.converter.snippets import TINY, code_of, prepare
 
 # Unusual names: the offset is `hop`, the layer index attribute `depth`, the offset value
