@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.availability import check_imports
 from converter.errors import ConversionError
 from converter.guard import read_source, stage_errors
+from converter.hf.availability import check_imports
+from converter.hf.resolve import display_path, resolve, transformers_version
 from converter.pipeline import convert_source, load_rules
-from converter.registry import generated_modules, registry_source
 from converter.render import REPO_ROOT, render
-from converter.resolve import display_path, resolve, transformers_version
-from converter.writer import write_files
+from converter.render.registry import generated_modules, registry_source
+from converter.render.writer import write_files
 
 try:
     import tomllib

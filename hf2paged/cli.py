@@ -91,7 +91,7 @@ def convert(
         read_tp_plan,
         write_outputs,
     )
-    from converter.writer import check_writable_dir
+    from converter.render.writer import check_writable_dir
 
     debug = bool(os.environ.get("HF2PAGED_DEBUG"))
     out_dir = out if out is not None else DEFAULT_OUT
@@ -182,8 +182,8 @@ def check(
         outputs,
         unified_diff,
     )
-    from converter.registry import generated_modules
-    from converter.resolve import transformers_version
+    from converter.hf.resolve import transformers_version
+    from converter.render.registry import generated_modules
 
     out_dir = out if out is not None else DEFAULT_OUT
     installed = transformers_version()

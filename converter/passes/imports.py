@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis import dotted
+from converter.analysis.cst_helpers import dotted
 from converter.context import ConversionContext
 
 

@@ -18,10 +18,9 @@ import ast
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import bound_names
+from converter.analysis.cst_helpers import bound_names, names_read, nodes_of, reachable_methods
+from converter.analysis.dispatch import resolve_constructions
 from converter.context import ConversionContext
-from converter.cstwalk import nodes_of, reachable_methods
-from converter.dispatch import resolve_constructions
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
 HF_ATTRS = {
@@ -44,9 +43,6 @@ _EMPTY = cst.Module(body=[])
 
 def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
-
-
-from converter.cstwalk import names_read  # noqa: E402  (re-exported)
 
 
 def shake(module: cst.Module, roots: set[str]) -> cst.Module:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis import dotted, self_attr
+from converter.analysis.cst_helpers import dotted, names_read, nodes_of, self_attr
 from converter.context import ConversionContext
-from converter.cstwalk import nodes_of
-from converter.passes.select import names_read
 
 
 def _decorator_name(dec: cst.Decorator) -> str:

@@ -1,9 +1,9 @@
 """Pass: emit ``load_weights`` on the LM class, and tie its head to the embedding.
 
-The method comes from ``templates/load_weights.py.jinja``, filled with this module's
-tables: transformers' checkpoint renames (`converter.hf_tables`: conversion_mapping.py
+The method comes from ``converter/render/templates/load_weights.py.jinja``, filled with this module's
+tables: transformers' checkpoint renames (`converter.hf.tables`: conversion_mapping.py
 for the LM class or model type, then the legacy table; plus the class's own
-``_checkpoint_conversion_mapping``), its tensor converters (`converter.hf_converters`:
+``_checkpoint_conversion_mapping``), its tensor converters (`converter.hf.converters`:
 chunk / concatenate, emitted only when the model has some), the stacked-params mapping the TP pass recorded,
 the base-model prefix, ``_keys_to_ignore_on_load_unexpected`` and the tied keys.
 
@@ -21,13 +21,12 @@ from pathlib import Path
 import jinja2
 import libcst as cst
 
-from converter.analysis import methods_of
+from converter.analysis.cst_helpers import add_import_from, methods_of
 from converter.context import ConversionContext
-from converter.cst_edits import add_import_from
-from converter.hf_converters import NamedRenaming
-from converter.hf_tables import checkpoint_transforms
+from converter.hf.converters import NamedRenaming
+from converter.hf.tables import checkpoint_transforms
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "render" / "templates"
 _EMPTY = cst.Module([])
 
 

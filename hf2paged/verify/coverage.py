@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from converter.hf.resolve import transformers_version
 from converter.render import REPO_ROOT
-from converter.resolve import transformers_version
-from converter.writer import write_files
+from converter.render.writer import write_files
 from hf2paged.verify.coverage_job import Outcome
 from hf2paged.verify.coverage_report import Summary, render_markdown, summarize
 from hf2paged.verify.coverage_rules import (

@@ -49,8 +49,8 @@ class _Timeout(BaseException):
 def one_line(exc: BaseException) -> str:
     """The converter's own error text, or the exception's type and first line; paths
     into the installed transformers shortened to `models/...`."""
+    from converter.hf.resolve import transformers_root
     from converter.render import REPO_ROOT
-    from converter.resolve import transformers_root
 
     if isinstance(exc, ConversionError):
         text = str(exc)

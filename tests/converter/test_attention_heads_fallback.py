@@ -5,9 +5,9 @@ is ``config.num_attention_heads``, which every config answers (attribute_map).""
 
 import re
 
+from converter.hf.resolve import transformers_root
 from converter.passes import attention, imports, select, strip
 from converter.pipeline import convert_source
-from converter.resolve import transformers_root
 
 
 def _paged_attention_args(model_type: str) -> str:

@@ -3,8 +3,8 @@
 import libcst as cst
 import pytest
 
-from converter.callgraph import Function, bind
-from converter.dataflow import (
+from converter.analysis.callgraph import Function, bind
+from converter.analysis.dataflow import (
     DEAD,
     MAYBE_NONE,
     NONNONE,
@@ -16,7 +16,7 @@ from converter.dataflow import (
     truth,
     value,
 )
-from converter.passes.prune_calls import rebuild_args
+from converter.passes.prune.calls import rebuild_args
 
 
 def env() -> Env:

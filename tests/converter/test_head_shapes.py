@@ -154,7 +154,7 @@ def test_an_if_returning_from_both_arms_leaves_its_names_unknown():
     must not merge the arms' return values as environments (it raised TypeError)."""
     import libcst as cst
 
-    from converter.passes.head_shapes import Interpreter
+    from converter.analysis.head_shapes import Interpreter
 
     helper = cst.parse_module(
         "def fold(self, z, flip=False):\n"

@@ -13,8 +13,8 @@ from torch import nn
 
 import converter.passes.weights as weights_pass
 from converter.context import ConversionContext
-from converter.hf_converters import Converter, parse_converter
-from converter.hf_tables import Renaming
+from converter.hf.converters import Converter, parse_converter
+from converter.hf.tables import Renaming
 from runtime.checkpoint import load_checkpoint
 
 
@@ -107,8 +107,8 @@ def test_no_converters_no_table():
 
 
 def test_code_defined_renaming_is_replayed_by_name(monkeypatch):
-    from converter.hf_converters import NamedRenaming
-    from converter.hf_tables import _transform
+    from converter.hf.converters import NamedRenaming
+    from converter.hf.tables import _transform
 
     assert _transform(ast.parse("LayerPairCollapse()", mode="eval").body) == NamedRenaming(
         "LayerPairCollapse"

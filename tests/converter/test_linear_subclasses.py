@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.linear_subclasses import linear_subclasses
 from converter.passes import tidy
+from converter.passes.tp.linear_subclasses import linear_subclasses
 from tests.converter.test_pass_tp import SNIPPET, convert
 
 SUBCLASSES = """

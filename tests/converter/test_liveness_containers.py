@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.passes.liveness import eliminate_dead_stores
+from converter.analysis.liveness import eliminate_dead_stores
 
 SOURCE = """
 def forward(self, x, handoff=None, *, odd_box):

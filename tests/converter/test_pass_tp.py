@@ -185,11 +185,11 @@ def test_no_fusion_when_a_member_is_called_twice():
 def test_dataflow_rule_agrees_with_transformers_plans(arch):
     """On files that ship a plan, the rule used for plan-less files derives the same styles."""
     from converter.analysis import analyze as analyze_source
-    from converter.hf_tables import config_tp_plan
+    from converter.hf.resolve import resolve
+    from converter.hf.tables import config_tp_plan
+    from converter.passes.tp.dataflow import dataflow_styles
+    from converter.passes.tp.plan import PLAN_STYLES
     from converter.pipeline import CORE
-    from converter.resolve import resolve
-    from converter.tp_dataflow import dataflow_styles
-    from converter.tp_plan import PLAN_STYLES
 
     src = resolve(arch)
     text = src.path.read_text()

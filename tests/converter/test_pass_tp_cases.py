@@ -1,5 +1,5 @@
 """tp: projections whose tensor-parallel style the config picks at build time (rules
-tp_plan cases, converter/tp_cases.py): one layer per case in a conditional expression, a
+tp_plan cases, converter/passes/tp/cases.py): one layer per case in a conditional expression, a
 `shard_heads` flag that head counts, per-head tensors and the row-parallel consumer read."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
 from converter.passes import tp
-from converter.passes.tp_switch import InlineLater, attr_values
+from converter.passes.tp.cases import parse_cases, sharded_expression
+from converter.passes.tp.switch import InlineLater, attr_values
 from converter.pipeline import load_rules
-from converter.tp_cases import parse_cases, sharded_expression
 
 # A fused projection in a layout a flag picks; the group count is set after the projection.
 SOURCE = """

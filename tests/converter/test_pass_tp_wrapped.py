@@ -68,7 +68,7 @@ def test_wrapped_head_count_alias_is_localised():
 
 
 def test_shape_code_compares_across_line_breaks():
-    from converter.passes.shape_ops import norm
+    from converter.analysis.shape_ops import norm
 
     assert (
         norm("2\n    * config.odd_width") == norm("2 * config.odd_width") == "2 * config.odd_width"

@@ -9,11 +9,11 @@ import libcst as cst
 import pytest
 
 from converter.errors import ConversionError
-from converter.hf_tables import checkpoint_renames, config_tp_plan
-from converter.registry import registry_source
+from converter.hf.resolve import resolve, transformers_root
+from converter.hf.tables import checkpoint_renames, config_tp_plan
 from converter.render import render
-from converter.resolve import resolve, transformers_root
-from converter.writer import write_files
+from converter.render.registry import registry_source
+from converter.render.writer import write_files
 
 
 def test_resolve_type_and_path(tmp_path):
@@ -114,7 +114,7 @@ def test_tables_match_transformers():
 def test_tp_plan_built_by_comprehensions(monkeypatch, tmp_path):
     # hrm_text's plan: `**{f"{s}.x": "colwise" for s in (...)}`; anything with a call or
     # an outside name stays an error
-    import converter.hf_tables as tables
+    import converter.hf.tables as tables
 
     path = tmp_path / "configuration_zz.py"
     monkeypatch.setattr(tables, "configuration_file", lambda _t: path)

@@ -2,9 +2,9 @@
 (gemma3n's decoder layer calls `self.altup.predict(...)`, `.correct(...)`,
 `.scale_corrected_output(...)` on its Gemma3nTextAltUp, which has no forward)."""
 
+from converter.hf.resolve import transformers_root
 from converter.passes import imports, select
 from converter.pipeline import convert_source
-from converter.resolve import transformers_root
 
 
 def test_methods_called_on_owned_modules_are_kept():

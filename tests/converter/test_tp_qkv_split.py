@@ -4,7 +4,7 @@ then ``x.split(...)``); a name rebound to something else is left alone."""
 
 import libcst as cst
 
-from converter.passes.tp_fuse import LocalQKVSplit
+from converter.passes.tp.fuse import LocalQKVSplit
 
 LOCAL = "[self.blend.q_size, self.blend.kv_size, self.blend.kv_size]"
 

@@ -175,9 +175,7 @@ def test_failures_group_by_cause_without_file_line_or_construct():
     classes = classify_all(
         RULES, {"bloom": "BloomForCausalLM", "mpt": "MptForCausalLM", "llama": "LlamaForCausalLM"}
     )
-    no_aaf = (
-        "no attention class calls the attention interface — extend converter/passes/attention.py"
-    )
+    no_aaf = "no attention class calls the attention interface — extend converter/passes/attention/"
     outcomes = {
         "bloom": Outcome(
             "bloom",

@@ -96,7 +96,7 @@ CONFIGS: dict[str, dict] = {
     # multi-query fused c_attn [Q|K|V] with one K/V head.
     "gpt_bigcode": dict(GPT, multi_query=True),
     "gpt_bigcode_mha": dict(GPT, model_type="gpt_bigcode", multi_query=False),
-    # hand-written eager cores with ALiBi (converter/passes/eager_core.py). 6 heads: the
+    # hand-written eager cores with ALiBi (converter/passes/attention/eager/). 6 heads: the
     # non-power-of-2 slope formulas (Bloom's extra slopes, MPT's [1::2] + [::2] order).
     "bloom": dict(
         vocab_size=128,
@@ -116,7 +116,7 @@ CONFIGS: dict[str, dict] = {
         initializer_range=0.2,
         attn_config={"clip_qkv": 1.0},
     ),
-    # Falcon: one generated module for every QKV layout (converter/passes/eager_arms.py).
+    # Falcon: one generated module for every QKV layout (converter/passes/attention/eager/arms.py).
     # New decoder architecture: grouped fused QKV [kv][q, q, k, v][D], K/V broadcast to
     # every query head before caching, two layer norms, parallel attention + MLP.
     "falcon": dict(

@@ -1,4 +1,4 @@
-"""TP=2 (gloo): attention whose tp_plan style the config picks (converter/tp_cases.py)
+"""TP=2 (gloo): attention whose tp_plan style the config picks (converter/passes/tp/cases.py)
 runs sharded where the layout allows it, gathered where it does not, and stays at parity.
 
 Falcon's one generated module holds three query_key_value layouts: grouped (KV groups

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from converter.hf.resolve import modeling_file
 from converter.render import REPO_ROOT
-from converter.resolve import modeling_file
 from hf2paged.cli import app
 
 GENERATED = REPO_ROOT / "generated"

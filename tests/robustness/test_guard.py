@@ -1,5 +1,5 @@
 """The last line of defence (`converter.guard.stage_errors`) and the import check
-(`converter.availability`), tested directly."""
+(`converter.hf.availability`), tested directly."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from cli_helpers import GENERATED, one_error_line, run_cli, snapshot, source_of
 
 import converter.pipeline
-from converter.availability import module_available
 from converter.errors import InternalConversionError
+from converter.hf.availability import module_available
+from converter.hf.resolve import modeling_file
 from converter.pipeline import convert_source
-from converter.resolve import modeling_file
 
 
 def _buggy_stage(module: cst.Module, ctx) -> cst.Module:

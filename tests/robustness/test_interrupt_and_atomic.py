@@ -14,10 +14,10 @@ import pytest
 from cli_helpers import GENERATED, one_error_line, run_cli, snapshot
 
 import converter.convert
-import converter.writer
+import converter.render.writer
 from converter.convert import architectures
 from converter.render import REPO_ROOT
-from converter.writer import write_files
+from converter.render.writer import write_files
 
 
 def _seeded_out(tmp_path):
@@ -52,14 +52,14 @@ def test_sigint_while_writing_waits_for_the_batch(tmp_path, monkeypatch):
     files = {tmp_path / f"m{i}.py": f"new {i}" for i in range(3)}
     for path in files:
         path.write_text("old")
-    real_write_temp = converter.writer._write_temp
+    real_write_temp = converter.render.writer._write_temp
 
     def write_temp(path, text):
         if path.name == "m0.py":
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C before any file is in place
         return real_write_temp(path, text)
 
-    monkeypatch.setattr(converter.writer, "_write_temp", write_temp)
+    monkeypatch.setattr(converter.render.writer, "_write_temp", write_temp)
     with pytest.raises(KeyboardInterrupt):
         write_files(files)
     assert all(path.read_text() == text for path, text in files.items())
@@ -93,7 +93,7 @@ def test_ctrl_c_during_conversion_writes_nothing(tmp_path, monkeypatch):
 
 def test_ctrl_c_while_writing_finishes_the_batch(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_write_temp = converter.writer._write_temp
+    real_write_temp = converter.render.writer._write_temp
     fired = []
 
     def write_temp(path, text):
@@ -102,7 +102,7 @@ def test_ctrl_c_while_writing_finishes_the_batch(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_write_temp(path, text)
 
-    monkeypatch.setattr(converter.writer, "_write_temp", write_temp)
+    monkeypatch.setattr(converter.render.writer, "_write_temp", write_temp)
     result = run_cli("convert", "llama", "opt", "--out", out)
     assert result.exit_code == 130 and "Traceback" not in result.output, result.output
     assert result.stderr.splitlines()[-1].startswith(

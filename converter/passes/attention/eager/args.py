@@ -1,0 +1,311 @@
+"""PagedAttention arguments of a hand-written eager core (converter/passes/attention/eager/).
+
+- scale: the factors multiplied into (``*``, ``*=``, ``alpha=``) or divided out of
+  (``/``, ``/=``) the q·kᵀ chain before the softmax; none means 1.0. Factors applied
+  after the ALiBi bias joined the chain (Falcon: ``(qkᵀ + alibi) * inv_norm``) scale the
+  slopes too, since the kernel adds ``slope * distance`` after scaling q·kᵀ.
+- heads: from the view that splits q's (k's) heads. A 4-d view that IS the query the
+  product reads is ``[B, H, T, D]`` by the cache contract (Falcon's
+  ``transpose(1, 2).reshape(B, H, T, D)``); a view transposed afterwards is
+  ``[B, T, H, D]`` (Bloom, MPT). A head count held in a forward local
+  (``n_kv = self.a if self.flag else self.b``) is inlined: ``__init__`` has no locals.
+- ALiBi: ``[<type>.alibi]`` in rules/architectures.toml (see eager_core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import libcst as cst
+import libcst.matchers as m
+
+from converter.analysis.cst_helpers import (
+    bound_names,
+    call_name,
+    has_softmax,
+    methods_of,
+    names_read,
+    nodes_of,
+    self_attr,
+)
+from converter.analysis.shape_ops import Shape
+from converter.context import ConversionContext
+from converter.passes.attention.eager.masks import mask_names, window_of
+from converter.passes.attention.eager.static import (
+    forward_only,
+    shapes_before,
+    static_dim,
+    static_sizes,
+)
+from converter.passes.attention.interface import (
+    _assignments,
+    _statements,
+    _unfused,
+    head_shape,
+    rule_overrides,
+)
+
+VIEWS = ("view", "reshape")
+_EMPTY = cst.Module(body=[])
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def scale_of(
+    stmts, product: cst.CSTNode, bias: str | None, masks: frozenset[str] = frozenset()
+) -> tuple[str, list[str]]:
+    """(scale, factors that also multiply the bias) of the q·kᵀ chain before the softmax.
+    Factors reading `masks` (causal mask buffers, `eager_masks.mask_names`) are masks, not
+    scales; factors under ``if <test>:`` apply only when the test holds."""
+    factors: list[str] = []
+    bias_factors: list[str] = []
+    if isinstance(product, cst.Call):
+        alpha = [a.value for a in product.args if a.keyword and a.keyword.value == "alpha"]
+        factors += [_code(a) for a in alpha]
+    chain: set[str] = set()
+    biased: set[str] = set()  # chain names that already hold the bias
+
+    def found(into: list) -> Callable[[str, bool], None]:
+        def add(factor: str, with_bias: bool) -> None:
+            if names_read(cst.parse_expression(factor)) & masks:
+                return
+            into.append((factor, with_bias))
+
+        return add
+
+    def walk(block, add) -> bool:
+        for stmt in block:
+            if isinstance(stmt, cst.If) and stmt.orelse is None and not has_softmax(stmt):
+                inner: list = []
+                walk(stmt.body.body, found(inner))
+                if inner:
+                    joined = " * ".join(f for f, _ in inner)
+                    add(f"({joined} if {_code(stmt.test)} else 1.0)", any(b for _, b in inner))
+                continue
+            _factors(stmt, add)
+            if has_softmax(stmt):
+                return True
+        return False
+
+    def _factors(stmt, add) -> None:
+        if set(bound_names(stmt)) & masks:
+            return  # a mask cropped to the scores' size is no part of the chain
+        for node in nodes_of(stmt, cst.BinaryOperation, cst.AugAssign):
+            if isinstance(node, cst.AugAssign):
+                if isinstance(node.target, cst.Name) and node.target.value in chain:
+                    has_bias = node.target.value in biased
+                    if isinstance(node.operator, cst.MultiplyAssign):
+                        add(_code(node.value), has_bias)
+                    elif isinstance(node.operator, cst.DivideAssign):
+                        add(f"1 / ({_code(node.value)})", has_bias)
+                continue
+            left_in = _reaches(node.left, chain, product)
+            right_in = _reaches(node.right, chain, product)
+            side = node.left if left_in else node.right
+            has_bias = bool(names_read(side) & (biased | {bias}))
+            if isinstance(node.operator, cst.Multiply) and left_in != right_in:
+                add(_code(node.right if left_in else node.left), has_bias)
+            elif isinstance(node.operator, cst.Divide) and left_in and not right_in:
+                add(f"1 / ({_code(node.right)})", has_bias)
+        if _reaches(stmt, chain, product):
+            targets = set(bound_names(stmt))
+            chain.update(targets)
+            if _value_reads(stmt) & (biased | {bias}):
+                biased.update(targets)
+
+    collected: list = []
+    walk(stmts, found(collected))
+    factors += [f for f, _ in collected]
+    bias_factors += [f for f, b in collected if b]
+    return (" * ".join(factors) if factors else "1.0"), bias_factors
+
+
+def _value_reads(stmt: cst.CSTNode) -> set[str]:
+    """Names a statement reads, not counting the names its assignments bind."""
+    if isinstance(stmt, cst.SimpleStatementLine):
+        values = [getattr(s, "value", None) or s for s in stmt.body]
+        return set().union(*(names_read(v) for v in values))
+    return names_read(stmt)
+
+
+def _reaches(node: cst.CSTNode, chain: set[str], product: cst.CSTNode) -> bool:
+    return bool(names_read(node) & chain) or any(
+        n is product for n in nodes_of(node, type(product))
+    )
+
+
+def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, update, forward):
+    """PagedAttention arguments; `before` runs before the core, `update` is the cache
+    update (its cache object is no score input). Size reads the forward makes at run time
+    become their static dims (`eager_static`)."""
+    methods = methods_of(node)
+    env = shapes_before(node, forward, methods, before)
+    init = methods["__init__"]
+    config = (
+        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
+    )
+    q_heads = _heads(q, before, methods)
+    if q_heads is None:
+        raise ctx.error(
+            "eager attention core: cannot find the view that splits the query's heads",
+            init,
+            scope=f"{cls}.forward",
+        )
+    alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi") or {}
+    masks = mask_names(ctx, node, core, f"{cls}.forward")
+    scale, bias_factors = scale_of(core, product, alibi.get("bias"), masks)
+    q_shape = env.get(q)
+    head_dim = q_heads[1]
+    if static_dim(head_dim) is None and isinstance(q_shape, Shape):
+        head_dim = static_dim(q_shape.dims[-1]) or head_dim  # x.size(-1) // H in a helper
+    args = {
+        "num_heads": q_heads[0] or f"{config}.num_attention_heads",
+        "head_dim": head_dim,
+        "scale": static_sizes(scale, env),
+    }
+    if stray := sorted(forward_only(args["scale"], methods["forward"], init)):
+        raise ctx.error(
+            f"eager attention core: its scores are multiplied by forward value(s) {stray}",
+            methods["forward"], scope=f"{cls}.forward", hint="extend converter/passes/attention/eager/masks.py",
+        )  # fmt: skip
+    kv = (_heads(k, before, methods) or (None, None))[0]
+    if kv is not None and kv != args["num_heads"]:
+        args["num_kv_heads"] = kv
+    args.update(rule_overrides(ctx))  # [<type>.paged_attention]: what no view tells
+    window = window_of(ctx, node, core, f"{cls}.forward")  # a banded mask buffer
+    if window is not None:
+        args["sliding_window"] = window
+    if alibi and any(alibi["bias"] in names_read(s) for s in core):
+        slopes = alibi["slopes"]
+        if alibi.get("bfloat16"):  # the builder rounds slope * position: scale after it
+            args["alibi_slopes"] = slopes
+            if bias_factors:
+                args["alibi_scale"] = " * ".join(bias_factors)
+            args["alibi_bf16"] = "True"
+        elif bias_factors:
+            args["alibi_slopes"] = f"({slopes}) * {' * '.join(bias_factors)}"
+        else:
+            args["alibi_slopes"] = slopes
+    # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
+    # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
+    params = {p.name.value for p in methods["forward"].params.params} - {"self"}
+    read = set().union(*(names_read(s.visit(_NoMetadata())) for s in core))
+    read -= names_read(update.func) if update is not None else set()
+    extra = sorted(n for n in params & read if "mask" not in n and n != alibi.get("bias"))
+    if extra:
+        raise ctx.error(
+            f"eager attention core adds forward input(s) {extra} to its scores",
+            methods["forward"],
+            scope=f"{cls}.forward",
+            hint="ALiBi biases: declare [<type>.alibi] in rules/architectures.toml; "
+            "other biases need a PagedAttention feature",
+        )
+    return args
+
+
+class _NoMetadata(cst.CSTTransformer):
+    """``x.dtype`` / ``x.device`` / ``x.shape`` read no values (a softmax's ``dtype=``)."""
+
+    def leave_Attribute(self, original, updated: cst.Attribute) -> cst.BaseExpression:
+        if updated.attr.value in ("dtype", "device", "shape"):
+            return cst.Name("_")
+        return updated
+
+
+def _heads(name: str, before, methods) -> tuple[str | None, str] | None:
+    """(head count or None, head_dim) of `name`'s head-splitting view."""
+    assigns = _assignments(_statements(before))
+    direct = [
+        rhs
+        for rhs in assigns.get(name, [])
+        if isinstance(rhs, cst.Call) and call_name(rhs) in VIEWS and len(rhs.args) == 4
+    ]
+    if direct:  # the query the product reads, [B, H, T, D]
+        dims = [a.value for a in direct[-1].args]
+        return _inline(dims[1], assigns), _code(dims[3])
+    dims = _view_dims(name, assigns, methods)
+    if dims is None:
+        return None
+    heads = _heads_of(dims)
+    return (_inline(cst.parse_expression(heads), assigns) if heads else None), _code(dims[-1])
+
+
+def _inline(dim: cst.BaseExpression, assigns) -> str:
+    """A head count held in a forward local, as the expression it was assigned."""
+    if isinstance(dim, cst.Name) and len(assigns.get(dim.value, [])) == 1:
+        value = assigns[dim.value][0]
+        if not names_read(value) - {"self", "config"}:
+            return _code(value)
+    return _code(dim)
+
+
+def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
+    """Dims of the view splitting `name`'s heads: in the forward, else in a ``self.<m>()``
+    helper the name is computed by (Bloom's ``_reshape``, GPT-Neo's ``_split_heads``,
+    whose parameters stand for the call's arguments)."""
+    dims = head_shape(name, assigns) or _sized_view(name, assigns)
+    if dims is not None:
+        return dims
+    for rhs in assigns.get(name, []):
+        for call in nodes_of(rhs, cst.Call):
+            helper = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
+            if helper not in methods:
+                continue
+            inner = _assignments(_statements(methods[helper].body.body))
+            for c in nodes_of(methods[helper].body, cst.Call):
+                if call_name(c) in VIEWS and len(c.args) >= 4:
+                    return [a.value for a in c.args]
+                if call_name(c) in VIEWS and (dims := _sized(c, inner)):
+                    return [_bind(d, methods[helper], call) for d in dims]
+    return None
+
+
+def _sized(view: cst.Call, assigns) -> list[cst.BaseExpression] | None:
+    """``x.view(*s)`` / ``x.view(s)`` with ``s = y.size()[:-1] + (H, D)``: [prefix, H, D]."""
+    if len(view.args) != 1:
+        return None
+    shape = view.args[0].value
+    if isinstance(shape, cst.Name) and len(assigns.get(shape.value, [])) == 1:
+        shape = assigns[shape.value][0]
+    if m.matches(shape, m.BinaryOperation(operator=m.Add(), right=m.Tuple())):
+        return [shape.left, *(el.value for el in shape.right.elements)]
+    return None
+
+
+def _sized_view(name: str, assigns) -> list[cst.BaseExpression] | None:
+    """A `_sized` view in `name`'s dataflow (breadth first); reached through a slice of
+    the last axis (``qkv[..., :D]``, GPT-NeoX-Japanese), ``3 * D`` names one part's D."""
+    queue, seen = [(name, False)], {name}
+    while queue:
+        current, sliced = queue.pop(0)
+        for rhs in assigns.get(current, []):
+            cut = sliced or bool(nodes_of(rhs, cst.Slice))
+            for call in nodes_of(rhs, cst.Call):
+                dims = _sized(call, assigns) if call_name(call) in VIEWS else None
+                if dims:
+                    return [*dims[:-1], _unfused(dims[-1])] if cut else dims
+            for ref in sorted(names_read(rhs) - seen):
+                seen.add(ref)
+                queue.append((ref, cut))
+    return None
+
+
+def _bind(dim: cst.BaseExpression, helper: cst.FunctionDef, call: cst.Call):
+    """A helper's parameter in `dim` -> the argument `call` passes for it."""
+    params = [p.name.value for p in helper.params.params][1:]  # without self / cls
+    args = dict(zip(params, (a.value for a in call.args if a.keyword is None)))
+    args |= {a.keyword.value: a.value for a in call.args if a.keyword is not None}
+    return args.get(dim.value, dim) if isinstance(dim, cst.Name) else dim
+
+
+def _heads_of(dims) -> str | None:
+    """The head-count dim: the last non-literal dim before head_dim (``view(B, T, H, 3, D)``
+    has a literal 3 for the fused q/k/v index)."""
+    literal = (cst.Integer, cst.UnaryOperation)
+    candidates = [dims[-2]] + ([dims[-3]] if len(dims) >= 5 else [])
+    for dim in candidates:
+        if not isinstance(dim, literal):
+            return _code(dim)
+    return None
