@@ -117,7 +117,7 @@ CASES = {
     ),
     "attention not recognised (installed mamba, a state-space model)": (
         lambda d: "mamba",
-        r"modeling_mamba\.py:\d+: no attention class .* — .*extend converter/passes/attention\.py",
+        r"modeling_mamba\.py:\d+: no attention class .* — .*extend converter/passes/attention/",
     ),
     "attention not recognised (hand-written)": (
         _hand_written_attention,
