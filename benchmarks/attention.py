@@ -28,11 +28,13 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.attention.metadata import InputMetadata
+from runtime.attention.params import AttentionParams
 from runtime.attention.triton_config import DecodeConfig, choose_num_splits
 from runtime.attention.triton_ops import paged_attention
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SCALE = D**-0.5
+PARAMS = AttentionParams(SCALE)
 DECODE_SHAPES = [  # (batch, context, block size)
     (1, 32768, 16), (8, 16384, 16), (32, 8192, 16), (64, 4096, 16), (64, 4096, 32),
     (64, 4096, 64), (128, 2048, 16), (256, 1024, 16), (256, 512, 16), (16, 512, 16),
@@ -139,7 +141,7 @@ def decode_setup(batch: int, ctx: int, block_size: int, shuffle: bool = True):
     query = q.view(batch, HQ, D)  # [T=B, Hq, D]
 
     def paged(cfg: DecodeConfig | None = None):
-        return paged_attention(query, cache, md, scale=SCALE, decode_config=cfg)
+        return paged_attention(query, cache, md, PARAMS, decode_config=cfg)
 
     return sdpa, paged, expected, 2 * k.numel() * k.element_size()
 
@@ -160,7 +162,7 @@ def prefill_setup(ctx: int, new: int):
     query = q[0].transpose(0, 1).contiguous()  # [Q, Hq, D]
 
     def paged(cfg=None):
-        return paged_attention(query, cache, md, scale=SCALE, prefill_config=cfg)
+        return paged_attention(query, cache, md, PARAMS, prefill_config=cfg)
 
     flops = 4 * HQ * D * (new * ctx + new * (new + 1) // 2)  # QK^T and PV over visible pairs
     return sdpa, paged, expected, flops

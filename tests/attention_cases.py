@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from runtime.attention.kv_layout import kv_cache_shape, split_kv_cache
 from runtime.attention.metadata import InputMetadata
+from runtime.attention.params import Alibi, AttentionParams
 
 HEAD_LAYOUTS = [(2, 2), (4, 2), (4, 1), (6, 2), (3, 3)]  # (Hq, Hkv): MHA, GQA, MQA, odd G
 # (atol, rtol). bf16 probabilities are rounded to 8 bits before P @ V (the interpreter
@@ -210,13 +211,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def attention_kwargs(batch: Batch) -> dict:
-    return dict(
-        scale=batch.scale,
-        sliding_window=batch.sliding_window,
-        alibi_slopes=batch.alibi_slopes,
-        logits_soft_cap=batch.logits_soft_cap,
-        sinks=batch.sinks,
-    )
+    """``params`` and ``sinks`` of either backend's attention call."""
+    alibi = None if batch.alibi_slopes is None else Alibi(batch.alibi_slopes)
+    params = AttentionParams(batch.scale, batch.sliding_window, batch.logits_soft_cap, alibi)
+    return dict(params=params, sinks=batch.sinks)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

@@ -1,5 +1,5 @@
-"""ALiBi as transformers' Falcon builds it (``alibi_bf16``): the bias is
-``bf16(slope * bf16(j)) * alibi_scale`` at absolute key position j, so slopes that are
+"""ALiBi as transformers' Falcon builds it (``Alibi(dtype=torch.bfloat16)``): the bias is
+``bf16(bf16(slope) * bf16(j)) * scale`` at absolute key position j, so slopes that are
 not exact in bfloat16 (Falcon-RW's 32 or 71 heads) and positions past 256 round as
 transformers rounds them. Reference and Triton (interpreter on CPU) against a dense
 oracle over prefill, a chunk over long cached context and decodes."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_cases import assert_close, make_batch, to_device
 
-from runtime.attention import PagedAttention
+from runtime.attention import Alibi, AttentionParams, PagedAttention
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_ops import paged_attention, reshape_and_cache
 
@@ -47,36 +47,49 @@ def _batch():
     return batch
 
 
+def _params(slopes: torch.Tensor, scale: float, dtype=torch.bfloat16) -> AttentionParams:
+    """Scores scaled by `scale`; the bias built in `dtype`, then multiplied by SCALE."""
+    return AttentionParams(scale, alibi=Alibi(slopes, scale=SCALE, dtype=dtype))
+
+
 def test_bf16_alibi_reference_and_triton_match_dense():
     batch = _batch()
     expected = _dense(batch)
-    kwargs = dict(scale=batch.scale, alibi_slopes=batch.alibi_slopes, alibi_scale=SCALE)
     reshape_and_cache_ref(batch.key, batch.value, batch.kv_cache, batch.metadata.slot_mapping)
-    ref = paged_attention_ref(
-        batch.query, batch.kv_cache, batch.metadata, alibi_bf16=True, **kwargs
-    )
+    params = _params(batch.alibi_slopes, batch.scale)
+    ref = paged_attention_ref(batch.query, batch.kv_cache, batch.metadata, params)
     assert_close(ref, expected, torch.float32)
     moved = to_device(batch, DEVICE)
     reshape_and_cache(moved.key, moved.value, moved.kv_cache, moved.metadata.slot_mapping)
-    kwargs["alibi_slopes"] = moved.alibi_slopes
-    out = paged_attention(moved.query, moved.kv_cache, moved.metadata, alibi_bf16=True, **kwargs)
+    params = _params(moved.alibi_slopes, batch.scale)
+    out = paged_attention(moved.query, moved.kv_cache, moved.metadata, params)
     assert_close(out, expected, torch.float32)
     # the rounding matters here: the plain relative bias is measurably different
-    plain = paged_attention_ref(batch.query, batch.kv_cache, batch.metadata, **kwargs)
-    assert (plain - expected).abs().max() > 1e-3
+    plain = _params(batch.alibi_slopes, batch.scale, dtype=torch.float32)
+    plain_out = paged_attention_ref(batch.query, batch.kv_cache, batch.metadata, plain)
+    assert (plain_out - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_module_passes_bf16_alibi(monkeypatch, backend):
     monkeypatch.setenv("HF2PAGED_ATTENTION_BACKEND", backend)
     batch = _batch()
-    layer = PagedAttention(
-        8, 16, batch.scale, num_kv_heads=2, alibi_slopes=batch.alibi_slopes,
-        alibi_scale=SCALE, alibi_bf16=True,
-    )  # fmt: skip
+    alibi = Alibi(batch.alibi_slopes, scale=SCALE, dtype=torch.bfloat16)
+    layer = PagedAttention(8, 16, batch.scale, num_kv_heads=2, alibi=alibi)
     moved = to_device(batch, DEVICE)
-    out = layer.to(DEVICE)(
+    # a module cast to bf16 moves the slopes but keeps them fp32 (no buffer to round)
+    layer.to(torch.bfloat16).to(DEVICE)
+    assert layer.alibi.slopes.dtype == torch.float32
+    assert layer.alibi.slopes.device.type == DEVICE.type
+    out = layer(
         moved.query.flatten(1), moved.key.flatten(1), moved.value.flatten(1),
         moved.kv_cache, moved.metadata,
     )  # fmt: skip
     assert_close(out.unflatten(1, (8, 16)), _dense(batch), torch.float32)
+
+
+def test_alibi_dtypes_are_the_kernels():
+    with pytest.raises(ValueError, match="float16"):
+        Alibi([0.5, 0.25], dtype=torch.float16)
+    with pytest.raises(ValueError, match="3 ALiBi slopes for 4 heads"):
+        PagedAttention(4, 16, 1.0, alibi=Alibi([0.5, 0.25, 0.125]))

@@ -15,7 +15,7 @@ from attention_cases import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.attention import PagedAttention
+from runtime.attention import Alibi, PagedAttention
 from runtime.attention.metadata import InputMetadata
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_config import DecodeConfig
@@ -138,7 +138,7 @@ def test_paged_attention_module_triton_backend(monkeypatch):
     heads, kv_heads, head_dim, block_size = 4, 2, 64, 4
     layer = PagedAttention(
         heads, head_dim, scale=0.125, num_kv_heads=kv_heads, sliding_window=6,
-        alibi_slopes=[0.1, 0.2, 0.3, 0.4], logits_soft_cap=30.0,
+        alibi=Alibi([0.1, 0.2, 0.3, 0.4]), logits_soft_cap=30.0,
     ).to(DEVICE)  # fmt: skip
     caches = {
         name: torch.zeros(2, 8, block_size, kv_heads, head_dim, device=DEVICE)

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from runtime.attention.backend import select_backend
 from runtime.attention.kv_layout import kv_cache_shape
 from runtime.attention.metadata import InputMetadata
-from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
-
-BACKENDS = ("torch", "triton")
+from runtime.attention.params import Alibi, AttentionParams
 
 
-def select_backend(device: torch.device) -> str:
-    """`HF2PAGED_ATTENTION_BACKEND` (torch|triton) wins; else Triton on CUDA, torch elsewhere.
+def _param(name: str) -> property:
+    """A `PagedAttention` attribute that reads ``self.params.<name>``; setting it
+    rebuilds ``params`` (tests switch a feature off on a built model)."""
 
-    On CPU, Triton runs only under `TRITON_INTERPRET=1` (tests on small shapes).
-    """
-    forced = os.environ.get("HF2PAGED_ATTENTION_BACKEND")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"HF2PAGED_ATTENTION_BACKEND={forced!r}; expected one of {BACKENDS}")
-        return forced
-    return "triton" if device.type == "cuda" else "torch"
+    def set_param(self: PagedAttention, value) -> None:
+        self.params = replace(self.params, **{name: value})
+
+    return property(lambda self: getattr(self.params, name), set_param)
 
 
 class PagedAttention(nn.Module):
@@ -36,18 +32,18 @@ class PagedAttention(nn.Module):
     v_head_dim]``. ``v_head_dim`` (default ``head_dim``) is the value head size where it
     differs from the query/key one (MLA); the cache then holds both unpadded,
     ``[1, num_blocks, block_size, num_kv_heads, head_dim + v_head_dim]``.
-    ``scale`` is the source model's own scaling (never defaulted here). ``sliding_window``
-    follows transformers: key j is visible to query i iff ``i - W < j <= i``.
-    ``alibi_slopes`` holds this rank's heads' slopes. ``sinks`` (a forward argument, since
-    it is the source model's own parameter) is one fp32 logit per query head of this rank
-    added to every softmax denominator (attention sinks, ``s_aux``). ``expanded_kv``: the
-    source hands in k/v already repeated over each query group (``[T, Hq, D]``, query head
-    h reading kv head ``h // (Hq // Hkv)``, Falcon's new decoder architecture); the layer
-    caches one head per group, so the cache holds ``num_kv_heads``, not ``num_heads``.
-    The ALiBi bias is ``slope * (j - i) * alibi_scale`` (``alibi_scale`` default 1); with
-    ``alibi_bf16`` it is built as transformers' Falcon builds it, ``bf16(slope * bf16(j))
-    * alibi_scale`` at absolute key position j (exact parity where slopes are not exact
-    in bfloat16).
+
+    The scores (``scale``, ``sliding_window``, ``logits_soft_cap``, ``alibi``) are one
+    `AttentionParams`, ``self.params``, built here and handed to the backend as is;
+    the attributes of the same names read it, and setting one rebuilds it.
+    ``alibi``: an `Alibi` with this rank's heads' slopes; they follow the module's
+    device and stay fp32 whatever dtype the module is cast to. ``sinks`` (a forward
+    argument, since it is the source model's own parameter) is one logit per query head
+    of this rank added to every softmax denominator (attention sinks, ``s_aux``; used in
+    fp32). k/v may come with ``num_kv_heads`` heads or, where the source repeats them
+    over each query group before attention (``repeat_kv``, Falcon's ``broadcast_to``),
+    with ``num_heads``: query head h then reads kv head ``h // (num_heads //
+    num_kv_heads)`` and the cache holds one head per group.
     """
 
     def __init__(
@@ -55,15 +51,13 @@ class PagedAttention(nn.Module):
         num_heads: int,
         head_dim: int,
         scale: float,
+        *,
         num_kv_heads: int | None = None,
         sliding_window: int | None = None,
-        alibi_slopes: torch.Tensor | list[float] | None = None,
         logits_soft_cap: float | None = None,
-        kv_cache_index: int | None = None,
+        alibi: Alibi | None = None,
         v_head_dim: int | None = None,
-        expanded_kv: bool = False,
-        alibi_scale: float | None = None,
-        alibi_bf16: bool | None = False,
+        kv_cache_index: int | None = None,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -75,49 +69,55 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.num_kv_heads = num_kv_heads
-        self.scale = float(scale)
-        # transformers uses None (and sometimes 0 / negative) for "no window".
-        self.sliding_window = int(sliding_window) if sliding_window and sliding_window > 0 else None
-        self.logits_soft_cap = (
-            float(logits_soft_cap) if logits_soft_cap and logits_soft_cap > 0 else None
-        )
         self.kv_cache_index = kv_cache_index
-        self.expanded_kv = expanded_kv
-        self.alibi_scale = 1.0 if alibi_scale is None else float(alibi_scale)
-        self.alibi_bf16 = bool(alibi_bf16)
-        if alibi_slopes is not None:
-            slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32).flatten()
-            if slopes.numel() != num_heads:
-                raise ValueError(f"{slopes.numel()} ALiBi slopes for {num_heads} heads")
-            self.register_buffer("alibi_slopes", slopes, persistent=False)
-        else:
-            self.alibi_slopes = None
+        self.params = AttentionParams(scale, sliding_window, logits_soft_cap, alibi)
+
+    @property
+    def params(self) -> AttentionParams:
+        return self._params
+
+    @params.setter
+    def params(self, params: AttentionParams) -> None:
+        alibi = params.alibi
+        if alibi is not None and alibi.slopes.numel() != self.num_heads:
+            raise ValueError(f"{alibi.slopes.numel()} ALiBi slopes for {self.num_heads} heads")
+        self._params = params
+
+    scale = _param("scale")
+    sliding_window = _param("sliding_window")
+    logits_soft_cap = _param("logits_soft_cap")
+    alibi = _param("alibi")
+
+    def _apply(self, fn, recurse=True):
+        # The ALiBi slopes are no buffer (casting the module to bf16 must not round them):
+        # they move with the module's device only.
+        super()._apply(fn, recurse)
+        if self.alibi is not None:
+            self.alibi = self.alibi.to(fn(self.alibi.slopes).device)
+        return self
 
     def extra_repr(self) -> str:
+        p = self.params
         return (
-            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"v_head_dim={self.v_head_dim}, "
-            f"scale={self.scale:g}, sliding_window={self.sliding_window}, "
-            f"logits_soft_cap={self.logits_soft_cap}, alibi={self.alibi_slopes is not None}"
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, v_head_dim={self.v_head_dim}, scale={p.scale:g}, "
+            f"sliding_window={p.sliding_window}, logits_soft_cap={p.logits_soft_cap}, "
+            f"alibi={p.alibi}"
         )
 
     def forward(
         self,
         query: torch.Tensor,  # [T, Hq*D] or [T, Hq, D]
-        key: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D]
-        value: torch.Tensor,  # [T, Hkv*Dv] or [T, Hkv, Dv]
+        key: torch.Tensor,  # [T, Hkv*D] or [T, Hkv, D] (or Hq heads, repeated per group)
+        value: torch.Tensor,  # [T, Hkv*Dv] or [T, Hkv, Dv] (likewise)
         kv_cache: torch.Tensor,  # kv_cache_shape(num_blocks, block_size)
         input_metadata: InputMetadata,
         sinks: torch.Tensor | None = None,  # [Hq] attention-sink logits
     ) -> torch.Tensor:  # [T, Hq*Dv]
         num_tokens = query.shape[0]
         query = query.reshape(num_tokens, self.num_heads, self.head_dim)
-        if self.expanded_kv and key.numel() == num_tokens * self.num_heads * self.head_dim:
-            group = self.num_heads // self.num_kv_heads  # copies of each kv head
-            key = key.reshape(num_tokens, self.num_heads, self.head_dim)[:, ::group]
-            value = value.reshape(num_tokens, self.num_heads, self.v_head_dim)[:, ::group]
-        key = key.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.reshape(num_tokens, self.num_kv_heads, self.v_head_dim)
+        key = self._kv_heads(key, self.head_dim, "key")
+        value = self._kv_heads(value, self.v_head_dim, "value")
         expected = self.kv_cache_shape(kv_cache.shape[1], kv_cache.shape[2])
         if kv_cache.shape != expected:
             raise ValueError(
@@ -126,51 +126,31 @@ class PagedAttention(nn.Module):
             )
         if sinks is not None:
             sinks = sinks.float().reshape(self.num_heads)  # [Hq] fp32 (parameters may be bf16)
-        if select_backend(query.device) == "triton":
-            from runtime.attention import triton_ops
-
-            # The kernels read each token's heads as one row; a source that built q/k/v
-            # head-major ([B, H, T, D], e.g. MLA's torch.cat of parts) hands in strided views.
-            query, key, value = (_heads_contiguous(t) for t in (query, key, value))
-
-            triton_ops.reshape_and_cache(key, value, kv_cache, input_metadata.slot_mapping)
-            out = triton_ops.paged_attention(
-                query,
-                kv_cache,
-                input_metadata,
-                scale=self.scale,
-                sliding_window=self.sliding_window,
-                alibi_slopes=self.alibi_slopes,
-                logits_soft_cap=self.logits_soft_cap,
-                sinks=sinks,
-                alibi_scale=self.alibi_scale,
-                alibi_bf16=self.alibi_bf16,
-            )
-        else:
-            reshape_and_cache_ref(key, value, kv_cache, input_metadata.slot_mapping)
-            out = paged_attention_ref(
-                query,
-                kv_cache,
-                input_metadata,
-                scale=self.scale,
-                sliding_window=self.sliding_window,
-                alibi_slopes=self.alibi_slopes,
-                logits_soft_cap=self.logits_soft_cap,
-                sinks=sinks,
-                alibi_scale=self.alibi_scale,
-                alibi_bf16=self.alibi_bf16,
-            )
+        backend = select_backend(query.device)
+        backend.store_kv(key, value, kv_cache, input_metadata.slot_mapping)
+        out = backend.attend(query, kv_cache, input_metadata, self.params, sinks)
         return out.reshape(num_tokens, self.num_heads * self.v_head_dim)
+
+    def _kv_heads(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:  # [T, Hkv, dim]
+        """``x`` as ``[T, Hkv, dim]``. A tensor of ``num_heads`` heads holds each kv head
+        repeated over its query group (kv head g at heads ``g*G .. g*G+G-1``): keep the
+        first of each group."""
+        num_tokens, group = x.shape[0], self.num_heads // self.num_kv_heads
+        if x.numel() == num_tokens * self.num_kv_heads * dim:
+            return x.reshape(num_tokens, self.num_kv_heads, dim)
+        if group > 1 and x.numel() == num_tokens * self.num_heads * dim:
+            return x.reshape(num_tokens, self.num_heads, dim)[:, ::group]
+        raise ValueError(
+            f"{what} {tuple(x.shape)} of {num_tokens} tokens: expected {self.num_kv_heads} "
+            f"kv heads of {dim} (or {self.num_heads} heads, each kv head repeated over its "
+            f"query group)"
+        )
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """The shape of this layer's KV cache (`runtime.attention.kv_layout`)."""
         return kv_cache_shape(
             num_blocks, block_size, self.num_kv_heads, self.head_dim, self.v_head_dim
         )
-
-
-def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:  # [T, H, D]
-    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def attention_layers(model: nn.Module) -> list[PagedAttention]:

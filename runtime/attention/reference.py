@@ -6,6 +6,7 @@ import torch
 
 from runtime.attention.kv_layout import split_kv_cache
 from runtime.attention.metadata import InputMetadata
+from runtime.attention.params import AttentionParams
 
 
 def reshape_and_cache_ref(
@@ -45,25 +46,20 @@ def paged_attention_ref(
     query: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W], this step's K/V stored
     metadata: InputMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
-    logits_soft_cap: float | None = None,
+    params: AttentionParams,
     sinks: torch.Tensor | None = None,  # [Hq] fp32
-    alibi_scale: float = 1.0,
-    alibi_bf16: bool = False,
 ) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context.
 
     Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
     position ``p = L - Q + i`` and sees keys ``j`` with ``p - W < j <= p`` (``W`` the
-    sliding window, transformers' convention). Scores: ``q.k * scale``, then soft-capping
-    ``tanh(s / c) * c``, then ALiBi ``slope_h * (j - p) * alibi_scale`` (with
-    ``alibi_bf16``: ``bf16(slope_h * bf16(j)) * alibi_scale``, transformers' Falcon);
-    softmax in fp32. ``sinks``
-    (attention sinks, gpt-oss's ``s_aux``) add ``exp(sinks[h])`` to each row's softmax
-    denominator.
+    sliding window, transformers' convention). Scores as `AttentionParams` states:
+    ``q.k * scale``, then soft-capping ``tanh(s / c) * c``, then ALiBi
+    ``slope_h * (j - p) * alibi.scale`` (built in bfloat16: ``bf16(bf16(slope_h) * bf16(j))
+    * alibi.scale``, transformers' Falcon); softmax in fp32. ``sinks`` (attention sinks,
+    gpt-oss's ``s_aux``) add ``exp(sinks[h])`` to each row's softmax denominator.
     """
+    window, soft_cap, alibi = params.sliding_window, params.logits_soft_cap, params.alibi
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     v_head_dim = split_kv_cache(kv_cache, head_dim)[1].shape[-1]
@@ -79,21 +75,21 @@ def paged_attention_ref(
         k, v = gather_sequence_kv(kv_cache, metadata.block_tables[b], seq_len, head_dim)
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
         v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, Dv]
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hq, Q, L]
-        if logits_soft_cap is not None and logits_soft_cap > 0:
-            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+        scores = torch.matmul(q, k.transpose(1, 2)) * params.scale  # [Hq, Q, L]
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
         q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
         rel = k_pos[None, :] - q_pos[:, None]  # [Q, L]
-        if alibi_slopes is not None and alibi_bf16:
+        if alibi is not None and alibi.rounds_bf16:
             # bf16 tensor times positions, as Falcon's build_alibi_tensor: [Hq, 1, L]
-            bias = alibi_slopes.to(torch.bfloat16)[:, None, None] * k_pos.to(torch.bfloat16)
-            scores = scores + bias.float() * alibi_scale
-        elif alibi_slopes is not None:
-            scores = scores + alibi_slopes.float()[:, None, None] * rel[None] * alibi_scale
+            slopes = alibi.slopes.to(torch.bfloat16)[:, None, None]
+            scores = scores + (slopes * k_pos.to(torch.bfloat16)).float() * alibi.scale
+        elif alibi is not None:
+            scores = scores + alibi.slopes[:, None, None] * rel[None] * alibi.scale
         visible = rel <= 0
-        if sliding_window is not None and sliding_window > 0:
-            visible &= rel > -sliding_window
+        if window is not None:
+            visible &= rel > -window
         scores = scores.masked_fill(~visible[None], float("-inf"))
         if sinks is not None:
             # one more logit per head in the denominator, attached to no value

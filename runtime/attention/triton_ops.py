@@ -12,6 +12,7 @@ import torch
 
 from runtime.attention.kv_layout import split_kv_cache
 from runtime.attention.metadata import InputMetadata
+from runtime.attention.params import AttentionParams
 from runtime.attention.triton_cache import reshape_and_cache
 from runtime.attention.triton_common import check_attention_args
 from runtime.attention.triton_config import DecodeConfig, PrefillConfig
@@ -25,19 +26,15 @@ def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
     kv_cache: torch.Tensor,  # [S, num_blocks, block_size, Hkv, W], this step's K/V stored
     metadata: InputMetadata,
-    *,
-    scale: float,
-    sliding_window: int | None = None,
-    alibi_slopes: torch.Tensor | None = None,  # [Hq] fp32
-    logits_soft_cap: float | None = None,
+    params: AttentionParams,
     sinks: torch.Tensor | None = None,  # [Hq] fp32
+    *,
     num_splits: int | None = None,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
-    alibi_scale: float = 1.0,
-    alibi_bf16: bool = False,
 ) -> torch.Tensor:  # [T, Hq, Dv]
-    """Causal attention of every new token over its sequence's cached context.
+    """Causal attention of every new token over its sequence's cached context, as
+    `paged_attention_ref` computes it (scores as `AttentionParams` states).
 
     Sequences with one new token go to the split-KV decode kernel, the others to the
     prefill kernel; one batch may mix both. When every sequence decodes
@@ -47,24 +44,22 @@ def paged_attention(
     which is free when the metadata carries its host copies.
 
     ``num_splits`` / ``*_config`` override the launch heuristics (tests, tuning).
-    ALiBi: ``slope * (j - i) * alibi_scale``; with ``alibi_bf16`` as transformers' Falcon
-    builds it, ``bf16(slope * bf16(j)) * alibi_scale`` at absolute key position j.
     """
-    check_attention_args(query, kv_cache, alibi_slopes, sinks)
-    sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
-    logits_soft_cap = logits_soft_cap if logits_soft_cap and logits_soft_cap > 0 else None
+    alibi = params.alibi
+    slopes = None if alibi is None else alibi.slopes
+    check_attention_args(query, kv_cache, slopes, sinks)
     v_head_dim = split_kv_cache(kv_cache, query.shape[2])[1].shape[-1]
     out = query.new_empty(query.shape[0], query.shape[1], v_head_dim)  # [T, Hq, Dv]
     if query.shape[0] == 0:
         return out
     common = dict(
-        scale=float(scale),
-        sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes,
-        logits_soft_cap=logits_soft_cap,
+        scale=params.scale,
+        sliding_window=params.sliding_window,
+        alibi_slopes=slopes,
+        logits_soft_cap=params.logits_soft_cap,
         sinks=sinks,
-        alibi_scale=alibi_scale,
-        alibi_bf16=alibi_bf16,
+        alibi_scale=1.0 if alibi is None else alibi.scale,
+        alibi_bf16=alibi is not None and alibi.rounds_bf16,
     )
     tensors = (metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
     if metadata.num_prefill_tokens == 0:

@@ -4,7 +4,10 @@ generated Bloom/MPT logits must leave the tolerance by far."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 from harness import ATOL, generated_records, report
 
 from runtime.attention import attention_layers
@@ -17,11 +20,11 @@ def test_alibi_slopes_matter(cases, arch, change):
 
     def tweak(model):
         for layer in attention_layers(model):
-            assert layer.alibi_slopes is not None and layer.alibi_slopes.numel() == 6
+            assert layer.alibi is not None and layer.alibi.slopes.numel() == 6
             if change == "off":
-                layer.alibi_slopes = None
+                layer.alibi = None
             else:
-                layer.alibi_slopes = layer.alibi_slopes.flip(0)
+                layer.alibi = replace(layer.alibi, slopes=layer.alibi.slopes.flip(0))
 
     result = report(case, generated_records(case, tweak=tweak))
     print(f"{arch} with ALiBi slopes {change}:", result.format())
@@ -36,12 +39,16 @@ def test_falcon_alibi_slopes_matter(cases, change):
 
     def tweak(model):
         for layer in attention_layers(model):
-            assert layer.alibi_slopes is not None and layer.alibi_slopes.numel() == 16
-            assert layer.alibi_bf16  # slope * position rounded as Falcon's builder does
+            alibi = layer.alibi
+            assert alibi is not None and alibi.slopes.numel() == 16
+            # slope * position rounded as Falcon's builder does, then scaled by 1/sqrt(d)
+            assert alibi.dtype == torch.bfloat16 and alibi.scale == layer.scale != 1.0
             if change == "unrounded":  # slope * (j - i) in fp32, not Falcon's bf16 products
-                layer.alibi_bf16 = False
+                layer.alibi = replace(alibi, dtype=torch.float32)
+            elif change == "off":
+                layer.alibi = None
             else:
-                layer.alibi_slopes = None if change == "off" else layer.alibi_slopes * 2
+                layer.alibi = replace(alibi, slopes=alibi.slopes * 2)
 
     result = report(case, generated_records(case, tweak=tweak))
     print(f"falcon_alibi with ALiBi slopes {change}:", result.format())
