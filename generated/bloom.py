@@ -25,7 +25,7 @@ from transformers.utils import (
     logging,
 )
 
-from runtime.attention import InputMetadata, PagedAttention
+from runtime.attention import Alibi, InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     ColumnParallelLinear,
@@ -137,11 +137,13 @@ class BloomAttention(nn.Module):
             local_num_heads(self.num_heads),
             self.head_dim,
             self.inv_norm_factor,
-            alibi_slopes=(
-                torch.diff(
-                    build_alibi_tensor(torch.ones(1, 2), config.n_head, torch.float32), dim=-1
-                ).flatten()
-            ).chunk(get_tp_size())[get_tp_rank()],
+            alibi=Alibi(
+                (
+                    torch.diff(
+                        build_alibi_tensor(torch.ones(1, 2), config.n_head, torch.float32), dim=-1
+                    ).flatten()
+                ).chunk(get_tp_size())[get_tp_rank()]
+            ),
         )
 
     def _reshape(self, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from transformers.utils import (
     logging,
 )
 
-from runtime.attention import InputMetadata, PagedAttention
+from runtime.attention import Alibi, InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     ColumnParallelLinear,
@@ -232,18 +232,21 @@ class FalconAttention(nn.Module):
             self.head_dim,
             self.inv_norm_factor if config.alibi else 1 / (math.sqrt(self.head_dim)),
             num_kv_heads=local_num_kv_heads(self.num_kv_heads, self.shard_heads),
-            expanded_kv=True,
-            alibi_slopes=local_head_block(
-                torch.diff(
-                    build_alibi_tensor(torch.ones(1, 2), config.num_attention_heads, torch.float32),
-                    dim=-1,
-                ).flatten()
-                if config.alibi
-                else None,
-                self.shard_heads,
-            ),
-            alibi_scale=self.inv_norm_factor if config.alibi else None,
-            alibi_bf16=True if config.alibi else None,
+            alibi=Alibi(
+                local_head_block(
+                    torch.diff(
+                        build_alibi_tensor(
+                            torch.ones(1, 2), config.num_attention_heads, torch.float32
+                        ),
+                        dim=-1,
+                    ).flatten(),
+                    self.shard_heads,
+                ),
+                scale=self.inv_norm_factor,
+                dtype=torch.bfloat16,
+            )
+            if config.alibi
+            else None,
         )
 
     def _split_heads(
@@ -320,7 +323,7 @@ class FalconAttention(nn.Module):
             batch_size, num_kv_heads, query_length, self.head_dim
         )
 
-        if self.attn.alibi_slopes is None:
+        if self.attn.alibi is None:
             cos, sin = position_embeddings
             query_layer, key_layer = apply_rotary_pos_emb(query_layer, key_layer, cos, sin)
         attn_output = self.attn(

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import LayerNorm
 from transformers.models.mpt.configuration_mpt import MptConfig
 
-from runtime.attention import InputMetadata, PagedAttention
+from runtime.attention import Alibi, InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
 from runtime.parallel import (
     ColumnParallelLinear,
@@ -76,9 +76,11 @@ class MptAttention(nn.Module):
             local_num_heads(self.n_heads),
             self.head_dim,
             self.softmax_scale,
-            alibi_slopes=(
-                torch.diff(build_mpt_alibi_tensor(config.n_heads, 2), dim=-1).flatten()
-            ).chunk(get_tp_size())[get_tp_rank()],
+            alibi=Alibi(
+                (torch.diff(build_mpt_alibi_tensor(config.n_heads, 2), dim=-1).flatten()).chunk(
+                    get_tp_size()
+                )[get_tp_rank()]
+            ),
         )
 
     def forward(

@@ -86,7 +86,7 @@ def test_dispatched_class_and_branch_local_cores(monkeypatch):
     # both arms scale by self.scaling; the bias arm's scale multiplies the bias too
     assert (
         "PagedAttention(config.num_attention_heads, self.head_size, self.scaling, "
-        "alibi_slopes=(torch.ones(config.num_attention_heads)) * self.scaling "
+        "alibi=Alibi(torch.ones(config.num_attention_heads), scale=self.scaling) "
         "if config.use_bias else None)" in attn
     )
     assert "alibi" not in code_of(module, "TinyModel")  # the bias builder goes
@@ -108,14 +108,14 @@ def test_bias_arm_without_enabled_rule_is_refused(monkeypatch):
 
 
 def test_bias_added_after_scaling_keeps_slopes(monkeypatch):
-    # (q·kᵀ) * s + bias: the slopes are not scaled
+    # (q·kᵀ) * s + bias: the bias is not scaled
     source = DISPATCHED.replace("SCALE_A", "* self.scaling").replace(
         "            biased = scores + position_bias\n            biased *= self.scaling\n",
         "            biased = scores * self.scaling + position_bias\n",
     )
     module, _ = _convert(monkeypatch, source, _rules())
     attn = code_of(module, "TinyAttention")
-    assert "alibi_slopes=torch.ones(config.num_attention_heads) if config.use_bias" in attn
+    assert "alibi=Alibi(torch.ones(config.num_attention_heads)) if config.use_bias" in attn
 
 
 HEAD_VIEWS = (
@@ -173,14 +173,11 @@ def test_dispatch_key_local_in_a_branch_goes(monkeypatch):
 
 def test_paged_attention_rule_overrides_reach_eager_cores(monkeypatch):
     rules = _rules()
-    rules["architectures"]["tiny"]["paged_attention"] = {
-        "num_kv_heads": "config.groups",
-        "expanded_kv": "True",
-    }
+    rules["architectures"]["tiny"]["paged_attention"] = {"num_kv_heads": "config.groups"}
     source = DISPATCHED.replace("SCALE_A", "* self.scaling")
     module, _ = _convert(monkeypatch, source, rules)
     attn = code_of(module, "TinyAttention").replace("\n", " ")
-    assert "num_kv_heads=config.groups," in attn and "expanded_kv=True," in attn
+    assert "num_kv_heads=config.groups," in attn
 
 
 def test_arms_that_differ_stay_branches(monkeypatch):
@@ -190,19 +187,27 @@ def test_arms_that_differ_stay_branches(monkeypatch):
     module, _ = _convert(monkeypatch, source, _rules())
     forward = code_of(module, "TinyAttention").split("def forward")[1]
     assert forward.count("self.attn(q.transpose(1, 2)[0]") == 2
-    assert "if self.attn.alibi_slopes is None:" in forward  # the bias test, now static
+    assert "if self.attn.alibi is None:" in forward  # the bias test, now static
 
 
 def test_bfloat16_bias_is_scaled_after_rounding(monkeypatch):
-    # [<type>.alibi] bfloat16: the builder rounds slope * position, so the factor applied
-    # after the bias joined the scores becomes alibi_scale instead of scaling the slopes
+    # [<type>.alibi] dtype: the builder rounds slope * position in bfloat16; the factor
+    # applied after the bias joined the scores scales the built bias (Alibi's scale)
     rules = _rules()
-    rules["architectures"]["tiny"]["alibi"]["bfloat16"] = True
+    rules["architectures"]["tiny"]["alibi"]["dtype"] = "bfloat16"
     source = DISPATCHED.replace("SCALE_A", "* self.scaling")
     module, _ = _convert(monkeypatch, source, rules)
     attn = " ".join(code_of(module, "TinyAttention").split())
     assert (
-        "alibi_slopes=torch.ones(config.num_attention_heads) if config.use_bias else None, "
-        "alibi_scale=self.scaling if config.use_bias else None, "
-        "alibi_bf16=True if config.use_bias else None)" in attn
+        "alibi=Alibi(torch.ones(config.num_attention_heads), scale=self.scaling, "
+        "dtype=torch.bfloat16) if config.use_bias else None)" in attn
     )
+    assert "from runtime.attention import Alibi, InputMetadata, PagedAttention" in module.code
+
+
+def test_alibi_dtype_the_kernels_cannot_build_is_refused(monkeypatch):
+    rules = _rules()
+    rules["architectures"]["tiny"]["alibi"]["dtype"] = "float16"
+    source = DISPATCHED.replace("SCALE_A", "* self.scaling")
+    with pytest.raises(ConversionError, match="dtype = 'float16'"):
+        _convert(monkeypatch, source, rules)

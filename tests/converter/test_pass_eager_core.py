@@ -77,7 +77,7 @@ def test_core_becomes_one_paged_call(monkeypatch):
     # scale: the factor multiplied into q·kᵀ; ALiBi slopes from rules
     assert (
         "self.attn = PagedAttention(config.num_attention_heads, self.head_size, self.scaling, "
-        "alibi_slopes=torch.ones(config.num_attention_heads))" in attn
+        "alibi=Alibi(torch.ones(config.num_attention_heads)))" in attn
     )
     model = code_of(module, "TinyModel")
     assert "build_bias" not in model and "alibi" not in model  # builder call and args gone

@@ -36,7 +36,7 @@ class Mixer(nn.Module):
         self.fold = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
         self.n_grp = cfg.n_grp if self.packed else 1
         self.sink_logits = nn.Parameter(torch.zeros(cfg.n_q))
-        self.attn = PagedAttention(self.n_q, self.hd, 1.0, num_kv_heads=self.n_grp, alibi_slopes=torch.ones(cfg.n_q) if cfg.slopes else None)
+        self.attn = PagedAttention(self.n_q, self.hd, 1.0, num_kv_heads=self.n_grp, alibi=Alibi(torch.ones(cfg.n_q), scale=0.5) if cfg.slopes else None)
 
     def forward(self, x, kv_cache, input_metadata):
         interface = ALL_ATTENTION_FUNCTIONS.get_interface("eager", None)
@@ -131,7 +131,8 @@ def test_head_counts_and_per_head_tensors_follow_the_flag():
     assert (
         "PagedAttention(local_num_heads(self.n_q, self.shard_heads), self.hd, 1.0, "
         "num_kv_heads=local_num_kv_heads(self.n_grp, self.shard_heads), "
-        "alibi_slopes=local_head_block(torch.ones(cfg.n_q) if cfg.slopes else None, self.shard_heads))"
+        "alibi=Alibi(local_head_block(torch.ones(cfg.n_q), self.shard_heads), scale=0.5) "
+        "if cfg.slopes else None)"
     ) in code
     assert (
         "view(1, -1, local_num_kv_heads(self.n_grp, self.shard_heads), "

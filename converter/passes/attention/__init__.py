@@ -281,4 +281,6 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         rewriter.leave_ClassDef(s, s) if isinstance(s, cst.ClassDef) else s for s in module.body
     ]
     module = module.with_changes(body=body)
+    if any("alibi" in args for args in ctx.paged_attention.values()):
+        return add_import(module, IMPORT.replace("import ", "import Alibi, "))
     return add_import(module, IMPORT)

@@ -124,6 +124,21 @@ def pa_args(call: cst.Call) -> dict[str, str]:
     return out
 
 
+class _AlibiSlopes(cst.CSTTransformer):
+    """``Alibi(slopes, ...)``: one slope per query head, [H]; this rank's contiguous block."""
+
+    def __init__(self, flag: str | None) -> None:
+        self.flag, self.used = flag, set()
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if dotted(updated.func) != "Alibi" or not updated.args:
+            return updated
+        value, self.used = _head_block(updated.args[0].value, self.flag)
+        return updated.with_changes(
+            args=[updated.args[0].with_changes(value=value), *updated.args[1:]]
+        )
+
+
 class WrapPagedAttention(cst.CSTTransformer):
     def __init__(self, flag: str | None = None) -> None:
         self.used: set[str] = set()
@@ -141,9 +156,8 @@ class WrapPagedAttention(cst.CSTTransformer):
             if fn:
                 self.used.add(fn)
                 args[i] = arg.with_changes(value=_wrap(fn, arg.value, self.flag))
-            elif key == "alibi_slopes":
-                # one slope per query head, [H]: this rank's contiguous block of heads
-                value, used = _head_block(arg.value, self.flag)
-                self.used |= used
-                args[i] = arg.with_changes(value=value)
+            elif key == "alibi":
+                slopes = _AlibiSlopes(self.flag)
+                args[i] = arg.with_changes(value=arg.value.visit(slopes))
+                self.used |= slopes.used
         return updated.with_changes(args=args)

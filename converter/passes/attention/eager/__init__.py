@@ -21,7 +21,8 @@ is anchored on its ``softmax`` (catalogue pattern P2):
 The PagedAttention arguments (`eager_args`): the scale is the source's own factors on
 the q·kᵀ chain; ALiBi comes from ``[<type>.alibi]`` in rules/architectures.toml: ``bias``
 (the forward parameter holding the bias), ``slopes`` (an ``__init__`` expression: per-head
-slopes from the model's own builder), optionally ``enabled`` and ``bfloat16``. Slopes
+slopes from the model's own builder), optionally ``enabled`` and ``dtype`` (the one the
+model's builder computes ``slope * position`` in: ``"bfloat16"`` for Falcon). Slopes
 times key position equals the source's bias up to a per-query-row constant, which the
 softmax ignores. Mask buffers: `eager_masks`.
 """
@@ -121,7 +122,7 @@ def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.F
     body = keep_eager_arms(inline_softmax_helpers(ctx, node, list(forward.body.body), scope))
     new_body, args = _block(ctx, cls, node, forward, body, [], None, scope)
     new_forward = forward.with_changes(body=forward.body.with_changes(body=new_body))
-    if "alibi_slopes" in args:
+    if "alibi" in args:
         new_forward = new_forward.visit(BiasTests(_alibi(ctx)["bias"]))
     return new_forward, args
 

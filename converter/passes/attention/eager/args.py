@@ -3,13 +3,14 @@
 - scale: the factors multiplied into (``*``, ``*=``, ``alpha=``) or divided out of
   (``/``, ``/=``) the q·kᵀ chain before the softmax; none means 1.0. Factors applied
   after the ALiBi bias joined the chain (Falcon: ``(qkᵀ + alibi) * inv_norm``) scale the
-  slopes too, since the kernel adds ``slope * distance`` after scaling q·kᵀ.
+  bias too (``Alibi(..., scale=)``), since the kernel adds it after scaling q·kᵀ.
 - heads: from the view that splits q's (k's) heads. A 4-d view that IS the query the
   product reads is ``[B, H, T, D]`` by the cache contract (Falcon's
   ``transpose(1, 2).reshape(B, H, T, D)``); a view transposed afterwards is
   ``[B, T, H, D]`` (Bloom, MPT). A head count held in a forward local
   (``n_kv = self.a if self.flag else self.b``) is inlined: ``__init__`` has no locals.
-- ALiBi: ``[<type>.alibi]`` in rules/architectures.toml (see eager_core).
+- ALiBi: ``[<type>.alibi]`` in rules/architectures.toml (see eager_core), emitted as
+  ``alibi=Alibi(<slopes>, scale=<factors after the bias>, dtype=torch.<rule dtype>)``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from converter.passes.attention.interface import (
 )
 
 VIEWS = ("view", "reshape")
+ALIBI_DTYPES = ("float32", "bfloat16")  # runtime.attention.params.Alibi's dtypes
 _EMPTY = cst.Module(body=[])
 
 
@@ -122,6 +124,23 @@ def scale_of(
     return (" * ".join(factors) if factors else "1.0"), bias_factors
 
 
+def alibi_value(ctx: ConversionContext, alibi: dict, bias_factors: list[str]) -> str:
+    """``Alibi(<slopes>, scale=<factors on the bias>, dtype=torch.<dtype>)`` from the rule:
+    factors applied after the bias joined the scores scale the built bias."""
+    parts = [alibi["slopes"]]
+    if bias_factors:
+        parts.append(f"scale={' * '.join(bias_factors)}")
+    dtype = alibi.get("dtype", "float32")
+    if dtype not in ALIBI_DTYPES:
+        raise ctx.error(
+            f"[{ctx.model_type}.alibi] dtype = {dtype!r} in rules/architectures.toml",
+            hint=f"PagedAttention builds ALiBi in one of {ALIBI_DTYPES}",
+        )
+    if dtype != "float32":
+        parts.append(f"dtype=torch.{dtype}")
+    return f"Alibi({', '.join(parts)})"
+
+
 def _value_reads(stmt: cst.CSTNode) -> set[str]:
     """Names a statement reads, not counting the names its assignments bind."""
     if isinstance(stmt, cst.SimpleStatementLine):
@@ -178,16 +197,7 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     if window is not None:
         args["sliding_window"] = window
     if alibi and any(alibi["bias"] in names_read(s) for s in core):
-        slopes = alibi["slopes"]
-        if alibi.get("bfloat16"):  # the builder rounds slope * position: scale after it
-            args["alibi_slopes"] = slopes
-            if bias_factors:
-                args["alibi_scale"] = " * ".join(bias_factors)
-            args["alibi_bf16"] = "True"
-        elif bias_factors:
-            args["alibi_slopes"] = f"({slopes}) * {' * '.join(bias_factors)}"
-        else:
-            args["alibi_slopes"] = slopes
+        args["alibi"] = alibi_value(ctx, alibi, bias_factors)
     # Any other forward input the scores read (beyond q/k/v and masks) is a bias the
     # paged kernel would silently drop (e.g. a learned relative-position bias): refuse.
     params = {p.name.value for p in methods["forward"].params.params} - {"self"}

@@ -6,10 +6,10 @@
   computation written twice: the softmax arm, the eager path, stays.
 - `merge_arm_args`: an if/else whose arms each hold a core (Falcon's rotary arm and ALiBi
   arm) is rewritten arm by arm; the layer has one `PagedAttention`, so the arms must agree
-  on its arguments, except the ALiBi arm's slopes (and scale), which the rule's
+  on its arguments, except the ALiBi arm's ``alibi`` (and scale), which the rule's
   ``enabled`` expression (the config flag under which the model builds the bias) selects.
 - `BiasTests`: after the rewrite, the only reads of the ALiBi bias left are tests whether
-  there is one (``if alibi is None:``); the layer's slopes answer that.
+  there is one (``if alibi is None:``); the layer's ``alibi`` answers that.
 """
 
 from __future__ import annotations
@@ -55,11 +55,10 @@ def keep_eager_arms(body) -> list[cst.BaseStatement]:
 
 def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: str):
     """One PagedAttention's arguments for cores in several arms of a branch."""
-    biased = [a for a in arms if "alibi_slopes" in a]
-    plain = [a for a in arms if "alibi_slopes" not in a]
-    bias_keys = {k for a in arms for k in a if k.startswith("alibi_")}  # slopes, scale, bf16
+    biased = [a for a in arms if "alibi" in a]
+    plain = [a for a in arms if "alibi" not in a]
     merged = dict(arms[0])
-    for key in sorted(set().union(*arms) - bias_keys - {"scale"}):
+    for key in sorted(set().union(*arms) - {"alibi", "scale"}):
         values = {a.get(key) for a in arms}
         if len(values) != 1:
             raise ctx.error(
@@ -71,7 +70,7 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
             )
     scales = {a["scale"] for a in arms}
     if not biased or not plain:
-        if len(scales) != 1 or any(len({a.get(k) for a in arms}) != 1 for k in bias_keys):
+        if len(scales) != 1 or len({a.get("alibi") for a in arms}) != 1:
             raise ctx.error(
                 f"eager attention cores in the arms of one branch use different scales "
                 f"{sorted(scales)}",
@@ -95,8 +94,7 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
         raise ctx.error(
             "eager attention cores of one kind use different scales", where, scope=scope
         )
-    for key in sorted(bias_keys):
-        merged[key] = f"{with_bias[key]} if {enabled} else None"
+    merged["alibi"] = f"{with_bias['alibi']} if {enabled} else None"
     if with_bias["scale"] != without["scale"]:
         merged["scale"] = f"{with_bias['scale']} if {enabled} else {without['scale']}"
     return merged
@@ -119,7 +117,7 @@ def same_arms(stmt: cst.If) -> list[cst.BaseStatement]:
 
 
 class BiasTests(cst.CSTTransformer):
-    """``bias is None`` / ``bias is not None`` -> the same test on ``self.attn.alibi_slopes``."""
+    """``bias is None`` / ``bias is not None`` -> the same test on ``self.attn.alibi``."""
 
     def __init__(self, bias: str) -> None:
         self.bias = bias
@@ -132,5 +130,5 @@ class BiasTests(cst.CSTTransformer):
             ],
         )
         if m.matches(updated, test):
-            return updated.with_changes(left=cst.parse_expression("self.attn.alibi_slopes"))
+            return updated.with_changes(left=cst.parse_expression("self.attn.alibi"))
         return updated
