@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from attention_cases import (
     assert_close,
@@ -12,6 +13,7 @@ from attention_cases import (
 )
 from hypothesis import given, settings
 
+from runtime.attention import AttentionParams, PagedAttention
 from runtime.attention.reference import (
     gather_sequence_kv,
     paged_attention_ref,
@@ -57,3 +59,16 @@ def test_reference_cache_write_skips_negative_slots():
         assert torch.equal(batch.kv_cache[1, block, offset], batch.value[t])
     written = torch.isnan(before) & ~torch.isnan(batch.kv_cache)
     assert int(written.sum()) == 2 * 2 * 2 * 64  # two tokens, K and V, 2 heads x 64
+
+
+def test_params_take_transformers_off_values_and_a_layer_rebuilds_them():
+    params = AttentionParams(1, sliding_window=0, logits_soft_cap=-1.0)
+    assert (params.scale, params.sliding_window, params.logits_soft_cap) == (1.0, None, None)
+    assert AttentionParams(0.5, sliding_window=4096.0).sliding_window == 4096
+    with pytest.raises(TypeError, match="alibi must be an Alibi"):
+        AttentionParams(1.0, alibi=[0.5, 0.25])
+    layer = PagedAttention(2, 64, 0.125, sliding_window=8)
+    built = layer.params
+    layer.sliding_window = None  # a test switching the window off on a built model
+    assert layer.params is not built and layer.params.sliding_window is None
+    assert layer.params.scale == 0.125 and "sliding_window=None" in repr(layer)

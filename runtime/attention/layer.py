@@ -70,7 +70,9 @@ class PagedAttention(nn.Module):
         self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.num_kv_heads = num_kv_heads
         self.kv_cache_index = kv_cache_index
-        self.params = AttentionParams(scale, sliding_window, logits_soft_cap, alibi)
+        self.params = AttentionParams(
+            scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi=alibi
+        )
 
     @property
     def params(self) -> AttentionParams:
