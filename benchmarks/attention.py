@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from runtime.attention.metadata import InputMetadata
 from runtime.attention.params import AttentionParams
 from runtime.attention.triton_config import DecodeConfig, choose_num_splits
 from runtime.attention.triton_ops import paged_attention
+from runtime.engine.step_inputs import StepInputs
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SCALE = D**-0.5
@@ -137,7 +137,11 @@ def decode_setup(batch: int, ctx: int, block_size: int, shuffle: bool = True):
     sdpa = sdpa_calls(q, k, v)
     expected = next(iter(sdpa.values()))().view(batch, HQ, D).float()
     cache, tables = paged_copy(k, v, block_size, shuffle)
-    md = InputMetadata.build(tables, [ctx - 1] * batch, [1] * batch, block_size, device="cuda")
+    md = (
+        StepInputs.build(tables, [ctx - 1] * batch, [1] * batch, block_size)
+        .to_device("cuda")
+        .metadata
+    )
     query = q.view(batch, HQ, D)  # [T=B, Hq, D]
 
     def paged(cfg: DecodeConfig | None = None):
@@ -158,7 +162,7 @@ def prefill_setup(ctx: int, new: int):
         sdpa.update({n: c for n, c in sdpa_calls(q, k, v, is_causal=True).items() if n != "flash"})
     expected = flash()[0].transpose(0, 1).float()  # [Q, Hq, D]
     cache, tables = paged_copy(k, v, 16)
-    md = InputMetadata.build(tables, [ctx], [new], 16, device="cuda")
+    md = StepInputs.build(tables, [ctx], [new], 16).to_device("cuda").metadata
     query = q[0].transpose(0, 1).contiguous()  # [Q, Hq, D]
 
     def paged(cfg=None):

@@ -39,29 +39,19 @@ class DemoResult:
         )
 
 
-@torch.inference_mode()
 def paged_logits(
     model, token_ids: list[int], prompt_len: int, block_size: int = 16
 ) -> torch.Tensor:
-    """Logits ``[len(token_ids) - prompt_len + 1, vocab]``: the prompt's last token after one
-    prefill, then one decode step per following token, all through a paged KV cache."""
-    from runtime.attention import InputMetadata
-    from runtime.kv_cache import allocate_kv_caches
+    """Logits ``[len(token_ids) - prompt_len + 1, vocab]`` (float32, CPU): the prompt's last
+    token after one prefill, then one decode step per following token, all through a
+    paged KV cache (the engine's `ModelRunner`, as `hf2paged verify` drives it)."""
+    from hf2paged.verify.parity import PagedSequences
 
     param = next(model.parameters())
     num_blocks = -(-len(token_ids) // block_size)
-    kv_caches = allocate_kv_caches(model, num_blocks, block_size, param.dtype, param.device)
-    # A block table in reverse order: a model that ignored it would not match HF.
-    table = list(reversed(range(num_blocks)))
-    rows = []
-    done = 0
-    for end in [prompt_len, *range(prompt_len + 1, len(token_ids) + 1)]:
-        md = InputMetadata.build([table], [done], [end - done], block_size, param.device)
-        ids = torch.tensor(token_ids[done:end], device=param.device)  # [T]
-        positions = torch.arange(done, end, device=param.device)  # [T]
-        hidden = model(ids, positions, kv_caches, md)  # [T, hidden]
-        rows.append(model.compute_logits(hidden, md).float())  # [1, vocab]
-        done = end
+    seqs = PagedSequences(model, block_size, num_blocks, param.device, param.dtype)
+    rows = [seqs.step([(0, token_ids[:prompt_len])])[0][-1:]]  # [1, vocab]
+    rows += [seqs.step([(0, [token])])[0] for token in token_ids[prompt_len:]]
     return torch.cat(rows)  # [steps + 1, vocab]
 
 
@@ -76,18 +66,6 @@ def _engine_model(llm):
     return None
 
 
-def _load_generated(model_dir, dtype, device):
-    from generated import get_model_class
-    from runtime.loader import iter_weights, load_config
-
-    config = load_config(model_dir)
-    cls = get_model_class(config.architectures[0], config.model_type)
-    with torch.device(device):
-        model = cls(config).to(dtype)
-    model.load_weights(iter_weights(model_dir))
-    return model.eval()
-
-
 def run_demo(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -100,6 +78,7 @@ def run_demo(
     from transformers.utils import logging as hf_logging
 
     from runtime.engine import LLM, SamplingParams
+    from runtime.engine.build_model import build_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -152,11 +131,11 @@ def run_demo(
     )
     # Our logits through the paged cache: prefill the prompt, then decode answer tokens.
     steps = min(parity_steps, len(answer_ids) - 1)
-    model = _engine_model(llm) or _load_generated(model_dir, dtype, device)
+    model = _engine_model(llm) or build_model(model_dir, dtype, device)
     ours = paged_logits(
         model, prompt_ids + answer_ids[:steps], len(prompt_ids)
     )  # [steps + 1, vocab]
-    diffs = (ours - hf_logits[: steps + 1]).abs().amax(dim=-1).tolist()
+    diffs = (ours - hf_logits[: steps + 1].cpu()).abs().amax(dim=-1).tolist()
     timings["parity check"] = time.perf_counter() - t
     log("parity with transformers (same weights and inputs):")
     log(f"  prompt ({len(prompt_ids)} tokens), last-token logits: max |diff| = {diffs[0]:.2e}")

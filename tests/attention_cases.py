@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from runtime.attention.kv_layout import kv_cache_shape, split_kv_cache
 from runtime.attention.metadata import InputMetadata
 from runtime.attention.params import Alibi, AttentionParams
+from runtime.engine.step_inputs import StepInputs
 
 HEAD_LAYOUTS = [(2, 2), (4, 2), (4, 1), (6, 2), (3, 3)]  # (Hq, Hkv): MHA, GQA, MQA, odd G
 # (atol, rtol). bf16 probabilities are rounded to 8 bits before P @ V (the interpreter
@@ -109,9 +110,8 @@ def make_batch(
     for n in needed:
         tables.append(ids[start : start + n])
         start += n
-    metadata = InputMetadata.build(
-        tables, [c for c, _ in shapes], [q for _, q in shapes], block_size
-    )
+    step = StepInputs.build(tables, [c for c, _ in shapes], [q for _, q in shapes], block_size)
+    metadata = step.to_device().metadata
     # Extra -1 columns: kernels must never follow an entry past a sequence's end.
     metadata.block_tables = torch.cat(
         [metadata.block_tables, torch.full((len(shapes), pad_columns), -1, dtype=torch.int32)], 1

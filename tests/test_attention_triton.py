@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.attention import Alibi, PagedAttention
-from runtime.attention.metadata import InputMetadata
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_config import DecodeConfig
 from runtime.attention.triton_ops import paged_attention, reshape_and_cache
+from runtime.engine.step_inputs import StepInputs
 
 # Interpreter on CPU (tests/conftest.py); the same tests run the compiled kernels on a GPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +147,7 @@ def test_paged_attention_module_triton_backend(monkeypatch):
     tables = [[3, 0, 6], [5, 1, 7]]
     steps = [([0, 0], [7, 3]), ([7, 3], [2, 4]), ([9, 7], [1, 1]), ([10, 8], [1, 1])]
     for context, new in steps:
-        metadata = InputMetadata.build(tables, context, new, block_size, device=DEVICE)
+        metadata = StepInputs.build(tables, context, new, block_size).to_device(DEVICE).metadata
         q = torch.randn(sum(new), heads * head_dim, device=DEVICE)  # [T, Hq*D]
         k = torch.randn(sum(new), kv_heads * head_dim, device=DEVICE)  # [T, Hkv*D]
         v = torch.randn(sum(new), kv_heads * head_dim, device=DEVICE)  # [T, Hkv*D]

@@ -18,10 +18,10 @@ from test_attention_triton import DEVICE, run_triton
 
 from runtime.attention import PagedAttention
 from runtime.attention.kv_layout import kv_cache_shape, split_kv_cache
-from runtime.attention.metadata import InputMetadata
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_config import DecodeConfig
 from runtime.attention.triton_ops import reshape_and_cache
+from runtime.engine.step_inputs import StepInputs
 
 
 def test_layout_holds_keys_then_values_without_padding():
@@ -94,7 +94,7 @@ def test_layer_returns_value_dim_heads_on_both_backends(monkeypatch):
     }
     tables = [[3, 0, 6], [5, 1, 7]]
     for context, new in [([0, 0], [7, 3]), ([7, 3], [2, 4]), ([9, 7], [1, 1])]:
-        metadata = InputMetadata.build(tables, context, new, block_size, device=DEVICE)
+        metadata = StepInputs.build(tables, context, new, block_size).to_device(DEVICE).metadata
         # As MLA builds them: q head-major ([H, T, D] transposed back), v a slice of a
         # per-head [nope | v] projection. Neither is token-major contiguous.
         q = torch.randn(heads, sum(new), dim, device=DEVICE).transpose(0, 1)  # [T, Hq, D]

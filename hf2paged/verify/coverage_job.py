@@ -2,7 +2,7 @@
 
 convert (in memory, never touching generated/) -> tiny random HF model, saved with
 `save_pretrained` to a temp dir -> import the generated module from a temp dir ->
-build it and load the checkpoint through its own `load_weights` -> logits of a
+build it and load the checkpoint through its own `load_weights` (`build_model`) -> logits of a
 mixed-length prefill, decode steps through the paged cache and a chunked prefill,
 against HF eager (hf2paged/verify/parity.py). Every failure becomes an `Outcome` with the
 stage it happened in and one line of reason; nothing escapes to the pool.
@@ -33,9 +33,9 @@ class Outcome:
     parity: bool | None = None
     max_diff: float | None = None
     tolerance: float | None = None
-    stage: str = (
-        ""  # where it failed: convert, config, hf, import, build, load, run, parity, timeout, crash
-    )
+    # where it failed: convert, config, hf, import, build (incl. loading the weights), run,
+    # parity, timeout, crash
+    stage: str = ""
     reason: str = ""
     seconds: float = 0.0
 
@@ -165,12 +165,8 @@ def _check(model_type: str, architecture: str, tmp: Path, out: Outcome) -> None:
     module = _stage(out, "import", _import, generated.text, tmp / "module", model_type)
     if module is None:
         return
-    # As serving does: the config read back from the checkpoint (save_pretrained leaves
-    # the in-memory one with string dtypes).
     model = _stage(out, "build", _build, module, hf_cls, tmp / "checkpoint")
     if model is None:
-        return
-    if _stage(out, "load", _load, model, tmp / "checkpoint") is None:
         return
     report = _stage(out, "run", _run, model, case)
     if report is None:
@@ -233,25 +229,16 @@ def _import(text: str, directory: Path, model_type: str):
 
 
 def _build(module, hf_cls, model_dir: Path):
-    import torch
+    """The converted class built and loaded from the checkpoint, as serving does
+    (`build_model`), with the config read back from it (save_pretrained leaves the
+    in-memory one with string dtypes)."""
+    from runtime.engine.build_model import build_model
 
     cls = getattr(module, hf_cls.__name__, None)
     if cls is None:
         raise AttributeError(f"the generated module has no class {hf_cls.__name__}")
     config = hf_cls.config_class.from_pretrained(model_dir)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return cls(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _load(model, model_dir: Path):
-    from runtime.loader import iter_weights
-
-    model.load_weights(iter_weights(model_dir))
-    return True
+    return build_model(model_dir, config=config, model_class=cls)
 
 
 def _run(model, case):

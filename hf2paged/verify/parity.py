@@ -1,7 +1,8 @@
 """Logit parity of a generated model against HF transformers (eager attention).
 
-Shared by `hf2paged verify` and the parity tests (tests/parity/). The scenario drives
-the generated model through the paged runtime the way serving does:
+Shared by `hf2paged verify`, `hf2paged coverage` and the parity tests (tests/parity/).
+The scenario drives the generated model through the engine's `ModelRunner` the way
+serving does:
 
 1. one flattened prefill of several prompts of different lengths (every position's
    logits compared, through `logits_indices`);
@@ -70,28 +71,34 @@ class ParityReport:
         )
 
 
-class PagedRunner:
-    """A minimal driver: per-sequence block tables, one KV cache per attention layer."""
+class PagedSequences:
+    """Sequences fed to a model step by step through the engine's `ModelRunner`, each with
+    its own block table; blocks are handed out in a scrambled order, so consecutive blocks
+    of a sequence are not adjacent in the cache."""
 
     def __init__(self, model, block_size: int, num_blocks: int, device, dtype) -> None:
+        import torch
+
+        from runtime.engine.model_runner import ModelRunner
         from runtime.kv_cache import allocate_kv_caches
 
-        self.model, self.block_size, self.device = model, block_size, device
+        self.block_size = block_size
         # one cache per kv_cache_index (or per declared slot), as the engine allocates
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, dtype, device)
-        # Scrambled so consecutive blocks of a sequence are not adjacent in the cache.
+        caches = allocate_kv_caches(model, num_blocks, block_size, dtype, device)
+        self.runner = ModelRunner(model, caches, torch.device(device))
         self.free = list(range(num_blocks))
         random.Random(1).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
 
     def step(self, batch: list[tuple[int, list[int]]]) -> list[Any]:
-        """Feed each (seq, new tokens); returns each sequence's logits for every new token."""
+        """Feed each (seq, new tokens) in one step; returns each sequence's logits
+        ``[new tokens, vocab]`` (float32, CPU), one row per new token."""
         import torch
 
-        from runtime.attention import InputMetadata
+        from runtime.engine.step_inputs import StepInputs
 
-        tables, ctx_lens, query_lens, ids, positions, rows = [], [], [], [], [], []
+        tables, ctx_lens, query_lens, ids = [], [], [], []
         for seq, toks in batch:
             done = self.lens.get(seq, 0)
             table = self.tables.setdefault(seq, [])
@@ -100,18 +107,12 @@ class PagedRunner:
             tables.append(table)
             ctx_lens.append(done)
             query_lens.append(len(toks))
-            rows.extend(range(len(ids), len(ids) + len(toks)))
             ids.extend(toks)
-            positions.extend(range(done, done + len(toks)))
             self.lens[seq] = done + len(toks)
-        md = InputMetadata.build(
-            tables, ctx_lens, query_lens, self.block_size, self.device, logits_indices=rows
+        inputs = StepInputs.build(
+            tables, ctx_lens, query_lens, self.block_size, ids, logits_indices=range(len(ids))
         )
-        input_ids = torch.tensor(ids, device=self.device)  # [T]
-        pos = torch.tensor(positions, device=self.device)  # [T]
-        with torch.inference_mode():
-            hidden = self.model(input_ids, pos, self.kv_caches, md)  # [T, hidden]
-            logits = self.model.compute_logits(hidden, md).float().cpu()  # [T, vocab]
+        logits = self.runner.execute(inputs).float().cpu()  # [T, vocab]
         return list(torch.split(logits, query_lens))
 
 
@@ -123,25 +124,25 @@ def run_generated(
 
     dtype = dtype or torch.float32
     total_blocks = sum(-(-len(t) // scenario.block_size) for t in tokens) + 4
-    runner = PagedRunner(model, scenario.block_size, total_blocks, device, dtype)
+    seqs = PagedSequences(model, scenario.block_size, total_blocks, device, dtype)
     records: list[Record] = []
     prompts = list(range(len(scenario.prompt_lens)))
     batch = [(s, tokens[s][: scenario.prompt_lens[s]]) for s in prompts]
-    for (s, _), out in zip(batch, runner.step(batch)):
+    for (s, _), out in zip(batch, seqs.step(batch)):
         records.append(Record("prefill", 0, s, 0, out))
     for step in range(1, scenario.decode_steps + 1):
         batch = [(s, [tokens[s][scenario.prompt_lens[s] + step - 1]]) for s in prompts]
-        for (s, _), out in zip(batch, runner.step(batch)):
-            records.append(Record("decode", step, s, runner.lens[s] - 1, out))
+        for (s, _), out in zip(batch, seqs.step(batch)):
+            records.append(Record("decode", step, s, seqs.lens[s] - 1, out))
     chunked, decoding = len(tokens) - 1, 1 % len(prompts)
     start = 0
     for i, size in enumerate(scenario.chunks):
-        pos = runner.lens[decoding]
+        pos = seqs.lens[decoding]
         batch = [
             (chunked, tokens[chunked][start : start + size]),
             (decoding, [tokens[decoding][pos]]),
         ]
-        outs = runner.step(batch)
+        outs = seqs.step(batch)
         records.append(Record("chunked", i, chunked, start, outs[0]))
         records.append(Record("chunked", i, decoding, pos, outs[1]))
         start += size
@@ -180,31 +181,14 @@ def compare(arch: str, records: list[Record], reference: list[Any]) -> ParityRep
     return report
 
 
-def build_generated(config, model_dir: Path, device="cpu", dtype=None):
-    """The generated class for `config`, built and loaded strictly from `model_dir`."""
-    import torch
-
-    from generated import get_model_class
-    from runtime.loader import iter_weights
-
-    cls = get_model_class(config.architectures[0], getattr(config, "model_type", None))
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or torch.float32)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.load_weights(iter_weights(model_dir))
-    return model.eval()
-
-
 def verify_model_dir(
     model_dir: Path, dtype: str = "float32", decode_steps: int = 8, seed: int = 0
 ) -> ParityReport:
     """`hf2paged verify`: HF eager vs the generated model on random prompts."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from runtime.engine.build_model import build_model
 
     torch_dtype = {
         "float32": torch.float32,
@@ -231,6 +215,6 @@ def verify_model_dir(
     tokens = scenario.tokens(min(config.vocab_size, 32000))
     reference = hf_reference(hf, tokens, device)
     del hf
-    model = build_generated(config, model_dir, device, torch_dtype)
+    model = build_model(model_dir, torch_dtype, device, config=config)
     records = run_generated(model, tokens, scenario, device, torch_dtype)
     return compare(config.architectures[0], records, reference)

@@ -1,8 +1,10 @@
-"""Per-step batch description shared by every attention layer of a forward pass."""
+"""Per-step batch description shared by every attention layer of a forward pass.
+
+The engine builds it (`runtime.engine.step_inputs.StepInputs`); generated models and
+attention layers only read it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,53 +80,3 @@ class InputMetadata:
             return self.query_lens_cpu
         loc = self.query_start_loc.tolist()
         return [loc[i + 1] - loc[i] for i in range(len(loc) - 1)]
-
-    @classmethod
-    def build(
-        cls,
-        block_tables: Sequence[Sequence[int]],
-        context_lens: Sequence[int],
-        query_lens: Sequence[int],
-        block_size: int,
-        device: torch.device | str = "cpu",
-        logits_indices: Sequence[int] | None = None,
-    ) -> InputMetadata:
-        """Metadata for sequences that already hold ``context_lens`` cached tokens and
-        append ``query_lens`` new ones, with the given per-sequence block tables.
-
-        ``logits_indices`` defaults to the last new token of every sequence.
-        """
-        if not (len(block_tables) == len(context_lens) == len(query_lens)):
-            raise ValueError("block_tables, context_lens and query_lens differ in length")
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        for table, ctx, qlen in zip(block_tables, context_lens, query_lens):
-            if qlen <= 0:
-                raise ValueError(f"every sequence needs at least one new token, got {qlen}")
-            total = ctx + qlen
-            if total > len(table) * block_size:
-                raise ValueError(f"{total} tokens do not fit {len(table)} blocks of {block_size}")
-            for pos in range(ctx, total):
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            starts.append(starts[-1] + qlen)
-            seq_lens.append(total)
-        max_blocks = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [-1] * (max_blocks - len(t)) for t in block_tables]
-        if logits_indices is None:
-            logits_indices = [s - 1 for s in starts[1:]]
-        query_lens = list(query_lens)
-        return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
-                len(block_tables), max_blocks
-            ),
-            max_query_len=max(query_lens, default=0),
-            max_seq_len=max(seq_lens, default=0),
-            num_prefill_tokens=sum(q for q in query_lens if q > 1),
-            logits_indices=torch.tensor(list(logits_indices), dtype=torch.int64, device=device),
-            seq_lens_cpu=seq_lens,
-            query_lens_cpu=query_lens,
-        )

@@ -17,12 +17,11 @@ runs the same steps in the same order, so the model's all-reduces pair up.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from runtime.attention.layer import attention_layers
 from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
-from runtime.engine.model_runner import StepInputs
+from runtime.engine.step_inputs import StepInputs
 
 
 def decode_variant_sizes(
@@ -41,30 +40,16 @@ def decode_variant_sizes(
     return sorted(first_size.values())
 
 
-def dummy_step(num_decode: int, prefill_len: int) -> StepInputs:
+def dummy_step(num_decode: int, prefill_len: int, block_size: int) -> StepInputs:
     """`num_decode` one-token rows and, when `prefill_len` > 1, one prompt chunk of that
-    many tokens; nothing is stored and nothing samples."""
-    query_lens = np.array(
-        [prefill_len] * (prefill_len > 1) + [1] * num_decode, dtype=np.int64
-    )  # [B]
-    num_seqs = query_lens.shape[0]
-    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)  # [B+1]
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    total = int(query_start_loc[-1])
-    seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [T]
-    positions = np.arange(total) - query_start_loc[:-1][seq_of_token]  # [T]
-    return StepInputs(
-        input_ids=np.zeros(total, dtype=np.int64),
-        positions=positions,
-        slot_mapping=np.full(total, -1, dtype=np.int64),
-        query_start_loc=query_start_loc,
-        seq_lens=query_lens.copy(),
-        block_tables=np.zeros((num_seqs, 1), dtype=np.int64),
-        logits_indices=np.zeros(0, dtype=np.int64),
-        max_query_len=int(query_lens.max()),
-        max_seq_len=int(query_lens.max()),
-        num_prefill_tokens=int(query_lens[query_lens > 1].sum()),
-    )
+    many tokens (at most `block_size`), all in block 0; nothing is stored and nothing
+    samples."""
+    query_lens = [prefill_len] * (prefill_len > 1) + [1] * num_decode
+    num_seqs = len(query_lens)
+    step = StepInputs.build([[0]] * num_seqs, [0] * num_seqs, query_lens, block_size,
+                            logits_indices=[])  # fmt: skip
+    step.slot_mapping.fill(-1)  # store nothing: block 0 may belong to a sequence
+    return step
 
 
 def warm_up_steps(model, max_num_seqs: int, block_size: int, device: torch.device):
@@ -72,9 +57,9 @@ def warm_up_steps(model, max_num_seqs: int, block_size: int, device: torch.devic
     for each decode variant a decode-only step and one mixed with a prompt chunk."""
     kv_heads = {layer.num_kv_heads for layer in attention_layers(model)}
     chunk = min(2, block_size)  # a prompt chunk inside block 0
-    steps = [dummy_step(0, chunk)]
+    steps = [dummy_step(0, chunk, block_size)]
     for size in decode_variant_sizes(max_num_seqs, kv_heads, device):
-        steps += [dummy_step(size, 0), dummy_step(size, chunk)]
+        steps += [dummy_step(size, 0, block_size), dummy_step(size, chunk, block_size)]
     return steps
 
 
@@ -84,7 +69,7 @@ def warm_up_kernels(runner, max_num_seqs: int) -> int:
     returns how many ran."""
     steps = warm_up_steps(runner.model, max_num_seqs, runner.block_size, runner.device)
     for inputs in steps:
-        ids, pos, metadata = runner.build(inputs)
+        ids, pos, metadata = runner.tensors(inputs)
         runner.model(ids, pos, runner.kv_caches, metadata)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)

@@ -11,12 +11,12 @@ from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.loading import check_model, check_request, eos_token_ids, load_tokenizer
-from runtime.engine.model_runner import prepare_step
 from runtime.engine.outputs import RequestOutput
 from runtime.engine.sampler import Sampler
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import Scheduler
 from runtime.engine.sequence import Sequence, SequenceStatus
+from runtime.engine.step_inputs import prepare_step
 
 Prompt = str | list[int]
 

@@ -18,16 +18,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from runtime.engine.build_model import build_model
 from runtime.engine.config import EngineConfig
-from runtime.engine.loading import architecture
-from runtime.engine.model_runner import ModelRunner, StepInputs, dummy_prefill_inputs
+from runtime.engine.model_runner import ModelRunner
+from runtime.engine.step_inputs import StepInputs, dummy_prefill
 from runtime.kv_cache import (
     allocate_kv_caches,
     cuda_kv_budget_bytes,
     kv_cache_block_bytes,
     num_blocks_for_budget,
 )
-from runtime.loader import iter_weights, load_config
 
 # KV cache on CPU without kv_cache_memory_bytes: room for this many full contexts, but
 # no more than this many bytes (CPU memory is shared with everything else).
@@ -39,26 +39,14 @@ class Worker:
     """One rank: builds the generated model, loads its weights, owns its KV cache."""
 
     def __init__(self, config: EngineConfig) -> None:
-        import generated
-
         self.config = config
         if config.device_type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-        hf_config = load_config(config.model)
-        arch = architecture(hf_config) or "?"
-        cls = generated.get_model_class(arch, getattr(hf_config, "model_type", None))
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(config.dtype)
-        try:
-            with torch.device(self.device):
-                model = cls(hf_config)
-        finally:
-            torch.set_default_dtype(previous)
-        # Streams the checkpoint one tensor at a time; each weight_loader keeps its shard.
-        model.load_weights(iter_weights(config.model))
-        self.model = model.eval()
+        self.model = build_model(
+            config.model, config.dtype, self.device, config.tensor_parallel_size
+        )
         self.runner: ModelRunner | None = None
 
     def available_blocks(self) -> int:
@@ -90,7 +78,7 @@ class Worker:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         runner = ModelRunner(self.model, caches, self.device)
-        runner.execute(dummy_prefill_inputs(lens, cfg.block_size))
+        runner.execute(dummy_prefill(lens, cfg.block_size))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
         del caches, runner

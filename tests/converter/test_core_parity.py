@@ -3,10 +3,10 @@
 For each architecture: a tiny random HF model (eager attention, float32) saved with
 `save_pretrained`; the CORE-converted module imported and loaded name-for-name from the
 safetensors (strict, tied weights from `ctx.tied_weights_keys`); then one flattened
-prefill of 3 sequences of different lengths (every position's logits compared) and
-decode steps through the paged cache (torch reference backend), against HF run on each
-whole sequence. The full harness (TP=2, chunked prefill, real load_weights) is
-tests/parity/.
+prefill of 3 sequences of different lengths (every position's logits compared), decode
+steps through the paged cache and a chunked prefill (`hf2paged.verify.parity`'s scenario,
+through the engine's ModelRunner), against HF run on each whole sequence. The full
+harness (TP=2, real load_weights) is tests/parity/.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from converter.pipeline import CORE, convert_source  # noqa: E402
-from runtime.attention import InputMetadata, attention_layers  # noqa: E402
+from hf2paged.verify.parity import (  # noqa: E402
+    ParityReport,
+    Scenario,
+    compare,
+    hf_reference,
+    run_generated,
+)
+from runtime.attention import attention_layers  # noqa: E402
 
 MODELS = Path(transformers.__file__).parent / "models"
 BASE = dict(
@@ -47,9 +54,7 @@ CONFIGS = {
     "gemma2": dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
     "phi3": dict(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
-PROMPT_LENS = [5, 9, 3]
-DECODE_STEPS = 4
-BLOCK_SIZE = 4
+SCENARIO = Scenario(prompt_lens=(5, 9, 3), decode_steps=4, chunks=(4, 3), block_size=4)
 TOL = 1e-4
 
 
@@ -85,32 +90,8 @@ def load_strict(model: torch.nn.Module, ckpt: dict[str, torch.Tensor], ctx, conf
     assert not unused, f"unused checkpoint keys {sorted(unused)}"
 
 
-def run_paged(model, seqs, steps, num_blocks):
-    """Prefill all prompts in one flattened batch, then `steps` decodes; yields logits."""
-    layers = attention_layers(model)
-    caches = [torch.zeros(layer.kv_cache_shape(num_blocks, BLOCK_SIZE)) for layer in layers]
-    per_seq = num_blocks // len(seqs)
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
-    tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(seqs))]
-    prompt = [s[: PROMPT_LENS[i]] for i, s in enumerate(seqs)]
-    ids = torch.cat(prompt)
-    positions = torch.cat([torch.arange(len(p)) for p in prompt])
-    meta = InputMetadata.build(
-        tables, [0] * len(seqs), PROMPT_LENS, BLOCK_SIZE, logits_indices=list(range(len(ids)))
-    )
-    with torch.no_grad():
-        hidden = model(ids, positions, caches, meta)
-        yield model.compute_logits(hidden, meta)
-        for step in range(steps):
-            ctxs = [PROMPT_LENS[i] + step for i in range(len(seqs))]
-            ids = torch.stack([seqs[i][c] for i, c in enumerate(ctxs)])
-            meta = InputMetadata.build(tables, ctxs, [1] * len(seqs), BLOCK_SIZE)
-            hidden = model(ids, torch.tensor(ctxs), caches, meta)
-            yield model.compute_logits(hidden, meta)
-
-
-def parity_diffs(case: str, tmp_path: Path, tamper=None) -> list[float]:
-    """Max |logit diff| vs HF for the prefill, then each decode step."""
+def parity_report(case: str, tmp_path: Path, tamper=None) -> ParityReport:
+    """Max |logit diff| vs HF for the prefill, each decode step and the chunked prefill."""
     model_type = case.split("-")[0]
     source = MODELS / model_type / f"modeling_{model_type}.py"
     core = convert_source(source.read_text(), source, stages=CORE, render=False)
@@ -124,31 +105,18 @@ def parity_diffs(case: str, tmp_path: Path, tamper=None) -> list[float]:
     load_strict(model, ckpt, core.ctx, config)
     if tamper is not None:
         tamper(model)
-
-    gen = torch.Generator().manual_seed(0)
-    seqs = [
-        torch.randint(0, config.vocab_size, (n + DECODE_STEPS,), generator=gen) for n in PROMPT_LENS
-    ]
-    outputs = run_paged(model, seqs, DECODE_STEPS, num_blocks=3 * 6)
-    prefill = next(outputs)
-    with torch.no_grad():
-        ref = torch.cat([hf(s[:n][None]).logits[0] for s, n in zip(seqs, PROMPT_LENS)])
-    diffs = [(prefill - ref).abs().max().item()]
-    for step, logits in enumerate(outputs):
-        with torch.no_grad():
-            ref = torch.stack(
-                [hf(s[: n + step + 1][None]).logits[0, -1] for s, n in zip(seqs, PROMPT_LENS)]
-            )
-        diffs.append((logits - ref).abs().max().item())
-    assert ref.abs().max() > 1.0  # logits are O(1-10): the comparison is meaningful
-    return diffs
+    tokens = SCENARIO.tokens(config.vocab_size)
+    reference = hf_reference(hf, tokens)
+    # logits are O(1-10): the comparison is meaningful
+    assert max(r.abs().max() for r in reference) > 1.0
+    return compare(case, run_generated(model, tokens, SCENARIO), reference)
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 def test_core_parity(case, tmp_path):
-    diffs = parity_diffs(case, tmp_path)
-    print(f"{case}: prefill {diffs[0]:.2e}, decode max {max(diffs[1:]):.2e}")
-    assert max(diffs) < TOL, f"{case}: max |logit diff| per step {diffs}"
+    report = parity_report(case, tmp_path)
+    print(report.format())
+    assert report.max_diff < TOL, report.format()
 
 
 def test_parity_check_is_sensitive(tmp_path):
@@ -158,4 +126,4 @@ def test_parity_check_is_sensitive(tmp_path):
         for layer in attention_layers(model):
             layer.sliding_window = None
 
-    assert max(parity_diffs("mistral", tmp_path, no_window)) > 1e-2
+    assert parity_report("mistral", tmp_path, no_window).max_diff > 1e-2

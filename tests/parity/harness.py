@@ -16,7 +16,8 @@ import torch
 from configs import CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf2paged.verify.parity import Scenario, build_generated, compare, hf_reference, run_generated
+from hf2paged.verify.parity import Scenario, compare, hf_reference, run_generated
+from runtime.engine.build_model import build_model
 
 ATOL = 1e-4
 SCENARIO = Scenario()
@@ -48,8 +49,7 @@ def make_case(arch: str, root: Path) -> Case:
 
 
 def generated_records(case: Case, tweak=None):
-    config = AutoConfig.from_pretrained(case.model_dir)
-    model = build_generated(config, case.model_dir)
+    model = build_model(case.model_dir)
     if tweak is not None:
         tweak(model)
     return run_generated(model, case.tokens, SCENARIO)
@@ -63,8 +63,7 @@ def tp_worker(rank: int, world_size: int, jobs: list[tuple[str, str, list[list[i
     """Every (arch, model_dir, tokens) job on this rank; rank 0 returns the records."""
     out = {}
     for arch, model_dir, tokens in jobs:
-        config = AutoConfig.from_pretrained(model_dir)
-        model = build_generated(config, Path(model_dir))
+        model = build_model(model_dir, tp=world_size)
         records = run_generated(model, tokens, SCENARIO)
         # numpy pickles by value; torch tensors would go through shared-memory file
         # descriptors that die with this process.

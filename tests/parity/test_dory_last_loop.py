@@ -12,7 +12,8 @@ import torch
 from configs import CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from hf2paged.verify.parity import PagedRunner, build_generated
+from hf2paged.verify.parity import PagedSequences
+from runtime.engine.build_model import build_model
 
 PIECES = [6, 3, 1, 1, 1, 1, 1]  # tokens per forward
 
@@ -24,9 +25,9 @@ def test_last_loop_matches_hf_cached_path(tmp_path):
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     hf.save_pretrained(tmp_path)
-    model = build_generated(AutoConfig.from_pretrained(tmp_path), tmp_path)
+    model = build_model(tmp_path)
     tokens = torch.randint(3, config.vocab_size, (sum(PIECES),)).tolist()
-    cache, runner = DynamicCache(config=config), PagedRunner(model, 4, 16, "cpu", torch.float32)
+    cache, runner = DynamicCache(config=config), PagedSequences(model, 4, 16, "cpu", torch.float32)
     start, diffs = 0, []
     with torch.inference_mode():
         whole = hf(input_ids=torch.tensor([tokens])).logits[0]  # [T, vocab]

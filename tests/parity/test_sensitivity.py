@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 from harness import ATOL, generated_records, report
-from transformers import AutoConfig
 
-from hf2paged.verify.parity import build_generated
 from runtime.attention import attention_layers
+from runtime.engine.build_model import build_model
 from runtime.loader import iter_weights
 
 
@@ -32,8 +31,7 @@ def test_sliding_window_off_breaks_parity(cases):
 
 
 def _model_and_weights(case):
-    config = AutoConfig.from_pretrained(case.model_dir)
-    model = build_generated(config, case.model_dir)
+    model = build_model(case.model_dir)
     return model, dict(iter_weights(case.model_dir))
 
 

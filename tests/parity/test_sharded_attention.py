@@ -10,13 +10,12 @@ of c_attn's output takes the layer's local sizes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from distributed import run_distributed
 from harness import ATOL, SCENARIO, from_worker, report
 from transformers import AutoConfig
 
-from hf2paged.verify.parity import build_generated, run_generated
+from hf2paged.verify.parity import run_generated
+from runtime.engine.build_model import build_model
 
 # case -> (fused projection, (sharded, local query heads, local KV heads, its local rows))
 # at TP=2. FALCON / GPT: hidden 64, 4 heads of 16 unless the case changes them.
@@ -33,8 +32,7 @@ EXPECTED = {
 def _worker(rank: int, world_size: int, jobs: list[tuple[str, str, list[list[int]]]]):
     out = {}
     for arch, model_dir, tokens in jobs:
-        config = AutoConfig.from_pretrained(model_dir)
-        model = build_generated(config, Path(model_dir))
+        model = build_model(model_dir, tp=world_size)
         layers = [m for m in model.modules() if hasattr(m, "shard_heads")]
         proj = EXPECTED[arch][0]
         facts = {
