@@ -6,6 +6,7 @@ from runtime.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from runtime.parallel.state import (
     destroy_parallel,
     divide,
+    expert_parallel_enabled,
     get_tp_group,
     get_tp_rank,
     get_tp_size,
@@ -16,11 +17,12 @@ from runtime.parallel.state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from runtime.parallel.weights import default_weight_loader
+from runtime.parallel.weights import ModuleListShard, default_weight_loader
 
 __all__ = [
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",
+    "ModuleListShard",
     "ParallelLMHead",
     "QKVParallelLinear",
     "RowParallelLinear",
@@ -28,6 +30,7 @@ __all__ = [
     "default_weight_loader",
     "destroy_parallel",
     "divide",
+    "expert_parallel_enabled",
     "get_tp_group",
     "get_tp_rank",
     "get_tp_size",

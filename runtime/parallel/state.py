@@ -19,6 +19,8 @@ import torch.distributed as dist
 _TP_SIZE = 1
 _TP_RANK = 0
 _TP_GROUP: dist.ProcessGroup | None = None
+# Mixture-of-experts layers place whole experts per rank instead of sharding each one.
+_EXPERT_PARALLEL = False
 # Whether init_parallel created the default process group (and so destroy_parallel owns it).
 _OWNS_PROCESS_GROUP = False
 
@@ -44,14 +46,19 @@ def init_parallel(
     backend: str | None = None,
     init_method: str | None = None,
     timeout_s: float = 300.0,
+    expert_parallel: bool = False,
 ) -> None:
     """Set up tensor parallelism over `tp_size` processes (this one is `rank`).
+
+    ``expert_parallel``: mixture-of-experts layers (`runtime.moe.FusedMoE`) built after this
+    hold whole experts per rank (expert parallelism over the same group) instead of a
+    ``1 / tp_size`` slice of every expert; see `expert_parallel_enabled`.
 
     `backend` defaults to NCCL when CUDA is available, gloo otherwise. `init_method`
     defaults to `env://` (MASTER_ADDR / MASTER_PORT, as torchrun sets them). When the
     default process group already exists (the caller made it), it is reused.
     """
-    global _TP_SIZE, _TP_RANK, _TP_GROUP, _OWNS_PROCESS_GROUP
+    global _TP_SIZE, _TP_RANK, _TP_GROUP, _OWNS_PROCESS_GROUP, _EXPERT_PARALLEL
     if tp_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp_size}")
     if _TP_GROUP is not None or _TP_SIZE != 1:
@@ -62,6 +69,7 @@ def init_parallel(
     if not 0 <= rank < tp_size:
         raise ValueError(f"rank {rank} is outside [0, tp_size={tp_size})")
 
+    _EXPERT_PARALLEL = bool(expert_parallel)
     if tp_size == 1 and not dist.is_initialized():
         # One process, no group: the collectives short-circuit on _TP_SIZE == 1.
         _TP_SIZE, _TP_RANK, _TP_GROUP = 1, 0, None
@@ -109,10 +117,11 @@ def init_parallel(
 
 def destroy_parallel() -> None:
     """Tear down what init_parallel set up; safe to call when nothing was set up."""
-    global _TP_SIZE, _TP_RANK, _TP_GROUP, _OWNS_PROCESS_GROUP
+    global _TP_SIZE, _TP_RANK, _TP_GROUP, _OWNS_PROCESS_GROUP, _EXPERT_PARALLEL
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _TP_SIZE, _TP_RANK, _TP_GROUP, _OWNS_PROCESS_GROUP = 1, 0, None, False
+    _EXPERT_PARALLEL = False
 
 
 def get_tp_size() -> int:
@@ -121,6 +130,12 @@ def get_tp_size() -> int:
 
 def get_tp_rank() -> int:
     return _TP_RANK
+
+
+def expert_parallel_enabled() -> bool:
+    """Whether `init_parallel(..., expert_parallel=True)` asked MoE layers to place whole
+    experts per rank (the default of `FusedMoE(expert_parallel=None)`)."""
+    return _EXPERT_PARALLEL
 
 
 def get_tp_group() -> dist.ProcessGroup | None:

@@ -6,8 +6,28 @@ which knows the parameter's name) can prefix them: `raise ValueError(f"{name}: {
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+
+class ModuleListShard(NamedTuple):
+    """The shard id of one module-list entry's tensor (``experts.3.up_proj.weight``) bound
+    for a parameter that stacks the whole list, as transformers' chained converters
+    ``MergeModulelist(dim=stack_dim)`` then ``Concatenate(dim=cat_dim)`` build it: the
+    tensor is entry ``index`` along ``stack_dim`` of the stacked parameter and, when
+    ``num_parts > 1``, part ``part`` of ``num_parts`` equal parts along ``cat_dim`` (both
+    dims in the stacked parameter's coordinates; ``cat_dim`` is None without a
+    concatenation). A parameter that takes these carries ``module_list_size`` (the
+    number of entries of the full list), so the strict loader can name a missing entry.
+    """
+
+    index: int
+    part: int = 0
+    num_parts: int = 1
+    stack_dim: int = 0
+    cat_dim: int | None = None
 
 
 def check_loaded_shape(
