@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from runtime.parallel import default_weight_loader
+from runtime.parallel import ModuleListShard, default_weight_loader
+
+# A converter as the generated tables write it: (op, dim, source regexes, target names) for
+# one op, or (((op, dim), ...), source regexes, target names) for a chain of ops.
+ConverterEntry = tuple
 
 
 def load_checkpoint(
@@ -25,7 +30,7 @@ def load_checkpoint(
     prefix: str,
     ignored: list[str],
     tied: set[str],
-    converters: Sequence[tuple[str, int, list[str], list[str]]] = (),
+    converters: Sequence[ConverterEntry] = (),
 ) -> set[str]:
     """Load (name, tensor) pairs into ``model``; returns the names of the parameters loaded.
 
@@ -34,17 +39,31 @@ def load_checkpoint(
     without ``prefix`` and through ``stacked_params_mapping`` ``(fused param, checkpoint
     name, shard id)``, and loads through its parameter's ``weight_loader`` (which shards for
     tensor parallelism). Keys of ``tied`` parameters and of buffers are skipped, as are those
-    matching an ``ignored`` pattern. After the renames, at most one of ``converters``
-    ``(op, dim, source regexes, target names)`` applies, as in transformers: "chunk" splits
-    the key's tensor into one equal piece per target along ``dim``, "concatenate" waits
-    for one tensor per source (same key otherwise) and joins them in source order; the
-    pieces then load like any checkpoint tensor, full size, through the target's
-    ``weight_loader`` (so a chunk of a fused tensor is sharded as its own projection). Strict: one ValueError names every checkpoint key that
-    matches no parameter and every parameter left unloaded (a lenient loader turns a rename
-    into silently wrong logits); a loader error is prefixed with the parameter's name.
+    matching an ``ignored`` pattern.
+
+    After the renames, at most one of ``converters`` applies, as in transformers (the first
+    whose source regex matches; the matched span is replaced by the target name):
+
+    - ``("chunk", dim, sources, targets)`` splits the tensor into one equal piece per target;
+    - ``("concatenate", dim, sources, targets)`` waits for one tensor per source (same key
+      otherwise) and joins them in source order;
+    - ``((("merge_modulelist", d0),), sources, [target])`` and ``((("merge_modulelist", d0),
+      ("concatenate", d1)), sources, [target])``, transformers' chain that stacks a module
+      list's tensors (``experts.N.w1.weight``) into one parameter, then joins the sources:
+      each source regex captures the list index in its first group; every tensor loads on
+      its own into its place, with shard id ``ModuleListShard(index, source position,
+      len(sources), d0, d1)``, so nothing waits and no stacked copy is built.
+
+    Pieces load like any checkpoint tensor, full size, through the target's
+    ``weight_loader`` (so a chunk of a fused tensor is sharded as its own projection).
+    Strict: one ValueError names every checkpoint key that matches no parameter and every
+    parameter left unloaded, a module-list parameter with the keys of the entries it still
+    lacks (its ``module_list_size`` entries per source); a lenient loader turns a rename into
+    silently wrong logits. A loader error is prefixed with the parameter's name.
     """
     params = dict(model.named_parameters())
     buffers = {name for name, _ in model.named_buffers()}
+    chains = [_as_chain(c) for c in converters]
 
     def resolve(name: str) -> tuple[str, object] | None:
         for candidate in (name, prefix + name, name.removeprefix(prefix)):
@@ -56,19 +75,29 @@ def load_checkpoint(
         return None
 
     shards: dict[str, set] = {}
+    entries: dict[str, _ModuleListLoad] = {}  # module-list parameters
     unknown: list[str] = []
     # concatenations waiting for their other sources: target key -> {source index: tensor}
     pending: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
 
-    def load(name: str, tensor: torch.Tensor, checkpoint_name: str) -> None:
+    def load(
+        name: str, tensor: torch.Tensor, checkpoint_name: str, entry: ModuleListShard | None = None
+    ) -> str | None:
         found = resolve(name)
         if found is None:
             bare = name.removeprefix(prefix)
             skip = {name, prefix + bare, bare} & (tied | buffers)
             if not skip and not any(re.search(p, name) for p in ignored):
                 unknown.append(checkpoint_name)
-            return
+            return None
         param_name, shard_id = found
+        if entry is not None:
+            if shard_id is not None:
+                raise ValueError(
+                    f"{param_name} (checkpoint {checkpoint_name}): a module-list entry cannot "
+                    f"also be a stacked shard ({shard_id!r})"
+                )
+            shard_id = entry
         param = params[param_name]
         weight_loader = getattr(param, "weight_loader", default_weight_loader)
         try:
@@ -78,19 +107,31 @@ def load_checkpoint(
                 weight_loader(param, tensor, shard_id)
         except ValueError as e:
             raise ValueError(f"{param_name} (checkpoint {checkpoint_name}): {e}") from None
-        shards.setdefault(param_name, set()).add(shard_id)
+        if entry is None:
+            shards.setdefault(param_name, set()).add(shard_id)
+        return param_name
 
     for checkpoint_name, tensor in weights:
         name = checkpoint_name
         for pattern, replacement in renames:
             name = re.sub(pattern, replacement, name, count=1)
-        match = _convert(name, converters)
+        match = _convert(name, chains)
         if match is None:
             load(name, tensor, checkpoint_name)
             continue
-        (op, dim, sources, targets), index, found = match
+        (ops, sources, targets), index, found = match
         # the key with the matched source replaced by each target
         keys = [name[: found.start()] + t + name[found.end() :] for t in targets]
+        op, dim = ops[0]
+        if op == "merge_modulelist":
+            if found.re.groups < 1:
+                raise ValueError(f"converter source {found.re.pattern!r} captures no list index")
+            cat_dim = ops[1][1] if len(ops) > 1 else None
+            shard = ModuleListShard(int(found[1]), index, len(sources), dim, cat_dim)
+            param_name = load(keys[0], tensor, checkpoint_name, shard)
+            if param_name is not None:
+                entries.setdefault(param_name, _ModuleListLoad(sources)).add(index, found)
+            continue
         if op == "chunk":
             for key, piece in zip(keys, torch.chunk(tensor, len(targets), dim=dim)):
                 load(key, piece, checkpoint_name)  # piece: the full size of one target
@@ -110,7 +151,18 @@ def load_checkpoint(
         needed = {s for fused, _, s in stacked_params_mapping if fused in param_name}
         return None in got or (bool(needed) and needed <= got)
 
-    missing = [n for n in params if not complete(n)]
+    missing = []
+    for param_name, param in params.items():
+        if complete(param_name):
+            continue
+        if param_name in entries:
+            lacking = entries[param_name].lacking(getattr(param, "module_list_size", None))
+            if not lacking:
+                shards.setdefault(param_name, set()).add(None)
+                continue
+            missing.append(f"{param_name} (no {', '.join(lacking)})")
+            continue
+        missing.append(param_name)
     if unknown or missing:
         raise ValueError(
             f"{type(model).__name__}.load_weights: "
@@ -120,13 +172,71 @@ def load_checkpoint(
     return set(shards)
 
 
+def _as_chain(converter: ConverterEntry) -> tuple[tuple[tuple[str, int], ...], list, list]:
+    """(ops, sources, targets) of either table form; an unsupported chain is an error."""
+    if len(converter) == 4:
+        op, dim, sources, targets = converter
+        ops = ((op, dim),)
+    else:
+        ops, sources, targets = converter
+        ops = tuple((op, dim) for op, dim in ops)
+    names = tuple(op for op, _ in ops)
+    if names not in _CHAINS:
+        raise ValueError(
+            f"checkpoint converter {' + '.join(names)} for {sources} is not supported "
+            f"(supported: {', '.join(' + '.join(c) for c in _CHAINS)})"
+        )
+    if names[0] == "merge_modulelist" and len(targets) != 1:
+        raise ValueError(f"a module-list merge has one target, got {targets}")
+    return ops, sources, targets
+
+
+_CHAINS = (
+    ("chunk",),
+    ("concatenate",),
+    ("merge_modulelist",),
+    ("merge_modulelist", "concatenate"),
+)
+
+
+@dataclass
+class _ModuleListLoad:
+    """The entries of one module-list parameter loaded so far, per source."""
+
+    sources: list[str]  # the converter's source regexes
+    indices: dict[int, set[int]] = field(default_factory=dict)  # source -> list indices
+    # source -> (a renamed key, span of its list index): the template of missing keys
+    example: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+
+    def add(self, position: int, found: re.Match) -> None:
+        self.indices.setdefault(position, set()).add(int(found[1]))
+        self.example.setdefault(position, (found.string, found.start(1), found.end(1)))
+
+    def lacking(self, size: int | None) -> list[str]:
+        """The keys of the entries still missing (a few, and how many), [] when complete."""
+        if size is None:
+            return ["the parameter declares no module_list_size"]
+        lacking = []
+        for position, pattern in enumerate(self.sources):
+            if position not in self.example:
+                lacking.append(f"key matching {pattern}")
+                continue
+            key, start, end = self.example[position]
+            lacking += [
+                key[:start] + str(i) + key[end:]
+                for i in range(size)
+                if i not in self.indices[position]
+            ]
+        return lacking if len(lacking) <= 4 else lacking[:3] + [f"... ({len(lacking)} in all)"]
+
+
 def _convert(
-    name: str, converters: Sequence[tuple[str, int, list[str], list[str]]]
-) -> tuple[tuple[str, int, list[str], list[str]], int, re.Match] | None:
+    name: str, chains: list[tuple[tuple[tuple[str, int], ...], list, list]]
+) -> tuple[tuple, int, re.Match] | None:
     """The first converter whose source regex matches ``name``: (converter, source
     index, match); None when none does."""
-    for converter in converters:
-        for index, pattern in enumerate(converter[2]):
+    for converter in chains:
+        for index, pattern in enumerate(converter[1]):
             found = re.search(pattern, name)
             if found is not None:
                 return converter, index, found

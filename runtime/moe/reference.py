@@ -51,4 +51,4 @@ def fused_experts_ref(
         if not apply_router_weight_on_input:
             y = y * w.to(y.dtype)
         out[pairs] = y.float()
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return out.view(num_tokens, top_k, w_down.shape[1]).sum(dim=1).to(hidden_states.dtype)

@@ -213,10 +213,9 @@ def _sum_kernel(
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
-        if HAS_MAP:
+        row = tl.load(y_ptr + pair * stride_ys + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MAP:  # a pair of another rank's expert: its row was never written
             local = tl.load(map_ptr + tl.load(ids_ptr + pair))
-            row = tl.load(y_ptr + pair * stride_ys + offs, mask=mask & (local >= 0), other=0.0)
-        else:
-            row = tl.load(y_ptr + pair * stride_ys + offs, mask=mask, other=0.0)
-        acc += row.to(tl.float32)
+            row = tl.where(local >= 0, row, 0.0)
+        acc += row
     tl.store(out_ptr + token * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -73,9 +73,7 @@ class ExpertWeightLoader:
             return 1
         return 2 if self.layout.is_transposed else 1
 
-    def __call__(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None
-    ) -> None:
+    def __call__(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         full = self.full_shape()
         if shard_id is None:
             check_loaded_shape(loaded, full, param)
