@@ -41,7 +41,7 @@ def fused_experts_ref(
             continue
         pairs = order[start : start + count]  # [n]
         start += count
-        x = hidden_states[pairs // top_k]  # [n, H]
+        x = hidden_states[pairs // top_k].to(w_in.dtype)  # [n, H] (F.linear's precision)
         w = weights[pairs, None]  # [n, 1]
         if apply_router_weight_on_input:
             x = x * w.to(x.dtype)
