@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> str:
         hit = int(torch.unique(index).numel())
         flops = 6 * pairs * H * I
         weight_bytes = hit * 3 * H * I * dtype.itemsize
-        calls = {"ours": lambda: ours(x, index, weights)}
+        inputs = (x, index, weights)
+        calls = {"ours": lambda inputs=inputs: ours(*inputs)}
         if device.type == "cuda":
             graph = capture(calls["ours"])
             if graph is not None:
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> str:
                 continue
             if system == "hf eager" and num_tokens > args.eager_max_tokens:
                 continue
-            calls[system] = lambda module=module: module(x, index, weights)
+            calls[system] = lambda module=module, inputs=inputs: module(*inputs)
         reference = hf["hf grouped_mm"](x, index, weights).float()
         outputs = {n: (c() if not n.endswith("graph") else None) for n, c in calls.items()}
         times = timer.interleaved(calls, args.rounds)
