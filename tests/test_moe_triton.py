@@ -177,13 +177,26 @@ def test_module_triton_backend(monkeypatch):
     assert_matches(out.cpu(), ref.cpu(), torch.float32)
 
 
-def test_default_configs_pick_small_block_m_for_decode():
-    gpu = torch.device("cuda")
-    if not torch.cuda.is_available():
-        pytest.skip("the GPU heuristics read the device's shared memory and SM count")
+def test_default_configs_by_regime_and_shared_memory(monkeypatch):
+    from runtime.moe import triton_config
+
+    gpu = torch.device("cuda")  # the heuristics read only the limits patched below
+    monkeypatch.setattr(triton_config, "_device_limits", lambda device: (227 * 1024, 132))
     decode = default_moe_config(8, 8, 128, 2048, 768, torch.bfloat16, gpu)
     prefill = default_moe_config(8192, 8, 128, 2048, 768, torch.bfloat16, gpu)
-    assert decode.block_m == 16 and prefill.block_m == 128
+    assert decode.block_m == 16 and decode.gate_up.num_stages == 4
+    assert prefill.block_m == 128 and prefill.gate_up.block_n == 128
+    assert default_moe_config(64, 8, 128, 2048, 768, torch.bfloat16, gpu).block_m == 16
+    assert default_moe_config(1024, 8, 128, 2048, 768, torch.bfloat16, gpu).block_m == 64
+    # one token, 8 experts: narrower N tiles until the grid covers the 132 SMs
+    one = default_moe_config(1, 8, 128, 2048, 768, torch.bfloat16, gpu)
+    assert decode.gate_up.block_n == 64 and one.gate_up.block_n == 32
+    # a device with less shared memory gets fewer stages, then smaller tiles
+    monkeypatch.setattr(triton_config, "_device_limits", lambda device: (64 * 1024, 108))
+    small = default_moe_config(8192, 8, 128, 2048, 768, torch.bfloat16, gpu)
+    for tile, weight_tiles in ((small.gate_up, 2), (small.down, 1)):
+        per_stage = (128 * tile.block_k + weight_tiles * tile.block_k * tile.block_n) * 2
+        assert tile.num_stages * per_stage + 2048 <= 64 * 1024
 
 
 def test_cpu_default_config_is_small():
