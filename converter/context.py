@@ -93,7 +93,7 @@ class ConversionContext:
     kwargs_stripped: set[str] = field(default_factory=set)  # "Class.forward" lost **kwargs
     paged_attention: dict[str, dict[str, str]] = field(default_factory=dict)  # class -> ctor args
     removed_params: dict[str, list[str]] = field(default_factory=dict)  # qualname -> params
-    # C2 (passes/tp.py): (fused attr, checkpoint attr, shard id) per fused projection,
+    # the TP pass (passes/tp/): (fused attr, checkpoint attr, shard id) per fused projection,
     # e.g. ("qkv_proj", "q_proj", "q"), and "Class.attr" -> "style (source)".
     stacked_params: list[tuple[str, str, object]] = field(default_factory=list)
     tp_decisions: dict[str, str] = field(default_factory=dict)

@@ -1,8 +1,11 @@
-"""The conversion pipeline: source text -> parse -> passes -> finish (render) -> text.
+"""The conversion pipeline: source text -> parse -> analysis -> STAGES -> module.
 
-Each pass is ``run(module, ctx) -> module`` in ``converter/passes/``, one concern each.
-Analysis (`converter.analysis.analyze`) runs once on the parsed source, before any pass,
-so every pass sees the roles of the ORIGINAL file.
+Each stage is ``run(module, ctx) -> module``, one concern each, in ``converter/passes/``
+(a module, or a package whose ``__init__`` is the stage). Analysis
+(`converter.analysis.analyze`) runs once on the parsed source, before any stage, so every
+stage sees the roles of the ORIGINAL file. Rendering the module to the text of
+``generated/<type>.py`` (header, ruff) is `converter.render`'s, called by
+`converter.convert.generate`.
 """
 
 from __future__ import annotations
@@ -23,33 +26,29 @@ from converter.passes import attention, flatten, imports, prune, select, strip, 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 
-# C1: the core passes, in order (each pass's docstring says what it relies on):
-# absolute imports -> select -> strip -> attention sink -> flatten -> dataflow prune.
-CORE: list[Pass] = [imports.run, select.run, strip.run, attention.run, flatten.run, prune.run]
-
-
+# In order; each stage's docstring says what it relies on from the ones before it.
 STAGES: list[Pass] = [
-    *CORE,
-    # --- C2: tp, weights: add stages below this line ---
-    tp.run,
-    tidy.run,
-    weights.run,
+    imports.run,  # relative imports made absolute
+    select.run,  # keep the causal-LM class and what it needs
+    strip.run,  # training-only code, decorators, HF base classes
+    attention.run,  # attention -> PagedAttention
+    flatten.run,  # [T] inputs, kv_caches and input_metadata threaded down
+    prune.run,  # dataflow: what the dropped parameters made dead
+    tp.run,  # tensor-parallel layers from the TP plan
+    tidy.run,  # what the rewrites left unreferenced
+    weights.run,  # load_weights, tied embeddings
 ]
-
-
-def _plain_code(module: cst.Module, ctx: ConversionContext) -> str:
-    return module.code
-
-
-# C2's render step (header, ruff) replaces this.
-finish: Callable[[cst.Module, ConversionContext], str] = _plain_code
 
 
 @dataclass
 class Conversion:
-    code: str
     module: cst.Module
     ctx: ConversionContext
+
+    @property
+    def code(self) -> str:
+        """The module's code before rendering (no header, not ruff-formatted)."""
+        return self.module.code
 
 
 def load_rules(rules_dir: Path = RULES_DIR) -> dict:
@@ -94,7 +93,6 @@ def convert_source(
     package: str | None = None,
     rules: dict | None = None,
     stages: list[Pass] | None = None,
-    render: bool = True,
 ) -> Conversion:
     """Run the whole pipeline on `source` (the text of `path`)."""
     path = Path(path)
@@ -118,9 +116,7 @@ def convert_source(
     for stage in STAGES if stages is None else stages:
         with stage_errors(ctx, stage_name(stage)):
             module = stage(module, ctx)
-    with stage_errors(ctx, "render"):
-        code = finish(module, ctx) if render else module.code
-    return Conversion(code, module, ctx)
+    return Conversion(module, ctx)
 
 
 def convert_file(path: str | Path, model_type: str | None = None) -> Conversion:

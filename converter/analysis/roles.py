@@ -157,7 +157,7 @@ def _find_base_model(module: cst.Module, ctx: ConversionContext) -> None:
 
 
 def _find_helpers(ctx: ConversionContext) -> None:
-    """Informational roles (C2's TP pass and the report): MLP, norms, rotary."""
+    """Informational roles (the TP pass and the report): MLP, norms, rotary."""
     attention = set(ctx.attention_classes)
     for name, info in ctx.classes.items():
         locals_owned = [c for c in info.children.values() if c.cls]

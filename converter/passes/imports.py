@@ -1,4 +1,4 @@
-"""Pass: relative imports -> absolute (`from ...utils import X` -> `from transformers.utils import X`).
+"""Stage imports: relative imports -> absolute (`from ...utils import X` -> `from transformers.utils import X`).
 
 Generated modules live outside transformers, so every relative import must name its
 package. ``from ... import initialization as init`` has no module part: it becomes

@@ -1,4 +1,4 @@
-"""Pass 1, select: keep the ``*ForCausalLM`` class and what it needs; drop the rest.
+"""Stage select: keep the ``*ForCausalLM`` class and what it needs; drop the rest.
 
 - Records the HF model machinery's class attributes (``base_model_prefix``,
   ``_tied_weights_keys``, ``_checkpoint_conversion_mapping``, ``_tp_plan``, ...) into ctx

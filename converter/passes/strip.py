@@ -1,4 +1,4 @@
-"""Pass 2, strip: training- and API-only code, as listed in ``rules/training.toml``.
+"""Stage strip: training- and API-only code, as listed in ``rules/training.toml``.
 
 - decorators: `strip` ones go, `keep` ones stay, an unknown one stops the conversion;
 - dropout: ``nn.Dropout`` attributes (found in the ownership graph) and their calls,

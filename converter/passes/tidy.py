@@ -1,4 +1,4 @@
-"""Pass: drop what the rewrites left unreferenced.
+"""Stage tidy: drop what the rewrites left unreferenced.
 
 Select keeps ``__init__``, ``forward``, ``extra_repr`` (and flatten adds the LM class's
 ``compute_logits``), the methods other classes call on

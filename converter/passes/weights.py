@@ -1,4 +1,4 @@
-"""Pass: emit ``load_weights`` on the LM class, and tie its head to the embedding.
+"""Stage weights: emit ``load_weights`` on the LM class, and tie its head to the embedding.
 
 The method comes from ``converter/render/templates/load_weights.py.jinja``, filled with this module's
 tables: transformers' checkpoint renames (`converter.hf.tables`: conversion_mapping.py

@@ -7,7 +7,8 @@ import libcst as cst
 
 from converter.analysis import analyze
 from converter.context import ConversionContext
-from converter.pipeline import CORE, load_rules
+from converter.guard import stage_name
+from converter.pipeline import STAGES, load_rules
 
 TINY = '''
 """Module docstring."""
@@ -147,16 +148,18 @@ __all__ = ["TinyForCausalLM"]
 
 
 def prepare(source: str = TINY, upto: str | None = None, through: str | None = None):
-    """Parse + analyze `source`, then run the CORE passes before `upto` (or through
-    `through`). Returns (module, ctx)."""
+    """Parse + analyze `source`, then run the pipeline's stages before `upto` (or through
+    `through`; default: through prune, the stages every model needs before TP).
+    Returns (module, ctx)."""
     ctx = ConversionContext.from_source(
         source, "modeling_tiny.py", "tiny", "transformers.models.tiny"
     )
     ctx.rules = load_rules()
     module = cst.parse_module(source)
     analyze(module, ctx)
-    for stage in CORE:
-        name = stage.__module__.rsplit(".", 1)[-1]
+    through = through if through is not None or upto is not None else "prune"
+    for stage in STAGES:
+        name = stage_name(stage)
         if name == upto:
             break
         module = stage(module, ctx)

@@ -17,7 +17,6 @@ def _paged_attention_args(model_type: str) -> str:
         path,
         model_type,
         stages=[imports.run, select.run, strip.run, attention.run],
-        render=False,
     ).code
     return re.search(r"self\.attn = PagedAttention\(([^)]*)\)", code).group(1)
 

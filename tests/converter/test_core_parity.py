@@ -1,7 +1,7 @@
-"""Quick parity gate for the core converter passes (C1), TP=1, no TP/weights stages.
+"""Quick parity gate for the stages before TP (imports .. prune), TP=1, no TP/weights.
 
 For each architecture: a tiny random HF model (eager attention, float32) saved with
-`save_pretrained`; the CORE-converted module imported and loaded name-for-name from the
+`save_pretrained`; the module converted by the stages before TP imported and loaded name-for-name from the
 safetensors (strict, tied weights from `ctx.tied_weights_keys`); then one flattened
 prefill of 3 sequences of different lengths (every position's logits compared), decode
 steps through the paged cache and a chunked prefill (`hf2paged.verify.parity`'s scenario,
@@ -21,7 +21,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from converter.pipeline import CORE, convert_source  # noqa: E402
+from converter.passes import tp  # noqa: E402
+from converter.pipeline import STAGES, convert_source  # noqa: E402
 from hf2paged.verify.parity import (  # noqa: E402
     ParityReport,
     Scenario,
@@ -94,7 +95,7 @@ def parity_report(case: str, tmp_path: Path, tamper=None) -> ParityReport:
     """Max |logit diff| vs HF for the prefill, each decode step and the chunked prefill."""
     model_type = case.split("-")[0]
     source = MODELS / model_type / f"modeling_{model_type}.py"
-    core = convert_source(source.read_text(), source, stages=CORE, render=False)
+    core = convert_source(source.read_text(), source, stages=STAGES[: STAGES.index(tp.run)])
     generated = import_generated(core.code, case.replace("-", "_"), tmp_path)
     config = tiny_config(case)
     torch.manual_seed(0)

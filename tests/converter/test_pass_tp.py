@@ -189,7 +189,7 @@ def test_dataflow_rule_agrees_with_transformers_plans(arch):
     from converter.hf.tables import config_tp_plan
     from converter.passes.tp.dataflow import dataflow_styles
     from converter.passes.tp.plan import PLAN_STYLES
-    from converter.pipeline import CORE
+    from converter.pipeline import STAGES
 
     src = resolve(arch)
     text = src.path.read_text()
@@ -197,7 +197,7 @@ def test_dataflow_rule_agrees_with_transformers_plans(arch):
     ctx = ConversionContext.from_source(text, src.path, arch, f"transformers.models.{arch}")
     ctx.rules = load_rules()
     analyze_source(module, ctx)
-    for stage in CORE:
+    for stage in STAGES[: STAGES.index(tp.run)]:
         module = stage(module, ctx)
     derived = {attr: style for (_, attr), style in dataflow_styles(module, ctx).items()}
     base = {"colwise_gather_output": "colwise", "rowwise_split_input": "rowwise"}

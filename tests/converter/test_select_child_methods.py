@@ -9,9 +9,7 @@ from converter.pipeline import convert_source
 
 def test_methods_called_on_owned_modules_are_kept():
     path = transformers_root() / "models" / "gemma3n" / "modeling_gemma3n.py"
-    conversion = convert_source(
-        path.read_text(), path, "gemma3n", stages=[imports.run, select.run], render=False
-    )
+    conversion = convert_source(path.read_text(), path, "gemma3n", stages=[imports.run, select.run])
     code = conversion.code
     altup = code[code.index("class Gemma3nTextAltUp") :]
     altup = altup[: altup.index("\nclass ")]

@@ -1,4 +1,4 @@
-"""Pass 3, attention sink: the attention-interface call becomes paged attention.
+"""Stage attention: the attention-interface call becomes paged attention.
 
 ``out, weights = attention_interface(self, q, k, v, mask, dropout=..., scaling=s, ...)``
 -> ``out = self.attn(q.transpose(1, 2)[0], k..., v..., kv_cache, input_metadata)

@@ -1,4 +1,4 @@
-"""Pass 4, flatten: the paged entry points and the cache plumbing through the stack.
+"""Stage flatten: the paged entry points and the cache plumbing through the stack.
 
 - classes whose forward calls (through the ownership graph) an attention class, up to the
   decoder layer, take ``kv_cache`` and ``input_metadata`` and pass them on;

@@ -1,4 +1,4 @@
-"""Pass 5, prune: remove everything that depends on removed inputs — by dataflow.
+"""Stage prune: remove everything that depends on removed inputs — by dataflow.
 
 Forward sweep (callers before callees): a removed parameter, or one no call site passes
 (default None), is DEAD; conditions are partially evaluated (`converter.analysis.dataflow`); a

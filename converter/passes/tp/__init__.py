@@ -1,4 +1,4 @@
-"""Pass: tensor parallelism, driven by the plan `converter.passes.tp.plan` resolves.
+"""Stage tp: tensor parallelism, driven by the plan `converter.passes.tp.plan` resolves.
 
 - ``nn.Linear`` -> ``ColumnParallelLinear`` / ``RowParallelLinear`` (same arguments);
   the LM head -> ``ParallelLMHead(vocab, hidden, bias=...)``; the token embedding (or
