@@ -9,6 +9,7 @@ from typing import Any
 
 import libcst as cst
 
+from converter.cst_helpers import code
 from converter.errors import ConversionError
 
 
@@ -132,16 +133,10 @@ class ConversionContext:
         )
 
 
-_EMPTY = cst.Module(body=[])
-
-
 def first_line(node: cst.CSTNode) -> str:
     """First non-decorator, non-comment line of a node's code, stripped."""
-    if isinstance(node, cst.Module):
-        code = node.code
-    else:
-        code = _EMPTY.code_for_node(node)
-    for raw in code.splitlines():
+    source = node.code if isinstance(node, cst.Module) else code(node)
+    for raw in source.splitlines():
         text = raw.strip()
         if text and not text.startswith(("#", "@")):
             return text

@@ -11,10 +11,10 @@ from __future__ import annotations
 import libcst as cst
 
 from converter.analysis.ast_facts import line_index
-from converter.analysis.cst_helpers import top_level
 from converter.analysis.ownership import collect_classes
 from converter.analysis.roles import find_roles
 from converter.context import ConversionContext
+from converter.cst_helpers import top_level
 
 
 def analyze(module: cst.Module, ctx: ConversionContext) -> None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, nodes_of
 from converter.analysis.ownership import child_class, forward_owner
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted, nodes_of
 
 
 @dataclass

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import BUILTINS, dotted, names_read
-
-_EMPTY = cst.Module(body=[])
+from converter.cst_helpers import BUILTINS, code, dotted, names_read
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def literal(expr: cst.BaseExpression) -> Value:
         expr, (cst.Integer, cst.Float, cst.SimpleString, cst.UnaryOperation)
     ) or m.matches(expr, m.Name("True") | m.Name("False")):
         try:
-            return const(ast.literal_eval(_EMPTY.code_for_node(expr)))
+            return const(ast.literal_eval(code(expr)))
         except (ValueError, SyntaxError):
             return UNKNOWN
     return UNKNOWN

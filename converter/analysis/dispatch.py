@@ -10,7 +10,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, names_read
+from converter.cst_helpers import dotted, names_read
 
 
 def dispatch_tables(module: cst.Module) -> dict[str, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import bound_names, nodes_of, self_attr
 from converter.analysis.shape_ops import (
     CATS,
     NEW,
@@ -28,7 +27,7 @@ from converter.analysis.shape_ops import (
     Shape,
     as_int,
     cat_shapes,
-    code,
+    dim_code,
     index_dims,
     index_shape,
     infer_view,
@@ -36,6 +35,7 @@ from converter.analysis.shape_ops import (
     merge,
     split_shape,
 )
+from converter.cst_helpers import bound_names, nodes_of, self_attr
 
 MAX_DEPTH = 4  # helper-method inlining depth
 
@@ -152,7 +152,7 @@ class Interpreter:
                     out += list(inner) if isinstance(inner, tuple) else [None]
                 else:
                     value = self.eval(el.value, env)
-                    out.append(value if value is not None else code(el.value))
+                    out.append(value if value is not None else dim_code(el.value))
             return tuple(out)
         if isinstance(expr, cst.Subscript):
             return self._subscript(expr, env)
@@ -175,7 +175,7 @@ class Interpreter:
     def _dim(self, node, env: dict):
         """A dim argument: its value when it is a shape entry (``x.shape[1]``), else code."""
         value = self.eval(node, env)
-        return value if isinstance(value, str) else code(node)
+        return value if isinstance(value, str) else dim_code(node)
 
     def _dims(self, args, env: dict) -> tuple | None:
         """Dims of a view/new_* call: ``(a, b)``, ``a, b``, ``*shape``, a tuple name."""

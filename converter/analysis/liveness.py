@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import names_read
+from converter.cst_helpers import names_read
 
 
 def _name_targets(small) -> set[str] | None:

@@ -8,9 +8,9 @@ import libcst as cst
 import libcst.matchers as m
 
 from converter.analysis.ast_facts import class_facts
-from converter.analysis.cst_helpers import dotted, flat_statements, methods_of, self_attr
 from converter.analysis.dispatch import dispatch_tables
 from converter.context import Child, ClassInfo, ConversionContext
+from converter.cst_helpers import code, dotted, flat_statements, methods_of, self_attr
 
 MODULE_LIST = m.Call(func=m.Attribute(attr=m.Name("ModuleList")) | m.Name("ModuleList"))
 
@@ -51,7 +51,7 @@ def collect_classes(module: cst.Module, ctx: ConversionContext) -> dict[str, Cla
         name = node.name.value
         line, reads, interface = facts[name]
         methods = methods_of(node)
-        bases = [cst.Module(body=[]).code_for_node(a.value) for a in node.bases]
+        bases = [code(a.value) for a in node.bases]
         info = ClassInfo(name, bases, {}, list(methods), line, interface)
         info.config_reads = reads
         if "forward" in methods:

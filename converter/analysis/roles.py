@@ -14,9 +14,9 @@ from collections import deque
 import libcst as cst
 
 from converter.analysis.ast_facts import INTERFACE_REGISTRY
-from converter.analysis.cst_helpers import dotted, methods_of, nodes_of, self_attr
 from converter.analysis.ownership import child_class, owns
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted, methods_of, nodes_of, self_attr
 
 
 def is_interface_lookup(node: cst.CSTNode) -> bool:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import nodes_of, one_line, self_attr
+from converter.cst_helpers import code, nodes_of, one_line, self_attr
 
-_EMPTY = cst.Module(body=[])
 SPLITS = ("split", "chunk", "tensor_split")
 CATS = ("cat", "concat", "concatenate")
 NEW = ("new_empty", "new_zeros", "new_ones", "new_full", "zeros", "empty", "ones")
@@ -21,20 +20,21 @@ class Shape:
     whole: Shape | None = None  # the tensor this one is a last-dim part of
 
 
-def norm(code: str | None) -> str | None:
+def norm(text: str | None) -> str | None:
     """Code without outer parentheses, so ``(a + b)`` and ``a + b`` compare equal, on one
     line (`one_line`: parsed inside parentheses, a wrapped ``2\n* d`` reads ``2 * d``)."""
-    if code is None:
+    if text is None:
         return None
     try:
-        node = cst.parse_expression(f"({code})")
+        node = cst.parse_expression(f"({text})")
     except cst.ParserSyntaxError:
-        return code
+        return text
     return one_line(node)
 
 
-def code(node: cst.CSTNode) -> str:
-    return norm(_EMPTY.code_for_node(node))
+def dim_code(node: cst.CSTNode) -> str:
+    """A dim's code as the interpreter compares it (`norm`)."""
+    return norm(code(node))
 
 
 def as_int(node: cst.BaseExpression) -> int | None:
@@ -52,7 +52,7 @@ def linear_widths(init: cst.FunctionDef) -> dict[str, str]:
     for assign in nodes_of(init, cst.Assign):
         attrs = [self_attr(t.target) for t in assign.targets]
         for call in nodes_of(assign.value, cst.Call):
-            name = _EMPTY.code_for_node(call.func)
+            name = code(call.func)
             if not name.split(".")[-1] == "Linear":
                 continue
             args = {a.keyword.value: a.value for a in call.args if a.keyword}
@@ -60,7 +60,7 @@ def linear_widths(init: cst.FunctionDef) -> dict[str, str]:
             width = args.get("out_features", positional[1] if len(positional) > 1 else None)
             for attr in attrs:
                 if attr and width is not None:
-                    out[attr] = code(width)
+                    out[attr] = dim_code(width)
     return out
 
 
@@ -107,19 +107,15 @@ def index_shape(base: Shape, items: list) -> Shape | None:
                 continue
             part = True
             if item.lower is None:
-                dims[pos] = code(item.upper)
+                dims[pos] = dim_code(item.upper)
             elif item.upper is None and dims[pos] is not None:
-                dims[pos] = norm(f"{dims[pos]} - ({code(item.lower)})")
+                dims[pos] = norm(f"{dims[pos]} - ({dim_code(item.lower)})")
             else:
                 dims[pos] = None
         else:
             return None
     dims = [d for k, d in enumerate(dims) if k not in drop]
     return Shape(tuple(dims), whole=base if part else None)
-
-
-def _is_ellipsis(item) -> bool:
-    return isinstance(item, cst.Index) and isinstance(item.value, cst.Ellipsis)
 
 
 def infer_view(base: Shape, dims: tuple) -> tuple:
@@ -139,7 +135,7 @@ def infer_view(base: Shape, dims: tuple) -> tuple:
     rest = norm(" * ".join(f"({d})" for d in dims[i + 1 :]))
     width = cst.parse_expression(base.dims[-1])
     if isinstance(width, cst.BinaryOperation) and isinstance(width.operator, cst.Multiply):
-        left, right = code(width.left), code(width.right)
+        left, right = dim_code(width.left), dim_code(width.right)
         found = left if right == rest else right if left == rest else None
         if found is not None:
             return (*dims[:i], found, *dims[i + 1 :])
@@ -157,20 +153,22 @@ def split_shape(base: Shape, method: str, args, kwargs):
         return None
     sizes = args[0].value
     if isinstance(sizes, (cst.List, cst.Tuple)):
-        return tuple(Shape((*base.dims[:-1], code(el.value)), whole=base) for el in sizes.elements)
+        return tuple(
+            Shape((*base.dims[:-1], dim_code(el.value)), whole=base) for el in sizes.elements
+        )
     count = as_int(sizes)
     if method == "split" and isinstance(sizes, cst.Integer | cst.Name | cst.Attribute):
         # split(size): parts of that size, as many as the target unpacks
-        return [Shape((*base.dims[:-1], code(sizes)), whole=base)] * 8
+        return [Shape((*base.dims[:-1], dim_code(sizes)), whole=base)] * 8
     if count is None or base.dims[-1] is None:
         return None
     last = cst.parse_expression(base.dims[-1])
     part = f"{base.dims[-1]} // {count}"
     if isinstance(last, cst.BinaryOperation) and isinstance(last.operator, cst.Multiply):
         if as_int(last.left) == count:
-            part = code(last.right)
+            part = dim_code(last.right)
         elif as_int(last.right) == count:
-            part = code(last.left)
+            part = dim_code(last.left)
     return tuple(Shape((*base.dims[:-1], norm(part)), whole=base) for _ in range(count))
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import dotted
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted
 
 
 def absolute_module(package: str, dots: int, module: str | None) -> str:

@@ -18,9 +18,15 @@ import ast
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import bound_names, names_read, nodes_of, reachable_methods
 from converter.analysis.dispatch import resolve_constructions
 from converter.context import ConversionContext
+from converter.cst_helpers import (
+    bound_names,
+    code,
+    names_read,
+    nodes_of,
+    reachable_methods,
+)
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
 HF_ATTRS = {
@@ -38,11 +44,6 @@ SELF_CONFIG = m.SimpleStatementLine(
 POST_INIT = m.SimpleStatementLine(
     body=[m.Expr(value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("post_init"))))]
 )
-_EMPTY = cst.Module(body=[])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def shake(module: cst.Module, roots: set[str]) -> cst.Module:
@@ -74,7 +75,7 @@ def shake(module: cst.Module, roots: set[str]) -> cst.Module:
 
 def _literal(node: cst.BaseExpression):
     try:
-        return ast.literal_eval(_code(node))
+        return ast.literal_eval(code(node))
     except (ValueError, SyntaxError):
         return None
 
@@ -171,10 +172,10 @@ class _Select:
         in_family = original.name.value in self.family
         bases, has_module = [], False
         for arg in updated.bases:
-            name = _code(arg.value).split(".")[-1]
+            name = code(arg.value).split(".")[-1]
             if name in self.drop:
                 continue
-            if name in self.to_module or _code(arg.value) in self.to_module:
+            if name in self.to_module or code(arg.value) in self.to_module:
                 if has_module:
                     continue
                 arg = arg.with_changes(value=cst.parse_expression("nn.Module"))

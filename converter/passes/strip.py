@@ -16,13 +16,13 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, names_read, nodes_of, self_attr
 from converter.context import ConversionContext
+from converter.cst_helpers import code, dotted, names_read, nodes_of, self_attr
 
 
 def _decorator_name(dec: cst.Decorator) -> str:
     expr = dec.decorator.func if isinstance(dec.decorator, cst.Call) else dec.decorator
-    return dotted(expr) or cst.Module(body=[]).code_for_node(expr)
+    return dotted(expr) or code(expr)
 
 
 class _Strip(cst.CSTTransformer):

@@ -16,9 +16,9 @@ import ast
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, methods_of, nodes_of, reachable_methods
 from converter.analysis.liveness import eliminate_dead_stores
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted, methods_of, nodes_of, reachable_methods
 from converter.passes.select import KEPT_METHODS, child_method_calls, shake
 
 

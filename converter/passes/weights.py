@@ -21,13 +21,12 @@ from pathlib import Path
 import jinja2
 import libcst as cst
 
-from converter.analysis.cst_helpers import add_import_from, methods_of
 from converter.context import ConversionContext
+from converter.cst_helpers import add_import_from, code, methods_of
 from converter.hf.converters import NamedRenaming
 from converter.hf.tables import checkpoint_transforms
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "render" / "templates"
-_EMPTY = cst.Module([])
 
 
 @cache
@@ -90,8 +89,8 @@ def _tie_statement(ctx: ConversionContext) -> cst.If | None:
 def _with_tying(init: cst.FunctionDef, tie: cst.If | None) -> cst.FunctionDef:
     if tie is None:
         return init
-    existing = _EMPTY.code_for_node(init)
-    first = _EMPTY.code_for_node(tie.body.body[-1]).strip()
+    existing = code(init)
+    first = code(tie.body.body[-1]).strip()
     if first in existing:  # an earlier pass already ties
         return init
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, tie]))
@@ -100,14 +99,14 @@ def _with_tying(init: cst.FunctionDef, tie: cst.If | None) -> cst.FunctionDef:
 def _add_imports(module: cst.Module, named: set[str]) -> cst.Module:
     stmts = [cst.parse_statement("from collections.abc import Iterable")]
     have = {
-        _EMPTY.code_for_node(s).strip()
+        code(s).strip()
         for s in module.body
         if isinstance(s, cst.SimpleStatementLine)
         and isinstance(s.body[0], cst.Import | cst.ImportFrom)
     }
     body = list(module.body)
     for stmt in reversed(stmts):
-        if _EMPTY.code_for_node(stmt).strip() not in have:
+        if code(stmt).strip() not in have:
             body.insert(0, stmt)
     module = module.with_changes(body=body)
     return add_import_from(module, {"load_checkpoint", *named}, "runtime.checkpoint")

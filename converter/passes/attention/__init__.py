@@ -23,28 +23,23 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import (
-    add_import,
+from converter.analysis.roles import is_interface_lookup
+from converter.context import ConversionContext
+from converter.cst_helpers import (
+    add_import_from,
     add_params,
     assigned_names,
+    code,
     flat_statements,
     methods_of,
     self_attr,
 )
-from converter.analysis.roles import is_interface_lookup
-from converter.context import ConversionContext
 from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
 
-IMPORT = "from runtime.attention import InputMetadata, PagedAttention"
 # transformers' attention-interface signature, up to its keyword-only options
 INTERFACE_PARAMS = ("module", "query", "key", "value", "attention_mask")
-_EMPTY = cst.Module(body=[])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 class _Sink(cst.CSTTransformer):
@@ -66,12 +61,12 @@ class _Sink(cst.CSTTransformer):
         if isinstance(small, (cst.Assign, cst.AnnAssign)) and value is not None:
             if is_interface_lookup(value):
                 target = small.targets[0].target if isinstance(small, cst.Assign) else small.target
-                self.interface = _code(target)
+                self.interface = code(target)
                 return cst.RemoveFromParent()
             if (
                 isinstance(value, cst.Call)
                 and self.interface
-                and _code(value.func) == self.interface
+                and code(value.func) == self.interface
             ):
                 return self._rewrite(original, small, value)
         return updated
@@ -133,7 +128,7 @@ class _Sink(cst.CSTTransformer):
                 "attention-interface result is not unpacked as (output, weights)", stmt, scope=scope
             )
         if self.call is not None:  # a later call of the group: its part of the fused output
-            return attention_group.part(_code(out), self.seen - 1).with_changes(
+            return attention_group.part(code(out), self.seen - 1).with_changes(
                 leading_lines=stmt.leading_lines
             )
         self.call = call
@@ -142,27 +137,27 @@ class _Sink(cst.CSTTransformer):
         if self.group:
             ops[2] = self._operand(attention_group.fused_value(self.group, _bind_interface))
         extra = "".join(
-            f", {CALL_KWARGS[a.keyword.value]}={_code(a.value)}"
+            f", {CALL_KWARGS[a.keyword.value]}={code(a.value)}"
             for a in call.args
             if a.keyword is not None and a.keyword.value in CALL_KWARGS
         )
         call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata{extra})"
         if self.group:
-            first, *rest = attention_group.first_statements(_code(out), call, len(self.group))
+            first, *rest = attention_group.first_statements(code(out), call, len(self.group))
             self.sink = first.with_changes(leading_lines=stmt.leading_lines)
             return cst.FlattenSentinel([self.sink, *rest])
         # [T, Hq*D] -> [1, T, Hq, D]: exactly what the interface returned
         new = cst.parse_statement(
-            f"{_code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"
+            f"{code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"
         )
         self.sink = new.with_changes(leading_lines=stmt.leading_lines)
         return self.sink
 
     @staticmethod
     def _operand(expr: cst.BaseExpression) -> str:
-        code = _code(expr)
+        text = code(expr)
         simple = (cst.Name, cst.Attribute, cst.Call, cst.Subscript)
-        return f"{code if isinstance(expr, simple) else f'({code})'}.transpose(1, 2)[0]"
+        return f"{text if isinstance(expr, simple) else f'({text})'}.transpose(1, 2)[0]"
 
 
 def _bind_interface(call: cst.Call) -> list[cst.BaseExpression] | None:
@@ -281,6 +276,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         rewriter.leave_ClassDef(s, s) if isinstance(s, cst.ClassDef) else s for s in module.body
     ]
     module = module.with_changes(body=body)
+    names = {"InputMetadata", "PagedAttention"}
     if any("alibi" in args for args in ctx.paged_attention.values()):
-        return add_import(module, IMPORT.replace("import ", "import Alibi, "))
-    return add_import(module, IMPORT)
+        names.add("Alibi")
+    return add_import_from(module, names, "runtime.attention")

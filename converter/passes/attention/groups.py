@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import nodes_of
 from converter.analysis.roles import is_interface_lookup
+from converter.cst_helpers import code, nodes_of
 
-_EMPTY = cst.Module(body=[])
 STASH = "paged_outputs"  # the fused call's chunked outputs, read at each call's statement
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def interface_calls(forward: cst.FunctionDef) -> list[cst.Call]:
@@ -29,8 +24,8 @@ def interface_calls(forward: cst.FunctionDef) -> list[cst.Call]:
     for node in nodes_of(forward, cst.Assign, cst.AnnAssign):
         if node.value is not None and is_interface_lookup(node.value):
             target = node.targets[0].target if isinstance(node, cst.Assign) else node.target
-            names.add(_code(target))
-    return [c for c in nodes_of(forward, cst.Call) if _code(c.func) in names]
+            names.add(code(target))
+    return [c for c in nodes_of(forward, cst.Call) if code(c.func) in names]
 
 
 def groupable(forward: cst.FunctionDef, calls: list[cst.Call], bind) -> bool:
@@ -53,13 +48,13 @@ def groupable(forward: cst.FunctionDef, calls: list[cst.Call], bind) -> bool:
         if bound is None:
             return None
         options = sorted(
-            (a.keyword.value, _code(a.value))
+            (a.keyword.value, code(a.value))
             for a in call.args
             if a.keyword is not None
             and a.keyword.value not in ("module", "query", "key", "value", "attention_mask")
         )
-        stars = [_code(a.value) for a in call.args if a.star]
-        return [_code(e) for i, e in enumerate(bound) if i != 3], options, stars
+        stars = [code(a.value) for a in call.args if a.star]
+        return [code(e) for i, e in enumerate(bound) if i != 3], options, stars
 
     first = signature(calls[0])
     return first is not None and all(signature(c) == first for c in calls[1:])

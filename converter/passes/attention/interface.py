@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import BUILTINS, names_read, nodes_of, self_attr
 from converter.analysis.head_shapes import operand_shapes
 from converter.analysis.shape_ops import norm
 from converter.context import ConversionContext
+from converter.cst_helpers import BUILTINS, code, names_read, nodes_of, self_attr
 
 # attention-interface keyword -> PagedAttention keyword (None: inference no-op, dropped)
 KWARGS: dict[str, str | None] = {
@@ -30,11 +30,6 @@ CALL_KWARGS: dict[str, str] = {
     "s_aux": "sinks",  # attention sinks: one logit per head in the softmax denominator
 }
 VIEW_METHODS = ("view", "reshape")
-_EMPTY = cst.Module(body=[])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def _statements(body) -> list[cst.BaseStatement]:
@@ -147,8 +142,8 @@ def ctor_args(
         )
     body = forward.body.body
     assigns = _assignments(_statements(body))
-    q_dims = head_shape(_code(operands[0]), assigns)
-    k_dims = head_shape(_code(operands[1]), assigns)
+    q_dims = head_shape(code(operands[0]), assigns)
+    k_dims = head_shape(code(operands[1]), assigns)
     local = _forward_locals(ctx, init)
     q_new, k_new, v_new = (
         _head_dims(dims, local)
@@ -159,6 +154,13 @@ def ctor_args(
     if k_new[0] is not None or (k_dims is None and k_new[1] is not None):
         # [H, D] as the view search gives it; only the key's head count H is read
         k_dims = [cst.parse_expression(k_new[0] or "-1"), cst.parse_expression("0")]
+    import os
+
+    if os.environ.get("HSLOG"):
+        with open(os.environ["HSLOG"], "a") as f:
+            f.write(
+                f"{ctx.model_type}\t{cls}\tq_new={q_new}\tk_new={k_new}\tv_new={v_new}\tfinal_q={[code(d) for d in q_dims] if q_dims else None}\tfinal_k={[code(d) for d in k_dims] if k_dims else None}\n"
+            )
     if q_dims is None or k_dims is None:
         raise ctx.error(
             "cannot find the q/k view that splits heads",
@@ -179,19 +181,19 @@ def ctor_args(
             scope=scope,
             hint="the q view must name it, or the class read config.num_attention_heads",
         )
-    args = {"num_heads": heads, "head_dim": _code(q_dims[-1]), "scale": _code(kwargs["scaling"])}
+    args = {"num_heads": heads, "head_dim": code(q_dims[-1]), "scale": code(kwargs["scaling"])}
     if kv is not None and kv != heads:
         args["num_kv_heads"] = kv
     if v_new[1] is not None and norm(v_new[1]) != norm(args["head_dim"]):
         args["v_head_dim"] = v_new[1]
     for key, target in KWARGS.items():
         if target and key != "scaling" and key in kwargs:
-            args[target] = _code(kwargs[key])
+            args[target] = code(kwargs[key])
     args.update(rule_overrides(ctx))
-    for name, code in args.items():
-        if local(code):
+    for name, text in args.items():
+        if local(text):
             raise ctx.error(
-                f"PagedAttention {name}={code} uses forward-local values {local(code)}",
+                f"PagedAttention {name}={text} uses forward-local values {local(text)}",
                 forward,
                 scope=scope,
                 hint="compute it in __init__ in the source or extend the pass",
@@ -248,7 +250,7 @@ def _heads(dim, field, config, config_reads) -> str | None:
     biogpt's and ctrl's do: every config answers ``num_attention_heads`` through its
     attribute_map)."""
     if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
-        return _code(dim)
+        return code(dim)
     if field in config_reads or field == "num_attention_heads":
         return f"{config}.{field}"
     return None

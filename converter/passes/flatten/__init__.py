@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import add_params, dotted, methods_of, nodes_of
 from converter.analysis.ownership import child_class
 from converter.context import ConversionContext
+from converter.cst_helpers import add_params, dotted, methods_of, nodes_of
 from converter.passes.flatten.cache_slots import cache_offset, declare_slots
 from converter.passes.flatten.lm import RenamePositions, base_signature, lm_methods, unwrap_outputs
 from converter.passes.flatten.loops import AddKwargs, stack_loops

@@ -6,9 +6,9 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, flat_statements, nodes_of
 from converter.analysis.ownership import child_class
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted, flat_statements, nodes_of
 
 LM_FORWARD = """
 def forward(

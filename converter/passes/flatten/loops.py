@@ -15,12 +15,10 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import dotted, nodes_of
 from converter.analysis.ownership import child_class
 from converter.context import ConversionContext
+from converter.cst_helpers import code, dotted, nodes_of
 from converter.passes.flatten.cache_slots import offset_argument
-
-_CODE = cst.Module([])
 
 
 class AddKwargs(cst.CSTTransformer):
@@ -58,7 +56,7 @@ def _sliced_from(iterable: cst.BaseExpression) -> str | None | bool:
     index = iterable.slice[0].slice if len(iterable.slice) == 1 else None
     if not isinstance(index, cst.Slice) or index.step is not None:
         return False
-    return None if index.lower is None else _CODE.code_for_node(index.lower)
+    return None if index.lower is None else code(index.lower)
 
 
 def _slot(ctx, loop, layer: str, index: str, start, offset: str | None) -> str:
@@ -68,7 +66,7 @@ def _slot(ctx, loop, layer: str, index: str, start, offset: str | None) -> str:
         calls = [c for c in nodes_of(loop.body, cst.Call) if dotted(c.func) == layer]
         value = offset_argument(calls[0], offset) if calls else None
         if value is not None:
-            terms.insert(0, _CODE.code_for_node(value))
+            terms.insert(0, code(value))
     return " + ".join([*terms, index])
 
 

@@ -19,14 +19,12 @@ from collections import Counter
 import libcst as cst
 
 from converter.analysis import callgraph as cg
-from converter.analysis.cst_helpers import names_read, nodes_of
 from converter.analysis.dataflow import DEAD, NONNONE, UNKNOWN, Env, reads_dead, truth, value
 from converter.analysis.liveness import eliminate_dead_stores
 from converter.context import ConversionContext
+from converter.cst_helpers import names_read, nodes_of, target_names
 from converter.passes.prune.calls import Simplify, binds, drop_bound, entry_env, params_prunable
 from converter.passes.select import shake
-
-_EMPTY = cst.Module(body=[])
 
 
 class _Pruner:
@@ -123,7 +121,7 @@ class _Pruner:
                 if isinstance(t, cst.Name):
                     env.values[t.value] = v
                 else:
-                    for name in _targets_of(t):
+                    for name in target_names(t):
                         env.values[name] = UNKNOWN
         elif isinstance(small, cst.AugAssign):
             for name in targets:
@@ -181,7 +179,7 @@ class _Pruner:
         if dead:
             raise self.fail("delete a loop", stmt, dead)
         if isinstance(stmt, cst.For):
-            for name in _targets_of(stmt.target):
+            for name in target_names(stmt.target):
                 env.values[name] = UNKNOWN
         inner = env.copy()
         body = self.block(stmt.body.body, inner)
@@ -195,21 +193,11 @@ def _pass() -> cst.SimpleStatementLine:
     return cst.SimpleStatementLine([cst.Pass()])
 
 
-def _targets_of(node: cst.CSTNode) -> set[str]:
-    if isinstance(node, cst.Name):
-        return {node.value}
-    if isinstance(node, (cst.Tuple, cst.List)):
-        return (
-            set().union(*(_targets_of(e.value) for e in node.elements)) if node.elements else set()
-        )
-    return set()
-
-
 def _targets(small: cst.CSTNode) -> set[str]:
     if isinstance(small, cst.Assign):
-        return set().union(*(_targets_of(t.target) for t in small.targets))
+        return {n for t in small.targets for n in target_names(t.target)}
     if isinstance(small, (cst.AnnAssign, cst.AugAssign)):
-        return _targets_of(small.target)
+        return set(target_names(small.target))
     return set()
 
 

@@ -14,7 +14,6 @@ from collections import Counter
 import libcst as cst
 
 from converter.analysis import callgraph as cg
-from converter.analysis.cst_helpers import nodes_of
 from converter.analysis.dataflow import (
     DEAD,
     NONNONE,
@@ -28,8 +27,7 @@ from converter.analysis.dataflow import (
     value,
 )
 from converter.context import ConversionContext
-
-_EMPTY = cst.Module(body=[])
+from converter.cst_helpers import code, nodes_of
 
 
 def rebuild_args(bound: list[tuple[str | None, cst.Arg]], drop: set[int]) -> list[cst.Arg]:
@@ -98,7 +96,7 @@ class Simplify(cst.CSTTransformer):
                 )
             elif not stripped:
                 raise self.p.ctx.error(
-                    f"argument {_EMPTY.code_for_node(arg).strip(', ')} matches no parameter of {target}",
+                    f"argument {code(arg).strip(', ')} matches no parameter of {target}",
                     updated,
                     scope=self.p.fn.qualname,
                 )
@@ -161,7 +159,7 @@ def binds(node: cst.CSTNode) -> set[str]:
             names.add(sub.name.value)
         elif isinstance(sub, cst.ImportAlias):
             if sub.asname is None:
-                names.add(cst.Module(body=[]).code_for_node(sub.name).split(".")[0])
+                names.add(code(sub.name).split(".")[0])
         else:
             target = sub.name if isinstance(sub, cst.AsName) else sub.target
             names |= {n.value for n in nodes_of(target, cst.Name)}

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import add_import_from, dotted, drop_unused_locals, methods_of
 from converter.context import ConversionContext
+from converter.cst_helpers import (
+    add_import_from,
+    code,
+    dotted,
+    drop_unused_locals,
+    methods_of,
+)
 from converter.passes.tp.args import LinearArgs, expr, kwarg, linear_args
 from converter.passes.tp.fuse import Fusion, LocalQKVSplit, plan_fusions, split_statement
 from converter.passes.tp.heads import (
@@ -40,17 +46,12 @@ from converter.passes.tp.switch import (
     switch,
 )
 
-_EMPTY = cst.Module([])
 PARALLEL_CTORS = {
     "colwise": "ColumnParallelLinear",
     "colwise_gather_output": "ColumnParallelLinear",
     "rowwise": "RowParallelLinear",
     "rowwise_split_input": "RowParallelLinear",
 }
-
-
-def code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 class _TPPass:

@@ -8,15 +8,9 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import dotted
 from converter.context import ConversionContext
+from converter.cst_helpers import code, dotted
 from converter.passes.tp.plan import CONV1D_CTORS
-
-_EMPTY = cst.Module([])
-
-
-def code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def expr(text: str) -> cst.BaseExpression:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import dotted, methods_of, self_attr
 from converter.analysis.ownership import owns
 from converter.context import ConversionContext
+from converter.cst_helpers import dotted, methods_of, self_attr
 from converter.passes.tp.linear_subclasses import linear_subclasses
 
 ATTN = "<paged attention>"

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import find_all, methods_of, nodes_of, self_attr
 from converter.context import ConversionContext
-
-_EMPTY = cst.Module([])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
+from converter.cst_helpers import code, find_all, methods_of, nodes_of, self_attr
 
 
 @dataclass
@@ -92,7 +86,7 @@ def _linear_sig(call: cst.Call) -> tuple[str, str, str]:
             if a.keyword
             else names[i]
         )
-        got[key] = _code(a.value)
+        got[key] = code(a.value)
     return got.get("in", ""), got.get("out", ""), got.get("bias", "True")
 
 
@@ -121,7 +115,7 @@ def plan_fusions(
                     attr = self_attr(small.targets[0].target)
                     if attr:
                         ctors.setdefault(attr, small.value)
-        has_attention = any("PagedAttention" in _code(c.func) for c in ctors.values())
+        has_attention = any("PagedAttention" in code(c.func) for c in ctors.values())
         for kind, lists in groups.items():
             for names in lists:
                 members, fused = names[:-1], names[-1]

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import dotted, one_line, self_attr
+from converter.cst_helpers import code, dotted, one_line, self_attr
 
-_EMPTY = cst.Module([])
 PA_ATTR = "attn"  # the attention pass's `self.attn = PagedAttention(...)`
 PER_HEAD_CALL_ARGS = ("sinks",)  # [H] tensors of PagedAttention.forward
-
-
-def code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def _wrap(fn: str, node: cst.BaseExpression, flag: str | None = None) -> cst.Call:

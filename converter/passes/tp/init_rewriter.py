@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import ctor_call, self_attr, with_ctor
+from converter.cst_helpers import ctor_call, self_attr, with_ctor
 from converter.passes.tp.args import expr
 from converter.passes.tp.fuse import Fusion
 from converter.passes.tp.switch import InlineLater, assigned_attrs, attr_values

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import dotted, methods_of, nodes_of
+from converter.cst_helpers import dotted, methods_of, nodes_of
 
 LINEAR_BASES = frozenset({"nn.Linear", "torch.nn.Linear", "Linear"})
 _CALLS = frozenset(

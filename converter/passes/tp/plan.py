@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import ctor_call, dotted, methods_of, self_attr
 from converter.context import ConversionContext
+from converter.cst_helpers import code, ctor_call, dotted, methods_of, self_attr
 from converter.hf.tables import config_tp_plan
 from converter.passes.tp.cases import plan_override
 from converter.passes.tp.dataflow import dataflow_styles
@@ -267,12 +267,7 @@ def _token_embedding(
     for s in embeddings:
         if any(".".join(p) in tied for p in s.paths):
             return s
-    empty = cst.Module([])
-    sized = [
-        s
-        for s in embeddings
-        if s.call.args and "vocab" in empty.code_for_node(s.call.args[0].value)
-    ]
+    sized = [s for s in embeddings if s.call.args and "vocab" in code(s.call.args[0].value)]
     if len(sized) == 1:
         return sized[0]
     named = [s for s in embeddings if s.attr in token_names]

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import find_all, self_attr
 from converter.context import ConversionContext
+from converter.cst_helpers import find_all, self_attr
 from converter.passes.tp.args import expr
 from converter.passes.tp.cases import Case, sharded_expression
 

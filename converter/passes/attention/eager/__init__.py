@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import (
+from converter.context import ConversionContext
+from converter.cst_helpers import (
     bound_names,
     call_name,
     dotted,
@@ -41,7 +42,6 @@ from converter.analysis.cst_helpers import (
     nodes_of,
     self_attr,
 )
-from converter.context import ConversionContext
 from converter.passes.attention.eager.args import ctor_args
 from converter.passes.attention.eager.arms import (
     BiasTests,
@@ -62,14 +62,9 @@ from converter.passes.attention.eager.static import shapes_before
 
 SOFTMAX = ("softmax",)
 PRODUCTS = ("matmul", "bmm", "baddbmm")
-_EMPTY = cst.Module(body=[])
 
 
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
-
-
-def _targets(stmt: cst.CSTNode) -> set[str]:
+def _bound(stmt: cst.CSTNode) -> set[str]:
     return set(bound_names(stmt))
 
 
@@ -175,16 +170,16 @@ def _rewrite(ctx, cls, node, forward, body, i_sm, before, scope, anchor, q, prod
     k_transposed = update is None and key_operand(product)[1]
 
     owned = set(ctx.classes[cls].children)
-    tainted = _targets(body[i_sm])
+    tainted = _bound(body[i_sm])
     end = out = None
     for j in range(i_sm + 1, len(body)):
         if not names_read(body[j]) & tainted:
             continue
         out = _o_proj_input(body[j], owned, tainted)
         if out is not None:
-            end = max(i for i in range(i_sm, j) if out in _targets(body[i]))
+            end = max(i for i in range(i_sm, j) if out in _bound(body[i]))
             break
-        tainted |= _targets(body[j])
+        tainted |= _bound(body[j])
     if end is None:
         raise ctx.error(
             "eager attention core: no output projection reads the attention output",
@@ -196,7 +191,7 @@ def _rewrite(ctx, cls, node, forward, body, i_sm, before, scope, anchor, q, prod
     span = body[anchor + 1 : end + 1]
     kept, dropped = [], set()
     for stmt in span:
-        targets = _targets(stmt)
+        targets = _bound(stmt)
         if targets & (live_after - {out}) and not targets & tainted:
             kept.append(stmt)
         else:
@@ -227,7 +222,7 @@ def _no_cache(ctx, cls, node, forward, body, i_sm, before, scope):
             hint="extend converter/passes/attention/eager/operands.py",
         )
     (product, q_expr), (k, transposed) = found, key
-    v = value_operand(body, i_sm + 1, _targets(body[i_sm]))
+    v = value_operand(body, i_sm + 1, _bound(body[i_sm]))
     if v is None:
         raise ctx.error(
             "eager attention core: no product of the probabilities with a named value",

@@ -20,17 +20,18 @@ from collections.abc import Callable
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import (
+from converter.analysis.shape_ops import Shape
+from converter.context import ConversionContext
+from converter.cst_helpers import (
     bound_names,
     call_name,
+    code,
     has_softmax,
     methods_of,
     names_read,
     nodes_of,
     self_attr,
 )
-from converter.analysis.shape_ops import Shape
-from converter.context import ConversionContext
 from converter.passes.attention.eager.masks import mask_names, window_of
 from converter.passes.attention.eager.static import (
     forward_only,
@@ -48,11 +49,6 @@ from converter.passes.attention.interface import (
 
 VIEWS = ("view", "reshape")
 ALIBI_DTYPES = ("float32", "bfloat16")  # runtime.attention.params.Alibi's dtypes
-_EMPTY = cst.Module(body=[])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def scale_of(
@@ -65,7 +61,7 @@ def scale_of(
     bias_factors: list[str] = []
     if isinstance(product, cst.Call):
         alpha = [a.value for a in product.args if a.keyword and a.keyword.value == "alpha"]
-        factors += [_code(a) for a in alpha]
+        factors += [code(a) for a in alpha]
     chain: set[str] = set()
     biased: set[str] = set()  # chain names that already hold the bias
 
@@ -84,7 +80,7 @@ def scale_of(
                 walk(stmt.body.body, found(inner))
                 if inner:
                     joined = " * ".join(f for f, _ in inner)
-                    add(f"({joined} if {_code(stmt.test)} else 1.0)", any(b for _, b in inner))
+                    add(f"({joined} if {code(stmt.test)} else 1.0)", any(b for _, b in inner))
                 continue
             _factors(stmt, add)
             if has_softmax(stmt):
@@ -99,18 +95,18 @@ def scale_of(
                 if isinstance(node.target, cst.Name) and node.target.value in chain:
                     has_bias = node.target.value in biased
                     if isinstance(node.operator, cst.MultiplyAssign):
-                        add(_code(node.value), has_bias)
+                        add(code(node.value), has_bias)
                     elif isinstance(node.operator, cst.DivideAssign):
-                        add(f"1 / ({_code(node.value)})", has_bias)
+                        add(f"1 / ({code(node.value)})", has_bias)
                 continue
             left_in = _reaches(node.left, chain, product)
             right_in = _reaches(node.right, chain, product)
             side = node.left if left_in else node.right
             has_bias = bool(names_read(side) & (biased | {bias}))
             if isinstance(node.operator, cst.Multiply) and left_in != right_in:
-                add(_code(node.right if left_in else node.left), has_bias)
+                add(code(node.right if left_in else node.left), has_bias)
             elif isinstance(node.operator, cst.Divide) and left_in and not right_in:
-                add(f"1 / ({_code(node.right)})", has_bias)
+                add(f"1 / ({code(node.right)})", has_bias)
         if _reaches(stmt, chain, product):
             targets = set(bound_names(stmt))
             chain.update(targets)
@@ -234,12 +230,12 @@ def _heads(name: str, before, methods) -> tuple[str | None, str] | None:
     ]
     if direct:  # the query the product reads, [B, H, T, D]
         dims = [a.value for a in direct[-1].args]
-        return _inline(dims[1], assigns), _code(dims[3])
+        return _inline(dims[1], assigns), code(dims[3])
     dims = _view_dims(name, assigns, methods)
     if dims is None:
         return None
     heads = _heads_of(dims)
-    return (_inline(cst.parse_expression(heads), assigns) if heads else None), _code(dims[-1])
+    return (_inline(cst.parse_expression(heads), assigns) if heads else None), code(dims[-1])
 
 
 def _inline(dim: cst.BaseExpression, assigns) -> str:
@@ -247,8 +243,8 @@ def _inline(dim: cst.BaseExpression, assigns) -> str:
     if isinstance(dim, cst.Name) and len(assigns.get(dim.value, [])) == 1:
         value = assigns[dim.value][0]
         if not names_read(value) - {"self", "config"}:
-            return _code(value)
-    return _code(dim)
+            return code(value)
+    return code(dim)
 
 
 def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
@@ -317,5 +313,5 @@ def _heads_of(dims) -> str | None:
     candidates = [dims[-2]] + ([dims[-3]] if len(dims) >= 5 else [])
     for dim in candidates:
         if not isinstance(dim, literal):
-            return _code(dim)
+            return code(dim)
     return None

@@ -19,7 +19,7 @@ import ast
 import libcst as cst
 import libcst.matchers as m
 
-from converter.analysis.cst_helpers import assigned_names, has_softmax, nodes_of
+from converter.cst_helpers import assigned_names, has_softmax, nodes_of
 
 
 def _arms(stmt: cst.If) -> list[list[cst.BaseStatement]]:

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import bound_names, has_softmax, methods_of, nodes_of, self_attr
 from converter.analysis.liveness import block as live_block
-
-_EMPTY = cst.Module(body=[])
+from converter.cst_helpers import (
+    bound_names,
+    code,
+    has_softmax,
+    methods_of,
+    nodes_of,
+    self_attr,
+)
 
 
 def _helper_call(stmt, methods) -> tuple[cst.Assign, cst.Call, str] | None:
@@ -76,7 +81,7 @@ def _inline(ctx, helper: cst.FunctionDef, assign, call, later, stmt, scope):
         if isinstance(value, cst.Name) and value.value not in ("None", "True", "False"):
             renames[param.name.value] = value.value  # so q/k/v keep the caller's names
         else:
-            lines.append(cst.parse_statement(f"{param.name.value} = {_EMPTY.code_for_node(value)}"))
+            lines.append(cst.parse_statement(f"{param.name.value} = {code(value)}"))
     inner = [s.visit(_Rename(renames)) for s in helper.body.body]
     last = inner[-1] if inner else None
     ret = last.body[0] if isinstance(last, cst.SimpleStatementLine) else None

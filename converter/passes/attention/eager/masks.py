@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import (
+from converter.cst_helpers import (
     bound_names,
+    code,
     dotted,
     methods_of,
     names_read,
     nodes_of,
     self_attr,
 )
-
-_EMPTY = cst.Module(body=[])
-
-
-def _code(node: cst.CSTNode) -> str:
-    return _EMPTY.code_for_node(node)
 
 
 def _name(call: cst.Call) -> str:
@@ -67,7 +62,7 @@ def _band(expr: cst.BaseExpression, name: str) -> str | None:
         return None
     offset = second.args[1].value
     if isinstance(offset, cst.UnaryOperation) and isinstance(offset.operator, cst.Minus):
-        return _code(offset.expression)
+        return code(offset.expression)
     return None
 
 
@@ -82,7 +77,7 @@ def _assignments(body, name: str, cond: str | None = None):
                 ):
                     out.append((cond, small.value))
         elif isinstance(stmt, cst.If) and stmt.orelse is None and cond is None:
-            out += _assignments(stmt.body.body, name, _code(stmt.test))
+            out += _assignments(stmt.body.body, name, code(stmt.test))
         elif any(n.value == name for n in nodes_of(stmt, cst.Name)):
             out.append(("?", stmt))  # assigned some other way: unknown
     return out
@@ -145,7 +140,7 @@ def mask_names(ctx, node: cst.ClassDef, core, scope: str) -> frozenset[str]:
             scores = (left & names and right - names) or (right & names and left - names)
             if scores and not _in_blend(stmt, mul, names):
                 raise ctx.error(
-                    f"eager attention core multiplies its scores by a mask ({_code(mul)}) "
+                    f"eager attention core multiplies its scores by a mask ({code(mul)}) "
                     "outside a blend s * m + C * (1 - m)",
                     stmt,
                     scope=scope,

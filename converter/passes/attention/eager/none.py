@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import bound_names, names_read, nodes_of
 from converter.analysis.shape_ops import as_int
+from converter.cst_helpers import bound_names, names_read, nodes_of
 
 MUTATORS = ("append", "extend", "insert")
 

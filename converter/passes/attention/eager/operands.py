@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import bound_names, call_name, names_read, nodes_of
 from converter.analysis.shape_ops import Shape, as_int
+from converter.cst_helpers import bound_names, call_name, names_read, nodes_of
 
 PRODUCTS = ("matmul", "bmm")
 _LAST_TWO = ({-1, -2}, {2, 3})

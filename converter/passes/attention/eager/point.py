@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import methods_of
 from converter.analysis.head_shapes import Interpreter
 from converter.analysis.shape_ops import Shape, linear_widths
+from converter.cst_helpers import methods_of
 
 
 def split_point(

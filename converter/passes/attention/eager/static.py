@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.cst_helpers import bound_names, names_read, nodes_of
 from converter.analysis.head_shapes import MAX_DEPTH, Interpreter
-from converter.analysis.shape_ops import Shape, code, linear_widths
+from converter.analysis.shape_ops import Shape, dim_code, linear_widths
+from converter.cst_helpers import bound_names, names_read, nodes_of
 
 STATIC = {"self", "config"}
 
@@ -56,12 +56,12 @@ class StaticInterpreter(Interpreter):
         for side in (node.left, node.right):
             value = self.eval(side, env)
             if value is None and isinstance(side, (cst.Integer, cst.Name, cst.Attribute)):
-                value = code(side)
+                value = dim_code(side)
             if not isinstance(value, str):
                 return None
             sides.append(value)
         left, right = sides
-        op = code(node.operator)
+        op = dim_code(node.operator)
         return f"({left}){op}({right})" if _compound(left, right) else f"{left}{op}{right}"
 
     def _inline(self, method: cst.FunctionDef, call: cst.Call, env: dict):
@@ -158,7 +158,7 @@ class _Sizes(cst.CSTTransformer):
 
 def static_sizes(expr: str, env: dict) -> str:
     """`expr` with each size read of a tensor known in `env` replaced by its static dim."""
-    return code(cst.parse_expression(expr).visit(_Sizes(env)))
+    return dim_code(cst.parse_expression(expr).visit(_Sizes(env)))
 
 
 def forward_only(expr: str, forward: cst.FunctionDef, init: cst.FunctionDef) -> set[str]:

@@ -192,9 +192,9 @@ def bound_names(stmt: cst.CSTNode) -> list[str]:
                         names.append((dotted(alias.name) or "").split(".")[0])
             elif isinstance(small, cst.Assign):
                 for target in small.targets:
-                    names += _target_names(target.target)
+                    names += target_names(target.target)
             elif isinstance(small, cst.AnnAssign):
-                names += _target_names(small.target)
+                names += target_names(small.target)
     elif isinstance(stmt, (cst.If, cst.Try)):
         for sub in _child_blocks(stmt):
             for inner in sub:
@@ -202,13 +202,14 @@ def bound_names(stmt: cst.CSTNode) -> list[str]:
     return names
 
 
-def _target_names(target: cst.BaseExpression) -> list[str]:
+def target_names(target: cst.BaseExpression) -> list[str]:
+    """Names an assignment target binds: ``a``, ``a, (b, c)``, ``[a, b]``."""
     if isinstance(target, cst.Name):
         return [target.value]
     if isinstance(target, (cst.Tuple, cst.List)):
         out: list[str] = []
         for el in target.elements:
-            out += _target_names(el.value)
+            out += target_names(el.value)
         return out
     return []
 
@@ -264,19 +265,6 @@ def add_params(func: cst.FunctionDef, names: list[tuple[str, str]]) -> cst.Funct
     return func.with_changes(
         params=params.with_changes(params=positional, kwonly_params=kwonly, star_arg=star)
     )
-
-
-def add_import(module: cst.Module, line: str) -> cst.Module:
-    """Insert an import after the last module-level import."""
-    body = list(module.body)
-    last = 0
-    for i, stmt in enumerate(body):
-        if isinstance(stmt, cst.SimpleStatementLine) and isinstance(
-            stmt.body[0], (cst.Import, cst.ImportFrom)
-        ):
-            last = i + 1
-    body.insert(last, cst.parse_statement(line))
-    return module.with_changes(body=body)
 
 
 _EMPTY = cst.Module([])
