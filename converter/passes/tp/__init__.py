@@ -241,9 +241,12 @@ class _TPPass:
         new_body = []
         for stmt in node.body.body:
             if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
-                stmt = drop_unused_locals(
-                    stmt.visit(InitRewriter(self, cls, fusions)), self.orphans
+                rewriter = InitRewriter(
+                    lambda attr, call, cls=cls: self.ctor_for(cls, attr, call),
+                    self.fused_ctor,
+                    fusions,
                 )
+                stmt = drop_unused_locals(stmt.visit(rewriter), self.orphans)
                 if flag:
                     stmt = insert_flag(stmt, self.flag[cls], self.sharded_if[cls])
                     self.used |= runtime_names(self.sharded_if[cls])

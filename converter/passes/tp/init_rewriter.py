@@ -4,7 +4,7 @@ the last member of a fusion (the others dropped), a config-chosen style's switch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import libcst as cst
 
@@ -13,15 +13,18 @@ from converter.passes.tp.args import expr
 from converter.passes.tp.fuse import Fusion
 from converter.passes.tp.switch import InlineLater, assigned_attrs, attr_values
 
-if TYPE_CHECKING:
-    from converter.passes.tp import _TPPass
-
 
 class InitRewriter(cst.CSTTransformer):
-    """Rewrites the ctor calls of one class's __init__."""
+    """Rewrites the ctor calls of one class's __init__: `ctor_for(attr, call)` is the TP
+    pass's layer for one linear, `fused_ctor(fusion)` its fused layer."""
 
-    def __init__(self, pass_: _TPPass, cls: str, fusions: list[Fusion]) -> None:
-        self.p, self.cls, self.fusions = pass_, cls, fusions
+    def __init__(
+        self,
+        ctor_for: Callable[[str, cst.Call], cst.BaseExpression],
+        fused_ctor: Callable[[Fusion], cst.Call],
+        fusions: list[Fusion],
+    ) -> None:
+        self.ctor_for, self.fused_ctor, self.fusions = ctor_for, fused_ctor, fusions
         self.member_of = {m: f for f in fusions for m in f.members}
         self.values: dict[str, cst.BaseExpression] = {}
         self.seen: set[str] = set()  # self attributes assigned by the statements left so far
@@ -51,7 +54,7 @@ class InitRewriter(cst.CSTTransformer):
         if fusion is not None:
             if attr != fusion.members[-1]:
                 return cst.RemovalSentinel.REMOVE
-            new = self.p.fused_ctor(fusion)
+            new = self.fused_ctor(fusion)
             return updated.with_changes(
                 body=[
                     small.with_changes(
@@ -59,7 +62,7 @@ class InitRewriter(cst.CSTTransformer):
                     )
                 ]
             )
-        new_call = self.p.ctor_for(self.cls, attr, call)
+        new_call = self.ctor_for(attr, call)
         if new_call is call:
             return updated
         if isinstance(new_call, cst.IfExp):  # config-chosen style, built here
