@@ -1,19 +1,35 @@
-"""Symbolic shapes of the attention operands, from the source's own tensor code.
+"""Symbolic shapes of the attention operands, from the source's own tensor code: THE
+head-shape algorithm (attention-interface calls and hand-written eager cores alike).
 
 An abstract interpreter over the forward and its helpers reads H and D of the ``[B, H, T,
-D]`` q/k/v off the code building each; a shape is a tuple of dim code. It knows:
+D]`` q/k/v off the code building each; a shape is a tuple of dim code. Values:
+`Shape` (a tensor), a tuple (a shape or a tuple of values), a str (one dim's code: a size
+read, or a scalar that reads only ``self``/``config``, e.g. a head count held in a local
+``n_kv = self.a if self.flag else self.b``), a bool (a literal flag), None (unknown). It
+knows:
 
-- ``view``/``reshape`` (dims, tuple names, ``*shape``): the new dims; a ``-1`` that only
-  splits the last dim of an ``nn.Linear`` output whose width is ``A * B`` with ``B`` the
-  dims after it becomes ``A`` (MLA's ``kv_b_proj(...).view(B, T, -1, nope + v)``);
-- ``transpose``/``permute``/``unsqueeze``, integer indexing (``x[..., 0, :]``), last-dim
-  slices and ``split``/``chunk`` (the parts remember the tensor they were cut from, so a
-  ``cat`` of them all is that tensor again; else it sums last dims), ``new_empty``, ``size``;
+- ``view``/``reshape`` (dims, tuple names, ``*shape``): the new dims, also of a tensor it
+  cannot follow when every dim is explicit; a ``-1`` that only splits the last dim of an
+  ``nn.Linear`` output whose width is ``A * B`` with ``B`` the dims after it becomes ``A``
+  (MLA's ``kv_b_proj(...).view(B, T, -1, nope + v)``);
+- ``transpose``/``permute``/``unsqueeze``/``expand``, integer indexing (``x[..., 0, :]``),
+  last-dim slices and ``split``/``chunk`` (sizes as a list, ``n * [d]``, one size or a
+  count; the parts remember the tensor they were cut from, so a ``cat`` of them all is
+  that tensor again; else a last-dim ``cat`` sums last dims and any other keeps the dims
+  its parts agree on), ``new_empty`` & co., ``size``/``shape`` (``x.size()[:-1] + (H,
+  D)`` concatenates), arithmetic of size reads (``x.size(-1) // self.n_head``);
 - any other call preserves its tensor arguments' shapes (norms, rotary helpers,
-  ``cache.update(k, v, ...)``: one result per positional tensor argument).
+  ``cache.update(k, v, ...)``: one result per positional tensor argument); ``self.<m>(...)``
+  of a helper method runs the helper (parameters bound to the call's values, literal
+  defaults included), of a module keeps its input's shape with an ``nn.Linear``'s width;
+- ``if``/``else``: an arm whose test is a literal flag runs alone (``split_heads(x, k=True)``);
+  otherwise the arms' environments merge to what both agree on, a name an arm only reads
+  out of a container (a cache) taking the other arm's value; when every arm returns, the
+  returned values merge; an ``if`` with a return in only some arms leaves the names it
+  binds unknown.
 
-Unknown stays ``None``; callers fall back to the older view search. An ``if`` with a
-``return`` in an arm leaves the names it binds unknown.
+The attention module's inputs (its forward's first parameter, and every parameter it
+projects through one of its modules) are ``[B, T, C]`` by the decoder layer's contract.
 """
 
 from __future__ import annotations
@@ -35,9 +51,17 @@ from converter.analysis.shape_ops import (
     merge,
     split_shape,
 )
-from converter.cst_helpers import bound_names, nodes_of, self_attr
+from converter.cst_helpers import bound_names, names_read, nodes_of, self_attr
 
 MAX_DEPTH = 4  # helper-method inlining depth
+STATIC = frozenset({"self", "config"})  # what __init__ can read too
+
+
+def is_static(expr: cst.BaseExpression) -> bool:
+    """A scalar expression that reads only ``self``/``config`` (and literals)."""
+    if isinstance(expr, (cst.Tuple, cst.List, cst.Call, cst.Name)):
+        return False
+    return names_read(expr) <= STATIC
 
 
 class Interpreter:
@@ -67,7 +91,9 @@ class Interpreter:
                         return "return", self.eval(small.value, env) if small.value else None
                     self._small(small, env)
             elif isinstance(stmt, cst.If):
-                self._branch(stmt, env)
+                kind, value = self._branch(stmt, env)
+                if kind == "return":
+                    return kind, value
             else:
                 for block in self._blocks(stmt):
                     self.run(block, env)
@@ -86,10 +112,23 @@ class Interpreter:
                 out.append(list(part.body))
         return out
 
-    def _branch(self, stmt: cst.If, env: dict) -> None:
-        if nodes_of(stmt, cst.Return):  # a returning arm leaves no environment to merge
-            env.update(dict.fromkeys(bound_names(stmt)))
-            return
+    def _branch(self, stmt: cst.If, env: dict) -> tuple[str, object]:
+        """("return", value) when every arm returns, else ("end", None) with `env` merged."""
+        flag = self.eval(stmt.test, env)
+        if isinstance(flag, bool):  # a literal flag: only the arm it selects runs
+            arm = self._blocks(stmt)[0] if flag else (self._blocks(stmt)[1:] or [[]])[0]
+            kind, value = self.run(arm, env)
+            return (kind, value) if kind == "return" else ("end", None)
+        if nodes_of(stmt, cst.Return):
+            arms = self._arms(stmt)
+            if arms is not None and all(_returns(arm) for arm in arms):
+                values = [self.run(arm, dict(env))[1] for arm in arms]
+                result = values[0]
+                for value in values[1:]:
+                    result = merge(result, value)
+                return "return", result
+            env.update(dict.fromkeys(bound_names(stmt)))  # no environment to merge
+            return "end", None
         blocks = self._blocks(stmt)
         envs = [self.run(block, dict(env))[1] for block in blocks]
         opaque = [self._container_reads(block, env) for block in blocks]
@@ -104,13 +143,26 @@ class Interpreter:
             a = b if a is None and name in opaque[0] else a
             b = a if b is None and name in opaque[1] else b
             env[name] = merge(a, b)
+        return "end", None
+
+    def _arms(self, stmt: cst.If) -> list[list] | None:
+        """Every arm of an if/elif/else chain; None without a final else."""
+        arms = [list(stmt.body.body)]
+        orelse = stmt.orelse
+        while isinstance(orelse, cst.If):
+            arms.append(list(orelse.body.body))
+            orelse = orelse.orelse
+        if orelse is None:
+            return None
+        return [*arms, list(orelse.body.body)]
 
     def _container_reads(self, block: list, env: dict) -> set[str]:
-        """Names a block binds from ``container[key]`` (a container that is no tensor)."""
+        """Names a block binds from ``container[key]`` or ``cache.layers[i].keys`` (a chain
+        of subscripts and attributes of something that is no tensor)."""
         found: set[str] = set()
         for stmt in block:
             for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else []:
-                if not (isinstance(small, cst.Assign) and isinstance(small.value, cst.Subscript)):
+                if not isinstance(small, cst.Assign) or not _container_read(small.value):
                     continue
                 if self.eval(small.value.value, env) is not None:
                     continue
@@ -143,7 +195,14 @@ class Interpreter:
     # ------------------------------------------------------------------ expressions
     def eval(self, expr, env: dict):
         if isinstance(expr, cst.Name):
+            if expr.value in ("True", "False"):
+                return expr.value == "True"
             return env.get(expr.value)
+        if isinstance(expr, cst.UnaryOperation) and isinstance(expr.operator, cst.Not):
+            inner = self.eval(expr.expression, env)
+            return (not inner) if isinstance(inner, bool) else None
+        if is_static(expr):
+            return dim_code(expr)
         if isinstance(expr, (cst.Tuple, cst.List)):
             out = []
             for el in expr.elements:
@@ -166,11 +225,26 @@ class Interpreter:
             for side in (left, right):
                 if isinstance(side, Shape):
                     return side
-            return None
+            if isinstance(expr.operator, cst.Add) and isinstance(left, tuple):
+                return left + right if isinstance(right, tuple) else None
+            return self._arith(expr, left, right)
         if isinstance(expr, cst.IfExp):
             value = self.eval(expr.body, env)
             return value if value is not None else self.eval(expr.orelse, env)
         return None
+
+    def _arith(self, node: cst.BinaryOperation, left, right) -> str | None:
+        """A dim written as arithmetic of size reads and static terms, else None."""
+        sides = []
+        for side, value in ((node.left, left), (node.right, right)):
+            if value is None and isinstance(side, (cst.Integer, cst.Name, cst.Attribute)):
+                value = dim_code(side)
+            if not isinstance(value, str):
+                return None
+            sides.append(value)
+        op = dim_code(node.operator)
+        compound = any(not all(c.isalnum() or c in "._" for c in s) for s in sides)
+        return f"({sides[0]}){op}({sides[1]})" if compound else f"{sides[0]}{op}{sides[1]}"
 
     def _dim(self, node, env: dict):
         """A dim argument: its value when it is a shape entry (``x.shape[1]``), else code."""
@@ -207,6 +281,9 @@ class Interpreter:
         values = [self.eval(a.value, env) for a in positional]
         if isinstance(func, cst.Attribute):
             method = func.attr.value
+            if method == "size" and not call.args:  # x.size() is x.shape
+                base = self.eval(func.value, env)
+                return base.dims if isinstance(base, Shape) else None
             owner = self_attr(func)
             if owner is not None:  # self.<method>(...) or self.<module>(...)
                 if owner in self.methods:
@@ -218,6 +295,10 @@ class Interpreter:
             base = self.eval(func.value, env)
             if isinstance(base, Shape):
                 return self._tensor_method(base, method, call, positional, kwargs, env)
+            if method in ("view", "reshape") and base is None:  # every dim explicit
+                dims = self._dims(call.args, env)
+                if dims and None not in dims and "-1" not in dims:
+                    return Shape(dims)
             if method in SPLITS and values and isinstance(values[0], Shape):
                 return split_shape(values[0], method, positional[1:], kwargs)
             if method in CATS and values and isinstance(values[0], tuple):
@@ -228,13 +309,17 @@ class Interpreter:
     def _inline(self, method: cst.FunctionDef, call: cst.Call, env: dict):
         if self.depth >= MAX_DEPTH:
             return None
-        params = [p.name.value for p in method.params.params][1:]  # drop self
+        params = [p for p in method.params.params][1:]  # drop self
+        names = [p.name.value for p in params]
         local: dict = {}
+        for param in params:  # literal defaults: flags the body may test
+            if param.default is not None:
+                local[param.name.value] = self.eval(param.default, env)
         positional = [a for a in call.args if a.keyword is None and not a.star]
-        for name, arg in zip(params, positional):
+        for name, arg in zip(names, positional):
             local[name] = self.eval(arg.value, env)
         for arg in call.args:
-            if arg.keyword is not None and arg.keyword.value in params:
+            if arg.keyword is not None and arg.keyword.value in names:
                 local[arg.keyword.value] = self.eval(arg.value, env)
         self.depth += 1
         try:
@@ -275,18 +360,46 @@ class Interpreter:
         return base  # contiguous, to, float, type_as, clone, ...
 
 
+def _returns(block: list) -> bool:
+    last = block[-1] if block else None
+    return isinstance(last, cst.SimpleStatementLine) and isinstance(last.body[-1], cst.Return)
+
+
+def _container_read(value: cst.BaseExpression) -> bool:
+    """``a[k]``, ``a.b[k].c``: subscripts and attributes only, at least one subscript or
+    a chain through a subscript (no call)."""
+    seen_subscript = False
+    node = value
+    while isinstance(node, (cst.Subscript, cst.Attribute)):
+        seen_subscript |= isinstance(node, cst.Subscript)
+        node = node.value
+    return seen_subscript and isinstance(node, cst.Name)
+
+
+def forward_interpreter(
+    forward: cst.FunctionDef, methods: dict[str, cst.FunctionDef]
+) -> tuple[Interpreter, dict]:
+    """An interpreter over `forward` (of a class with `methods`) and its entry environment:
+    the attention's inputs ``[B, T, C]``."""
+    interp = Interpreter(methods, linear_widths(methods["__init__"]))
+    params = [p.name.value for p in forward.params.params][1:]
+    inputs = set(params[:1])
+    for call in nodes_of(forward.body, cst.Call):
+        positional = [a.value for a in call.args if a.keyword is None and not a.star]
+        owner = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
+        if owner and owner not in methods and positional and isinstance(positional[0], cst.Name):
+            inputs.add(positional[0].value)  # projected through one of its modules
+    return interp, {p: Shape((None, None, None)) for p in params if p in inputs}
+
+
 def operand_shapes(
     forward: cst.FunctionDef,
     call: cst.Call,
     operands: list[cst.BaseExpression],
     methods: dict[str, cst.FunctionDef],
-    init: cst.FunctionDef,
 ) -> list[tuple | None]:
     """The dims of each operand of `call` (an attention-interface call in `forward`)."""
-    interp = Interpreter(methods, linear_widths(init))
-    params = [p.name.value for p in forward.params.params][1:]
-    # The attention input (first parameter) is [B, T, C] by the decoder layer's contract.
-    env = {params[0]: Shape((None, None, None))} if params else {}
+    interp, env = forward_interpreter(forward, methods)
     # `call` may come from a rewritten copy of `forward`: find its twin by structure.
     stop = next((c for c in nodes_of(forward, cst.Call) if c.deep_equals(call)), call)
     kind, env = interp.run(list(forward.body.body), env, stop=stop)

@@ -147,7 +147,7 @@ def ctor_args(
     local = _forward_locals(ctx, init)
     q_new, k_new, v_new = (
         _head_dims(dims, local)
-        for dims in operand_shapes(forward, call, operands, methods or {}, init)
+        for dims in operand_shapes(forward, call, operands, {**(methods or {}), "__init__": init})
     )
     if q_new[1] is not None:  # [B, H, T, D]: the interpreter's view of the operands
         q_dims = [cst.parse_expression(q_new[0] or "-1"), cst.parse_expression(q_new[1])]

@@ -231,7 +231,7 @@ def _no_cache(ctx, cls, node, forward, body, i_sm, before, scope):
         )
     at = next(j for j in range(i_sm + 1) if _product([body[j]]) is not None)
     anchor = final_point(body, at, {q_expr.value, k, v})
-    env = shapes_before(node, forward, methods_of(node), [*before, *body[: anchor + 1]])
+    env = shapes_before(forward, methods_of(node), [*before, *body[: anchor + 1]])
     if not key_shape_agrees(env, q_expr.value, k, transposed):
         raise ctx.error(
             f"eager attention core: the key {k} is read as "

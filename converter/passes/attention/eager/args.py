@@ -156,7 +156,7 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     update (its cache object is no score input). Size reads the forward makes at run time
     become their static dims (`eager_static`)."""
     methods = methods_of(node)
-    env = shapes_before(node, forward, methods, before)
+    env = shapes_before(forward, methods, before)
     init = methods["__init__"]
     config = (
         "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"

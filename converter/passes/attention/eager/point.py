@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import libcst as cst
 
-from converter.analysis.head_shapes import Interpreter
-from converter.analysis.shape_ops import Shape, linear_widths
+from converter.analysis.head_shapes import forward_interpreter
+from converter.analysis.shape_ops import Shape
 from converter.cst_helpers import methods_of
 
 
@@ -24,10 +24,7 @@ def split_point(
     """Index in `body` after which the paged call goes: `anchor` (the cache update)
     unless the query `q` is not yet 4-d there and a later statement before the
     `product` statement (q·kᵀ) makes it so."""
-    methods = methods_of(node)
-    interp = Interpreter(methods, linear_widths(methods["__init__"]))
-    params = [p.name.value for p in forward.params.params][1:]
-    env: dict = {params[0]: Shape((None, None, None))} if params else {}
+    interp, env = forward_interpreter(forward, methods_of(node))
     interp.run(body[: anchor + 1], env)
     at_anchor = env.get(q)
     if not isinstance(at_anchor, Shape) or len(at_anchor.dims) == 4:
