@@ -16,7 +16,7 @@ knows:
   last-dim slices and ``split``/``chunk`` (sizes as a list, ``n * [d]``, one size or a
   count; the parts remember the tensor they were cut from, so a ``cat`` of them all is
   that tensor again; else a last-dim ``cat`` sums last dims and any other keeps the dims
-  its parts agree on), ``new_empty`` & co., ``size``/``shape`` (``x.size()[:-1] + (H,
+  its parts agree on, unknown parts included), ``new_empty`` & co., ``size``/``shape`` (``x.size()[:-1] + (H,
   D)`` concatenates), arithmetic of size reads (``x.size(-1) // self.n_head``);
 - any other call preserves its tensor arguments' shapes (norms, rotary helpers,
   ``cache.update(k, v, ...)``: one result per positional tensor argument); ``self.<m>(...)``
@@ -24,7 +24,8 @@ knows:
   defaults included), of a module keeps its input's shape with an ``nn.Linear``'s width;
 - ``if``/``else``: an arm whose test is a literal flag runs alone (``split_heads(x, k=True)``);
   otherwise the arms' environments merge to what both agree on, a name an arm only reads
-  out of a container (a cache) taking the other arm's value; when every arm returns, the
+  out of a container (a cache) or leaves unbound taking the other arm's value; when every
+  arm returns, the
   returned values merge; an ``if`` with a return in only some arms leaves the names it
   binds unknown.
 
@@ -142,6 +143,11 @@ class Interpreter:
             # layers: `k, v = shared[t]`) takes the shape the other branch computes
             a = b if a is None and name in opaque[0] else a
             b = a if b is None and name in opaque[1] else b
+            # a name new to this branch that one arm leaves unbound has the other's value
+            # (reading it after the other arm would fail)
+            if name not in env:
+                a = b if name not in first else a
+                b = a if name not in second else b
             env[name] = merge(a, b)
         return "end", None
 

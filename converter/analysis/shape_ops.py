@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import libcst as cst
+import libcst.matchers as m
 
 from converter.cst_helpers import code, nodes_of, one_line, self_attr
 
@@ -152,10 +153,15 @@ def split_shape(base: Shape, method: str, args, kwargs):
     if dim is None or dim % len(base.dims) != len(base.dims) - 1 or not args:
         return None
     sizes = args[0].value
-    if isinstance(sizes, (cst.List, cst.Tuple)):
-        return tuple(
-            Shape((*base.dims[:-1], dim_code(el.value)), whole=base) for el in sizes.elements
-        )
+    if m.matches(sizes, m.BinaryOperation(operator=m.Multiply(), right=m.List() | m.Tuple())):
+        sizes, repeat = sizes.right, as_int(sizes.left)  # n * [d]
+    elif m.matches(sizes, m.BinaryOperation(operator=m.Multiply(), left=m.List() | m.Tuple())):
+        sizes, repeat = sizes.left, as_int(sizes.right)  # [d] * n
+    else:
+        repeat = 1
+    if isinstance(sizes, (cst.List, cst.Tuple)) and repeat is not None:
+        elements = list(sizes.elements) * repeat
+        return tuple(Shape((*base.dims[:-1], dim_code(el.value)), whole=base) for el in elements)
     count = as_int(sizes)
     if method == "split" and isinstance(sizes, cst.Integer | cst.Name | cst.Attribute):
         # split(size): parts of that size, as many as the target unpacks
@@ -173,18 +179,25 @@ def split_shape(base: Shape, method: str, args, kwargs):
 
 
 def cat_shapes(parts: tuple, dim: int | None):
-    """``cat`` along the last dim: the whole again when the parts are all of one tensor."""
+    """``cat``: along the last dim, the whole again when the parts are all of one tensor,
+    else the parts' last dims summed; along another dim, the dims the known parts agree
+    on (torch requires them equal), the cat axis summed. Unknown parts add nothing."""
     shapes = [p for p in parts if isinstance(p, Shape)]
-    if len(shapes) != len(parts) or not shapes or dim is None:
+    if not shapes or dim is None or any(len(s.dims) != len(shapes[0].dims) for s in shapes):
         return None
-    if dim % len(shapes[0].dims) != len(shapes[0].dims) - 1:
-        return None  # only last-dim concatenation keeps the head layout readable
+    rank = len(shapes[0].dims)
+    axis = dim % rank
     wholes = {id(p.whole) for p in shapes}
-    if len(wholes) == 1 and shapes[0].whole is not None:
-        return Shape(shapes[0].whole.dims)
-    lasts = [p.dims[-1] for p in shapes]
-    total = None if None in lasts else norm(" + ".join(f"({d})" for d in lasts))
-    return Shape((*shapes[0].dims[:-1], total))
+    if axis == rank - 1 and len(shapes) == len(parts):
+        if len(wholes) == 1 and shapes[0].whole is not None:
+            return Shape(shapes[0].whole.dims)
+    dims = list(shapes[0].dims)
+    for s in shapes[1:]:
+        dims = [a if a == b else None for a, b in zip(dims, s.dims)]
+    sizes = [s.dims[axis] for s in shapes]
+    known = len(shapes) == len(parts) and None not in sizes
+    dims[axis] = norm(" + ".join(f"({d})" for d in sizes)) if known else None
+    return Shape(tuple(dims))
 
 
 def merge(a, b):

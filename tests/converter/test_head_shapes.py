@@ -149,9 +149,10 @@ def test_inferred_kv_heads_come_from_the_projection_width():
     )
 
 
-def test_an_if_returning_from_both_arms_leaves_its_names_unknown():
-    """OpenAI GPT's split helper returns from both arms of an if/else: the interpreter
-    must not merge the arms' return values as environments (it raised TypeError)."""
+def test_an_if_returning_from_every_arm_returns_what_the_arms_agree_on():
+    """OpenAI GPT's split helper returns from both arms of an if/else: the returned values
+    merge (they are no environments: merging them as such raised TypeError once); a
+    literal flag runs only the arm it selects."""
     import libcst as cst
 
     from converter.analysis.head_shapes import Interpreter
@@ -165,5 +166,45 @@ def test_an_if_returning_from_both_arms_leaves_its_names_unknown():
         "    else:\n"
         "        return w.permute(0, 2, 1, 3)\n"
     ).body[0]
-    kind, env = Interpreter({}, {}).run(list(helper.body.body), {"z": None})
-    assert kind == "end" and env["w"] is None
+    body = list(helper.body.body)
+    kind, value = Interpreter({}, {}).run(body, {"z": None})
+    assert kind == "return" and value.dims == ("2", "4", None, None)
+    kind, value = Interpreter({}, {}).run(body, {"z": None, "flip": True})
+    assert kind == "return" and value.dims == ("2", "4", "5", "3")
+
+
+def test_operands_the_view_search_used_to_cover():
+    """What the older first-view search handled, now the interpreter's: parameters the
+    attention projects are [B, T, C] (CTRL's forward(v, k, q)); split sizes `n * [d]`
+    (GPT-BigCode's fused MHA); a name one arm leaves unbound; a cat along the time axis
+    with a part read from a container (Dory's past keys)."""
+    import libcst as cst
+
+    from converter.analysis.head_shapes import operand_shapes
+
+    cls = cst.parse_module(
+        "class A:\n"
+        "    def __init__(self, config):\n"
+        "        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)\n"
+        "        self.wk = nn.Linear(config.hidden_size, config.hidden_size)\n"
+        "    def forward(self, v, k, past=None):\n"
+        "        if past is not None:\n"
+        "            cached = past.layers[0].keys\n"
+        "        else:\n"
+        "            q, kk, vv = (\n"
+        "                self.c_attn(v)\n"
+        "                .view(*v.shape[:2], self.num_heads, 3 * self.head_dim)\n"
+        "                .transpose(1, 2)\n"
+        "                .split(3 * [self.head_dim], dim=3)\n"
+        "            )\n"
+        "        key = self.wk(k).view(*k.shape[:-1], -1, self.head_dim).transpose(1, 2)\n"
+        "        key = torch.cat([past[0], key], dim=-2)\n"
+        "        out, w = attention_interface(self, q, key, vv, None, scaling=1.0)\n"
+    ).body[0]
+    methods = {f.name.value: f for f in cls.body.body}
+    forward = methods["forward"]
+    call = forward.body.body[-1].body[0].value  # the attention_interface(...) call
+    operands = [a.value for a in call.args[1:4]]
+    q, k, v = operand_shapes(forward, call, operands, methods)
+    assert q == (None, "self.num_heads", None, "self.head_dim") == v
+    assert k == (None, "-1", None, "self.head_dim")

@@ -1,10 +1,11 @@
 """PagedAttention constructor arguments, from the source's own expressions.
 
 ``scale``/``sliding_window``/``logits_soft_cap`` are the attention-interface call's keyword
-expressions (`KWARGS` maps them). Head sizes are what the source's q/k ``view``/``reshape``
-uses (``self.head_dim``, ``self.head_size``, ``self.num_heads``), falling back to the config
-fields the class reads when the view infers heads (``-1``). Every expression must be valid
-in ``__init__`` (no forward-local values), else the conversion stops.
+expressions (`KWARGS` maps them). Head counts and sizes are the q/k/v dims the head-shape
+interpreter reads off the code building them (``self.head_dim``, ``self.head_size``,
+``self.num_heads``; `converter.analysis.head_shapes`), a count the source infers (``-1``)
+being the config field. Every expression must be valid in ``__init__`` (no forward-local
+values), else the conversion stops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ KWARGS: dict[str, str | None] = {
 CALL_KWARGS: dict[str, str] = {
     "s_aux": "sinks",  # attention sinks: one logit per head in the softmax denominator
 }
-VIEW_METHODS = ("view", "reshape")
 
 
 def _statements(body) -> list[cst.BaseStatement]:
@@ -67,56 +67,6 @@ def _assignments(stmts) -> dict[str, list[cst.BaseExpression]]:
     return found
 
 
-def head_shape(name: str, assigns) -> list[cst.BaseExpression] | None:
-    """The dims of the first >=3-d view/reshape in `name`'s dataflow (breadth first).
-
-    A fused per-head view (``view(..., H, 3 * D)`` later ``chunk(3)``/``split``) names
-    ``N * D`` as its last dim: when the path from `name` to the view splits the last
-    axis, the literal factor is dropped so the last dim is one operand's head size."""
-    queue, seen = [(name, False)], {name}
-    while queue:
-        current, split = queue.pop(0)
-        for rhs in assigns.get(current, []):
-            split = split or _splits(rhs)
-            calls = [
-                c
-                for c in nodes_of(rhs, cst.Call)
-                if isinstance(c.func, cst.Attribute) and c.func.attr.value in VIEW_METHODS
-            ]
-            for call in calls:
-                dims = [a.value for a in call.args]
-                if len(dims) == 1 and isinstance(dims[0], cst.Name):
-                    resolved = assigns.get(dims[0].value, [])
-                    dims = [resolved[0]] if resolved else dims
-                if len(dims) == 1 and isinstance(dims[0], cst.Tuple):
-                    dims = [el.value for el in dims[0].elements]
-                if len(dims) >= 3:
-                    return [*dims[:-1], _unfused(dims[-1])] if split else dims
-        for rhs in assigns.get(current, []):
-            for ref in sorted(names_read(rhs) - seen):
-                seen.add(ref)
-                queue.append((ref, split or _splits(rhs)))
-    return None
-
-
-def _splits(rhs: cst.BaseExpression) -> bool:
-    """Whether `rhs` splits a tensor into parts (``.chunk(...)``, ``.split(...)``)."""
-    return any(
-        isinstance(c.func, cst.Attribute) and c.func.attr.value in ("chunk", "split")
-        for c in nodes_of(rhs, cst.Call)
-    )
-
-
-def _unfused(dim: cst.BaseExpression) -> cst.BaseExpression:
-    """``3 * D`` / ``D * 3`` -> ``D``; anything else unchanged."""
-    if isinstance(dim, cst.BinaryOperation) and isinstance(dim.operator, cst.Multiply):
-        if isinstance(dim.left, cst.Integer) and int(dim.left.value) > 1:
-            return dim.right
-        if isinstance(dim.right, cst.Integer) and int(dim.right.value) > 1:
-            return dim.left
-    return dim
-
-
 def ctor_args(
     ctx: ConversionContext,
     cls: str,
@@ -128,9 +78,10 @@ def ctor_args(
 ) -> dict[str, str]:
     """PagedAttention arguments (name -> code) for `call`, the interface call of `cls`.
 
-    Head counts and sizes come from the operands' symbolic shapes (`head_shapes`, which
-    follows helper methods, splits and concatenations), else from the first view in
-    their dataflow (`head_shape`); ``v_head_dim`` where the value's head size differs."""
+    Head counts and sizes are the operands' ``[B, H, T, D]`` dims as the head-shape
+    interpreter reads them (`converter.analysis.head_shapes`: it follows helper methods,
+    views, splits and concatenations); a head count the source infers (``-1``) is the
+    config's; ``v_head_dim`` where the value's head size differs."""
     scope = f"{cls}.forward"
     kwargs = {a.keyword.value: a.value for a in call.args if a.keyword is not None}
     if "scaling" not in kwargs:
@@ -140,56 +91,39 @@ def ctor_args(
             scope=scope,
             hint="the scale must come from the source; extend converter/passes/attention/",
         )
-    body = forward.body.body
-    assigns = _assignments(_statements(body))
-    q_dims = head_shape(code(operands[0]), assigns)
-    k_dims = head_shape(code(operands[1]), assigns)
     local = _forward_locals(ctx, init)
-    q_new, k_new, v_new = (
-        _head_dims(dims, local)
-        for dims in operand_shapes(forward, call, operands, {**(methods or {}), "__init__": init})
-    )
-    if q_new[1] is not None:  # [B, H, T, D]: the interpreter's view of the operands
-        q_dims = [cst.parse_expression(q_new[0] or "-1"), cst.parse_expression(q_new[1])]
-    if k_new[0] is not None or (k_dims is None and k_new[1] is not None):
-        # [H, D] as the view search gives it; only the key's head count H is read
-        k_dims = [cst.parse_expression(k_new[0] or "-1"), cst.parse_expression("0")]
-    import os
-
-    if os.environ.get("HSLOG"):
-        with open(os.environ["HSLOG"], "a") as f:
-            f.write(
-                f"{ctx.model_type}\t{cls}\tq_new={q_new}\tk_new={k_new}\tv_new={v_new}\tfinal_q={[code(d) for d in q_dims] if q_dims else None}\tfinal_k={[code(d) for d in k_dims] if k_dims else None}\n"
-            )
-    if q_dims is None or k_dims is None:
+    methods = {**(methods or {}), "__init__": init}
+    q, k, v = (_head_dims(dims, local) for dims in operand_shapes(forward, call, operands, methods))
+    overrides = rule_overrides(ctx)
+    if q[1] is None:
         raise ctx.error(
-            "cannot find the q/k view that splits heads",
+            "cannot tell the query's head size from the code building it",
             forward,
             scope=scope,
-            hint="extend converter/passes/attention/ head_shape",
+            hint="extend the head-shape interpreter (converter/analysis/head_shapes.py)",
+        )
+    if k == (None, None) and "num_kv_heads" not in overrides:
+        raise ctx.error(
+            "cannot tell the key's head count from the code building it",
+            forward,
+            scope=scope,
+            hint="extend the head-shape interpreter (converter/analysis/head_shapes.py)",
         )
     config = (
         "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
     )
     config_reads = ctx.classes[cls].config_reads
-    heads = _heads(q_dims[-2], "num_attention_heads", config, config_reads)
-    kv = _heads(k_dims[-2], "num_key_value_heads", config, config_reads)
-    if heads is None:
-        raise ctx.error(
-            "cannot tell the number of attention heads",
-            forward,
-            scope=scope,
-            hint="the q view must name it, or the class read config.num_attention_heads",
-        )
-    args = {"num_heads": heads, "head_dim": code(q_dims[-1]), "scale": code(kwargs["scaling"])}
+    heads = _heads(q[0], "num_attention_heads", config, config_reads)
+    kv = _heads(k[0], "num_key_value_heads", config, config_reads)
+    args = {"num_heads": heads, "head_dim": q[1], "scale": code(kwargs["scaling"])}
     if kv is not None and kv != heads:
         args["num_kv_heads"] = kv
-    if v_new[1] is not None and norm(v_new[1]) != norm(args["head_dim"]):
-        args["v_head_dim"] = v_new[1]
+    if v[1] is not None and norm(v[1]) != norm(args["head_dim"]):
+        args["v_head_dim"] = v[1]
     for key, target in KWARGS.items():
         if target and key != "scaling" and key in kwargs:
             args[target] = code(kwargs[key])
-    args.update(rule_overrides(ctx))
+    args.update(overrides)
     for name, text in args.items():
         if local(text):
             raise ctx.error(
@@ -244,13 +178,16 @@ def rule_overrides(ctx: ConversionContext) -> dict[str, str]:
     return dict(arch.get("paged_attention", {}))
 
 
-def _heads(dim, field, config, config_reads) -> str | None:
-    """The view's head-count dim, unless it is inferred (``-1``): then the config field
-    (the query head count even when the class takes it as a constructor argument, as
-    biogpt's and ctrl's do: every config answers ``num_attention_heads`` through its
-    attribute_map)."""
-    if not isinstance(dim, (cst.UnaryOperation, cst.Integer)):
-        return code(dim)
+def _heads(dim: str | None, field, config, config_reads) -> str:
+    """The head-count dim, unless the source infers it (``-1``, a literal, unknown): then
+    the config field (the query head count even when the class takes it as a constructor
+    argument, as biogpt's and ctrl's do: every config answers ``num_attention_heads``
+    through its attribute_map; the key's only where the class reads it, else the
+    query's)."""
+    if dim is not None and not isinstance(
+        cst.parse_expression(dim), (cst.UnaryOperation, cst.Integer)
+    ):
+        return dim
     if field in config_reads or field == "num_attention_heads":
         return f"{config}.{field}"
     return None

@@ -4,11 +4,10 @@
   (``/``, ``/=``) the q·kᵀ chain before the softmax; none means 1.0. Factors applied
   after the ALiBi bias joined the chain (Falcon: ``(qkᵀ + alibi) * inv_norm``) scale the
   bias too (``Alibi(..., scale=)``), since the kernel adds it after scaling q·kᵀ.
-- heads: from the view that splits q's (k's) heads. A 4-d view that IS the query the
-  product reads is ``[B, H, T, D]`` by the cache contract (Falcon's
-  ``transpose(1, 2).reshape(B, H, T, D)``); a view transposed afterwards is
-  ``[B, T, H, D]`` (Bloom, MPT). A head count held in a forward local
-  (``n_kv = self.a if self.flag else self.b``) is inlined: ``__init__`` has no locals.
+- heads: the query's (key's) ``[B, H, T, D]`` dims at the cache update, as the head-shape
+  interpreter reads them (`converter.analysis.head_shapes`: through views, helper
+  methods such as Bloom's ``_reshape`` or GPT-Neo's ``_split_heads``, and forward locals
+  such as ``n_kv = self.a if self.flag else self.b``, which ``__init__`` can read too).
 - ALiBi: ``[<type>.alibi]`` in rules/architectures.toml (see eager_core), emitted as
   ``alibi=Alibi(<slopes>, scale=<factors after the bias>, dtype=torch.<rule dtype>)``.
 """
@@ -18,19 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import libcst as cst
-import libcst.matchers as m
 
 from converter.analysis.shape_ops import Shape
 from converter.context import ConversionContext
 from converter.cst_helpers import (
     bound_names,
-    call_name,
     code,
     has_softmax,
     methods_of,
     names_read,
     nodes_of,
-    self_attr,
 )
 from converter.passes.attention.eager.masks import mask_names, window_of
 from converter.passes.attention.eager.static import (
@@ -40,10 +36,6 @@ from converter.passes.attention.eager.static import (
     static_sizes,
 )
 from converter.passes.attention.interface import (
-    _assignments,
-    _statements,
-    _unfused,
-    head_shape,
     rule_overrides,
 )
 
@@ -161,22 +153,19 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     config = (
         "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
     )
-    q_heads = _heads(q, before, methods)
-    if q_heads is None:
+    q_heads, head_dim = _heads(env.get(q))
+    if head_dim is None:
         raise ctx.error(
-            "eager attention core: cannot find the view that splits the query's heads",
+            "eager attention core: cannot tell the query's head size from the code building it",
             init,
             scope=f"{cls}.forward",
+            hint="extend the head-shape interpreter (converter/analysis/head_shapes.py)",
         )
     alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi") or {}
     masks = mask_names(ctx, node, core, f"{cls}.forward")
     scale, bias_factors = scale_of(core, product, alibi.get("bias"), masks)
-    q_shape = env.get(q)
-    head_dim = q_heads[1]
-    if static_dim(head_dim) is None and isinstance(q_shape, Shape):
-        head_dim = static_dim(q_shape.dims[-1]) or head_dim  # x.size(-1) // H in a helper
     args = {
-        "num_heads": q_heads[0] or f"{config}.num_attention_heads",
+        "num_heads": q_heads or f"{config}.num_attention_heads",
         "head_dim": head_dim,
         "scale": static_sizes(scale, env),
     }
@@ -185,7 +174,7 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
             f"eager attention core: its scores are multiplied by forward value(s) {stray}",
             methods["forward"], scope=f"{cls}.forward", hint="extend converter/passes/attention/eager/masks.py",
         )  # fmt: skip
-    kv = (_heads(k, before, methods) or (None, None))[0]
+    kv = _heads(env.get(k))[0]
     if kv is not None and kv != args["num_heads"]:
         args["num_kv_heads"] = kv
     args.update(rule_overrides(ctx))  # [<type>.paged_attention]: what no view tells
@@ -220,98 +209,11 @@ class _NoMetadata(cst.CSTTransformer):
         return updated
 
 
-def _heads(name: str, before, methods) -> tuple[str | None, str] | None:
-    """(head count or None, head_dim) of `name`'s head-splitting view."""
-    assigns = _assignments(_statements(before))
-    direct = [
-        rhs
-        for rhs in assigns.get(name, [])
-        if isinstance(rhs, cst.Call) and call_name(rhs) in VIEWS and len(rhs.args) == 4
-    ]
-    if direct:  # the query the product reads, [B, H, T, D]
-        dims = [a.value for a in direct[-1].args]
-        return _inline(dims[1], assigns), code(dims[3])
-    dims = _view_dims(name, assigns, methods)
-    if dims is None:
-        return None
-    heads = _heads_of(dims)
-    return (_inline(cst.parse_expression(heads), assigns) if heads else None), code(dims[-1])
-
-
-def _inline(dim: cst.BaseExpression, assigns) -> str:
-    """A head count held in a forward local, as the expression it was assigned."""
-    if isinstance(dim, cst.Name) and len(assigns.get(dim.value, [])) == 1:
-        value = assigns[dim.value][0]
-        if not names_read(value) - {"self", "config"}:
-            return code(value)
-    return code(dim)
-
-
-def _view_dims(name: str, assigns, methods) -> list[cst.BaseExpression] | None:
-    """Dims of the view splitting `name`'s heads: in the forward, else in a ``self.<m>()``
-    helper the name is computed by (Bloom's ``_reshape``, GPT-Neo's ``_split_heads``,
-    whose parameters stand for the call's arguments)."""
-    dims = head_shape(name, assigns) or _sized_view(name, assigns)
-    if dims is not None:
-        return dims
-    for rhs in assigns.get(name, []):
-        for call in nodes_of(rhs, cst.Call):
-            helper = self_attr(call.func) if isinstance(call.func, cst.Attribute) else None
-            if helper not in methods:
-                continue
-            inner = _assignments(_statements(methods[helper].body.body))
-            for c in nodes_of(methods[helper].body, cst.Call):
-                if call_name(c) in VIEWS and len(c.args) >= 4:
-                    return [a.value for a in c.args]
-                if call_name(c) in VIEWS and (dims := _sized(c, inner)):
-                    return [_bind(d, methods[helper], call) for d in dims]
-    return None
-
-
-def _sized(view: cst.Call, assigns) -> list[cst.BaseExpression] | None:
-    """``x.view(*s)`` / ``x.view(s)`` with ``s = y.size()[:-1] + (H, D)``: [prefix, H, D]."""
-    if len(view.args) != 1:
-        return None
-    shape = view.args[0].value
-    if isinstance(shape, cst.Name) and len(assigns.get(shape.value, [])) == 1:
-        shape = assigns[shape.value][0]
-    if m.matches(shape, m.BinaryOperation(operator=m.Add(), right=m.Tuple())):
-        return [shape.left, *(el.value for el in shape.right.elements)]
-    return None
-
-
-def _sized_view(name: str, assigns) -> list[cst.BaseExpression] | None:
-    """A `_sized` view in `name`'s dataflow (breadth first); reached through a slice of
-    the last axis (``qkv[..., :D]``, GPT-NeoX-Japanese), ``3 * D`` names one part's D."""
-    queue, seen = [(name, False)], {name}
-    while queue:
-        current, sliced = queue.pop(0)
-        for rhs in assigns.get(current, []):
-            cut = sliced or bool(nodes_of(rhs, cst.Slice))
-            for call in nodes_of(rhs, cst.Call):
-                dims = _sized(call, assigns) if call_name(call) in VIEWS else None
-                if dims:
-                    return [*dims[:-1], _unfused(dims[-1])] if cut else dims
-            for ref in sorted(names_read(rhs) - seen):
-                seen.add(ref)
-                queue.append((ref, cut))
-    return None
-
-
-def _bind(dim: cst.BaseExpression, helper: cst.FunctionDef, call: cst.Call):
-    """A helper's parameter in `dim` -> the argument `call` passes for it."""
-    params = [p.name.value for p in helper.params.params][1:]  # without self / cls
-    args = dict(zip(params, (a.value for a in call.args if a.keyword is None)))
-    args |= {a.keyword.value: a.value for a in call.args if a.keyword is not None}
-    return args.get(dim.value, dim) if isinstance(dim, cst.Name) else dim
-
-
-def _heads_of(dims) -> str | None:
-    """The head-count dim: the last non-literal dim before head_dim (``view(B, T, H, 3, D)``
-    has a literal 3 for the fused q/k/v index)."""
-    literal = (cst.Integer, cst.UnaryOperation)
-    candidates = [dims[-2]] + ([dims[-3]] if len(dims) >= 5 else [])
-    for dim in candidates:
-        if not isinstance(dim, literal):
-            return code(dim)
-    return None
+def _heads(shape) -> tuple[str | None, str | None]:
+    """(head count, head size) of a ``[B, H, T, D]`` operand (a key read transposed,
+    ``[B, H, D, T]``, has its heads at the same place), each None where unknown, inferred
+    or not computable in ``__init__``."""
+    if not isinstance(shape, Shape) or len(shape.dims) != 4:
+        return None, None
+    heads = static_dim(shape.dims[1]) if shape.dims[1] != "-1" else None
+    return heads, static_dim(shape.dims[3])

@@ -21,6 +21,6 @@ def _paged_attention_args(model_type: str) -> str:
     return re.search(r"self\.attn = PagedAttention\(([^)]*)\)", code).group(1)
 
 
-def test_inferred_head_count_falls_back_to_the_config():
+def test_an_inferred_head_count_is_the_configs():
     assert _paged_attention_args("biogpt").split(",")[0].strip() == "config.num_attention_heads"
     assert _paged_attention_args("ctrl").split(",")[0].strip() == "config.num_attention_heads"
