@@ -39,7 +39,6 @@ from converter.passes.attention.interface import (
     rule_overrides,
 )
 
-VIEWS = ("view", "reshape")
 ALIBI_DTYPES = ("float32", "bfloat16")  # runtime.attention.params.Alibi's dtypes
 
 
