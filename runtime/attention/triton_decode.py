@@ -21,7 +21,14 @@ from runtime.attention.triton_common import (
     scores_log2,
     softmax_init,
 )
-from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
+from runtime.attention.triton_config import (
+    DecodeConfig,
+    block_g,
+    choose_num_splits,
+    decode_config,
+    decode_stages,
+    kernel_target,
+)
 from runtime.attention.triton_reduce import decode_reduce_kernel
 
 
@@ -187,7 +194,6 @@ def paged_decode(
     never from sequence lengths, so one graph stays right and fast as sequences grow.
     Any split count gives the same result; it only changes speed.
     """
-    config = config or DecodeConfig()
     num_seqs_total = seq_lens.shape[0]
     num_decode = num_seqs_total if seq_ids is None else seq_ids.shape[0]
     if num_decode == 0:
@@ -197,6 +203,8 @@ def paged_decode(
     group = num_heads // num_kv_heads
     key_cache, value_cache = split_kv_cache(kv_cache, head_dim)
     v_head_dim = value_cache.shape[-1]
+    target = kernel_target(query.device)
+    config = config or decode_config(head_dim, v_head_dim, query.dtype, group, target)
     assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
     assert out.is_contiguous() and out.shape == (*query.shape[:2], v_head_dim)
@@ -237,7 +245,7 @@ def paged_decode(
         value_offset=value_offset(key_cache, value_cache),
         NUM_KV_HEADS=num_kv_heads,
         G=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=block_g(group),
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         HEAD_DIM_V=v_head_dim,

@@ -21,7 +21,7 @@ from runtime.attention.triton_common import (
     scores_log2,
     softmax_init,
 )
-from runtime.attention.triton_config import PrefillConfig, default_prefill_config
+from runtime.attention.triton_config import PrefillConfig, kernel_target, prefill_config
 
 
 @triton.jit
@@ -224,7 +224,8 @@ def paged_prefill(
     assert seq_ids is None or seq_ids.dtype == torch.int32
     assert block_tables.stride(1) == 1
     assert out.is_contiguous() and out.shape == (*query.shape[:2], v_head_dim)
-    config = config or default_prefill_config(max(head_dim, v_head_dim), query.dtype, query.device)
+    target = kernel_target(query.device)
+    config = config or prefill_config(head_dim, v_head_dim, query.dtype, target)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, num_prefill)
     paged_prefill_kernel[grid](
         out_ptr=out,
