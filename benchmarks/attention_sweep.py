@@ -121,9 +121,9 @@ def cases(head_dims, dtypes, block_sizes) -> list[Case]:
     return unique
 
 
-def shapes(case: Case, smoke: bool) -> list[tuple[int, int]]:
+def shapes(case: Case | None, smoke: bool, batch: str | None = None) -> list[tuple[int, int]]:
     """(cached context, new tokens) per sequence."""
-    if case.batch == "mixed":
+    if (batch or case.batch) == "mixed":
         if smoke:
             return [(0, 20), (9, 7), (1, 1), (40, 1), (17, 1)]
         return [(0, 300), (700, 150), (0, 1), (16, 1), (249, 1), (1000, 1), (2500, 1), (3900, 1)]
@@ -267,7 +267,7 @@ def main() -> None:
     results.sort(key=lambda r: order[r.case])
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
-    text = report(results, name, kernel_target(dev), wall, workers, " ".join(sys.argv[1:]))
+    text = report(results, name, kernel_target(dev), wall, workers, " ".join(sys.argv[1:]), smoke)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     out = args.out or REPO / "benchmarks" / "results" / (
         "attention-sweep-" + ("cpu-smoke" if smoke else slug) + ".md"
@@ -292,7 +292,13 @@ def _progress(r: Result, done: int, total: int) -> None:
 
 
 def report(
-    results: list[Result], device_name: str, target, wall: float, workers: int, argv: str
+    results: list[Result],
+    device_name: str,
+    target,
+    wall: float,
+    workers: int,
+    argv: str,
+    smoke: bool = False,
 ) -> str:
     import torch
     import triton
@@ -311,9 +317,11 @@ def report(
         "the default launch configuration for its head sizes and dtype, output against "
         "`paged_attention_ref` in fp32 (relative error limits: "
         + ", ".join(f"{k} {v:g}" for k, v in REL_TOL.items())
-        + "). Mixed batch: a fresh 300-token prompt, a 150-token chunk after 700 cached, "
-        "decodes over 1..3,901 tokens; decode-only: 12 decodes over 1..4,000 tokens "
-        "(split-KV with the reduce kernel).",
+        + "). Sequences (cached context, new tokens): mixed batch "
+        + str(shapes(None, smoke, "mixed"))
+        + ", decode-only "
+        + str(shapes(None, smoke, "decode"))
+        + " (split-KV with the reduce kernel).",
         "",
         "| head dim | dtype | block | G | batch | extras | launch config | rel err | max abs | result |",
         "|---|---|---|---|---|---|---|---|---|---|",
