@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 from runtime.attention import triton_decode, triton_prefill  # noqa: E402
 from runtime.attention.kv_layout import kv_cache_shape  # noqa: E402
@@ -52,6 +53,7 @@ class Launch:
     kernel: triton.JITFunction
     kwargs: dict
     compiled: object = None  # the CompiledKernel, when the launch ran (`recording(run=True)`)
+    error: str = ""  # why compiling it ahead of the launch failed
 
 
 class _Recorder:
@@ -67,8 +69,11 @@ class _Recorder:
             record = Launch(self.kernel, kwargs)
             self.launches.append(record)
             if self.run:
-                if not isinstance(self.kernel, triton.runtime.interpreter.InterpretedFunction):
-                    record.compiled = self.kernel.warmup(grid=grid, **kwargs)
+                if isinstance(self.kernel, JITFunction):  # not under the interpreter
+                    try:
+                        record.compiled = self.kernel.warmup(grid=grid, **kwargs)
+                    except Exception as exc:  # noqa: BLE001 — the launch below reports it
+                        record.error = f"{type(exc).__name__}: {exc}"
                 self.kernel[grid](**kwargs)
 
         return launch

@@ -59,9 +59,10 @@ MODES = ("graphs", "eager", "host")
 class Phases:
     """Exclusive host time per phase of the current step (nested phases subtract)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ranges: bool = True) -> None:
         self.stack: list[list] = []  # [name, start, child time]
         self.step: dict[str, float] = defaultdict(float)
+        self.ranges = ranges  # profiler ranges around the phases (off: --light)
 
     def push(self, name: str) -> None:
         self.stack.append([name, time.perf_counter(), 0.0])
@@ -84,6 +85,8 @@ class Phases:
                 before()
             phases.push(name)
             try:
+                if not phases.ranges:
+                    return fn(*args, **kwargs)
                 with torch.profiler.record_function(f"host::{name}"):
                     return fn(*args, **kwargs)
             finally:
@@ -92,7 +95,7 @@ class Phases:
         setattr(obj, attr, timed)
 
 
-def instrument(llm, phases: Phases, host_only: bool) -> None:
+def instrument(llm, phases: Phases, host_only: bool, wait_for_gpu: bool = True) -> None:
     """Wrap the engine's calls of one step (the names `LLM._step` and the runner use)."""
     import runtime.engine.llm as llm_module
 
@@ -113,7 +116,7 @@ def instrument(llm, phases: Phases, host_only: bool) -> None:
         model.register_forward_hook(lambda *a: phases.pop())
         phases.wrap(model, "compute_logits", "logits launch")
         wait = None
-        if torch.cuda.is_available() and runner.device.type == "cuda":
+        if wait_for_gpu and torch.cuda.is_available() and runner.device.type == "cuda":
 
             def wait():
                 phases.push("GPU wait")
@@ -227,8 +230,8 @@ def worker(args) -> dict:
         llm.generate([r.prompt_token_ids for r in workload[:4]], greedy(8), use_tqdm=False)
     for r in workload:
         llm.add_request(r.prompt_token_ids, greedy(r.max_tokens), detokenize=False)
-    phases = Phases()
-    instrument(llm, phases, host_only)
+    phases = Phases(ranges=not args.light)
+    instrument(llm, phases, host_only, wait_for_gpu=not args.light)
     last = {}
     schedule = llm.scheduler.schedule
 
@@ -247,7 +250,7 @@ def worker(args) -> dict:
             break
         kind, batch = next_step_kind(llm)
         want = None
-        if not host_only:
+        if not host_only and not args.light:
             running = len(llm.scheduler.running)
             if (
                 kind == "mixed"
@@ -658,6 +661,11 @@ def main(argv=None) -> None:
         "--steps-full", type=int, default=0,
         help="engine steps of the graphs and host modes (default 0: the whole workload)",
     )  # fmt: skip
+    p.add_argument(
+        "--light", action="store_true",
+        help="phase timers only: no profiler ranges, no GPU-wait sync, no profiled steps "
+        "(the instrumentation's own cost: compare its whole-run time with throughput.py's)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json-out", type=Path, default=None, help="also save the raw results")
     p.add_argument("--trace-out", type=Path, default=None, help="save gzipped traces here")
@@ -690,6 +698,8 @@ def main(argv=None) -> None:
                    "--model-dir", str(dirs[model]), "--result-file", str(result_file),
                    "--device", args.device, "--num-requests", str(args.num_requests),
                    "--steps", str(args.steps), "--steps-full", str(args.steps_full)]  # fmt: skip
+            if args.light:
+                cmd.append("--light")
             if args.trace_out:
                 cmd += ["--trace-out", str(args.trace_out)]
             print(f"== {mode}", flush=True)
