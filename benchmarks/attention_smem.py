@@ -32,7 +32,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from runtime.attention import triton_decode, triton_prefill  # noqa: E402
 from runtime.attention.kv_layout import kv_cache_shape  # noqa: E402
-from runtime.attention.metadata import InputMetadata  # noqa: E402
+from runtime.attention.params import AttentionParams  # noqa: E402
 from runtime.attention.triton_common import dot_precision  # noqa: E402
 from runtime.attention.triton_config import (  # noqa: E402
     HEAD_DIMS,
@@ -42,6 +42,7 @@ from runtime.attention.triton_config import (  # noqa: E402
     prefill_config,
     prefill_smem_bytes,
 )
+from runtime.engine.step_inputs import StepInputs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -128,13 +129,14 @@ def recorded_launches(
     launch.setdefault("prefill_config", prefill_config(head_dim, v_head_dim, dtype, target))
     query_len = 1 if kind == "decode" else 3
     tables = [[i] for i in range(num_seqs)]
-    md = InputMetadata.build(tables, [2] * num_seqs, [query_len] * num_seqs, block_size)
+    step = StepInputs.build(tables, [2] * num_seqs, [query_len] * num_seqs, block_size)
+    md = step.to_device().metadata
     shape = kv_cache_shape(num_seqs, block_size, num_kv_heads, head_dim, v_head_dim)
     cache = torch.zeros(shape, dtype=dtype)
     query = torch.zeros(md.num_tokens, num_kv_heads * group, head_dim, dtype=dtype)
     launches: list[Launch] = []
     with recording(launches):
-        paged_attention(query, cache, md, scale=1.0, **launch)
+        paged_attention(query, cache, md, AttentionParams(scale=1.0), **launch)
     # On a GPU the dot precision follows the dtype alone (the CPU interpreter widens bf16).
     for rec in launches:
         rec.kwargs["DOT_PREC"] = dot_precision(dtype, torch.device("cuda"))

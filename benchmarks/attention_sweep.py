@@ -138,6 +138,7 @@ def run_case(args: tuple[Case, bool, str]) -> Result:
     from attention_cases import make_batch, to_device
     from attention_smem import describe, estimate, recording
 
+    from runtime.attention.params import Alibi, AttentionParams
     from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
     from runtime.attention.triton_config import decode_config, kernel_target, prefill_config
     from runtime.attention.triton_ops import paged_attention, reshape_and_cache
@@ -164,10 +165,11 @@ def run_case(args: tuple[Case, bool, str]) -> Result:
             logits_soft_cap=case.logits_soft_cap, sinks=case.sinks, spare_blocks=2, pad_columns=2,
         )  # fmt: skip
         b = to_device(batch, device)
-        kw = dict(
-            scale=b.scale, sliding_window=b.sliding_window, alibi_slopes=b.alibi_slopes,
-            logits_soft_cap=b.logits_soft_cap, sinks=b.sinks, alibi_bf16=case.alibi == "bf16",
-        )  # fmt: skip
+        alibi = None
+        if b.alibi_slopes is not None:
+            alibi_dtype = torch.bfloat16 if case.alibi == "bf16" else torch.float32
+            alibi = Alibi(b.alibi_slopes, dtype=alibi_dtype)
+        params = AttentionParams(b.scale, b.sliding_window, b.logits_soft_cap, alibi)
         reshape_and_cache(b.key, b.value, b.kv_cache, b.metadata.slot_mapping)
         # Poison: the output is allocated inside the call; the caching allocator hands
         # back this just-freed block of the same size.
@@ -175,7 +177,7 @@ def run_case(args: tuple[Case, bool, str]) -> Result:
         torch.full((numel,), float("nan"), dtype=dtype, device=device)
         launches = []
         with recording(launches, run=True):
-            out = paged_attention(b.query, b.kv_cache, b.metadata, **kw)
+            out = paged_attention(b.query, b.kv_cache, b.metadata, params, b.sinks)
         if device.type == "cuda":
             torch.cuda.synchronize()
         for launch in launches:
@@ -186,7 +188,7 @@ def run_case(args: tuple[Case, bool, str]) -> Result:
         # Reference: the torch backend on a copy of the cache filled by its own writer.
         ref_cache = to_device(batch, device).kv_cache.float()
         reshape_and_cache_ref(b.key.float(), b.value.float(), ref_cache, b.metadata.slot_mapping)
-        ref = paged_attention_ref(b.query.float(), ref_cache, b.metadata, **kw)
+        ref = paged_attention_ref(b.query.float(), ref_cache, b.metadata, params, b.sinks)
         diff = out.float() - ref
         result.rel_err = (diff.norm() / ref.norm()).item()
         result.max_abs = diff.abs().max().item()

@@ -103,10 +103,10 @@ def instrument(llm, phases: Phases, host_only: bool, wait_for_gpu: bool = True) 
     phases.wrap(llm_module, "prepare_step", "prepare inputs")
     runner = llm.executor.worker.runner
     phases.wrap(runner, "upload", "upload")
-    phases.wrap(runner, "build", "input metadata")
+    phases.wrap(runner, "tensors", "input metadata")
     if host_only:
         # The model and sampler are not measured here: inputs are built, nothing runs.
-        llm.executor.execute = lambda inputs: runner.build(inputs) and None
+        llm.executor.execute = lambda inputs: runner.tensors(inputs) and None
         llm.sampler = lambda logits, seqs: ([1] * len(seqs), None)
     else:
         if runner.graphs is not None:
@@ -211,8 +211,8 @@ def eager_reference(runner, bs: int, max_seq_len: int, trace_dir: Path) -> list[
 
 
 def worker(args) -> dict:
+    from hf2paged.bench import make_workload, preset_config
     from runtime.engine import LLM, SamplingParams
-    from runtime.engine.bench import make_workload, preset_config
 
     host_only = args.worker == "host"
     device = "cpu" if host_only else args.device
@@ -680,7 +680,7 @@ def main(argv=None) -> None:
     modes = (args.modes or ("graphs,eager,host" if args.device == "cuda" else "eager,host")).split(
         ","
     )
-    from runtime.engine.bench import preset_config, save_random_model
+    from hf2paged.bench import preset_config, save_random_model
 
     start = time.perf_counter()
     results = {}
