@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from runtime.engine.sampler import Sampler, apply_top_k_top_p
+from runtime.engine.sampler import Sampler, apply_frequency_presence_penalties, apply_top_k_top_p
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.sequence import Sequence
 
@@ -112,3 +112,98 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert chosen == pytest.approx(float(ref[0, tokens[0]]), abs=1e-6)
     assert list(top) == ref[0].topk(3).indices.tolist()
     assert lps[1] is None
+
+
+def reference_openai_penalties(
+    logits: torch.Tensor, outputs: list[list[int]], frequency: list[float], presence: list[float]
+) -> torch.Tensor:
+    """OpenAI's formula row by row, token by token."""
+    out = logits.clone()
+    for i, tokens in enumerate(outputs):
+        for token in set(tokens):
+            count = tokens.count(token)
+            out[i, token] -= frequency[i] * count + presence[i] * (count > 0)
+    return out
+
+
+def test_frequency_and_presence_penalties_match_a_reference() -> None:
+    torch.manual_seed(7)
+    vocab = 40
+    logits = torch.randn(5, vocab)
+    prompts = [[1, 2, 3], [4], [5, 5], [6], [7, 8]]
+    outputs = [[9, 9, 9, 1], [], [10, 11, 10], [39, 0, 39], [12]]
+    frequency = [0.5, 1.0, 0.0, -0.7, 0.0]
+    presence = [0.0, 0.3, 1.5, 0.2, 0.0]
+    seqs = []
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        params = SamplingParams(
+            temperature=0, frequency_penalty=frequency[i], presence_penalty=presence[i]
+        )
+        seq = Sequence(i, prompt, params, 4)
+        for t in out:
+            seq.append_token(t)
+        seqs.append(seq)
+    ours = logits.clone()
+    apply_frequency_presence_penalties(ours, seqs, frequency, presence)
+    expected = reference_openai_penalties(logits, outputs, frequency, presence)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    # Prompt tokens are not penalised (only the output); row 4 has no penalty at all.
+    assert ours[0, 2] == logits[0, 2] and torch.equal(ours[4], logits[4])
+    # Through the sampler: greedy picks the argmax of the penalised logits.
+    tokens, _ = Sampler()(logits, seqs)
+    assert tokens == expected.argmax(-1).tolist()
+
+
+def test_penalties_combine_in_vllms_order_with_sampling() -> None:
+    """Repetition penalty (prompt + output), then frequency/presence (output), then the
+    filters: with top_k=1 the sample is the argmax of that, in a batch mixing rows."""
+    torch.manual_seed(8)
+    vocab = 30
+    logits = torch.randn(3, vocab) * 3
+    params = [
+        SamplingParams(temperature=0.8, top_k=1, repetition_penalty=1.3, frequency_penalty=0.4),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.2, top_k=1, presence_penalty=-1.0),
+    ]
+    seqs = seqs_for(params, prompt=(1, 2, 3))
+    for seq in seqs:
+        for t in logits[seq.seq_id].topk(3).indices.tolist():
+            seq.append_token(t)
+    expected = logits.clone()
+    for i, seq in enumerate(seqs):
+        rp = RepetitionPenaltyLogitsProcessor(params[i].repetition_penalty)
+        expected[i] = rp(torch.tensor([seq.token_ids]), expected[i : i + 1].clone())[0]
+    expected = reference_openai_penalties(
+        expected,
+        [s.output_token_ids for s in seqs],
+        [p.frequency_penalty for p in params],
+        [p.presence_penalty for p in params],
+    )
+    tokens, _ = Sampler()(logits, seqs)
+    assert tokens == expected.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [2.5, -2.01, float("nan")])
+def test_openai_penalties_are_range_checked(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: value})
+
+
+def test_samples_of_one_seeded_request_differ_and_repeat() -> None:
+    params = SamplingParams(temperature=1.0, seed=10, stop=["x"])
+    assert params.for_sample(0) is params
+    assert [params.for_sample(i).seed for i in range(3)] == [10, 11, 12]
+    assert params.for_sample(2).stop_strings == ["x"]
+    unseeded = SamplingParams(temperature=1.0)
+    assert unseeded.for_sample(3) is unseeded
+    torch.manual_seed(9)
+    logits = torch.randn(1, 1000)
+
+    def draws(index: int) -> list[int]:
+        seqs = seqs_for([params.for_sample(index)])
+        return [Sampler()(logits, seqs)[0][0] for _ in range(8)]
+
+    samples = [draws(i) for i in range(3)]
+    assert len({tuple(d) for d in samples}) == 3
+    assert draws(1) == samples[1]

@@ -10,7 +10,13 @@ from pathlib import Path
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
 from runtime.engine.detokenizer import IncrementalDetokenizer
-from runtime.engine.loading import check_model, check_request, eos_token_ids, load_tokenizer
+from runtime.engine.loading import (
+    CheckedRequest,
+    check_model,
+    check_request,
+    eos_token_ids,
+    load_tokenizer,
+)
 from runtime.engine.outputs import RequestOutput
 from runtime.engine.sampler import Sampler
 from runtime.engine.sampling_params import SamplingParams
@@ -43,6 +49,7 @@ class LLM:
         enable_prefix_caching: bool = False,
         enforce_eager: bool = False,
         kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         from runtime.engine.worker import Executor
 
@@ -54,6 +61,15 @@ class LLM:
             )
         device = resolve_device(device)
         context = model_context_length(hf_config) or 2048
+        if max_model_len is not None:
+            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int):
+                raise ValueError(f"max_model_len must be an int, got {max_model_len!r}")
+            if not 2 <= max_model_len <= context:
+                raise ValueError(
+                    f"max_model_len must be in [2, {context}] (the model's context length), "
+                    f"got {max_model_len}"
+                )
+            context = max_model_len
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 8192 if device.type == "cuda" else 2048
         self.config = EngineConfig(
@@ -92,6 +108,23 @@ class LLM:
             prompt, params, self.tokenizer, self.vocab_size, self.max_model_len,
             f"model {self.config.max_model_len}, KV cache "
             f"{self.block_manager.num_blocks * self.config.block_size}",
+        )  # fmt: skip
+
+    def check_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> CheckedRequest:
+        """Validate and tokenize a request without queueing it (ValueError when bad). It
+        touches only the tokenizer and fixed settings, so a front end may call it on its
+        own thread while another thread steps; `add_checked_request` then queues it."""
+        return CheckedRequest(*self._check(prompt, sampling_params))
+
+    def add_checked_request(
+        self, request: CheckedRequest, request_id: str | None = None, detokenize: bool = True
+    ) -> str:
+        """`add_request` for a request `check_request` already validated."""
+        return self._add(
+            request.prompt_token_ids, request.prompt, request.sampling_params, request_id,
+            detokenize,
         )  # fmt: skip
 
     def _add(
@@ -135,6 +168,13 @@ class LLM:
         seq = self._requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.abort(seq)
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request (their blocks are freed); returns their ids."""
+        request_ids = list(self._requests)
+        for request_id in request_ids:
+            self.abort_request(request_id)
+        return request_ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -4,6 +4,7 @@ class, TP divisibility, tokenizer, EOS ids) and, later, each request."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.engine.sampling_params import SamplingParams
@@ -92,6 +93,16 @@ def eos_token_ids(model_dir: Path, config, tokenizer) -> list[int]:
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed `check_request`: its prompt as token ids (and text, when it
+    was given as text) and its sampling parameters."""
+
+    prompt_token_ids: list[int]
+    prompt: str | None
+    sampling_params: SamplingParams
 
 
 def check_request(

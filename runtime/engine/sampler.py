@@ -1,7 +1,8 @@
 """`Sampler`: next tokens for a batch of sequences, on the logits' device.
 
-Processing follows transformers' order: repetition penalty, then (non-greedy rows)
-temperature, top-k, top-p, min-p, then an exponential race (``argmax(p / q)`` with
+Processing follows transformers' order: repetition penalty (and OpenAI's presence and
+frequency penalties, as vLLM applies them), then (non-greedy rows) temperature, top-k,
+top-p, min-p, then an exponential race (``argmax(p / q)`` with
 ``q ~ Exp(1)`` is a sample from ``p``; it needs no cumulative sum and no host sync).
 Greedy rows (temperature 0) take the argmax of the penalised logits. Rows with a seed
 draw their noise from their own `torch.Generator`, one draw per sampled token, so their
@@ -39,6 +40,33 @@ def apply_repetition_penalty(
     logits[r, t] = torch.where(seen_logits > 0, seen_logits / p, seen_logits * p)
 
 
+def apply_frequency_presence_penalties(
+    logits: torch.Tensor,  # [B, V] fp32, modified in place
+    seqs: list[Sequence],
+    frequency: list[float],
+    presence: list[float],
+) -> None:
+    """OpenAI's penalties on the tokens each row has generated so far (not the prompt):
+    ``logit -= frequency * count + presence * (count > 0)``."""
+    rows = [i for i in range(len(seqs)) if frequency[i] != 0 or presence[i] != 0]
+    outputs = [seqs[i].output_token_ids for i in rows]
+    longest = max((len(o) for o in outputs), default=0)
+    if longest == 0:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    # Padded with `vocab`: an extra column that is counted, then dropped.
+    padded = [o + [vocab] * (longest - len(o)) for o in outputs]
+    tokens = torch.tensor(padded, dtype=torch.long, device=device).clamp_(max=vocab)  # [R, L]
+    counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=device)  # [R, V+1]
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=logits.dtype))
+    counts = counts[:, :vocab]  # [R, V]
+    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=device)  # [R]
+    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=device)  # [R]
+    penalty = freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)  # [R, V]
+    r = torch.tensor(rows, dtype=torch.long, device=device)  # [R]
+    logits.index_put_((r,), logits[r] - penalty)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor,  # [B, V] fp32, temperature already applied
     top_k: torch.Tensor | None,  # [B] int64, V where off
@@ -73,7 +101,11 @@ class Sampler:
         assert logits.shape[0] == len(seqs), "one row of logits per sequence"
         params = [s.sampling_params for s in seqs]
         if all(
-            p.temperature == 0 and p.repetition_penalty == 1.0 and p.logprobs is None
+            p.temperature == 0
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0
+            and p.frequency_penalty == 0
+            and p.logprobs is None
             for p in params
         ):
             # The usual greedy batch: argmax in the model's dtype (upcasting is exact, so
@@ -84,9 +116,16 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
         penalties = [p.repetition_penalty for p in params]
-        if any(p != 1.0 for p in penalties):
-            logits = logits.clone()
+        frequency = [p.frequency_penalty for p in params]
+        presence = [p.presence_penalty for p in params]
+        repetition = any(p != 1.0 for p in penalties)
+        openai = any(f != 0 for f in frequency) or any(p != 0 for p in presence)
+        if repetition or openai:
+            logits = logits.clone()  # the raw logits may be the model's output buffer
+        if repetition:
             apply_repetition_penalty(logits, seqs, penalties)
+        if openai:
+            apply_frequency_presence_penalties(logits, seqs, frequency, presence)
 
         if all(p.temperature == 0 for p in params):
             tokens = logits.argmax(dim=-1)  # [B]

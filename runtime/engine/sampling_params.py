@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -12,6 +12,9 @@ class SamplingParams:
     ``temperature == 0`` is greedy (argmax); the filters (top-k, top-p, min-p) then do
     nothing. ``repetition_penalty`` follows transformers: logits of every token already in
     the prompt or the output are divided by it when positive, multiplied when negative.
+    ``presence_penalty`` and ``frequency_penalty`` follow OpenAI: each token's logit is
+    lowered by ``frequency_penalty * count + presence_penalty * (count > 0)``, its count in
+    the output so far (not the prompt); negative values encourage repetition.
     ``stop`` strings end generation when they appear in the detokenized output; the text
     returned stops before them. ``stop_token_ids`` (and EOS unless ``ignore_eos``) end it
     too and are kept as the last output token. ``seed`` gives the request its own random
@@ -27,6 +30,8 @@ class SamplingParams:
     top_k: int = -1
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int = 16
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -51,6 +56,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:  # also rejects NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {self.logprobs}")
         if self.seed is not None and not isinstance(self.seed, int):
@@ -69,3 +78,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of sample `index` of several drawn for one prompt (OpenAI's `n`):
+        the same, but a seeded request's samples draw from seeds ``seed + index`` so they
+        differ from one another and still repeat run after run."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=self.seed + index)
