@@ -207,3 +207,20 @@ def test_samples_of_one_seeded_request_differ_and_repeat() -> None:
     samples = [draws(i) for i in range(3)]
     assert len({tuple(d) for d in samples}) == 3
     assert draws(1) == samples[1]
+
+
+def test_huge_values_in_one_row_do_not_break_the_batch() -> None:
+    """A request's top_k or logprobs beyond the vocabulary means all of it, and must not
+    fail the step it shares with other requests."""
+    torch.manual_seed(10)
+    logits = torch.randn(2, 16)
+    params = [
+        SamplingParams(temperature=1.0, top_k=10**30, logprobs=10**6, seed=2**64 - 1),
+        SamplingParams(temperature=1.0, top_k=1),
+    ]
+    tokens, lps = Sampler()(logits, seqs_for(params))
+    assert tokens[1] == int(logits[1].argmax())
+    assert len(lps[0][1]) == 16 and lps[1] is None
+    assert params[0].for_sample(1).seed == 0  # seeds wrap within torch's 64 bits
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)

@@ -81,8 +81,10 @@ class EngineStats:
 
 
 class RequestObserver:
-    """Hooks for metrics, called on the event loop; times in seconds. Subclass and
-    override what you need (the defaults do nothing)."""
+    """Hooks for metrics, called on the event loop; times in seconds: one call of
+    `on_first_token` or `on_inter_token` per generated token, one `on_finished` per
+    sample ("stop", "length", "abort" or "error"). Subclass and override what you need
+    (the defaults do nothing)."""
 
     def on_first_token(self, time_to_first_token: float) -> None: ...
 
@@ -262,9 +264,9 @@ class AsyncLLM:
                     f"{self.max_waiting}); retry later"
                 )
         if isinstance(prompt, CheckedRequest):
-            checked = prompt
             if sampling_params is not None:
-                checked = replace(checked, sampling_params=sampling_params)
+                raise ValueError("a checked request carries its own sampling_params")
+            checked = prompt
         else:
             checked = self.llm.check_request(prompt, sampling_params)
         if request_id is None:
@@ -397,11 +399,12 @@ class AsyncLLM:
             new_tokens = out.token_ids[sample.num_tokens :]
             if not new_tokens and not out.finished:
                 continue
-            if sample.last_token_time is None:
-                observer.on_first_token(step_time - sample.arrival)
-            else:
-                observer.on_inter_token(step_time - sample.last_token_time)
-            sample.last_token_time = step_time
+            for _ in new_tokens:  # one per step, unless a front end lags behind
+                if sample.last_token_time is None:
+                    observer.on_first_token(step_time - sample.arrival)
+                else:
+                    observer.on_inter_token(step_time - sample.last_token_time)
+                sample.last_token_time = step_time
             logprobs = None
             if out.logprobs is not None:
                 logprobs = out.logprobs[sample.num_tokens :]

@@ -150,7 +150,7 @@ class Sampler:
         top_k = top_p = None
         if any(p.top_k != -1 and p.top_k < vocab for p in params):
             top_k = torch.tensor(
-                [p.top_k if p.top_k != -1 else vocab for p in params], device=device
+                [min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], device=device
             )
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
@@ -182,7 +182,7 @@ class Sampler:
     def _logprobs(
         raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list
     ) -> list[Logprobs | None]:
-        k = max(p.logprobs or 0 for p in params)
+        k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[1])
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()  # [B]
         top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)  # [B, k]
         top_vals = top_vals.tolist() if k else None

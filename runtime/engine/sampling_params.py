@@ -62,8 +62,12 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {self.logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not -(2**63) <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -85,4 +89,5 @@ class SamplingParams:
         differ from one another and still repeat run after run."""
         if index == 0 or self.seed is None:
             return self
-        return replace(self, seed=self.seed + index)
+        seed = self.seed + index
+        return replace(self, seed=seed - 2**64 if seed >= 2**64 else seed)

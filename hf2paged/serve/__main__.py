@@ -1,0 +1,3 @@
+from hf2paged.serve.command import main
+
+main()

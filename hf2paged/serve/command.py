@@ -1,0 +1,163 @@
+"""`hf2paged serve`: load a model into the engine and serve the OpenAI API with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def serve(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="transformers model directory (config.json, weights, tokenizer) or a .gguf file.",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to listen on (0: any free port, printed when ready).")
+    ] = 8000,
+    tp: Annotated[
+        int, typer.Option("--tp", help="Tensor-parallel size (one process per rank).")
+    ] = 1,
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}.")] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(help="Longest prompt + output in tokens (default: the model's context)."),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(help="Share of GPU memory the engine may use (weights + KV cache).")
+    ] = 0.9,
+    kv_cache_memory_mib: Annotated[
+        int | None,
+        typer.Option(help="KV-cache size in MiB (default: from --gpu-memory-utilization on GPU)."),
+    ] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Most requests in the running batch.")] = 256,
+    max_waiting_requests: Annotated[
+        int,
+        typer.Option(help="Requests that may wait for the batch; beyond, 503 with Retry-After."),
+    ] = 1024,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
+    enable_prefix_caching: Annotated[
+        bool, typer.Option(help="Reuse the KV blocks of prompt prefixes seen before.")
+    ] = False,
+    enforce_eager: Annotated[bool, typer.Option(help="No CUDA graphs.")] = False,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(help="The model name clients send (default: the directory or file name)."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HF2PAGED_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1 routes (or set HF2PAGED_API_KEY).",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions)."""
+    from hf2paged.serve.app import ServerConfig, build_app
+
+    try:
+        options = _check_options(model, dtype, device, tp, port, max_waiting_requests, log_level)
+    except ValueError as err:
+        raise _fail(str(err), 2) from None
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from runtime.engine import LLM
+
+    name = served_model_name or (model.stem if model.is_file() else model.resolve().name)
+    typer.echo(f"loading {model} ...", err=True)
+    start = time.perf_counter()
+    try:
+        llm = LLM(
+            model, tensor_parallel_size=tp, dtype=options["dtype"], device=device,
+            block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, max_model_len=max_model_len,
+            kv_cache_memory_bytes=None if kv_cache_memory_mib is None else kv_cache_memory_mib << 20,
+        )  # fmt: skip
+    except (ValueError, RuntimeError, OSError) as err:
+        raise _fail(_one_line(err), 1) from None
+    blocks = llm.block_manager.num_blocks
+    typer.echo(
+        f"loaded in {time.perf_counter() - start:.1f} s: {blocks} KV blocks of {block_size} "
+        f"tokens, context {llm.max_model_len} tokens, model name {name!r}",
+        err=True,
+    )
+    try:
+        app = build_app(llm, ServerConfig(name, api_key, max_waiting_requests))
+        _run(app, host, port, log_level)
+    finally:
+        llm.close()
+
+
+def _check_options(model, dtype, device, tp, port, max_waiting, log_level) -> dict:
+    if not model.exists():
+        raise ValueError(f"MODEL {model} does not exist")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    if max_waiting < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {max_waiting}")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"--log-level {log_level!r}; expected debug, info, warning or error")
+    if device is not None:
+        from runtime.engine.config import resolve_device
+
+        try:
+            resolve_device(device)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"--device {device!r}: {_one_line(err)}") from None
+    import torch
+
+    return {"dtype": None if dtype == "auto" else getattr(torch, dtype)}
+
+
+def _run(app, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and self.servers:
+                bound = self.servers[0].sockets[0].getsockname()
+                shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                print(f"hf2paged serve: ready at http://{shown}:{bound[1]}", flush=True)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+        access_log=log_level == "debug",
+    )  # fmt: skip
+    Server(config).run()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def main() -> None:
+    """`python -m hf2paged.serve MODEL ...`."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(serve)
+    app(prog_name="hf2paged serve")
