@@ -168,7 +168,7 @@ class OpenAIServer:
             for i, prompt in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(self.engine.add_request(prompt, params, rid, n, detokenize))
-        except (ValueError, EngineError) as exc:
+        except (ValueError, EngineError, EngineOverloaded) as exc:
             for stream in streams:
                 stream.abort()
             raise _engine_error(exc) from None
