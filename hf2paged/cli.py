@@ -1,7 +1,7 @@
 """The `hf2paged` command line: one typer app, every command registered here.
 
 Converter side: `convert`, `check`, `verify`, `coverage`; serving side: `generate`,
-`demo`, `bench`. Each command imports what it needs inside its body, so `convert` and
+`demo`, `bench`, `serve` (the OpenAI-compatible server, `hf2paged/serve/`). Each command imports what it needs inside its body, so `convert` and
 `check` never import torch, the runtime or the engine (seconds of start-up).
 
 Errors a user can act on print one line on stderr, never a traceback: exit 2 for bad
@@ -23,6 +23,7 @@ import typer
 
 from converter.errors import ConversionError
 from hf2paged.options import DTYPES, check_device, check_model_dir, one_line, torch_dtype
+from hf2paged.serve.command import serve
 
 app = typer.Typer(
     name="hf2paged",
@@ -577,6 +578,8 @@ def bench(
         raise _fail(one_line(err), 1) from None
     typer.echo(bench_mod.format_result(result))
 
+
+app.command("serve")(serve)
 
 if __name__ == "__main__":
     app()

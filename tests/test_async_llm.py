@@ -147,16 +147,22 @@ def test_overload_bad_requests_and_duplicate_ids(llm) -> None:
         async with AsyncLLM(llm, max_waiting=2) as engine:
             with pytest.raises(ValueError, match="empty prompt"):
                 engine.add_request("", greedy())
-            first = engine.add_request("ab", greedy(max_tokens=40), request_id="x")
+            # Fill the batch (max_num_seqs=8) with long requests, then the queue.
+            engine.max_waiting = None
+            running = [engine.add_request("ab", greedy(max_tokens=60)) for _ in range(8)]
+            while engine.stats.num_running < 8:
+                await asyncio.sleep(0.001)
+            engine.max_waiting = 2
+            first = engine.add_request("ab", greedy(max_tokens=4), request_id="x")
             with pytest.raises(ValueError, match="already in use"):
                 engine.add_request("ab", greedy(), request_id="x")
-            engine.add_request("ab", greedy(max_tokens=40)).abort()
-            second = engine.add_request("cd", greedy(max_tokens=40))
-            # Nothing has been stepped in between: 2 are handed to the engine thread.
+            engine.add_request("ab", greedy(max_tokens=4)).abort()  # leaves the queue
+            second = engine.add_request("cd", greedy(max_tokens=4))
+            assert engine.num_waiting == 2
             with pytest.raises(EngineOverloaded, match="overloaded") as err:
                 engine.add_request("ef", greedy())
             assert err.value.retry_after >= 1
-            await asyncio.gather(read(first), read(second))
+            await asyncio.gather(read(first), read(second), *(read(s) for s in running))
             await read(engine.add_request("ef", greedy(max_tokens=2)))  # room again
 
     asyncio.run(main())

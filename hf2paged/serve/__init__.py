@@ -1,7 +1,6 @@
-"""`hf2paged serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine's
-`AsyncLLM`. `build_app(llm, ServerConfig(...))` makes the ASGI app; `command.serve` is the
-CLI command."""
+"""`hf2paged serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn, metrics with
+prometheus-client) on the engine's `AsyncLLM`.
 
-from hf2paged.serve.app import ServerConfig, build_app
-
-__all__ = ["ServerConfig", "build_app"]
+`app.build_app(llm, ServerConfig(...))` makes the ASGI app; `command.serve` is the CLI
+command (light to import: the CLI registers it without loading the engine).
+"""

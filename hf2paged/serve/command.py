@@ -1,4 +1,9 @@
-"""`hf2paged serve`: load a model into the engine and serve the OpenAI API with uvicorn."""
+"""`hf2paged serve`: load a model into the engine and serve the OpenAI API with uvicorn.
+
+Registered in `hf2paged.cli`. Like every command, it
+imports the engine, FastAPI and uvicorn inside its body. Bad arguments exit 2 with one
+line on stderr, a model that fails to load exits 1.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Annotated
 
 import typer
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from hf2paged.options import DTYPES, check_device, check_model_dir, one_line, torch_dtype
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -73,13 +80,15 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions)."""
-    from hf2paged.serve.app import ServerConfig, build_app
-
     try:
-        options = _check_options(model, dtype, device, tp, port, max_waiting_requests, log_level)
+        check_model_dir(model)
+        dtype_ = torch_dtype(dtype)
+        check_device(device)
+        _check_options(tp, port, max_waiting_requests, log_level)
     except ValueError as err:
         raise _fail(str(err), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from hf2paged.serve.app import ServerConfig, build_app
     from runtime.engine import LLM
 
     name = served_model_name or (model.stem if model.is_file() else model.resolve().name)
@@ -87,14 +96,14 @@ def serve(
     start = time.perf_counter()
     try:
         llm = LLM(
-            model, tensor_parallel_size=tp, dtype=options["dtype"], device=device,
-            block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager, max_model_len=max_model_len,
+            model, tensor_parallel_size=tp, dtype=dtype_, device=device, block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
             kv_cache_memory_bytes=None if kv_cache_memory_mib is None else kv_cache_memory_mib << 20,
         )  # fmt: skip
     except (ValueError, RuntimeError, OSError) as err:
-        raise _fail(_one_line(err), 1) from None
+        raise _fail(one_line(err), 1) from None
     blocks = llm.block_manager.num_blocks
     typer.echo(
         f"loaded in {time.perf_counter() - start:.1f} s: {blocks} KV blocks of {block_size} "
@@ -108,29 +117,15 @@ def serve(
         llm.close()
 
 
-def _check_options(model, dtype, device, tp, port, max_waiting, log_level) -> dict:
-    if not model.exists():
-        raise ValueError(f"MODEL {model} does not exist")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+def _check_options(tp: int, port: int, max_waiting: int, log_level: str) -> None:
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     if not 0 <= port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {port}")
     if max_waiting < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {max_waiting}")
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise ValueError(f"--log-level {log_level!r}; expected debug, info, warning or error")
-    if device is not None:
-        from runtime.engine.config import resolve_device
-
-        try:
-            resolve_device(device)
-        except (ValueError, RuntimeError) as err:
-            raise ValueError(f"--device {device!r}: {_one_line(err)}") from None
-    import torch
-
-    return {"dtype": None if dtype == "auto" else getattr(torch, dtype)}
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"--log-level {log_level!r}; expected one of {', '.join(LOG_LEVELS)}")
 
 
 def _run(app, host: str, port: int, log_level: str) -> None:
@@ -149,15 +144,3 @@ def _run(app, host: str, port: int, log_level: str) -> None:
         access_log=log_level == "debug",
     )  # fmt: skip
     Server(config).run()
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def main() -> None:
-    """`python -m hf2paged.serve MODEL ...`."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(serve)
-    app(prog_name="hf2paged serve")

@@ -15,7 +15,7 @@ import httpx
 from engine_models import build_model_dir
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # A chat template within the character tokenizer's alphabet (no newlines).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
@@ -35,10 +35,11 @@ def tiny_chat_model(root: Path) -> Path:
 
 
 class ServerProcess:
-    """`python -m hf2paged.serve MODEL --port 0 ...`, ready once it prints its URL."""
+    """`hf2paged serve MODEL --port 0 ...` (as `python -m hf2paged.cli`, this checkout's
+    code), ready once it prints its URL."""
 
     def __init__(self, model: Path, *args: str, timeout: float = 300) -> None:
-        cmd = [sys.executable, "-m", "hf2paged.serve", str(model), "--port", "0"]
+        cmd = [sys.executable, "-m", "hf2paged.cli", "serve", str(model), "--port", "0"]
         cmd += ["--log-level", "warning", *args]
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])

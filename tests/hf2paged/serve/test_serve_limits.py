@@ -11,7 +11,6 @@ import time
 import httpx
 import openai
 import pytest
-import typer
 from serve_process import ServerProcess
 from typer.testing import CliRunner
 
@@ -85,6 +84,7 @@ def test_overload_gets_503_and_a_waiting_client_can_leave(limited) -> None:
     "args, message",
     [
         (["/no/such/model"], "does not exist"),
+        (["{model}/config.json"], "not a directory"),
         (["{model}", "--dtype", "float64"], "--dtype"),
         (["{model}", "--port", "70000"], "--port"),
         (["{model}", "--device", "gpu"], "--device"),
@@ -92,11 +92,9 @@ def test_overload_gets_503_and_a_waiting_client_can_leave(limited) -> None:
     ],
 )
 def test_command_errors_are_one_line(tiny_model, args, message) -> None:
-    from hf2paged.serve.command import serve
+    from hf2paged.cli import app
 
-    app = typer.Typer()
-    app.command()(serve)
-    result = CliRunner().invoke(app, [a.format(model=tiny_model) for a in args])
+    result = CliRunner().invoke(app, ["serve", *(a.format(model=tiny_model) for a in args)])
     assert result.exit_code in (1, 2), result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.output

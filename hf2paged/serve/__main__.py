@@ -1,3 +1,0 @@
-from hf2paged.serve.command import main
-
-main()
