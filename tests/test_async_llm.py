@@ -59,13 +59,10 @@ def test_concurrent_requests_equal_generate(llm) -> None:
             self.first = self.gaps = 0
             self.finished = []
 
-        def on_first_token(self, ttft):
-            assert ttft >= 0
-            self.first += 1
-
-        def on_inter_token(self, latency):
-            assert latency >= 0
-            self.gaps += 1
+        def on_step(self, first_token_latencies, inter_token_latencies):
+            assert min(first_token_latencies + inter_token_latencies) >= 0
+            self.first += len(first_token_latencies)
+            self.gaps += len(inter_token_latencies)
 
         def on_finished(self, reason, prompt_tokens, output_tokens, latency):
             self.finished.append((reason, prompt_tokens, output_tokens))

@@ -39,10 +39,13 @@ from hf2paged.serve.protocol import (
 )
 from hf2paged.serve.responses import (
     Choice,
+    ChunkWriter,
     TokenTexts,
     chat_choice,
-    chat_delta,
+    chat_delta_json,
+    chat_logprobs,
     completion_choice,
+    completion_choice_json,
     completion_logprobs,
     sse,
     usage,
@@ -244,6 +247,7 @@ class OpenAIServer:
         self, body: CompletionRequest, streams: list[RequestStream], head: dict, echo: list[str]
     ) -> AsyncIterator[str]:
         n = body.n
+        writer = ChunkWriter(head, body.include_usage)
         text_len: dict[int, int] = {}  # characters sent per choice (logprobs' text offsets)
         tokens: dict[int, int] = {}
         detail = body.logprobs is not None or body.return_token_ids
@@ -257,21 +261,24 @@ class OpenAIServer:
                     if not (u.text or prefix or u.finished or (detail and u.token_ids)):
                         continue
                     offset = text_len.get(index, 0)
-                    choice = {"index": index, "text": prefix + u.text, "logprobs": None,
-                              "finish_reason": u.finish_reason}  # fmt: skip
+                    logprobs = None
                     if u.logprobs is not None:
-                        choice["logprobs"] = completion_logprobs(
+                        logprobs = completion_logprobs(
                             u.token_ids, u.logprobs, self.token_text, offset + len(prefix)
                         )
-                    if body.return_token_ids:
-                        choice["token_ids"] = u.token_ids
-                        if first:
-                            choice["prompt_token_ids"] = streams[p].prompt_token_ids
                     text_len[index] = offset + len(prefix) + len(u.text)
-                    chunk = {**head, "choices": [choice]}
-                    if body.include_usage:
-                        chunk["usage"] = None
-                    yield sse(chunk)
+                    yield writer.event(
+                        completion_choice_json(
+                            index,
+                            prefix + u.text,
+                            u.finish_reason,
+                            logprobs,
+                            u.token_ids if body.return_token_ids else None,
+                            streams[p].prompt_token_ids
+                            if body.return_token_ids and first
+                            else None,
+                        )  # fmt: skip
+                    )
             if body.include_usage:
                 prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
                 yield sse(
@@ -331,13 +338,25 @@ class OpenAIServer:
                 if body.return_token_ids and index == 0:
                     first["prompt_token_ids"] = stream.prompt_token_ids
                 yield sse(first)
+            writer = ChunkWriter(head, body.include_usage)
             async for _, updates in merge([stream]):
                 for u in updates:
                     tokens[u.index] = u.num_output_tokens
                     if not (u.text or u.finished or (detail and u.token_ids)):
                         continue
-                    delta = chat_delta(u, u.index, self.token_text, body.return_token_ids)
-                    yield sse({**head, "choices": [delta], **extra})
+                    logprobs = None
+                    if u.logprobs is not None:
+                        logprobs = chat_logprobs(u.token_ids, u.logprobs, self.token_text)
+                    content = u.text if u.text or not u.finished else None
+                    yield writer.event(
+                        chat_delta_json(
+                            u.index,
+                            content,
+                            u.finish_reason,
+                            logprobs,
+                            u.token_ids if body.return_token_ids else None,
+                        )  # fmt: skip
+                    )
             if body.include_usage:
                 prompt_tokens = len(stream.prompt_token_ids)
                 yield sse(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 from runtime.engine.async_llm import StreamUpdate
@@ -20,6 +21,61 @@ def dumps(body: dict[str, Any]) -> str:
 def sse(body: dict[str, Any] | str) -> str:
     """One server-sent event: ``data: <json>``."""
     return f"data: {body if isinstance(body, str) else dumps(body)}\n\n"
+
+
+class ChunkWriter:
+    """The server-sent events of one request's stream chunks, assembled from pieces: the
+    fixed head (id, object, created, model) is encoded once, each chunk's choice by hand
+    (`json.dumps` of the whole nested dict per token costs several times more, on the
+    event loop the engine's results pass through)."""
+
+    def __init__(self, head: dict[str, Any], include_usage: bool) -> None:
+        self.prefix = "data: " + dumps(head)[:-1] + ',"choices":['
+        self.suffix = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+
+    def event(self, choice_json: str) -> str:
+        return self.prefix + choice_json + self.suffix
+
+
+def _str_or_null(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
+def _ids(name: str, ids: list[int] | None) -> str:
+    return "" if ids is None else f',"{name}":[{",".join(map(str, ids))}]'
+
+
+def completion_choice_json(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict | None = None,
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
+) -> str:
+    """One choice of a completion chunk, as JSON text."""
+    return (
+        f'{{"index":{index},"text":{encode_basestring(text)},'
+        f'"logprobs":{"null" if logprobs is None else dumps(logprobs)},'
+        f'"finish_reason":{_str_or_null(finish_reason)}'
+        f"{_ids('token_ids', token_ids)}{_ids('prompt_token_ids', prompt_token_ids)}}}"
+    )
+
+
+def chat_delta_json(
+    index: int,
+    content: str | None,
+    finish_reason: str | None,
+    logprobs: dict | None = None,
+    token_ids: list[int] | None = None,
+) -> str:
+    """One choice of a chat completion chunk (``content=None``: an empty delta), as JSON."""
+    delta = "{}" if content is None else f'{{"content":{encode_basestring(content)}}}'
+    return (
+        f'{{"index":{index},"delta":{delta},'
+        f'"logprobs":{"null" if logprobs is None else dumps(logprobs)},'
+        f'"finish_reason":{_str_or_null(finish_reason)}{_ids("token_ids", token_ids)}}}'
+    )
 
 
 class TokenTexts:
@@ -137,20 +193,4 @@ def chat_choice(choice: Choice, token_text: TokenTexts, return_token_ids: bool) 
         body["logprobs"] = chat_logprobs(choice.token_ids, choice.logprobs, token_text)
     if return_token_ids:
         body["token_ids"] = choice.token_ids
-    return body
-
-
-def chat_delta(
-    update: StreamUpdate, index: int, token_text: TokenTexts, return_token_ids: bool
-) -> dict:
-    body = {
-        "index": index,
-        "delta": {"content": update.text} if update.text or not update.finished else {},
-        "logprobs": None,
-        "finish_reason": update.finish_reason,
-    }
-    if update.logprobs is not None:
-        body["logprobs"] = chat_logprobs(update.token_ids, update.logprobs, token_text)
-    if return_token_ids:
-        body["token_ids"] = update.token_ids
     return body

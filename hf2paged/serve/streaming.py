@@ -30,15 +30,20 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
     """``(True, result)`` when `work` finishes, ``(False, None)`` when the client
-    disconnected first (`work` is then cancelled)."""
+    disconnected first (`work` is then cancelled). An exception of `work` is raised as
+    itself (not inside an ExceptionGroup)."""
     done = False
     result = None
+    error: Exception | None = None
     async with anyio.create_task_group() as group:
 
         async def run() -> None:
-            nonlocal done, result
-            result = await work
-            done = True
+            nonlocal done, result, error
+            try:
+                result = await work
+                done = True
+            except Exception as exc:  # noqa: BLE001 — raised again below, unwrapped
+                error = exc
             group.cancel_scope.cancel()
 
         async def watch() -> None:
@@ -47,6 +52,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool
 
         group.start_soon(run)
         group.start_soon(watch)
+    if error is not None:
+        raise error
     return done, result
 
 

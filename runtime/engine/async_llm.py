@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from runtime.engine.llm import LLM, Prompt
 from runtime.engine.loading import CheckedRequest
-from runtime.engine.outputs import RequestOutput
+from runtime.engine.outputs import TokenDelta
 from runtime.engine.sampler import Logprobs
 from runtime.engine.sampling_params import SamplingParams
 
@@ -47,7 +47,8 @@ class EngineError(RuntimeError):
 
 @dataclass
 class StreamUpdate:
-    """What one sample of a request produced since its previous update.
+    """What one sample of a request produced since its previous update (one engine step,
+    or several merged when the reader fell behind).
 
     ``text`` is the new text; while the request runs, the last characters that could be
     the start of a stop string are held back, so the texts of all updates add up to the
@@ -81,14 +82,15 @@ class EngineStats:
 
 
 class RequestObserver:
-    """Hooks for metrics, called on the event loop; times in seconds: one call of
-    `on_first_token` or `on_inter_token` per generated token, one `on_finished` per
+    """Hooks for metrics, called on the event loop; times in seconds. `on_step` once per
+    engine step that produced tokens, with the latencies of those tokens (first tokens:
+    from arrival; later ones: from the request's previous token); `on_finished` once per
     sample ("stop", "length", "abort" or "error"). Subclass and override what you need
     (the defaults do nothing)."""
 
-    def on_first_token(self, time_to_first_token: float) -> None: ...
-
-    def on_inter_token(self, latency: float) -> None: ...
+    def on_step(
+        self, first_token_latencies: list[float], inter_token_latencies: list[float]
+    ) -> None: ...
 
     def on_finished(
         self, finish_reason: str, num_prompt_tokens: int, num_output_tokens: int, latency: float
@@ -130,7 +132,10 @@ class RequestStream:
         self.prompt_token_ids = prompt_token_ids
         self.n = n
         self.samples: list[_Sample] = []
-        self._queue: asyncio.Queue[StreamUpdate | BaseException] = asyncio.Queue()
+        # Updates not read yet, and the future a waiting reader sleeps on: cheaper than an
+        # asyncio.Queue, whose put wakes the reader once per update.
+        self._pending: list[StreamUpdate | BaseException] = []
+        self._waiter: asyncio.Future | None = None
         self._num_open = n
         self._aborted = False
 
@@ -138,19 +143,32 @@ class RequestStream:
     def finished(self) -> bool:
         return self._num_open == 0
 
+    def _put(self, item: StreamUpdate | BaseException) -> None:
+        self._pending.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> list[StreamUpdate]:
         if self._num_open == 0:
             raise StopAsyncIteration
-        try:
-            items = [await self._queue.get()]
-        except BaseException:  # cancelled while waiting: the reader is gone
-            self.abort()
-            raise
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
+        if not self._pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            except BaseException:  # cancelled while waiting: the reader is gone
+                self.abort()
+                raise
+            finally:
+                self._waiter = None
+        items, self._pending = self._pending, []
+        if len(items) == 1 and isinstance(items[0], StreamUpdate):  # the usual case
+            if items[0].finish_reason is not None:
+                self._num_open -= 1
+            return items
         merged: dict[int, StreamUpdate] = {}
         for item in items:
             if isinstance(item, BaseException):
@@ -173,7 +191,10 @@ class RequestStream:
 
 def _merge(a: StreamUpdate, b: StreamUpdate) -> StreamUpdate:
     logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
-    return replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=logprobs)
+    return StreamUpdate(
+        b.index, a.text + b.text, a.token_ids + b.token_ids, logprobs, b.finish_reason,
+        b.num_prompt_tokens, b.num_output_tokens,
+    )  # fmt: skip
 
 
 class AsyncLLM:
@@ -339,10 +360,10 @@ class AsyncLLM:
                     llm.abort_all()
                     self.stats = self._snapshot(self.stats.num_steps)
                     return
-                outputs: list[RequestOutput] = []
+                outputs: list[TokenDelta] = []
                 if llm.has_unfinished_requests():
                     try:
-                        outputs = llm.step()
+                        outputs = llm.step_tokens()
                     except Exception as exc:  # noqa: BLE001 — fail the requests, keep serving
                         log.exception("engine step failed; failing its requests")
                         failed += [(request_id, exc) for request_id in llm.abort_all()]
@@ -387,41 +408,39 @@ class AsyncLLM:
     # ------------------------------------------------------------------ event loop
     def _deliver(
         self,
-        outputs: list[RequestOutput],
+        deltas: list[TokenDelta],
         step_time: float,
         failed: list[tuple[str, BaseException]],
     ) -> None:
-        observer = self.observer
-        for out in outputs:
-            sample = self._samples.get(out.request_id)
+        first_latencies: list[float] = []
+        gaps: list[float] = []
+        for delta in deltas:
+            sample = self._samples.get(delta.request_id)
             if sample is None:  # aborted while the step ran
                 continue
-            new_tokens = out.token_ids[sample.num_tokens :]
-            if not new_tokens and not out.finished:
-                continue
-            for _ in new_tokens:  # one per step, unless a front end lags behind
-                if sample.last_token_time is None:
-                    observer.on_first_token(step_time - sample.arrival)
-                else:
-                    observer.on_inter_token(step_time - sample.last_token_time)
-                sample.last_token_time = step_time
-            logprobs = None
-            if out.logprobs is not None:
-                logprobs = out.logprobs[sample.num_tokens :]
-            sample.num_tokens = len(out.token_ids)
-            end = len(out.text) if out.finished else len(out.text) - sample.holdback
-            text = ""
+            if sample.last_token_time is None:
+                first_latencies.append(step_time - sample.arrival)
+            else:
+                gaps.append(step_time - sample.last_token_time)
+            sample.last_token_time = step_time
+            sample.num_tokens = delta.num_output_tokens
+            text = delta.text
+            finished = delta.finish_reason is not None
+            end = len(text) if finished else len(text) - sample.holdback
             if end > sample.num_chars:
-                text = out.text[sample.num_chars : end]
-                sample.num_chars = end
+                text, sample.num_chars = text[sample.num_chars : end], end
+            else:
+                text = ""
             update = StreamUpdate(
-                index=sample.index, text=text, token_ids=new_tokens, logprobs=logprobs,
-                finish_reason=out.finish_reason, num_prompt_tokens=sample.num_prompt_tokens,
-                num_output_tokens=sample.num_tokens,
+                sample.index, text, [delta.token_id],
+                None if delta.logprobs is None else [delta.logprobs], delta.finish_reason,
+                sample.num_prompt_tokens, sample.num_tokens,
             )  # fmt: skip
-            if out.finished:
-                self._close_sample(sample, out.finish_reason)
-            sample.stream._queue.put_nowait(update)
+            if finished:
+                self._close_sample(sample, delta.finish_reason)
+            sample.stream._put(update)
+        if first_latencies or gaps:
+            self.observer.on_step(first_latencies, gaps)
         for engine_id, exc in failed:
             sample = self._samples.get(engine_id)
             if sample is not None:
@@ -444,7 +463,7 @@ class AsyncLLM:
     def _fail(self, stream: RequestStream, exc: BaseException) -> None:
         """End `stream` with `exc`: its reader raises it; its other samples are aborted."""
         error = exc if isinstance(exc, (ValueError, EngineError)) else EngineError(str(exc))
-        stream._queue.put_nowait(error)
+        stream._put(error)
         for sample in stream.samples:
             if not sample.finished:
                 sample.finished = True

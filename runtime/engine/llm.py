@@ -17,7 +17,7 @@ from runtime.engine.loading import (
     eos_token_ids,
     load_tokenizer,
 )
-from runtime.engine.outputs import RequestOutput
+from runtime.engine.outputs import RequestOutput, TokenDelta
 from runtime.engine.sampler import Sampler
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import Scheduler
@@ -183,6 +183,31 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that produced a token."""
         return [self._output(seq) for seq in self._step()]
+
+    def step_tokens(self) -> list[TokenDelta]:
+        """Run one engine step; report each request that produced a token by that token
+        alone (O(1) per request, where `step` copies every output so far): for front ends
+        that stream."""
+        deltas = []
+        for seq in self._step():
+            if seq.detokenizer is not None:
+                text = seq.detokenizer.text
+            elif self.tokenizer is not None and seq.is_finished:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            else:
+                text = ""
+            logprobs = seq.logprobs[-1] if seq.sampling_params.logprobs is not None else None
+            deltas.append(
+                TokenDelta(
+                    seq.request_id,
+                    seq.token_ids[-1],
+                    logprobs,
+                    text,
+                    seq.finish_reason,
+                    seq.num_output_tokens,
+                )  # fmt: skip
+            )
+        return deltas
 
     def _step(self) -> list[Sequence]:
         out = self.scheduler.schedule()
