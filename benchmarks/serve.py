@@ -264,6 +264,15 @@ def write_report(out: Path, args, slug: str, config, workload, offline, http, se
         "when the engine returns them; HTTP: when the client receives them, so tokens that "
         "arrive in one chunk have a gap of 0).",
     ]
+    if not args.device.startswith("cuda"):
+        server_notes = [
+            "- CPU smoke run: it shows the benchmark works end to end; with a tiny model on a "
+            "shared CPU its numbers say nothing about serving speed. (The offline row runs the "
+            "engine on its process's main thread, the server on a second thread; on a loaded "
+            "2-core machine the same `LLM.generate` of tiny ops measured 4-10x slower on the "
+            "main thread, where torch's 2-thread intra-op pool is used.)",
+            *server_notes,
+        ]
     if server_notes:
         lines += ["", "## Notes", "", *server_notes]
     out.parent.mkdir(parents=True, exist_ok=True)
