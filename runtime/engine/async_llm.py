@@ -233,7 +233,16 @@ class AsyncLLM:
         if self._thread is not None:
             raise RuntimeError("AsyncLLM is already started")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="hf2paged-engine", daemon=True)
+        # CUDA's current device is per thread: the engine thread uses the one the LLM was
+        # built under (rank 0 runs on the current device).
+        cuda_device = None
+        if self.llm.config.device_type == "cuda":
+            import torch
+
+            cuda_device = torch.cuda.current_device()
+        self._thread = threading.Thread(
+            target=self._run, args=(cuda_device,), name="hf2paged-engine", daemon=True
+        )
         self._thread.start()
 
     async def close(self) -> None:
@@ -346,9 +355,13 @@ class AsyncLLM:
             self._cv.notify()
 
     # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
+    def _run(self, cuda_device: int | None) -> None:
         llm = self.llm
         try:
+            if cuda_device is not None:
+                import torch
+
+                torch.cuda.set_device(cuda_device)
             while True:
                 with self._cv:
                     while not (self._commands or self._stopping or llm.has_unfinished_requests()):
