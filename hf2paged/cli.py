@@ -1,8 +1,9 @@
 """The `hf2paged` command line: one typer app, every command registered here.
 
 Converter side: `convert`, `check`, `verify`, `coverage`; serving side: `generate`,
-`demo`, `bench`, `serve` (the OpenAI-compatible server, `hf2paged/serve/`). Each command imports what it needs inside its body, so `convert` and
-`check` never import torch, the runtime or the engine (seconds of start-up).
+`demo`, `bench`, `serve` (the OpenAI-compatible server, `hf2paged/serve/`). Each command
+imports what it needs inside its body, so `convert` and `check` never import torch, the
+runtime or the engine (seconds of start-up).
 
 Errors a user can act on print one line on stderr, never a traceback: exit 2 for bad
 input (a `ConversionError`, a bad argument, a MODEL_DIR that is no model directory),
@@ -579,7 +580,7 @@ def bench(
     typer.echo(bench_mod.format_result(result))
 
 
-app.command("serve")(serve)
+command(serve)
 
 if __name__ == "__main__":
     app()

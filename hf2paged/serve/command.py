@@ -79,7 +79,12 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions)."""
+    """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions).
+
+    Continuous batching across every client; streamed answers are server-sent events; a
+    client that disconnects frees its KV blocks at once. /health and /metrics (Prometheus)
+    need no API key. A GGUF file is converted once to a cached model directory.
+    """
     try:
         check_model_dir(model)
         dtype_ = torch_dtype(dtype)
@@ -88,15 +93,19 @@ def serve(
     except ValueError as err:
         raise _fail(str(err), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from hf2paged.model_source import gguf_of, prepare_model
     from hf2paged.serve.app import ServerConfig, build_app
     from runtime.engine import LLM
 
-    name = served_model_name or (model.stem if model.is_file() else model.resolve().name)
+    gguf = gguf_of(model)
+    name = served_model_name or (gguf.stem if gguf else model.resolve().name)
     typer.echo(f"loading {model} ...", err=True)
     start = time.perf_counter()
     try:
+        # A GGUF file is converted once into a cached model directory (progress on stderr).
+        source = prepare_model(model, log=lambda line: typer.echo(line, err=True))
         llm = LLM(
-            model, tensor_parallel_size=tp, dtype=dtype_, device=device, block_size=block_size,
+            source.path, tensor_parallel_size=tp, dtype=dtype_, device=device, block_size=block_size,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             max_model_len=max_model_len,

