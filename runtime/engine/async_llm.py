@@ -368,7 +368,9 @@ class AsyncLLM:
                         self._cv.wait()
                     commands, self._commands = self._commands, []
                     stopping = self._stopping
-                failed = self._apply(commands)
+                    # Under the lock, so `num_waiting` never sees an add in neither place.
+                    failed = self._apply(commands)
+                    self.stats = self._snapshot(self.stats.num_steps)
                 if stopping:
                     llm.abort_all()
                     self.stats = self._snapshot(self.stats.num_steps)
