@@ -5,6 +5,7 @@ tp_plan cases, converter/passes/tp/cases.py): one layer per case in a conditiona
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import libcst as cst
 import pytest
@@ -15,7 +16,7 @@ from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
 from converter.passes import tp
-from converter.passes.tp.cases import parse_cases, sharded_expression
+from converter.passes.tp.cases import parse_cases, sharded_test
 from converter.passes.tp.switch import InlineLater, attr_values
 from converter.pipeline import load_rules
 
@@ -27,16 +28,16 @@ from runtime.attention import PagedAttention
 
 
 class Mixer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.n_q = cfg.n_q
-        self.hd = cfg.width // cfg.n_q
-        self.blend = nn.Linear(cfg.width, (cfg.n_grp * 2 + cfg.n_q) * self.hd, bias=cfg.use_bias)
-        self.packed = cfg.packed
-        self.fold = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
-        self.n_grp = cfg.n_grp if self.packed else 1
-        self.sink_logits = nn.Parameter(torch.zeros(cfg.n_q))
-        self.attn = PagedAttention(self.n_q, self.hd, 1.0, num_kv_heads=self.n_grp, alibi=Alibi(torch.ones(cfg.n_q), scale=0.5) if cfg.slopes else None)
+        self.n_q = config.n_q
+        self.hd = config.width // config.n_q
+        self.blend = nn.Linear(config.width, (config.n_grp * 2 + config.n_q) * self.hd, bias=config.use_bias)
+        self.packed = config.packed
+        self.fold = nn.Linear(config.width, config.width, bias=config.use_bias)
+        self.n_grp = config.n_grp if self.packed else 1
+        self.sink_logits = nn.Parameter(torch.zeros(config.n_q))
+        self.attn = PagedAttention(self.n_q, self.hd, 1.0, num_kv_heads=self.n_grp, alibi=Alibi(torch.ones(config.n_q), scale=0.5) if config.slopes else None)
 
     def forward(self, x, kv_cache, input_metadata):
         interface = ALL_ATTENTION_FUNCTIONS.get_interface("eager", None)
@@ -47,19 +48,19 @@ class Mixer(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.mixer = Mixer(cfg)
+        self.mixer = Mixer(config)
 
     def forward(self, h, kv_cache, input_metadata):
         return h + self.mixer(h, kv_cache, input_metadata)
 
 
 class Trunk(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.stages = nn.ModuleList([Stage(cfg) for _ in range(cfg.depth)])
+        self.tok = nn.Embedding(config.vocab_size, config.width)
+        self.stages = nn.ModuleList([Stage(config) for _ in range(config.depth)])
 
     def forward(self, input_ids, positions, kv_caches, input_metadata):
         h = self.tok(input_ids)
@@ -69,19 +70,19 @@ class Trunk(nn.Module):
 
 
 class TrunkForCausalLM(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.model = Trunk(cfg)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.model = Trunk(config)
+        self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, input_metadata):
         return self.model(input_ids, positions, kv_caches, input_metadata)
 """
 
 CASES = [
-    ["colwise", "cfg.packed and cfg.n_grp % get_tp_size() == 0"],
-    ["colwise_qkv", "not cfg.packed and cfg.n_q % get_tp_size() == 0"],
-    ["colwise_gather_output"],
+    {"style": "colwise", "when": {"packed": True}, "tp_divides": "n_grp"},
+    {"style": "colwise_qkv", "when": {"packed": False}, "tp_divides": "n_q"},
+    {"style": "colwise_gather_output"},
 ]
 PLAN = {"stages.*.mixer.blend": CASES, "stages.*.mixer.fold": "rowwise_split_input"}
 
@@ -100,15 +101,13 @@ def convert(source: str = SOURCE, plan: dict | None = None):
 
 def test_one_layer_per_case_in_a_conditional_expression():
     code, ctx = convert()
-    column = (
-        "ColumnParallelLinear(cfg.width, (cfg.n_grp * 2 + cfg.n_q) * self.hd, bias=cfg.use_bias"
-    )
+    column = "ColumnParallelLinear(config.width, (config.n_grp * 2 + config.n_q) * self.hd, bias=config.use_bias"
     # the KV head count `self.n_grp` is assigned only after the projection: its value,
     # with `self.packed` (also assigned later) inlined in turn
-    qkv = "QKVParallelLinear(cfg.width, self.hd, self.n_q, (cfg.n_grp if cfg.packed else 1), bias=cfg.use_bias)"
+    qkv = "QKVParallelLinear(config.width, self.hd, self.n_q, (config.n_grp if config.packed else 1), bias=config.use_bias)"
     assert (
-        f"self.blend = ({column}) if cfg.packed and cfg.n_grp % get_tp_size() == 0 "
-        f"else {qkv} if not cfg.packed and cfg.n_q % get_tp_size() == 0 "
+        f"self.blend = ({column}) if config.packed and config.n_grp % get_tp_size() == 0 "
+        f"else {qkv} if not config.packed and config.n_q % get_tp_size() == 0 "
         f"else {column}, gather_output=True))"
     ) in code
     assert ctx.tp_decisions["Mixer.blend"].startswith("conditional (rules/architectures.toml")
@@ -117,12 +116,12 @@ def test_one_layer_per_case_in_a_conditional_expression():
 def test_flag_before_its_first_reader_and_read_by_the_consumer():
     code, _ = convert()
     flag = (
-        "self.shard_heads = (cfg.packed and cfg.n_grp % get_tp_size() == 0) or "
-        "(not cfg.packed and cfg.n_q % get_tp_size() == 0)"
+        "self.shard_heads = (config.packed and config.n_grp % get_tp_size() == 0) or "
+        "(not config.packed and config.n_q % get_tp_size() == 0)"
     )
     assert flag in code
     assert code.index("self.blend = (") < code.index(flag) < code.index("self.fold =")
-    assert "bias=cfg.use_bias, input_is_parallel=self.shard_heads)" in code
+    assert "bias=config.use_bias, input_is_parallel=self.shard_heads)" in code
     assert "from runtime.parallel import" in code and "get_tp_size" in code
 
 
@@ -131,8 +130,8 @@ def test_head_counts_and_per_head_tensors_follow_the_flag():
     assert (
         "PagedAttention(local_num_heads(self.n_q, self.shard_heads), self.hd, 1.0, "
         "num_kv_heads=local_num_kv_heads(self.n_grp, self.shard_heads), "
-        "alibi=Alibi(local_head_block(torch.ones(cfg.n_q), self.shard_heads), scale=0.5) "
-        "if cfg.slopes else None)"
+        "alibi=Alibi(local_head_block(torch.ones(config.n_q), self.shard_heads), scale=0.5) "
+        "if config.slopes else None)"
     ) in code
     assert (
         "view(1, -1, local_num_kv_heads(self.n_grp, self.shard_heads), "
@@ -143,15 +142,21 @@ def test_head_counts_and_per_head_tensors_follow_the_flag():
 
 def test_flag_name_avoids_the_class_own_attributes():
     source = SOURCE.replace(
-        "self.packed = cfg.packed", "self.packed = cfg.packed\n        self.shard_heads = 3"
+        "self.packed = config.packed", "self.packed = config.packed\n        self.shard_heads = 3"
     )
     code, _ = convert(source)
-    assert "self.shard_heads_ = (cfg.packed" in code
+    assert "self.shard_heads_ = (config.packed" in code
     assert "local_num_heads(self.n_q, self.shard_heads_)" in code
 
 
 def test_two_projections_sharding_under_different_conditions_is_an_error():
-    plan = {**PLAN, "stages.*.mixer.fold": [["colwise", "cfg.packed"], ["colwise_gather_output"]]}
+    plan = {
+        **PLAN,
+        "stages.*.mixer.fold": [
+            {"style": "colwise", "when": {"packed": True}},
+            {"style": "colwise_gather_output"},
+        ],
+    }
     with pytest.raises(
         ConversionError, match="Mixer: tp_plan cases must shard its heads under one"
     ):
@@ -161,9 +166,12 @@ def test_two_projections_sharding_under_different_conditions_is_an_error():
 @pytest.mark.parametrize(
     "entry,message",
     [
-        ([["colwise", "cfg.a"]], "must be a list of"),  # no fallback
-        ([["rowwise", "cfg.a"], ["colwise"]], "style 'rowwise' is not one of"),
+        ([{"style": "colwise", "when": {"a": True}}], "must be a list of"),  # no fallback
+        ([{"style": "rowwise", "when": {"a": True}}, {"style": "colwise"}], "'rowwise' is not"),
         ([], "must be a list of"),
+        ([["colwise", "config.a"], ["colwise"]], "must be a list of"),  # code, not data
+        ([{"style": "colwise", "when": {"a.b": True}}, {"style": "colwise"}], "config fields"),
+        ([{"style": "colwise", "tp_divides": "n % 2"}, {"style": "colwise"}], "names a config"),
     ],
 )
 def test_malformed_cases_are_one_line_errors(entry, message):
@@ -193,16 +201,17 @@ STYLES = st.sampled_from(["colwise", "colwise_qkv", "colwise_gather_output"])
 
 
 @given(st.lists(STYLES, min_size=1, max_size=5))
-def test_sharded_expression_is_the_first_true_case(styles):
-    """Over every truth assignment of the conditions, the flag is "the case picked (first
-    true condition, else the last) is not gathered"."""
+def test_sharded_test_is_the_first_true_case(styles):
+    """Over every truth assignment of the cases' tests, the flag is "the case picked
+    (first true test, else the last) is not gathered"."""
     names = [f"c{i}" for i in range(len(styles) - 1)]
-    cases = parse_cases([[s, n] for s, n in zip(styles, names)] + [[styles[-1]]])
-    text = sharded_expression(cases)
+    entries = [{"style": s, "when": {n: True}} for s, n in zip(styles, names)]
+    cases = parse_cases([*entries, {"style": styles[-1]}])
+    text = cst.Module([]).code_for_node(sharded_test(cases, cst.Name("config")))
     for values in itertools.product([False, True], repeat=len(names)):
-        env = dict(zip(names, values))
-        picked = next((s for s, n in zip(styles, names) if env[n]), styles[-1])
-        assert eval(text, {}, env) == (picked != "colwise_gather_output"), (text, env)
+        config = SimpleNamespace(**dict(zip(names, values)))
+        picked = next((s for s, n in zip(styles, names) if getattr(config, n)), styles[-1])
+        assert eval(text, {}, {"config": config}) == (picked != "colwise_gather_output"), text
 
 
 def test_splits_of_a_maybe_qkv_output_take_the_layer_sizes_when_it_is_one():
@@ -222,3 +231,24 @@ def test_splits_of_a_maybe_qkv_output_take_the_layer_sizes_when_it_is_one():
     assert "y.split([self.hd] * 3, dim=-1)" in code
     no_qkv = {**PLAN, "stages.*.mixer.blend": [CASES[0], CASES[2]]}
     assert "isinstance(" not in convert(source, no_qkv)[0]
+
+
+def test_case_tests_are_built_from_data():
+    """`when` values: true / false / anything else (an equality); `tp_divides`: the TP
+    size divides a config field."""
+    (case, _) = parse_cases(
+        [
+            {
+                "style": "colwise",
+                "when": {"a": True, "b": False, "kind": "mqa", "n": 2},
+                "tp_divides": "h",
+            },
+            {"style": "colwise_gather_output"},
+        ]
+    )
+    text = cst.Module([]).code_for_node(case.test(cst.parse_expression("self.config")))
+    assert text == (
+        "self.config.a and not self.config.b and self.config.kind == 'mqa' and "
+        "self.config.n == 2 and self.config.h % get_tp_size() == 0"
+    )
+    assert case.runtime_names == {"get_tp_size"}

@@ -27,6 +27,7 @@ from converter.cst_helpers import (
     methods_of,
 )
 from converter.passes.tp.args import LinearArgs, expr, kwarg, linear_args
+from converter.passes.tp.cases import runtime_names, sharded_test
 from converter.passes.tp.fuse import Fusion, LocalQKVSplit, plan_fusions, split_statement
 from converter.passes.tp.heads import (
     HeadCounts,
@@ -39,9 +40,9 @@ from converter.passes.tp.init_rewriter import InitRewriter
 from converter.passes.tp.plan import Decision, resolve_plan
 from converter.passes.tp.switch import (
     GuardedQKVSplit,
+    config_of,
     flag_name,
     insert_flag,
-    runtime_names,
     sharded_conditions,
     switch,
 )
@@ -64,7 +65,7 @@ class _TPPass:
         self.pa: dict[str, dict[str, str]] = {}
         self.orphans: set[str] = set()  # ctor arguments the rewrite may leave unused
         self.qkv_single: dict[str, str] = {}  # class -> its fused [Q|K|V] linear's attr
-        # class -> when its heads shard (text), for styles the config picks
+        # class -> the cases deciding whether its heads shard, for styles the config picks
         self.sharded_if = sharded_conditions(self.decisions, ctx)
         self.flag: dict[str, str] = {}  # class -> the attribute holding that flag
 
@@ -77,15 +78,20 @@ class _TPPass:
         ]
         return cst.Call(cst.Name(name), args)
 
-    def ctor_for(self, cls: str, attr: str, call: cst.Call) -> cst.BaseExpression:
+    def ctor_for(
+        self, cls: str, attr: str, call: cst.Call, config: cst.BaseExpression
+    ) -> cst.BaseExpression:
+        """The layer for `call` (building `cls`'s `attr`); `config` is what its __init__
+        reads the config as (tests of config-chosen styles)."""
         decision = self.decisions.get((cls, attr))
         if decision is None or decision.style == "replicated":
             return call
         where = f"{cls}.{attr}"
         if decision.style == "conditional":
-            for _, cond in decision.cases:
-                self.used |= runtime_names(cond) if cond else set()
-            return switch(decision.cases, lambda style: self.column_ctor(cls, style, call, where))
+            self.used |= runtime_names(decision.cases)
+            return switch(
+                decision.cases, config, lambda style: self.column_ctor(cls, style, call, where)
+            )
         if decision.style == "vocab":
             ctor = dotted(call.func) or ""
             if ctor.split(".")[-1] != "Embedding":
@@ -138,7 +144,7 @@ class _TPPass:
         return [
             a
             for (c, a), d in self.decisions.items()
-            if c == cls and any(style == "colwise_qkv" for style, _ in d.cases)
+            if c == cls and any(case.style == "colwise_qkv" for case in d.cases)
         ]
 
     def class_has_sharded_producer(self, cls: str) -> bool:
@@ -241,15 +247,19 @@ class _TPPass:
         new_body = []
         for stmt in node.body.body:
             if isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__":
+                config = config_of(stmt)
                 rewriter = InitRewriter(
-                    lambda attr, call, cls=cls: self.ctor_for(cls, attr, call),
+                    lambda attr, call, cls=cls, config=config: self.ctor_for(
+                        cls, attr, call, config
+                    ),
                     self.fused_ctor,
                     fusions,
                 )
                 stmt = drop_unused_locals(stmt.visit(rewriter), self.orphans)
                 if flag:
-                    stmt = insert_flag(stmt, self.flag[cls], self.sharded_if[cls])
-                    self.used |= runtime_names(self.sharded_if[cls])
+                    cases = self.sharded_if[cls]
+                    stmt = insert_flag(stmt, self.flag[cls], sharded_test(cases, config))
+                    self.used |= runtime_names(cases)
                 if localise:
                     wrapper = WrapPagedAttention(flag)
                     stmt = stmt.visit(wrapper)

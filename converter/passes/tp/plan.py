@@ -63,7 +63,7 @@ class Decision:
     style: str  # colwise | rowwise | colwise_gather_output | rowwise_split_input |
     #             replicated | vocab | lm_head
     source: str  # where the style came from (for the conversion log and the report)
-    cases: tuple = ()  # style "conditional": ((style, condition), ...), converter/passes/tp/cases.py
+    cases: tuple = ()  # style "conditional": its Cases (converter/passes/tp/cases.py)
 
 
 def embedding_subclasses(module: cst.Module) -> set[str]:

@@ -19,14 +19,13 @@ from collections.abc import Callable
 import libcst as cst
 
 from converter.context import ConversionContext
-from converter.cst_helpers import find_all, self_attr
+from converter.cst_helpers import code, find_all, self_attr
 from converter.passes.tp.args import expr
-from converter.passes.tp.cases import Case, sharded_expression
+from converter.passes.tp.cases import Case, sharded_test
 
 FLAG = "shard_heads"  # self.<FLAG>: does this config shard the class's heads over ranks
 STATIC_SHARDED = ("colwise", "colwise_qkv")  # plain styles that leave heads sharded
 ATOMS = (cst.Name, cst.Attribute, cst.Call, cst.Subscript, cst.Integer, cst.Float)
-RUNTIME_NAMES = frozenset({"get_tp_size", "get_tp_rank"})  # rules conditions may call
 
 
 def flag_name(cls: cst.ClassDef) -> str:
@@ -38,17 +37,23 @@ def flag_name(cls: cst.ClassDef) -> str:
     return name
 
 
-def runtime_names(text: str) -> set[str]:
-    """runtime.parallel functions a rules expression calls (to import)."""
-    node = expr(text)
-    return {n.value for n in find_all(node, lambda n: isinstance(n, cst.Name))} & RUNTIME_NAMES
+def config_of(init: cst.FunctionDef) -> cst.BaseExpression:
+    """The config `init` reads: its `config` parameter, else `self.config`."""
+    if any(p.name.value == "config" for p in init.params.params):
+        return cst.Name("config")
+    return expr("self.config")
 
 
-def switch(cases: tuple[Case, ...], build: Callable[[str], cst.BaseExpression]) -> cst.IfExp:
-    """`build(s1) if c1 else build(s2) if c2 else build(s_last)`, in parentheses."""
-    value = build(cases[-1][0])
-    for style, cond in reversed(cases[:-1]):
-        value = cst.IfExp(test=expr(cond), body=build(style), orelse=value)
+def switch(
+    cases: tuple[Case, ...],
+    config: cst.BaseExpression,
+    build: Callable[[str], cst.BaseExpression],
+) -> cst.IfExp:
+    """`build(s1) if t1 else build(s2) if t2 else build(s_last)`, in parentheses: each
+    case's test over `config`."""
+    value = build(cases[-1].style)
+    for case in reversed(cases[:-1]):
+        value = cst.IfExp(test=case.test(config), body=build(case.style), orelse=value)
     return value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
 
 
@@ -88,8 +93,8 @@ class InlineLater(cst.CSTTransformer):
         return value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
 
 
-def insert_flag(init: cst.FunctionDef, name: str, text: str) -> cst.FunctionDef:
-    """`self.<name> = <text>` before the first top-level statement of `init` reading it."""
+def insert_flag(init: cst.FunctionDef, name: str, value: cst.BaseExpression) -> cst.FunctionDef:
+    """`self.<name> = <value>` before the first top-level statement of `init` reading it."""
     body = list(init.body.body)
     reads = [
         i
@@ -100,7 +105,7 @@ def insert_flag(init: cst.FunctionDef, name: str, text: str) -> cst.FunctionDef:
         return init
     at = reads[0]
     seen = set().union(*(assigned_attrs(s) for s in body[:at]))
-    value = expr(text).visit(InlineLater(attr_values(init), seen))
+    value = value.visit(InlineLater(attr_values(init), seen))
     stmt = cst.parse_statement(f"self.{name} = 0")
     assign = stmt.body[0].with_changes(value=value)
     comment = "# this config's tensor-parallel plan shards the heads (rules tp_plan cases)"
@@ -112,13 +117,15 @@ def insert_flag(init: cst.FunctionDef, name: str, text: str) -> cst.FunctionDef:
     return init.with_changes(body=init.body.with_changes(body=body))
 
 
-def sharded_conditions(decisions: dict, ctx: ConversionContext) -> dict[str, str]:
-    """Classes whose projections' styles the config picks (rules tp_plan cases): the
-    expression under which their heads are sharded, one per class."""
+def sharded_conditions(decisions: dict, ctx: ConversionContext) -> dict[str, tuple[Case, ...]]:
+    """Classes whose projections' styles the config picks (rules tp_plan cases): the cases
+    deciding whether their heads are sharded, one condition per class."""
     out: dict[str, set[str]] = {}
+    cases: dict[str, tuple[Case, ...]] = {}
     for (cls, _), d in decisions.items():
         if d.style == "conditional":
-            out.setdefault(cls, set()).add(sharded_expression(d.cases))
+            out.setdefault(cls, set()).add(code(sharded_test(d.cases, cst.Name("config"))))
+            cases[cls] = d.cases
     for cls, texts in out.items():
         fixed = [a for (c, a), d in decisions.items() if c == cls and d.style in STATIC_SHARDED]
         if len(texts) > 1 or fixed:
@@ -128,7 +135,7 @@ def sharded_conditions(decisions: dict, ctx: ConversionContext) -> dict[str, str
                 f"{sorted(texts)}{also}",
                 hint="give every q/k/v projection of the class the same cases in rules/architectures.toml",
             )
-    return {cls: texts.pop() for cls, texts in out.items()}
+    return cases
 
 
 class GuardedQKVSplit(cst.CSTTransformer):
