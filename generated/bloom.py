@@ -109,8 +109,6 @@ class BloomAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.n_head
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.hidden_dropout = config.hidden_dropout
 
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(
@@ -120,8 +118,6 @@ class BloomAttention(nn.Module):
 
         # Layer-wise attention scaling
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
-        self.beta = 1.0
-        self.layer_idx = layer_idx
         if layer_idx is None:
             logger.warning_once(
                 f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
@@ -201,7 +197,6 @@ class BloomMLP(nn.Module):
         self.dense_h_to_4h = ColumnParallelLinear(hidden_size, 4 * hidden_size, bias=True)
         self.gelu_impl = BloomGelu()
         self.dense_4h_to_h = RowParallelLinear(4 * hidden_size, hidden_size, bias=True)
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.gelu_impl(self.dense_h_to_4h(hidden_states))
@@ -237,7 +232,6 @@ class BloomBlock(nn.Module):
         self.apply_residual_connection_post_layernorm = (
             config.apply_residual_connection_post_layernorm
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(
         self, hidden_states: torch.Tensor, *, kv_cache: torch.Tensor, input_metadata: InputMetadata

@@ -120,14 +120,10 @@ class DoryAttention(nn.Module):
     def __init__(self, config: DoryConfig, layer_idx: int):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(
             config, "head_dim", config.hidden_size // config.num_attention_heads
         )
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
 
         self.q_proj = ColumnParallelLinear(
             config.hidden_size,
@@ -303,7 +299,6 @@ class DoryModel(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, self.padding_idx
@@ -376,7 +371,6 @@ class DoryForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DoryModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = DoryLMHead(config)
         # transformers caches each application of the layer stack in its own slots
         # (rules/architectures.toml)

@@ -152,12 +152,7 @@ class FalconAttention(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
-        self.split_size = self.hidden_size
-        self.hidden_dropout = config.hidden_dropout
-        self.max_position_embeddings = config.max_position_embeddings
 
-        self.is_causal = True
-        self.layer_idx = layer_idx
         if layer_idx is None:
             logger.warning_once(
                 f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
@@ -173,7 +168,6 @@ class FalconAttention(nn.Module):
 
         # Layer-wise attention scaling
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
-        self.beta = self.inv_norm_factor
         if config.new_decoder_architecture:
             qkv_out_dim = (config.num_kv_heads * 2 + config.num_attention_heads) * self.head_dim
         elif config.multi_query:
@@ -351,7 +345,6 @@ class FalconMLP(nn.Module):
         self.dense_4h_to_h = RowParallelLinear(
             config.ffn_hidden_size, hidden_size, bias=config.bias
         )
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.dense_h_to_4h(x))
@@ -366,7 +359,6 @@ class FalconDecoderLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.self_attention = FalconAttention(config, layer_idx)
         self.mlp = FalconMLP(config)
-        self.hidden_dropout = config.hidden_dropout
         self.config = config
 
         if config.num_ln_in_parallel_attn is None and config.new_decoder_architecture:
@@ -440,7 +432,6 @@ class FalconModel(nn.Module):
 
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.use_alibi = config.alibi
 
         # Embedding + LN Embedding
         self.word_embeddings = VocabParallelEmbedding(config.vocab_size, self.embed_dim)

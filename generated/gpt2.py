@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.gpt2.configuration_gpt2 import GPT2Config
-from transformers.pytorch_utils import Conv1D
 
 from runtime.attention import InputMetadata, PagedAttention
 from runtime.checkpoint import load_checkpoint
@@ -37,11 +36,14 @@ from runtime.parallel import (
 class GPT2Attention(nn.Module):
     def __init__(self, config, is_cross_attention=False, layer_idx=None):
         super().__init__()
+        if is_cross_attention:
+            raise ValueError(
+                "GPT2Attention: is_cross_attention=True makes attention bidirectional; paged attention is causal only"
+            )
         self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
-        self.split_size = self.embed_dim
         if self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
                 f"`embed_dim` must be divisible by num_heads (got `embed_dim`: {self.embed_dim} and `num_heads`:"
@@ -50,8 +52,6 @@ class GPT2Attention(nn.Module):
 
         self.scale_attn_weights = config.scale_attn_weights
         self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
-        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
-        self.is_cross_attention = is_cross_attention
         self.layer_idx = layer_idx
 
         # Precompute unified scaling factor (accounts for both head_dim and layer-wise scaling)
@@ -61,32 +61,13 @@ class GPT2Attention(nn.Module):
         if self.scale_attn_by_inverse_layer_idx:
             self.scaling /= float(self.layer_idx + 1)
 
-        if self.is_cross_attention:
-            self.c_attn = QKVParallelLinear(
-                self.embed_dim,
-                self.head_dim,
-                config.num_attention_heads,
-                bias=True,
-                transposed=True,
-            )
-            self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
-        else:
-            self.c_attn = QKVParallelLinear(
-                self.embed_dim,
-                self.head_dim,
-                config.num_attention_heads,
-                bias=True,
-                transposed=True,
-            )
+        self.c_attn = QKVParallelLinear(
+            self.embed_dim, self.head_dim, config.num_attention_heads, bias=True, transposed=True
+        )
         self.c_proj = RowParallelLinear(self.embed_dim, self.embed_dim, bias=True, transposed=True)
-        self.is_causal = not is_cross_attention
         self.attn = PagedAttention(
             local_num_heads(config.num_attention_heads), self.head_dim, self.scaling
         )
-        if not self.is_causal:
-            raise ValueError(
-                "GPT2Attention: this configuration makes attention bidirectional; paged attention is causal only"
-            )
 
     def forward(
         self,
@@ -186,7 +167,6 @@ class GPT2Model(nn.Module):
             [GPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)]
         )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self._attn_implementation = config._attn_implementation
 
     def forward(
         self,

@@ -38,16 +38,12 @@ class GPTBigCodeAttention(nn.Module):
         super().__init__()
         self.config = config
 
-        self.mask_value = None
         self.multi_query = config.multi_query
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.kv_heads = 1 if self.multi_query else self.num_heads
         self.kv_dim = self.kv_heads * self.head_dim
-        self.num_key_value_groups = self.num_heads // self.kv_heads
-        self.split_size = self.embed_dim
-        self.is_causal = True
 
         if self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
@@ -55,16 +51,8 @@ class GPTBigCodeAttention(nn.Module):
                 f" {self.num_heads})."
             )
 
-        self.scale_attn_weights = config.scale_attn_weights
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.is_cross_attention = is_cross_attention
-
-        self.layer_idx = layer_idx
-        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
-        self.scale_attention_softmax_in_fp32 = (
-            config.scale_attention_softmax_in_fp32 and config.attention_softmax_in_fp32
-        )
-        self.attn_pdrop = config.attn_pdrop
 
         if self.is_cross_attention:
             if self.multi_query:
@@ -111,7 +99,6 @@ class GPTBigCodeAttention(nn.Module):
             self.embed_dim, self.embed_dim, bias=True, input_is_parallel=self.shard_heads
         )
 
-        self.attn_dropout = config.attn_pdrop
         self.attn = PagedAttention(
             local_num_heads(config.num_attention_heads, self.shard_heads),
             self.head_dim,

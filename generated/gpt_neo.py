@@ -41,8 +41,6 @@ class GPTNeoSelfAttention(nn.Module):
         # window_size tokens. This is implemented by updating the causal mask such that for each token
         # all other tokens are masked except the previous window_size tokens.
         self.attention_type = attention_type
-        self.is_causal = True
-        self.layer_id = layer_id
 
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_heads
@@ -94,7 +92,6 @@ class GPTNeoSelfAttention(nn.Module):
 class GPTNeoAttention(nn.Module):
     def __init__(self, config, layer_id=0):
         super().__init__()
-        self.layer_id = layer_id
         self.attention_layers = config.attention_layers
         self.attention_type = self.attention_layers[layer_id]
 

@@ -118,12 +118,7 @@ class GPTNeoXAttention(nn.Module):
         super().__init__()
         self.config = config
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.attention_dropout = config.attention_dropout
-        partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
-        self.rotary_ndims = int(self.head_size * partial_rotary_factor)
         self.scaling = self.head_size**-0.5
-        self.is_causal = True
-        self.layer_idx = layer_idx
 
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias

@@ -111,7 +111,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
                 "when creating this class."
             )
 
-        self.layer_idx = layer_idx
         partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
         self.rotary_ndims = int(self.head_size * partial_rotary_factor)
         self.norm_factor = math.sqrt(self.head_size)
@@ -120,8 +119,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
             config.hidden_size, 3 * config.hidden_size, bias=False
         )
         self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=False)
-        # Activate bias if the last layer
-        self.use_bias = use_bias
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.attn = PagedAttention(
             local_num_heads(self.num_attention_heads), self.head_size, 1.0 / self.norm_factor
@@ -202,7 +199,6 @@ class GPTNeoXJapaneseMLP(nn.Module):
 class GPTNeoXJapaneseLayer(nn.Module):
     def __init__(self, config, layer_number):
         super().__init__()
-        self.layer_number = layer_number
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # activate bias only last layer
@@ -212,7 +208,6 @@ class GPTNeoXJapaneseLayer(nn.Module):
             layer_idx=layer_number,
         )
         self.mlp = GPTNeoXJapaneseMLP(config)
-        self.hidden_dropout = config.hidden_dropout
 
     def forward(
         self,

@@ -81,8 +81,6 @@ class GPTJAttention(nn.Module):
     def __init__(self, config: GPTJConfig, layer_idx: int):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
-        self.is_causal = True
 
         self.embed_dim = config.hidden_size
         self.num_attention_heads = config.num_attention_heads
@@ -93,7 +91,6 @@ class GPTJAttention(nn.Module):
                 f" `num_attention_heads`: {self.num_attention_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attn_pdrop
         self.rotary_dim = config.rotary_dim
         self.qkv_proj = QKVParallelLinear(
             self.embed_dim, self.head_dim, config.num_attention_heads, None, bias=False
@@ -206,7 +203,6 @@ class GPTJModel(nn.Module):
         self.config = config
 
         self.embed_dim = config.n_embd
-        self.vocab_size = config.vocab_size
         self.wte = VocabParallelEmbedding(config.vocab_size, self.embed_dim)
         self.h = nn.ModuleList([GPTJBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)

@@ -97,14 +97,10 @@ class HrmTextAttention(nn.Module):
     def __init__(self, config: HrmTextConfig, layer_idx: int):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(
             config, "head_dim", config.hidden_size // config.num_attention_heads
         )
-        self.num_key_value_groups = 1  # Uses MHA instead of GQA
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -277,7 +273,6 @@ class HrmTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, self.padding_idx
@@ -375,7 +370,6 @@ class HrmTextForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = HrmTextModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         # transformers caches each application of the layer stack in its own slots
         # (config.num_hidden_layers)

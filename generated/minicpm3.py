@@ -46,7 +46,6 @@ class MiniCPM3ScaledWordEmbedding(VocabParallelEmbedding):
         self, num_embeddings: int, embedding_dim: int, padding_idx: int, embed_scale: float = 1.0
     ):
         super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.scalar_embed_scale = embed_scale
         self.embed_scale = nn.Buffer(torch.tensor(embed_scale), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
@@ -166,8 +165,6 @@ class MiniCPM3Attention(nn.Module):
     def __init__(self, config: MiniCPM3Config, layer_idx: int):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
-        self.attention_dropout = config.attention_dropout
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
 
@@ -177,9 +174,6 @@ class MiniCPM3Attention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-
-        self.is_causal = True
 
         self.q_proj = (
             None
@@ -340,7 +334,6 @@ class MiniCPM3Model(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
         # MiniCPM3 scales the input embeddings by `scale_emb` (not present in Llama).
         self.embed_tokens = MiniCPM3ScaledWordEmbedding(
             config.vocab_size, config.hidden_size, self.padding_idx, embed_scale=config.scale_emb
@@ -383,7 +376,6 @@ class MiniCPM3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiniCPM3Model(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(self.config, "tie_word_embeddings", False):
             # one parameter, as transformers ties it (lm_head shares the embedding's rows)

@@ -61,17 +61,14 @@ class MptAttention(nn.Module):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.n_heads = config.n_heads
-        self.max_seq_length = config.max_seq_len
         self.head_dim = self.hidden_size // self.n_heads
         self.softmax_scale = config.attn_config.softmax_scale
         if self.softmax_scale is None:
             self.softmax_scale = 1 / math.sqrt(self.hidden_size / self.n_heads)
 
-        self.attn_dropout_p = config.attn_config.attn_pdrop
         self.clip_qkv = config.attn_config.clip_qkv
         self.Wqkv = QKVParallelLinear(self.hidden_size, self.head_dim, self.n_heads, bias=False)
         self.out_proj = RowParallelLinear(self.hidden_size, self.hidden_size, bias=False)
-        self.layer_idx = layer_idx
         self.attn = PagedAttention(
             local_num_heads(self.n_heads),
             self.head_dim,
@@ -122,7 +119,6 @@ class MptMLP(nn.Module):
         self.up_proj = ColumnParallelLinear(hidden_size, 4 * hidden_size, bias=False)
         self.act = nn.GELU(approximate="none")
         self.down_proj = RowParallelLinear(4 * hidden_size, hidden_size, bias=False)
-        self.hidden_dropout = config.attn_config.attn_pdrop
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.act(self.up_proj(hidden_states))
@@ -144,7 +140,6 @@ class MptBlock(nn.Module):
         # backward compatibility with weights on the Hub
         self.norm_1.bias = None
 
-        self.num_heads = config.n_heads
         self.attn = MptAttention(config, layer_idx)
 
         self.norm_2 = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
@@ -152,8 +147,6 @@ class MptBlock(nn.Module):
         self.norm_2.bias = None
 
         self.ffn = MptMLP(config)
-
-        self.dropout_rate = config.attn_config.attn_pdrop
 
     def forward(
         self, hidden_states: torch.Tensor, *, kv_cache: torch.Tensor, input_metadata: InputMetadata
@@ -187,7 +180,6 @@ class MptModel(nn.Module):
         self.config = config
 
         self.hidden_size = config.hidden_size
-        self.num_heads = config.n_heads
 
         # Embedding + LN Embedding
         self.wte = VocabParallelEmbedding(config.vocab_size, self.hidden_size)

@@ -59,9 +59,7 @@ class OPTAttention(nn.Module):
         self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.dropout = config.attention_dropout
         self.enable_bias = config.enable_bias
-        self.layer_idx = layer_idx
         if layer_idx is None:
             logger.warning_once(
                 f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
@@ -70,7 +68,6 @@ class OPTAttention(nn.Module):
             )
 
         self.head_dim = self.embed_dim // self.num_heads
-        self.is_causal = True
 
         if (self.head_dim * self.num_heads) != self.embed_dim:
             raise ValueError(
@@ -133,7 +130,6 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn = OPTAttention(config=config, layer_idx=layer_idx)
 
         self.do_layer_norm_before = config.do_layer_norm_before
-        self.dropout = config.dropout
         self.activation_fn = ACT2FN[config.activation_function]
 
         self.self_attn_layer_norm = nn.LayerNorm(
@@ -191,11 +187,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         self.config = config
-        self.dropout = config.dropout
-        self.layerdrop = config.layerdrop
         self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.word_embed_proj_dim, self.padding_idx

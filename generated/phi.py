@@ -90,14 +90,10 @@ class PhiAttention(nn.Module):
     def __init__(self, config: PhiConfig, layer_idx: int):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.head_dim = getattr(
             config, "head_dim", config.hidden_size // config.num_attention_heads
         )
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -232,7 +228,6 @@ class PhiModel(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, self.padding_idx
@@ -272,7 +267,6 @@ class PhiForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = PhiModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=True)
         if getattr(self.config, "tie_word_embeddings", False):
             # one parameter, as transformers ties it (lm_head shares the embedding's rows)

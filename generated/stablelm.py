@@ -132,7 +132,6 @@ class StableLmMLP(nn.Module):
 class StableLmLayerNormPerHead(nn.Module):
     def __init__(self, dim, num_heads, eps=1e-5, bias=False):
         super().__init__()
-        self.dim = dim
         self.num_heads = num_heads
         self.norms = nn.ModuleList(
             [nn.LayerNorm(dim, eps=eps, bias=bias) for _ in range(self.num_heads)]
@@ -153,7 +152,6 @@ class StableLmAttention(nn.Module):
     def __init__(self, config: StableLmConfig, layer_idx: int | None = None):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         if layer_idx is None:
             logger.warning_once(
                 f"Instantiating {self.__class__.__name__} without passing a `layer_idx` is not recommended and will "
@@ -165,10 +163,8 @@ class StableLmAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = self.hidden_size // self.num_heads
         self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
 
         self.rotary_ndims = int(self.head_dim * config.rope_parameters["partial_rotary_factor"])
-        self.is_causal = True
         self.scaling = self.head_dim**-0.5
 
         if (self.head_dim * self.num_heads) != self.hidden_size:
@@ -194,7 +190,6 @@ class StableLmAttention(nn.Module):
                 self.head_dim, self.num_key_value_heads, eps=config.layer_norm_eps
             )
 
-        self.attention_dropout = config.attention_dropout
         self.attn = PagedAttention(
             local_num_heads(self.num_heads),
             self.head_dim,
@@ -319,7 +314,6 @@ class StableLmModel(nn.Module):
         super().__init__()
         self.config = config
         self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
 
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, self.padding_idx
@@ -332,7 +326,6 @@ class StableLmModel(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-        self._attn_implementation = config._attn_implementation
         self.rotary_emb = StableLmRotaryEmbedding(config=self.config)
 
     def forward(
@@ -367,7 +360,6 @@ class StableLmForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = StableLmModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False)
         if getattr(self.config, "tie_word_embeddings", False):
             # one parameter, as transformers ties it (lm_head shares the embedding's rows)

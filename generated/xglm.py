@@ -53,7 +53,6 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
     def __init__(self, num_positions: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
         self.offset = 2
-        self.num_positions = num_positions
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.make_weights(num_positions + self.offset, embedding_dim, padding_idx)
@@ -115,7 +114,6 @@ class XGLMAttention(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.dropout = dropout
         self.head_dim = embed_dim // num_heads
 
         if (self.head_dim * num_heads) != self.embed_dim:
@@ -124,8 +122,6 @@ class XGLMAttention(nn.Module):
                 f" and `num_heads`: {num_heads})."
             )
         self.scaling = self.head_dim**-0.5
-        self.is_decoder = is_decoder
-        self.layer_idx = layer_idx
 
         self.k_proj = ColumnParallelLinear(embed_dim, embed_dim, bias=bias)
         self.v_proj = ColumnParallelLinear(embed_dim, embed_dim, bias=bias)
@@ -176,9 +172,7 @@ class XGLMDecoderLayer(nn.Module):
             is_decoder=True,
             layer_idx=layer_idx,
         )
-        self.dropout = config.dropout
         self.activation_fn = ACT2FN[config.activation_function]
-        self.activation_dropout = config.activation_dropout
 
         if config.add_cross_attention:
             self.encoder_attn = XGLMAttention(
@@ -222,10 +216,7 @@ class XGLMModel(nn.Module):
     def __init__(self, config: XGLMConfig):
         super().__init__()
         self.config = config
-        self.dropout = config.dropout
-        self.layerdrop = config.layerdrop
         self.padding_idx = config.pad_token_id
-        self.max_target_positions = config.max_position_embeddings
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
 
         self.embed_tokens = XGLMScaledWordEmbedding(

@@ -13,8 +13,8 @@ sliding_window=..., logits_soft_cap=...)`` built from the call's OWN keyword exp
 (`KWARGS` maps them; an unknown keyword stops the conversion) and the head sizes the
 source itself uses in its q/k ``view``/``reshape`` (falling back to the config fields it
 reads), see `attention_args`. ``forward`` gains keyword-only ``kv_cache`` and
-``input_metadata``. A literal ``self.is_causal = False`` stops the conversion; a
-config-dependent one gets a build-time guard. Several calls that differ only in their
+``input_metadata``. ``self.is_causal`` is honoured (`causal`): False stops the conversion,
+a constructor flag is pinned, anything else gets a build-time guard. Several calls that differ only in their
 value become one paged attention over the values side by side (`attention_group`).
 """
 
@@ -30,10 +30,9 @@ from converter.cst_helpers import (
     add_params,
     assigned_names,
     code,
-    flat_statements,
     methods_of,
-    self_attr,
 )
+from converter.passes.attention import causal
 from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
@@ -196,35 +195,8 @@ def _append_init(ctx, cls: str, init: cst.FunctionDef, args: dict[str, str]) -> 
     positional = [args["num_heads"], args["head_dim"], args["scale"]]
     keywords = [f"{k}={v}" for k, v in args.items() if k not in ("num_heads", "head_dim", "scale")]
     stmts = [cst.parse_statement(f"self.attn = PagedAttention({', '.join(positional + keywords)})")]
-    causal = _causal_flag(init)
-    if causal is not None and not m.matches(causal, m.Name("True")):
-        if m.matches(causal, m.Name("False")):
-            raise ctx.error(
-                f"{cls} is not causal (is_causal = False)",
-                init,
-                scope=f"{cls}.__init__",
-                hint="paged attention is causal only; extend PagedAttention for bidirectional layers",
-            )
-        # configuration-dependent: refuse the bidirectional configuration at build time
-        stmts.append(
-            cst.parse_statement(
-                "if not self.is_causal:\n"
-                f'    raise ValueError("{cls}: this configuration makes attention bidirectional; '
-                'paged attention is causal only")\n'
-            )
-        )
+    stmts += causal.guard(ctx, cls, init)
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, *stmts]))
-
-
-def _causal_flag(init: cst.FunctionDef) -> cst.BaseExpression | None:
-    """The value assigned to ``self.is_causal`` in ``__init__`` (the interface's contract
-    for masking), if any."""
-    for small in flat_statements(init.body.body):
-        if isinstance(small, cst.Assign) and any(
-            self_attr(t.target) == "is_causal" for t in small.targets
-        ):
-            return small.value
-    return None
 
 
 class _Classes:
@@ -235,6 +207,7 @@ class _Classes:
         cls = updated.name.value
         if cls not in self.ctx.attention_classes:
             return updated
+        updated = causal.pin(self.ctx, updated)
         methods = methods_of(updated)
         forward, init = methods.get("forward"), methods.get("__init__")
         if forward is None or init is None:
