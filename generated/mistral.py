@@ -270,9 +270,7 @@ class MistralForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T] tokens of all sequences, flattened
         positions: torch.Tensor,  # [T] 0-based position of each token in its sequence
-        kv_caches: list[
-            torch.Tensor
-        ],  # one [2, num_blocks, block_size, Hkv, D] per attention layer
+        kv_caches: list[torch.Tensor],  # per attention layer: [2, num_blocks, block_size, Hkv, D]
         input_metadata: InputMetadata,
     ) -> torch.Tensor:
         # The model keeps HF's batch axis as a batch of one: [1, T]
@@ -299,17 +297,9 @@ class MistralForCausalLM(nn.Module):
         Strict: one ValueError names every checkpoint key that matches no parameter and
         every parameter left unloaded (a lenient loader turns a rename into silently wrong
         logits). Each parameter loads through its own `weight_loader`, which shards it for
-        tensor parallelism; the matching itself is `runtime.checkpoint.load_checkpoint`.
+        tensor parallelism; the matching itself, and the renames every model shares, are
+        `runtime.checkpoint.load_checkpoint`'s.
         """
-        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
-        renames = [
-            (r"LayerNorm.gamma(?!\w)", "LayerNorm.weight"),
-            (r"LayerNorm.beta(?!\w)", "LayerNorm.bias"),
-            (r".weight_g(?!\w)", ".parametrizations.weight.original0"),
-            (r".weight_v(?!\w)", ".parametrizations.weight.original1"),
-            (r"^model\.language_model\.model(?!\w)", "model.language_model"),
-            (r"^language_model\.model\.model(?!\w)", "model.language_model"),
-        ]
         # (fused parameter, checkpoint name, shard id): projections stored separately in
         # the checkpoint that load into one fused parallel layer here
         stacked_params_mapping = [
@@ -319,18 +309,13 @@ class MistralForCausalLM(nn.Module):
             (".qkv_proj.", ".k_proj.", "k"),
             (".qkv_proj.", ".v_proj.", "v"),
         ]
-        # base_model_prefix: checkpoints of the bare base model omit it
-        prefix = "model."
-        # checkpoint keys transformers itself ignores for this model
-        ignored = []
         # the tied copy of model.embed_tokens.weight ("lm_head.weight"), saved or not
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
         return load_checkpoint(
             self,
             weights,
-            renames=renames,
             stacked_params_mapping=stacked_params_mapping,
-            prefix=prefix,
-            ignored=ignored,
+            # base_model_prefix: checkpoints of the bare base model omit it
+            prefix="model.",
             tied=tied,
         )

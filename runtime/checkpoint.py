@@ -1,8 +1,9 @@
 """Strict checkpoint loading shared by every generated `load_weights`.
 
-A generated module carries only its model's tables (transformers' renames, the base-model
-prefix, the stacked-parameter mapping of fused layers, ignored keys, the tied head); the
-matching, sharded loading and the strictness live here, once.
+A generated module carries only its model's own tables (transformers' renames for it, the
+base-model prefix, the stacked-parameter mapping of fused layers, ignored keys, the tied
+head), each only where it has one; what every model shares (transformers' legacy renames,
+`LEGACY_RENAMES`), the matching, sharded loading and the strictness live here, once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from torch import nn
 
 from runtime.parallel import ModuleListShard, default_weight_loader
 
+# transformers' legacy checkpoint renames (conversion_mapping.py's "legacy" entry): applied
+# to every model's keys after its own renames, as transformers does. The converter emits
+# only a model's own renames; tests/converter/test_legacy_renames.py keeps this table equal
+# to the installed transformers'.
+LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"LayerNorm.gamma(?!\w)", "LayerNorm.weight"),
+    (r"LayerNorm.beta(?!\w)", "LayerNorm.bias"),
+    (r".weight_g(?!\w)", ".parametrizations.weight.original0"),
+    (r".weight_v(?!\w)", ".parametrizations.weight.original1"),
+    (r"^model\.language_model\.model(?!\w)", "model.language_model"),
+    (r"^language_model\.model\.model(?!\w)", "model.language_model"),
+)
+
 # A converter as the generated tables write it: (op, dim, source regexes, target names) for
 # one op, or (((op, dim), ...), source regexes, target names) for a chain of ops.
 ConverterEntry = tuple
@@ -25,17 +39,17 @@ def load_checkpoint(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     *,
-    renames: list[tuple[str, str | Callable[[re.Match], str]]],
-    stacked_params_mapping: list[tuple[str, str, object]],
-    prefix: str,
-    ignored: list[str],
-    tied: set[str],
+    renames: Sequence[tuple[str, str | Callable[[re.Match], str]]] = (),
+    stacked_params_mapping: Sequence[tuple[str, str, object]] = (),
+    prefix: str = "",
+    ignored: Sequence[str] = (),
+    tied: set[str] = frozenset(),
     converters: Sequence[ConverterEntry] = (),
 ) -> set[str]:
     """Load (name, tensor) pairs into ``model``; returns the names of the parameters loaded.
 
     Each key goes through ``renames`` (regex, replacement string or function of the
-    match, as `re.sub` takes; in order), is matched with or
+    match, as `re.sub` takes; in order) and then `LEGACY_RENAMES`, is matched with or
     without ``prefix`` and through ``stacked_params_mapping`` ``(fused param, checkpoint
     name, shard id)``, and loads through its parameter's ``weight_loader`` (which shards for
     tensor parallelism). Keys of ``tied`` parameters and of buffers are skipped, as are those
@@ -113,7 +127,7 @@ def load_checkpoint(
 
     for checkpoint_name, tensor in weights:
         name = checkpoint_name
-        for pattern, replacement in renames:
+        for pattern, replacement in (*renames, *LEGACY_RENAMES):
             name = re.sub(pattern, replacement, name, count=1)
         match = _convert(name, chains)
         if match is None:

@@ -260,15 +260,23 @@ def _conversion_tables() -> tuple[dict, frozenset[str], dict[str, str]]:
 
 def checkpoint_renames(class_name: str, model_type: str) -> list[Renaming | NamedRenaming]:
     """The renames transformers applies when loading `class_name` (else `model_type`)
-    checkpoints, followed by the legacy table, in HF's order."""
+    checkpoints, in HF's order, before the legacy table every model shares (which the
+    runtime applies itself: `runtime.checkpoint.LEGACY_RENAMES`, `legacy_renames`)."""
     return checkpoint_transforms(class_name, model_type)[0]
+
+
+def legacy_renames() -> list[tuple[str, str]]:
+    """transformers' legacy renames, as (regex, replacement) pairs in order."""
+    mapping, _, _ = _conversion_tables()
+    return [pair for t in mapping.get("legacy", []) for pair in t.regexes()]
 
 
 def checkpoint_transforms(
     class_name: str, model_type: str
 ) -> tuple[list[Renaming | NamedRenaming], list[Converter]]:
     """`checkpoint_renames`, and the tensor converters HF tries (at most one per key)
-    after every rename, in order."""
+    after every rename, in order. The legacy table is checked (it must hold renames
+    only: the runtime applies them to every model) but not returned."""
     mapping, opaque, _ = _conversion_tables()
     chosen = class_name if class_name in mapping or class_name in opaque else model_type
     out: list[Renaming | NamedRenaming] = []
@@ -290,5 +298,13 @@ def checkpoint_transforms(
                     construct=t.code,
                     hint="extend converter/hf/converters.py",
                 )
+            if key == "legacy":
+                if not isinstance(t, Renaming):
+                    raise ConversionError(
+                        "transformers' legacy checkpoint table holds more than renames",
+                        path=Path("transformers/conversion_mapping.py"),
+                        hint="apply it in runtime.checkpoint beside LEGACY_RENAMES",
+                    )
+                continue
             (converters if isinstance(t, Converter) else out).append(t)
     return out, converters

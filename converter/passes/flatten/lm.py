@@ -15,7 +15,7 @@ def forward(
     self,
     input_ids: torch.Tensor,  # [T] tokens of all sequences, flattened
     positions: torch.Tensor,  # [T] 0-based position of each token in its sequence
-    kv_caches: list[torch.Tensor],  # one [2, num_blocks, block_size, Hkv, D] per attention layer
+    kv_caches: list[torch.Tensor],  # per attention layer: [2, num_blocks, block_size, Hkv, D]
     input_metadata: InputMetadata,
 ) -> torch.Tensor:
     # The model keeps HF's batch axis as a batch of one: [1, T]
