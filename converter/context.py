@@ -92,7 +92,8 @@ class ConversionContext:
 
     # --- decisions of the passes ---
     kwargs_stripped: set[str] = field(default_factory=set)  # "Class.forward" lost **kwargs
-    paged_attention: dict[str, dict[str, str]] = field(default_factory=dict)  # class -> ctor args
+    # class -> its PagedAttention's arguments (name -> expression)
+    paged_attention: dict[str, dict[str, cst.BaseExpression]] = field(default_factory=dict)
     removed_params: dict[str, list[str]] = field(default_factory=dict)  # qualname -> params
     # the TP pass (passes/tp/): (fused attr, checkpoint attr, shard id) per fused projection,
     # e.g. ("qkv_proj", "q_proj", "q"), and "Class.attr" -> "style (source)".

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from converter.cst_helpers import code
 from converter.errors import ConversionError
 from tests.converter.snippets import TINY, code_of, prepare
 
@@ -32,7 +33,7 @@ def test_calls_differing_in_value_share_one_paged_attention():
     assert ".unflatten(-1, (-1, self.attn.v_head_dim))[None].chunk(2, dim=-1)" in attn
     assert "out_a = paged_outputs[0]" in attn and "out_b = paged_outputs[1]" in attn
     assert attn.count("self.attn(") == 1
-    assert ctx.paged_attention["TinyAttention"]["v_head_dim"] == "2 * (self.head_size // 2)"
+    assert code(ctx.paged_attention["TinyAttention"]["v_head_dim"]) == "2 * (self.head_size // 2)"
 
 
 def test_calls_differing_in_more_than_value_stop():

@@ -4,6 +4,7 @@ bound once (``odd_layer = config.per_layer[i]``) is valid for the PagedAttention
 
 from __future__ import annotations
 
+from converter.cst_helpers import code
 from tests.converter.snippets import TINY, prepare
 
 INIT = """\
@@ -37,4 +38,4 @@ def test_container_branch_takes_the_computed_shape():
     source = TINY.replace(INIT, NEW_INIT).replace(FORWARD, NEW_FORWARD)
     _, ctx = prepare(source, through="attention")
     args = ctx.paged_attention["TinyAttention"]
-    assert args["num_kv_heads"] == "odd_layer.kv_heads"
+    assert code(args["num_kv_heads"]) == "odd_layer.kv_heads"

@@ -2,6 +2,7 @@
 
 import pytest
 
+from converter.cst_helpers import code
 from converter.errors import ConversionError
 from tests.converter.snippets import TINY, code_of, prepare
 
@@ -22,7 +23,7 @@ def test_sink_and_constructor():
     assert "get_interface" not in attn
     assert "return self.out(attn_output), None" in attn  # attention weights -> None
     assert "from runtime.attention import InputMetadata, PagedAttention" in module.code
-    assert ctx.paged_attention["TinyAttention"]["scale"] == "self.scaling"
+    assert code(ctx.paged_attention["TinyAttention"]["scale"]) == "self.scaling"
 
 
 def test_call_expressions_move_into_the_constructor():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
+from libcst.helpers import parse_template_expression, parse_template_statement
 
 from converter.analysis.roles import is_interface_lookup
 from converter.context import ConversionContext
@@ -37,6 +38,9 @@ from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
 
+SINK_ARGS = ("kv_cache", "input_metadata")  # what the paged call takes besides q, k, v
+POSITIONAL = ("num_heads", "head_dim", "scale")  # PagedAttention's positional parameters
+NO_SPACES = cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))
 # transformers' attention-interface signature, up to its keyword-only options
 INTERFACE_PARAMS = ("module", "query", "key", "value", "attention_mask")
 
@@ -127,7 +131,7 @@ class _Sink(cst.CSTTransformer):
                 "attention-interface result is not unpacked as (output, weights)", stmt, scope=scope
             )
         if self.call is not None:  # a later call of the group: its part of the fused output
-            return attention_group.part(code(out), self.seen - 1).with_changes(
+            return attention_group.part(out, self.seen - 1).with_changes(
                 leading_lines=stmt.leading_lines
             )
         self.call = call
@@ -135,28 +139,35 @@ class _Sink(cst.CSTTransformer):
         ops = [self._operand(e) for e in self.operands]
         if self.group:
             ops[2] = self._operand(attention_group.fused_value(self.group, _bind_interface))
-        extra = "".join(
-            f", {CALL_KWARGS[a.keyword.value]}={code(a.value)}"
+        extra = [
+            cst.Arg(a.value, keyword=cst.Name(CALL_KWARGS[a.keyword.value]), equal=NO_SPACES)
             for a in call.args
             if a.keyword is not None and a.keyword.value in CALL_KWARGS
+        ]
+        paged = cst.Call(
+            cst.parse_expression("self.attn"),
+            [*(cst.Arg(op) for op in ops), *(cst.Arg(cst.Name(n)) for n in SINK_ARGS), *extra],
         )
-        call = f"self.attn({ops[0]}, {ops[1]}, {ops[2]}, kv_cache, input_metadata{extra})"
         if self.group:
-            first, *rest = attention_group.first_statements(code(out), call, len(self.group))
+            first, *rest = attention_group.first_statements(out, paged, len(self.group))
             self.sink = first.with_changes(leading_lines=stmt.leading_lines)
             return cst.FlattenSentinel([self.sink, *rest])
         # [T, Hq*D] -> [1, T, Hq, D]: exactly what the interface returned
-        new = cst.parse_statement(
-            f"{code(out)} = {call}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n"
+        new = parse_template_statement(
+            "{out} = {paged}.unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]\n",
+            out=out,
+            paged=paged,
         )
         self.sink = new.with_changes(leading_lines=stmt.leading_lines)
         return self.sink
 
     @staticmethod
-    def _operand(expr: cst.BaseExpression) -> str:
-        text = code(expr)
+    def _operand(expr: cst.BaseExpression) -> cst.BaseExpression:
+        """``[1, H, T, D]`` by the interface's contract -> ``[T, H, D]``."""
         simple = (cst.Name, cst.Attribute, cst.Call, cst.Subscript)
-        return f"{text if isinstance(expr, simple) else f'({text})'}.transpose(1, 2)[0]"
+        if not isinstance(expr, simple) and not expr.lpar:
+            expr = expr.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+        return parse_template_expression("{x}.transpose(1, 2)[0]", x=expr)
 
 
 def _bind_interface(call: cst.Call) -> list[cst.BaseExpression] | None:
@@ -191,11 +202,21 @@ class _ValueHeads(cst.CSTTransformer):
         return updated
 
 
-def _append_init(ctx, cls: str, init: cst.FunctionDef, args: dict[str, str]) -> cst.FunctionDef:
-    positional = [args["num_heads"], args["head_dim"], args["scale"]]
-    keywords = [f"{k}={v}" for k, v in args.items() if k not in ("num_heads", "head_dim", "scale")]
-    stmts = [cst.parse_statement(f"self.attn = PagedAttention({', '.join(positional + keywords)})")]
-    stmts += causal.guard(ctx, cls, init)
+def _append_init(
+    ctx, cls: str, init: cst.FunctionDef, args: dict[str, cst.BaseExpression]
+) -> cst.FunctionDef:
+    """``self.attn = PagedAttention(heads, head_dim, scale, <keyword>=...)`` at the end of
+    ``__init__``, then its causality guard."""
+    keyword = [k for k in args if k not in POSITIONAL]
+    call = cst.Call(
+        cst.Name("PagedAttention"),
+        [cst.Arg(args[k]) for k in POSITIONAL]
+        + [cst.Arg(args[k], keyword=cst.Name(k), equal=NO_SPACES) for k in keyword],
+    )
+    stmt = cst.SimpleStatementLine(
+        [cst.Assign([cst.AssignTarget(cst.parse_expression("self.attn"))], call)]
+    )
+    stmts = [stmt, *causal.guard(ctx, cls, init)]
     return init.with_changes(body=init.body.with_changes(body=[*init.body.body, *stmts]))
 
 
@@ -229,7 +250,11 @@ class _Classes:
             args = ctor_args(self.ctx, cls, sink.call, sink.operands, init, forward, methods)
             if sink.group:  # the values side by side in one cache entry per head
                 one = args.get("v_head_dim", args["head_dim"])
-                args["v_head_dim"] = f"{len(sink.group)} * ({one})"
+                args["v_head_dim"] = cst.BinaryOperation(
+                    cst.Integer(str(len(sink.group))),
+                    cst.Multiply(),
+                    one.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]),
+                )
             if "v_head_dim" in args:  # the output's heads are value-sized
                 new_forward = new_forward.visit(_ValueHeads())
         self.ctx.paged_attention[cls] = args

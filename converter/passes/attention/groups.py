@@ -11,6 +11,7 @@ values must share one head size (``Dv``); each call's own value expression is ke
 from __future__ import annotations
 
 import libcst as cst
+from libcst.helpers import parse_template_statement
 
 from converter.analysis.roles import is_interface_lookup
 from converter.cst_helpers import code, nodes_of
@@ -75,16 +76,22 @@ def fused_value(calls: list[cst.Call], bind) -> cst.BaseExpression:
     )
 
 
-def first_statements(out: str, paged_call: str, n: int) -> list[cst.SimpleStatementLine]:
+def first_statements(
+    out: cst.BaseExpression, paged_call: cst.Call, n: int
+) -> list[cst.SimpleStatementLine]:
     """The fused paged call (at the first interface call) and the first output."""
-    return [
-        cst.parse_statement(
-            f"{STASH} = {paged_call}.unflatten(-1, (-1, self.attn.v_head_dim))[None].chunk("
-            f"{n}, dim=-1)  # {n} x [1, T, Hq, Dv]\n"
-        ),
-        part(out, 0),
-    ]
+    stash = parse_template_statement(
+        "{stash} = {paged}.unflatten(-1, (-1, self.attn.v_head_dim))[None].chunk({n}, dim=-1)"
+        f"  # {n} x [1, T, Hq, Dv]\n",
+        stash=cst.Name(STASH),
+        paged=paged_call,
+        n=cst.Integer(str(n)),
+    )
+    return [stash, part(out, 0)]
 
 
-def part(out: str, index: int) -> cst.SimpleStatementLine:
-    return cst.parse_statement(f"{out} = {STASH}[{index}]\n")
+def part(out: cst.BaseExpression, index: int) -> cst.SimpleStatementLine:
+    """``<out> = <stash>[index]``: one call's part of the fused output."""
+    return parse_template_statement(
+        "{out} = {stash}[{index}]\n", out=out, stash=cst.Name(STASH), index=cst.Integer(str(index))
+    )

@@ -75,8 +75,9 @@ def ctor_args(
     init: cst.FunctionDef,
     forward: cst.FunctionDef,
     methods: dict[str, cst.FunctionDef] | None = None,
-) -> dict[str, str]:
-    """PagedAttention arguments (name -> code) for `call`, the interface call of `cls`.
+) -> dict[str, cst.BaseExpression]:
+    """PagedAttention arguments (name -> expression) for `call`, the interface call of
+    `cls`: the call's own keyword expressions, and dims the interpreter read.
 
     Head counts and sizes are the operands' ``[B, H, T, D]`` dims as the head-shape
     interpreter reads them (`converter.analysis.head_shapes`: it follows helper methods,
@@ -115,19 +116,25 @@ def ctor_args(
     config_reads = ctx.classes[cls].config_reads
     heads = _heads(q[0], "num_attention_heads", config, config_reads)
     kv = _heads(k[0], "num_key_value_heads", config, config_reads)
-    args = {"num_heads": heads, "head_dim": q[1], "scale": code(kwargs["scaling"])}
+    dims = {"num_heads": heads, "head_dim": q[1]}
     if kv is not None and kv != heads:
-        args["num_kv_heads"] = kv
-    if v[1] is not None and norm(v[1]) != norm(args["head_dim"]):
-        args["v_head_dim"] = v[1]
+        dims["num_kv_heads"] = kv
+    if v[1] is not None and norm(v[1]) != norm(q[1]):
+        dims["v_head_dim"] = v[1]
+    args = {name: cst.parse_expression(dim) for name, dim in dims.items()}  # dims are code
+    args = (
+        {"num_heads": args.pop("num_heads"), "head_dim": args.pop("head_dim")}
+        | {"scale": kwargs["scaling"]}
+        | args
+    )
     for key, target in KWARGS.items():
         if target and key != "scaling" and key in kwargs:
-            args[target] = code(kwargs[key])
+            args[target] = kwargs[key]
     args.update(overrides)
-    for name, text in args.items():
-        if local(text):
+    for name, value in args.items():
+        if local(value):
             raise ctx.error(
-                f"PagedAttention {name}={text} uses forward-local values {local(text)}",
+                f"PagedAttention {name}={code(value)} uses forward-local values {local(value)}",
                 forward,
                 scope=scope,
                 hint="compute it in __init__ in the source or extend the pass",
@@ -143,8 +150,8 @@ def _forward_locals(ctx: ConversionContext, init: cst.FunctionDef):
     allowed |= _bound_once(init)
     init_attrs = _self_stores(init)
 
-    def local(code: str) -> list[str]:
-        expr = cst.parse_expression(code)
+    def local(expr: str | cst.BaseExpression) -> list[str]:
+        expr = cst.parse_expression(expr) if isinstance(expr, str) else expr
         free = names_read(expr) - allowed - {"self"}
         missing = {a for a in _self_loads(expr) if a not in init_attrs and a != "config"}
         return sorted(free | missing)
@@ -170,12 +177,12 @@ def _head_dims(dims, local) -> tuple[str | None, str | None]:
     return heads, size
 
 
-def rule_overrides(ctx: ConversionContext) -> dict[str, str]:
+def rule_overrides(ctx: ConversionContext) -> dict[str, cst.BaseExpression]:
     """``[<type>.paged_attention]`` in rules/architectures.toml: PagedAttention argument
     expressions the source's views cannot tell (e.g. GPT-BigCode's K/V head count, which
     only its multi-query branch's ``unsqueeze(1)`` shows). Checked like derived ones."""
     arch = ctx.rules.get("architectures", {}).get(ctx.model_type, {})
-    return dict(arch.get("paged_attention", {}))
+    return {k: cst.parse_expression(v) for k, v in arch.get("paged_attention", {}).items()}
 
 
 def _heads(dim: str | None, field, config, config_reads) -> str:

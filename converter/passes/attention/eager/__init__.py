@@ -111,15 +111,18 @@ def _o_proj_input(stmt: cst.CSTNode, owned: set[str], tainted: set[str]) -> str 
     return None
 
 
-def rewrite(ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef):
-    """(new forward, PagedAttention args) for the eager core(s) of `cls`."""
+def rewrite(
+    ctx: ConversionContext, cls: str, node: cst.ClassDef, forward: cst.FunctionDef
+) -> tuple[cst.FunctionDef, dict[str, cst.BaseExpression]]:
+    """(new forward, PagedAttention arguments) for the eager core(s) of `cls`. Inside this
+    package the arguments are the code its arms compare; the stage gets expressions."""
     scope = f"{cls}.forward"
     body = keep_eager_arms(inline_softmax_helpers(ctx, node, list(forward.body.body), scope))
     new_body, args = _block(ctx, cls, node, forward, body, [], None, scope)
     new_forward = forward.with_changes(body=forward.body.with_changes(body=new_body))
     if "alibi" in args:
         new_forward = new_forward.visit(BiasTests(_alibi(ctx)["bias"]))
-    return new_forward, args
+    return new_forward, {name: cst.parse_expression(text) for name, text in args.items()}
 
 
 def _alibi(ctx: ConversionContext) -> dict:

@@ -176,7 +176,8 @@ def ctor_args(ctx: ConversionContext, cls, node, before, q, k, core, product, up
     kv = _heads(env.get(k))[0]
     if kv is not None and kv != args["num_heads"]:
         args["num_kv_heads"] = kv
-    args.update(rule_overrides(ctx))  # [<type>.paged_attention]: what no view tells
+    # [<type>.paged_attention]: what no view tells
+    args.update({k: code(v) for k, v in rule_overrides(ctx).items()})
     window = window_of(ctx, node, core, f"{cls}.forward")  # a banded mask buffer
     if window is not None:
         args["sliding_window"] = window
