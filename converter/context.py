@@ -57,6 +57,9 @@ class ConversionContext:
     source_sha256: str
     package: str  # absolute package of the source, e.g. "transformers.models.llama"
     rules: dict[str, Any] = field(default_factory=dict)
+    # modules beside a source outside transformers (a model directory's own code): its
+    # one-dot imports of them stay relative (converter/hf/local.py)
+    local_modules: frozenset[str] = frozenset()
 
     # --- ownership graph and roles (converter.analysis) ---
     classes: dict[str, ClassInfo] = field(default_factory=dict)

@@ -93,13 +93,16 @@ def convert_source(
     package: str | None = None,
     rules: dict | None = None,
     stages: list[Pass] | None = None,
+    local_modules: frozenset[str] = frozenset(),
 ) -> Conversion:
-    """Run the whole pipeline on `source` (the text of `path`)."""
+    """Run the whole pipeline on `source` (the text of `path`). `local_modules`: the
+    modules beside a source outside transformers, imported relatively (kept so)."""
     path = Path(path)
     model_type = model_type or model_type_of(path)
     ctx = ConversionContext.from_source(
         source, path, model_type, package or package_of(path, model_type)
     )
+    ctx.local_modules = frozenset(local_modules)
     if rules is None:
         rules = _RULES_CACHE.get(RULES_DIR) or _RULES_CACHE.setdefault(RULES_DIR, load_rules())
     ctx.rules = rules

@@ -136,7 +136,8 @@ def convert(
     targets: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Model types (`opt`, resolved in the installed transformers) or paths to modeling_<type>.py files.",
+            help="Model types (`opt`, resolved in the installed transformers), modeling_<type>.py "
+            "files, or model directories (their own code, config.json's auto_map).",
             show_default=False,
         ),
     ] = None,
@@ -148,7 +149,11 @@ def convert(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Output directory (default: the project's generated/)."),
+        typer.Option(
+            "--out",
+            help="Output directory (default: the project's generated/; for code outside "
+            "transformers, a package in the per-user cache).",
+        ),
     ] = None,
     stdout: Annotated[
         bool, typer.Option("--stdout", help="Print the generated code instead of writing files.")
@@ -166,6 +171,12 @@ def convert(
     Prints a unified diff against the previous generated file (or "unchanged") and the
     time each conversion took. A failed conversion writes nothing; with several targets
     every failure is reported at the end (exit 2).
+
+    A model directory with its own code (config.json's auto_map), or a modeling file
+    outside transformers, converts with the modules beside it that it imports into a
+    package of the per-user cache ($XDG_CACHE_HOME/hf2paged/modules), one per version of
+    the code, where `generate`, `verify`, `serve` and `LLM` find it; --out DIR writes
+    that package into DIR instead.
     """
     from converter.convert import (
         DEFAULT_OUT,
@@ -225,10 +236,15 @@ def convert(
             "nothing written",
             code=130,
         ) from None
+    # A model directory's own code goes to the per-user cache unless --out says where.
+    cached = [r for r in done if out is None and r.source is not None and r.source.local]
     if stdout:
         for result in done:
             typer.echo(result.text, nl=False)
-    elif done:
+    else:
+        _write_cached(cached, debug)
+    done = [r for r in done if r not in cached]
+    if done and not stdout:
         try:
             diffs = write_outputs(outputs(out_dir, done))
         except KeyboardInterrupt:
@@ -257,6 +273,28 @@ def convert(
         raise typer.Exit(2)
 
 
+def _write_cached(results: list, debug: bool) -> None:
+    """Each conversion of a model directory's own code into its cache package (one per
+    version of the code: an existing one is already this output)."""
+    from hf2paged.remote_code import convert_into_cache
+
+    for result in results:
+        try:
+            package, seconds = convert_into_cache(result.source, result)
+        except KeyboardInterrupt:
+            raise _fail(
+                f"interrupted while writing {result.name}'s cache package: nothing written",
+                code=130,
+            ) from None
+        except Exception as e:  # noqa: BLE001 — a full disk, a name clash: one line
+            if debug:
+                raise
+            raise _fail(f"nothing written: {_conversion_error(result.name, e)}") from None
+        state = "written" if seconds is not None else "unchanged (this code was converted before)"
+        files = ", ".join(sorted(p.name for p in package.glob("*.py")))
+        typer.echo(f"{package}: {state} ({files}); `hf2paged generate` / `LLM` find it there")
+
+
 @command
 def check(
     out: Annotated[
@@ -268,7 +306,8 @@ def check(
 
     Exit 1 with a unified diff when anything drifted (CI runs this); exit 2 when a
     conversion fails. Warns when the installed transformers differs from the version
-    the generated files were made from.
+    the generated files were made from. Conversions of model directories' own code (the
+    per-user cache) are not its business.
     """
     from converter.convert import (
         DEFAULT_OUT,
@@ -276,6 +315,7 @@ def check(
         generate,
         header_versions,
         outputs,
+        outside_transformers,
         unified_diff,
     )
     from converter.hf.resolve import transformers_version
@@ -291,9 +331,15 @@ def check(
             "Drift below may come from transformers itself; `hf2paged convert --all` regenerates.",
             err=True,
         )
-    names = sorted(
-        set(architectures()) | set(generated_modules(out_dir) if out_dir.is_dir() else {})
-    )
+    modules = generated_modules(out_dir) if out_dir.is_dir() else {}
+    others = outside_transformers(out_dir) if out_dir.is_dir() else {}
+    for name, source in sorted(others.items()):
+        typer.echo(
+            f"note: {name}.py was converted from {source}, code outside transformers: not "
+            "checked (`hf2paged check` covers what transformers provides)",
+            err=True,
+        )
+    names = sorted(set(architectures()) | (set(modules) - set(others)))
     results, failures = [], []
     for name in names:
         try:
@@ -334,26 +380,39 @@ def verify(
     decode_steps: Annotated[int, typer.Option(help="Decode steps through the paged cache.")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Run HF transformers and the generated model on the same random prompts.
 
     Prints the max |logit difference| for a mixed-length prefill, each decode step
     through the paged cache and a chunked prefill; exits 1 above --tolerance, and 1 with
     the same one line as `generate` when the checkpoint does not load (a missing weight,
-    a wrong shape). A GGUF file is converted once to a cached model directory.
+    a wrong shape). A GGUF file is converted once to a cached model directory; a
+    directory with its own code needs --trust-remote-code.
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise _fail(f"--dtype {dtype!r}; expected float32, bfloat16 or float16")
-    try:
-        check_model_dir(model_dir)
-    except ValueError as err:
-        raise _fail(str(err)) from None
     from hf2paged.model_source import prepare_model
+    from hf2paged.remote_code import RemoteCodeRefused
     from hf2paged.verify.parity import verify_model_dir
 
     try:
-        source = prepare_model(model_dir, log=_progress)
-        report = verify_model_dir(source.path, dtype=dtype, decode_steps=decode_steps, seed=seed)
+        check_model_dir(model_dir)
+        remote_code_check(model_dir, trust_remote_code)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    try:
+        source = prepare_model(model_dir, trust_remote_code, log=_progress)
+        report = verify_model_dir(
+            source.path,
+            dtype=dtype,
+            decode_steps=decode_steps,
+            seed=seed,
+            model_class=source.model_class,
+            trust_remote_code=trust_remote_code,
+        )
+    except RemoteCodeRefused as err:
+        raise _fail(str(err)) from None
     except (ValueError, RuntimeError, ImportError, OSError) as err:
         if os.environ.get("HF2PAGED_DEBUG"):
             raise
@@ -365,6 +424,25 @@ def verify(
         )
         raise typer.Exit(1)
     typer.echo(f"OK: max |logit diff| {report.max_diff:.3g} <= {tolerance:g}")
+
+
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow a model directory's own code (config.json's auto_map): hf2paged converts "
+        "it once into the per-user cache and runs it, and transformers runs its config code.",
+    ),
+]
+
+
+def remote_code_check(model_dir: Path, trust_remote_code: bool) -> None:
+    """`RemoteCodeRefused` (a ValueError, exit 2) for a directory with its own code run
+    without --trust-remote-code, before anything is loaded."""
+    from hf2paged.remote_code import uses_own_code
+
+    if model_dir.is_dir():
+        uses_own_code(model_dir, trust_remote_code)
 
 
 def _progress(line: str) -> None:
@@ -467,13 +545,17 @@ def generate(
         str | None,
         typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     ] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate from MODEL_DIR with the generated model on the paged runtime, streaming the text.
 
-    A GGUF file is converted once to a cached model directory (progress on stderr).
+    A GGUF file is converted once to a cached model directory (progress on stderr); a
+    directory with its own code (config.json's auto_map) needs --trust-remote-code, and
+    its code is then converted once into the per-user cache.
     """
     try:
         check_model_dir(model_dir)
+        remote_code_check(model_dir, trust_remote_code)
         torch_dtype_ = torch_dtype(dtype)
         check_device(device)
         if tp < 1:
@@ -488,8 +570,15 @@ def generate(
         raise _fail(str(err), 2) from None
     llm = None
     try:
-        source = prepare_model(model_dir, log=_progress)
-        llm = LLM(source.path, tensor_parallel_size=tp, dtype=torch_dtype_, device=device)
+        source = prepare_model(model_dir, trust_remote_code, log=_progress)
+        llm = LLM(
+            source.path,
+            tensor_parallel_size=tp,
+            dtype=torch_dtype_,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            model_class=source.model_class,
+        )
         text = llm.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         start = time.perf_counter()
         for delta in llm.stream(text, params):

@@ -202,8 +202,12 @@ def _iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, parsed["tensors"].pop(name)
 
 
-def load_config(model_dir: str | os.PathLike):
-    """transformers' AutoConfig for `model_dir` (config.json), or the config in a GGUF file."""
+def load_config(model_dir: str | os.PathLike, trust_remote_code: bool = False):
+    """transformers' AutoConfig for `model_dir` (config.json), or the config in a GGUF file.
+
+    A directory with its own configuration code (config.json's `auto_map`) needs
+    `trust_remote_code=True` (never a prompt: False is passed explicitly, and then such a
+    directory whose model type transformers does not know is a one-line ValueError)."""
     path = _require_path(model_dir)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -219,4 +223,12 @@ def load_config(model_dir: str | os.PathLike):
         )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(
+            f"{path} carries its own configuration code (config.json's auto_map): pass "
+            "trust_remote_code=True to run it"
+        ) from None

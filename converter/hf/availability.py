@@ -91,11 +91,17 @@ def check_imports(generated: str, source: str, source_path: str | Path) -> None:
         origin = _source_import(source, names)
         line = origin.lineno if origin is not None else None
         construct = source.splitlines()[line - 1] if line else None
-        if isinstance(origin, ast.ImportFrom) and origin.level:
+        if isinstance(origin, ast.ImportFrom) and origin.level == 1:
+            missing = origin.module.split(".")[0] if origin.module else module.rsplit(".", 1)[-1]
             hint = (
-                "relative imports resolve inside transformers.models.<type> of the file name: "
-                "name the file after the installed model type it belongs to, or make the "
-                "import absolute"
+                f"a one-dot import names a module beside the modeling file: put {missing}.py "
+                "there (it is copied beside the generated module), or import it from "
+                "transformers"
+            )
+        elif isinstance(origin, ast.ImportFrom) and origin.level:
+            hint = (
+                "relative imports that climb out of the file's directory resolve inside "
+                "transformers (as from models/<type>/): make the import absolute"
             )
         elif module.split(".")[0] == "transformers":
             hint = (

@@ -6,19 +6,26 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 from converter.errors import ConversionError
+from converter.hf.local import identifier, local_modules, modeling_file_of, read_config
 
 
 @dataclass(frozen=True)
 class Source:
-    """One conversion input: the file and the model type it defines."""
+    """One conversion input: the file and the model type it defines.
+
+    A file outside transformers (`local`: a model directory's own code) may import
+    modules beside it; `siblings` maps their names to their files (converter/hf/local.py).
+    """
 
     path: Path
     model_type: str
+    siblings: dict[str, Path] = field(default_factory=dict, hash=False, compare=False)
+    local: bool = False
 
 
 @cache
@@ -89,20 +96,19 @@ def _looks_like_path(target: str) -> bool:
 
 
 def resolve(target: str) -> Source:
-    """A model type or a path -> the modeling file and its model type."""
+    """A model type, a modeling file or a model directory -> the modeling file and its
+    model type (and, for code outside transformers, the modules beside it it imports)."""
     if not _looks_like_path(target):
         return Source(modeling_file(target), module_name(target))
     path = Path(target)
     if not path.exists():
         raise ConversionError(
-            "no such file", path=path, hint="pass a modeling_<type>.py path or a model type"
+            "no such file or directory",
+            path=path,
+            hint="pass a modeling_<type>.py path, a model directory or a model type",
         )
     if path.is_dir():
-        raise ConversionError(
-            "is a directory, not a modeling file",
-            path=path,
-            hint="pass models/<type>/modeling_<type>.py",
-        )
+        return _resolve_directory(path)
     if path.suffix != ".py":
         raise ConversionError("not a Python file", path=path, hint="pass a modeling_<type>.py file")
     if not path.stem.startswith("modeling_") or path.stem == "modeling_":
@@ -111,7 +117,49 @@ def resolve(target: str) -> Source:
             path=path,
             hint="name the file modeling_<type>.py",
         )
-    return Source(path.resolve(), path.stem[len("modeling_") :])
+    return _file_source(path.resolve(), path.stem[len("modeling_") :])
+
+
+def _file_source(path: Path, model_type: str) -> Source:
+    """A modeling file: part of a transformers tree (its relative imports resolve in
+    transformers) or local code with its sibling modules."""
+    if "transformers" in path.parts:
+        return Source(path, model_type)
+    return Source(path, identifier(model_type), local_modules(path), local=True)
+
+
+def _resolve_directory(directory: Path) -> Source:
+    """A model directory: the modeling file config.json's `auto_map` names; without
+    one, transformers' own code for its model type."""
+    config = read_config(directory)
+    modeling = modeling_file_of(directory, config)
+    if modeling is not None:
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str) or not model_type:
+            model_type = modeling.stem.removeprefix("modeling_")
+        return _file_source(modeling.resolve(), model_type)
+    model_type = config.get("model_type")
+    own = sorted(directory.glob("modeling_*.py"))
+    if isinstance(model_type, str) and model_type:
+        if _installed(model_type) or not own:
+            return Source(modeling_file(model_type), module_name(model_type))
+    if len(own) == 1:
+        return _file_source(own[0].resolve(), model_type or own[0].stem.removeprefix("modeling_"))
+    raise ConversionError(
+        "config.json has no auto_map modeling file and names no model type of the installed "
+        f"transformers; the directory holds {len(own)} modeling_*.py files",
+        path=directory / "config.json",
+        hint="pass the modeling_<type>.py file, or name it in config.json's auto_map",
+    )
+
+
+def _installed(model_type: str) -> bool:
+    """Whether the installed transformers has a models/ directory for `model_type`."""
+    try:
+        name = module_name(model_type)
+    except (ImportError, KeyError, ValueError):
+        return False
+    return bool(name) and (transformers_root() / "models" / name).is_dir()
 
 
 def display_path(path: Path) -> str:

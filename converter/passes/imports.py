@@ -3,6 +3,9 @@
 Generated modules live outside transformers, so every relative import must name its
 package. ``from ... import initialization as init`` has no module part: it becomes
 ``from transformers import initialization as init``. Unused imports are left to ruff.
+A source outside transformers (a model directory's own code) keeps its one-dot imports
+of the modules beside it (`ctx.local_modules`): they are written beside the generated
+module (converter/hf/local.py).
 """
 
 from __future__ import annotations
@@ -38,11 +41,22 @@ class _Absolute(cst.CSTTransformer):
         if not updated.relative:
             return updated
         module = dotted(updated.module) if updated.module is not None else None
+        if len(updated.relative) == 1 and self._names_local_module(updated, module):
+            return updated
         try:
             target = absolute_module(self.ctx.package, len(updated.relative), module)
         except ValueError as exc:
             raise self.ctx.error(str(exc), original, hint="pass the file's package") from None
         return updated.with_changes(relative=[], module=_module_expr(target))
+
+    def _names_local_module(self, node: cst.ImportFrom, module: str | None) -> bool:
+        """`from .x import A` / `from . import x` of a module beside the source."""
+        local = self.ctx.local_modules
+        if module is not None:
+            return module.split(".")[0] in local
+        if isinstance(node.names, cst.ImportStar):
+            return False
+        return all(alias.evaluated_name in local for alias in node.names)
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:

@@ -84,6 +84,10 @@ class EngineConfig:
     enforce_eager: bool
     kv_cache_memory_bytes: int | None
     dist_init_method: str | None = None  # tcp://host:port for TP > 1
+    # transformers may run the model directory's own config/tokenizer code
+    trust_remote_code: bool = False
+    # the generated class to build (None: the registry's); pickled by name to TP ranks
+    model_class: type | None = None
 
     @property
     def use_cuda_graphs(self) -> bool:

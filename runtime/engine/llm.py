@@ -34,6 +34,13 @@ class LLM:
     `stream` for one prompt's text as it is produced; `add_request` / `step` /
     `abort_request` for servers and tests. Bad requests raise ValueError before anything
     is scheduled.
+
+    `model_class`: the generated class to serve (default: the registry's class for the
+    config's architecture); it must be importable by name in spawned TP ranks.
+    `trust_remote_code`: lets transformers run the directory's own configuration and
+    tokenizer code (never prompting; without it such a directory is a one-line error).
+    Converting a directory's own modeling code is the application layer's job
+    (`hf2paged.LLM`), which hands the class in.
     """
 
     def __init__(
@@ -50,11 +57,14 @@ class LLM:
         enforce_eager: bool = False,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
+        *,
+        trust_remote_code: bool = False,
+        model_class: type | None = None,
     ) -> None:
         from runtime.engine.worker import Executor
 
         model_dir = Path(model)
-        hf_config = check_model(model_dir, tensor_parallel_size)
+        hf_config = check_model(model_dir, tensor_parallel_size, trust_remote_code, model_class)
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(
                 f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}"
@@ -85,9 +95,11 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            trust_remote_code=trust_remote_code,
+            model_class=model_class,
         )
         self.hf_config = hf_config
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
         self.vocab_size = hf_config.get_text_config().vocab_size
         self.executor = Executor(self.config)

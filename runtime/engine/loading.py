@@ -24,21 +24,28 @@ def architecture(config) -> str | None:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
 
 
-def check_model(model_dir: Path, tensor_parallel_size: int):
+def check_model(
+    model_dir: Path,
+    tensor_parallel_size: int,
+    trust_remote_code: bool = False,
+    model_class: type | None = None,
+):
     """The model's transformers config, once everything that would fail in a worker
-    process has been checked here (one-line ValueErrors)."""
+    process has been checked here (one-line ValueErrors). `model_class`: the class to
+    serve, instead of the registry's for the config's architecture."""
     import generated
 
     if not model_dir.exists():
         raise ValueError(f"{model_dir}: no such model directory")
     try:
-        config = load_config(model_dir)
+        config = load_config(model_dir, trust_remote_code=trust_remote_code)
     except (FileNotFoundError, OSError) as exc:
         raise ValueError(f"{model_dir}: cannot read the model config ({exc})") from None
-    arch = architecture(config)
-    if arch is None:
-        raise ValueError(f'{model_dir}: the config names no architecture ("architectures")')
-    generated.get_model_class(arch, getattr(config, "model_type", None))  # ValueError if absent
+    if model_class is None:
+        arch = architecture(config)
+        if arch is None:
+            raise ValueError(f'{model_dir}: the config names no architecture ("architectures")')
+        generated.get_model_class(arch, getattr(config, "model_type", None))  # ValueError if absent
     tp = tensor_parallel_size
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tp!r}")
@@ -57,15 +64,16 @@ def check_model(model_dir: Path, tensor_parallel_size: int):
     return config
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     """transformers' tokenizer of the model directory (or of its GGUF file); None when
-    the directory has none (tiny test checkpoints): prompts are then token ids."""
+    the directory has none (tiny test checkpoints): prompts are then token ids.
+    `trust_remote_code` as for the config (never a prompt)."""
     from transformers import AutoTokenizer
 
     try:
         if model_dir.is_file() and model_dir.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(model_dir.parent), gguf_file=model_dir.name)
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         log.info("no tokenizer in %s (%s); prompts must be token ids", model_dir, exc)
         return None

@@ -28,6 +28,7 @@ from runtime.kv_cache import (
     kv_cache_block_bytes,
     num_blocks_for_budget,
 )
+from runtime.loader import load_config
 
 # KV cache on CPU without kv_cache_memory_bytes: room for this many full contexts, but
 # no more than this many bytes (CPU memory is shared with everything else).
@@ -45,7 +46,12 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         self.model = build_model(
-            config.model, config.dtype, self.device, config.tensor_parallel_size
+            config.model,
+            config.dtype,
+            self.device,
+            config.tensor_parallel_size,
+            config=load_config(config.model, trust_remote_code=config.trust_remote_code),
+            model_class=config.model_class,
         )
         self.runner: ModelRunner | None = None
 

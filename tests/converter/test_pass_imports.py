@@ -38,3 +38,23 @@ def test_climbing_above_the_package_is_an_error():
     )
     with pytest.raises(ConversionError, match="climbs above"):
         imports.run(cst.parse_module(source), ctx)
+
+
+def test_imports_of_modules_beside_local_code_stay_relative():
+    """A model directory's own code: its one-dot imports of the modules beside it stay
+    (they are written beside the generated module); the rest resolve in transformers."""
+    source = (
+        "from .configuration_mylm import MyLMConfig\n"
+        "from . import helpers_mylm\n"
+        "from .configuration_llama import LlamaConfig\n"
+        "from ...utils import logging\n"
+    )
+    ctx = ConversionContext.from_source(
+        source, "modeling_mylm.py", "mylm", "transformers.models.mylm"
+    )
+    ctx.local_modules = frozenset({"configuration_mylm", "helpers_mylm"})
+    code = imports.run(cst.parse_module(source), ctx).code
+    assert "from .configuration_mylm import MyLMConfig" in code
+    assert "from . import helpers_mylm" in code
+    assert "from transformers.models.mylm.configuration_llama import LlamaConfig" in code
+    assert "from transformers.utils import logging" in code

@@ -1,4 +1,6 @@
-"""`from hf2paged import LLM, SamplingParams`: the engine's classes, imported on first use."""
+"""`from hf2paged import LLM, SamplingParams`: the application layer's LLM (the engine's,
+taking GGUF files and directories with their own code) and the engine's classes, imported
+on first use."""
 
 from __future__ import annotations
 
@@ -8,14 +10,15 @@ import sys
 import pytest
 
 
-def test_the_public_names_are_the_engines() -> None:
+def test_the_public_names() -> None:
     import hf2paged
     import runtime.engine
     from hf2paged import LLM, RequestOutput, SamplingParams
 
-    assert (LLM, RequestOutput, SamplingParams) == (
-        runtime.engine.LLM, runtime.engine.RequestOutput, runtime.engine.SamplingParams,
+    assert (RequestOutput, SamplingParams) == (
+        runtime.engine.RequestOutput, runtime.engine.SamplingParams,
     )  # fmt: skip
+    assert issubclass(LLM, runtime.engine.LLM) and LLM.__module__ == "hf2paged.llm"
     with pytest.raises(AttributeError, match="no attribute 'Engine'"):
         hf2paged.Engine  # noqa: B018
 

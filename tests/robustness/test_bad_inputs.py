@@ -91,7 +91,8 @@ def _unavailable_import(d):
 
 
 def _sibling_import(d):
-    # A modeling file outside transformers whose relative imports name its own package.
+    # A modeling file outside transformers whose one-dot import names a module that is
+    # not beside it.
     return _write(d, "modeling_mymodel.py", source_of("llama"))
 
 
@@ -101,11 +102,11 @@ def _generated_output(d):
 
 # (input builder, pattern the one line must match: where, what, and the next step)
 CASES = {
-    "missing path": (_missing, r"modeling_missing\.py: no such file — pass"),
+    "missing path": (_missing, r"modeling_missing\.py: no such file or directory — pass"),
     "non-Python file": (_not_python, r"notes\.txt: not a Python file — pass"),
     "binary .py file": (_binary, r"modeling_blob\.py: not a text file .* — pass"),
     "nested too deeply": (_deep, r"modeling_deep\.py: nested too deeply .* — split"),
-    "directory": (_directory, r"modeling_dir\.py: is a directory.* — pass"),
+    "directory": (_directory, r"modeling_dir\.py: no config\.json: not a model directory — pass"),
     "syntax error": (
         _syntax_error,
         r"modeling_typo\.py:4: not valid Python: .*\[`def f\(x:`\] — fix the syntax",
@@ -132,7 +133,8 @@ CASES = {
     "unavailable sibling module": (
         _sibling_import,
         r"modeling_mymodel\.py:\d+: .*'transformers\.models\.mymodel\.configuration_llama'.*"
-        r"\[`from \.configuration_llama import LlamaConfig`\] — relative imports",
+        r"\[`from \.configuration_llama import LlamaConfig`\] — a one-dot import names a "
+        r"module beside the modeling file: put configuration_llama\.py there",
     ),
     "hf2paged's own output": (
         _generated_output,
