@@ -23,7 +23,15 @@ from typing import Annotated
 import typer
 
 from converter.errors import ConversionError
-from hf2paged.options import DTYPES, check_device, check_model_dir, one_line, torch_dtype
+from hf2paged.options import (
+    DTYPES,
+    TRUST_REMOTE_CODE_HELP,
+    check_device,
+    check_model_dir,
+    check_remote_code,
+    one_line,
+    torch_dtype,
+)
 from hf2paged.serve.command import serve
 
 app = typer.Typer(
@@ -398,7 +406,7 @@ def verify(
 
     try:
         check_model_dir(model_dir)
-        remote_code_check(model_dir, trust_remote_code)
+        check_remote_code(model_dir, trust_remote_code)
     except ValueError as err:
         raise _fail(str(err)) from None
     try:
@@ -426,23 +434,7 @@ def verify(
     typer.echo(f"OK: max |logit diff| {report.max_diff:.3g} <= {tolerance:g}")
 
 
-TrustRemoteCode = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code",
-        help="Allow a model directory's own code (config.json's auto_map): hf2paged converts "
-        "it once into the per-user cache and runs it, and transformers runs its config code.",
-    ),
-]
-
-
-def remote_code_check(model_dir: Path, trust_remote_code: bool) -> None:
-    """`RemoteCodeRefused` (a ValueError, exit 2) for a directory with its own code run
-    without --trust-remote-code, before anything is loaded."""
-    from hf2paged.remote_code import uses_own_code
-
-    if model_dir.is_dir():
-        uses_own_code(model_dir, trust_remote_code)
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)]
 
 
 def _progress(line: str) -> None:
@@ -555,7 +547,7 @@ def generate(
     """
     try:
         check_model_dir(model_dir)
-        remote_code_check(model_dir, trust_remote_code)
+        check_remote_code(model_dir, trust_remote_code)
         torch_dtype_ = torch_dtype(dtype)
         check_device(device)
         if tp < 1:

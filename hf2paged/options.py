@@ -72,3 +72,18 @@ def one_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+TRUST_REMOTE_CODE_HELP = (
+    "Allow a model directory's own code (config.json's auto_map): hf2paged converts it once "
+    "into the per-user cache and runs it, and transformers runs its config code."
+)
+
+
+def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """`RemoteCodeRefused` (a ValueError) for a directory with its own code run without
+    --trust-remote-code, before anything is loaded."""
+    from hf2paged.remote_code import uses_own_code
+
+    if model_dir.is_dir():
+        uses_own_code(model_dir, trust_remote_code)

@@ -14,7 +14,15 @@ from typing import Annotated
 
 import typer
 
-from hf2paged.options import DTYPES, check_device, check_model_dir, one_line, torch_dtype
+from hf2paged.options import (
+    DTYPES,
+    TRUST_REMOTE_CODE_HELP,
+    check_device,
+    check_model_dir,
+    check_remote_code,
+    one_line,
+    torch_dtype,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -78,15 +86,21 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
+    ] = False,
 ) -> None:
     """Serve MODEL over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions).
 
     Continuous batching across every client; streamed answers are server-sent events; a
     client that disconnects frees its KV blocks at once. /health and /metrics (Prometheus)
-    need no API key. A GGUF file is converted once to a cached model directory.
+    need no API key. A GGUF file is converted once to a cached model directory; a
+    directory with its own code (config.json's auto_map) needs --trust-remote-code, and
+    its code is then converted once into the per-user cache.
     """
     try:
         check_model_dir(model)
+        check_remote_code(model, trust_remote_code)
         dtype_ = torch_dtype(dtype)
         check_device(device)
         _check_options(tp, port, max_waiting_requests, log_level)
@@ -102,10 +116,14 @@ def serve(
     typer.echo(f"loading {model} ...", err=True)
     start = time.perf_counter()
     try:
-        # A GGUF file is converted once into a cached model directory (progress on stderr).
-        source = prepare_model(model, log=lambda line: typer.echo(line, err=True))
+        # A GGUF file or a directory's own code is converted once into the user cache
+        # (progress on stderr).
+        source = prepare_model(
+            model, trust_remote_code, log=lambda line: typer.echo(line, err=True)
+        )
         llm = LLM(
             source.path, tensor_parallel_size=tp, dtype=dtype_, device=device, block_size=block_size,
+            trust_remote_code=trust_remote_code, model_class=source.model_class,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             max_model_len=max_model_len,

@@ -174,7 +174,7 @@ def test_refused_in_one_line_without_the_flag(mylm, tmp_path, monkeypatch):
     from runtime.engine import LLM as EngineLLM
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
-    for args in (["generate", mylm, "-p", "hi"], ["verify", mylm]):
+    for args in (["generate", mylm, "-p", "hi"], ["verify", mylm], ["serve", mylm]):
         result = run(*args)
         assert result.exit_code == 2 and "Traceback" not in result.output
         (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -254,3 +254,21 @@ def test_check_leaves_conversions_of_outside_code_alone(mylm, tmp_path, monkeypa
     assert checked.exit_code == 0, checked.output
     assert "note: mylm.py was converted from modeling_mylm.py" in checked.stderr
     assert "up to date (1 architectures)" in checked.stderr
+
+
+def test_serve_with_the_flag_loads_the_directorys_code(mylm, monkeypatch):
+    """`serve --trust-remote-code`: the engine behind the server builds the cached class
+    (the HTTP side is tests/hf2paged/serve/'s; uvicorn is not started here)."""
+    import hf2paged.serve.command as command
+
+    served = {}
+
+    def run_app(app, host, port, log_level):
+        served["model"] = type(app.state.server.llm.executor.worker.model)
+
+    monkeypatch.setattr(command, "_run", run_app)
+    result = run(
+        "serve", mylm, "--trust-remote-code", "--device", "cpu", "--kv-cache-memory-mib", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert served["model"].__module__.startswith("hf2paged_modules.mylm_")
