@@ -52,7 +52,7 @@ DISPATCHED = (
 )
 
 
-def _rules(enabled: str | None = "config.use_bias"):
+def _rules(enabled: str | None = "use_bias"):
     rules = load_rules()
     alibi = {"bias": "position_bias", "slopes": "torch.ones(config.num_attention_heads)"}
     if enabled:

@@ -284,5 +284,9 @@ def _branch(ctx, cls, node, forward, body, i, before, kv, scope):
         )
 
     new_if = visit(body[i])
-    args = merge_arm_args(ctx, found, body[i], scope)
+    init = methods_of(node)["__init__"]
+    config = (
+        "config" if any(p.name.value == "config" for p in init.params.params) else "self.config"
+    )
+    args = merge_arm_args(ctx, found, body[i], scope, config)
     return [*body[:i], *same_arms(new_if), *body[i + 1 :]], args

@@ -7,7 +7,7 @@
 - `merge_arm_args`: an if/else whose arms each hold a core (Falcon's rotary arm and ALiBi
   arm) is rewritten arm by arm; the layer has one `PagedAttention`, so the arms must agree
   on its arguments, except the ALiBi arm's ``alibi`` (and scale), which the rule's
-  ``enabled`` expression (the config flag under which the model builds the bias) selects.
+  ``enabled`` config field (the flag under which the model builds the bias) selects.
 - `BiasTests`: after the rewrite, the only reads of the ALiBi bias left are tests whether
   there is one (``if alibi is None:``); the layer's ``alibi`` answers that.
 """
@@ -53,8 +53,11 @@ def keep_eager_arms(body) -> list[cst.BaseStatement]:
     return out
 
 
-def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: str):
-    """One PagedAttention's arguments for cores in several arms of a branch."""
+def merge_arm_args(
+    ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: str, config: str = "config"
+):
+    """One PagedAttention's arguments for cores in several arms of a branch; `config` is
+    how the layer's ``__init__`` reads the config (for the rule's ``enabled`` field)."""
     biased = [a for a in arms if "alibi" in a]
     plain = [a for a in arms if "alibi" not in a]
     merged = dict(arms[0])
@@ -79,14 +82,16 @@ def merge_arm_args(ctx, arms: list[dict[str, str]], where: cst.CSTNode, scope: s
             )
         return merged
     alibi = ctx.rules.get("architectures", {}).get(ctx.model_type, {}).get("alibi", {})
-    enabled = alibi.get("enabled")
-    if enabled is None:
+    field = alibi.get("enabled")
+    if not (isinstance(field, str) and field.isidentifier()):
         raise ctx.error(
             "one arm of this branch adds the ALiBi bias and another does not",
             where,
             scope=scope,
-            hint="declare enabled = '<config flag>' in [<type>.alibi] (rules/architectures.toml)",
+            hint="declare enabled = '<config field>' (the flag under which the model builds "
+            "the bias) in [<type>.alibi] (rules/architectures.toml)",
         )
+    enabled = f"{config}.{field}"
     with_bias, without = biased[0], plain[0]
     if {a["scale"] for a in biased} != {with_bias["scale"]} or {a["scale"] for a in plain} != {
         without["scale"]
