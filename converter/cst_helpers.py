@@ -16,7 +16,6 @@ import re
 from collections.abc import Iterator
 
 import libcst as cst
-import libcst.matchers as m
 
 _SKIP = (
     "whitespace",
@@ -152,7 +151,11 @@ BUILTINS = frozenset(dir(builtins))
 
 def self_attr(node: cst.BaseExpression) -> str | None:
     """``self.x`` -> "x"."""
-    if m.matches(node, m.Attribute(value=m.Name("self"), attr=m.Name())):
+    if (
+        isinstance(node, cst.Attribute)
+        and isinstance(node.value, cst.Name)
+        and node.value.value == "self"
+    ):
         return node.attr.value
     return None
 

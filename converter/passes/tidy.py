@@ -57,20 +57,17 @@ def _attrs_read(source: str) -> set[str]:
     }
 
 
-SELF_STORE = m.Assign(targets=[m.AssignTarget(m.Attribute(m.Name("self")))])
-
-
 def _droppable(small: cst.BaseSmallStatement, unread: set[str], source_reads: set[str]) -> bool:
     """``self.X = <plain value>`` with X in `unread`, or ``self.X = nn.Buffer(...,
     persistent=False)`` with X also read by the source: no checkpoint holds it and no
     code reads it."""
     if isinstance(small, cst.AnnAssign) and small.value is not None:
         target, value = small.target, small.value
-    elif m.matches(small, SELF_STORE):
+    elif isinstance(small, cst.Assign) and len(small.targets) == 1:
         target, value = small.targets[0].target, small.value
     else:
         return False
-    if not m.matches(target, m.Attribute(m.Name("self"))) or target.attr.value not in unread:
+    if self_attr(target) not in unread:
         return False
     calls = nodes_of(value, cst.Call)
     if all(isinstance(c.func, cst.Name) and c.func.value in BUILTINS for c in calls):
@@ -134,34 +131,41 @@ def _dynamic(cls: cst.ClassDef) -> bool:
 def _drop_unread(module: cst.Module, source_reads: set[str]) -> cst.Module:
     """Drop unread attribute stores until none is left (a dropped store may have been the
     last reader of another attribute)."""
+    dynamic = {s.name.value for s in module.body if isinstance(s, cst.ClassDef) and _dynamic(s)}
     while True:
-        stores = {id(t.target) for t in nodes_of(module, cst.AssignTarget)}
-        stores |= {id(a.target) for a in nodes_of(module, cst.AnnAssign)}
-        read = {
-            a.attr.value
-            for a in nodes_of(module, cst.Attribute)
-            if id(a) not in stores and not _config_field(a)
-        }
-        read |= {s.evaluated_value for s in nodes_of(module, cst.SimpleString)}  # getattr
-        unread = {self_attr(t.target) for t in nodes_of(module, cst.AssignTarget)}
-        unread -= read | KEEP | {None}
+        stores: set[int] = set()
+        read: set[str] = set()
+        unread: set[str] = set()
+        # pre-order: an assignment comes before the attribute it stores into
+        for node in nodes_of(
+            module, cst.AssignTarget, cst.AnnAssign, cst.Attribute, cst.SimpleString
+        ):
+            if isinstance(node, (cst.AssignTarget, cst.AnnAssign)):
+                stores.add(id(node.target))
+                unread.add(self_attr(node.target) or "")
+            elif isinstance(node, cst.SimpleString):
+                read.add(node.evaluated_value)  # getattr(x, "name")
+            elif id(node) not in stores and not _config_field(node):
+                read.add(node.attr.value)
+        unread -= read | KEEP | {""}
         dropped = False
         body = []
         for stmt in module.body:
-            if isinstance(stmt, cst.ClassDef) and not _dynamic(stmt):
+            if isinstance(stmt, cst.ClassDef) and stmt.name.value not in dynamic:
                 init = methods_of(stmt).get("__init__")
-                if init is not None:
+                if init is not None and any(
+                    _droppable(s, unread, source_reads)
+                    for s in nodes_of(init, cst.Assign, cst.AnnAssign)
+                ):
                     rewriter = _DropUnread(unread, source_reads)
-                    new = init.visit(rewriter)
-                    if rewriter.dropped:
-                        dropped = True
-                        # the locals that only built the dropped values die with them
-                        new = eliminate_dead_stores(new)
-                        stmt = stmt.with_changes(
-                            body=stmt.body.with_changes(
-                                body=[new if s is init else s for s in stmt.body.body]
-                            )
+                    # the locals that only built the dropped values die with them
+                    new = eliminate_dead_stores(init.visit(rewriter))
+                    dropped = True
+                    stmt = stmt.with_changes(
+                        body=stmt.body.with_changes(
+                            body=[new if s is init else s for s in stmt.body.body]
                         )
+                    )
             body.append(stmt)
         module = module.with_changes(body=body)
         if not dropped:
