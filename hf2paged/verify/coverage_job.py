@@ -159,7 +159,7 @@ def _check(model_type: str, architecture: str, tmp: Path, out: Outcome) -> None:
     )
     if config is None:
         return
-    case = _stage(out, "hf", _hf_case, hf_cls, config, tmp / "checkpoint")
+    case = _stage(out, "hf", hf_case, hf_cls, config, tmp / "checkpoint")
     if case is None:
         return
     module = _stage(out, "import", _import, generated.text, tmp / "module", model_type)
@@ -190,7 +190,10 @@ def scenario():
     return Scenario(prompt_lens=(5, 9, 3), decode_steps=3, chunks=(4, 3), block_size=4)
 
 
-def _hf_case(hf_cls, config, model_dir: Path):
+def hf_case(hf_cls, config, model_dir: Path):
+    """A tiny random HF model of `config` (every parameter perturbed), saved to
+    `model_dir`; returns the scenario's tokens and HF's logits of them (also used by
+    tests/parity/test_parity_shipped.py)."""
     import torch
 
     from hf2paged.verify.parity import hf_reference

@@ -162,11 +162,12 @@ class _TPPass:
         )
 
     def is_fused_checkpoint(self, attr: str) -> str | None:
-        table = self.ctx.rules.get("tp", {}).get("fused_checkpoint", {})
+        """The kind ("qkv" / "gate_up") of a single linear whose checkpoint tensor is
+        fused; an architecture's own list of a kind replaces rules/tp.toml's (CodeGen's
+        qkv_proj is interleaved per model-parallel group, not [Q|K|V]: `qkv = []`)."""
+        table = dict(self.ctx.rules.get("tp", {}).get("fused_checkpoint", {}))
         arch = self.ctx.rules.get("architectures", {}).get(self.ctx.model_type, {})
-        for kind, names in arch.get("fused_checkpoint", {}).items():
-            if attr in names:
-                return kind
+        table.update(arch.get("fused_checkpoint", {}))
         return next((kind for kind, names in table.items() if attr in names), None)
 
     def fused_checkpoint(

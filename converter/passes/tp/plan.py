@@ -196,7 +196,8 @@ def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, 
         rel = relative(site.paths)
         try:
             found = (
-                (_lookup(override, rel), "rules/architectures.toml tp_plan"),
+                # a module outside the base model (an LM-level head) by its path from the LM
+                (_lookup(override, rel or site.paths), "rules/architectures.toml tp_plan"),
                 (_lookup(base_plan, rel), "config base_model_tp_plan"),
                 (_lookup(lm_plan, site.paths), "LM _tp_plan"),
             )
