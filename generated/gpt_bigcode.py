@@ -36,6 +36,10 @@ from runtime.parallel import (
 class GPTBigCodeAttention(nn.Module):
     def __init__(self, config, is_cross_attention=False, layer_idx=None):
         super().__init__()
+        if is_cross_attention:
+            raise ValueError(
+                "GPTBigCodeAttention: is_cross_attention=True selects a branch of forward that needs inputs a paged decoder never passes (it leaves key, value uncomputed); only is_cross_attention=False converts"
+            )
         self.config = config
 
         self.multi_query = config.multi_query
@@ -52,44 +56,18 @@ class GPTBigCodeAttention(nn.Module):
             )
 
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        self.is_cross_attention = is_cross_attention
 
-        if self.is_cross_attention:
-            if self.multi_query:
-                raise NotImplementedError("Multi-Query Attention not supported for cross_attention")
-
-            self.c_attn = (
-                ColumnParallelLinear(self.embed_dim, 2 * self.embed_dim, bias=True)
-                if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
-                else QKVParallelLinear(
-                    self.embed_dim,
-                    self.head_dim,
-                    config.num_attention_heads,
-                    self.kv_heads,
-                    bias=True,
-                )
-                if config.multi_query and config.num_attention_heads % get_tp_size() == 0
-                else ColumnParallelLinear(
-                    self.embed_dim, 2 * self.embed_dim, bias=True, gather_output=True
-                )
+        self.c_attn = (
+            ColumnParallelLinear(self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True)
+            if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
+            else QKVParallelLinear(
+                self.embed_dim, self.head_dim, config.num_attention_heads, self.kv_heads, bias=True
             )
-            self.q_attn = nn.Linear(self.embed_dim, self.embed_dim)
-        else:
-            self.c_attn = (
-                ColumnParallelLinear(self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True)
-                if not config.multi_query and config.num_attention_heads % get_tp_size() == 0
-                else QKVParallelLinear(
-                    self.embed_dim,
-                    self.head_dim,
-                    config.num_attention_heads,
-                    self.kv_heads,
-                    bias=True,
-                )
-                if config.multi_query and config.num_attention_heads % get_tp_size() == 0
-                else ColumnParallelLinear(
-                    self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
-                )
+            if config.multi_query and config.num_attention_heads % get_tp_size() == 0
+            else ColumnParallelLinear(
+                self.embed_dim, self.embed_dim + 2 * self.kv_dim, bias=True, gather_output=True
             )
+        )
         # this config's tensor-parallel plan shards the heads (rules tp_plan cases)
         self.shard_heads = (
             not config.multi_query and config.num_attention_heads % get_tp_size() == 0
@@ -114,37 +92,29 @@ class GPTBigCodeAttention(nn.Module):
     ):
         input_shape = hidden_states.shape[:-1]
 
-        if self.is_cross_attention:
-            if not hasattr(self, "q_attn") or not self.is_cross_attention:
-                raise ValueError(
-                    "If class is used as cross attention, the weights `q_attn` have to be defined. "
-                    "Please make sure to instantiate class with `GPTBigCodeAttention(..., is_cross_attention=True)`."
+        if self.multi_query:
+            query, key, value = (
+                self.c_attn(hidden_states)
+                .unsqueeze(1)
+                .split(
+                    [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size]
+                    if isinstance(self.c_attn, QKVParallelLinear)
+                    else (self.embed_dim, self.kv_dim, self.kv_dim),
+                    dim=3,
                 )
-            query = self.q_attn(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            )
+            query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         else:
-            if self.multi_query:
-                query, key, value = (
-                    self.c_attn(hidden_states)
-                    .unsqueeze(1)
-                    .split(
-                        [self.c_attn.q_size, self.c_attn.kv_size, self.c_attn.kv_size]
-                        if isinstance(self.c_attn, QKVParallelLinear)
-                        else (self.embed_dim, self.kv_dim, self.kv_dim),
-                        dim=3,
-                    )
+            query, key, value = (
+                self.c_attn(hidden_states)
+                .view(
+                    *hidden_states.shape[:2],
+                    local_num_heads(self.num_heads, self.shard_heads),
+                    3 * self.head_dim,
                 )
-                query = query.view(*input_shape, -1, self.head_dim).transpose(1, 2)
-            else:
-                query, key, value = (
-                    self.c_attn(hidden_states)
-                    .view(
-                        *hidden_states.shape[:2],
-                        local_num_heads(self.num_heads, self.shard_heads),
-                        3 * self.head_dim,
-                    )
-                    .transpose(1, 2)
-                    .split(3 * [self.head_dim], dim=3)
-                )
+                .transpose(1, 2)
+                .split(3 * [self.head_dim], dim=3)
+            )
 
         attn_output = self.attn(
             query.transpose(1, 2)[0],

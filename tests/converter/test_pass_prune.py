@@ -81,3 +81,53 @@ def test_an_argument_that_may_be_none_keeps_the_callees_none_check():
     )
     block = code_of(prepare(source)[0], "TinyBlock")
     assert "if odd_extra is not None:" in block
+
+
+def _side_branch_source() -> str:
+    """TinyAttention with a constructor flag choosing a branch of forward that reads an
+    input no paged caller passes (as cross-attention reads encoder states)."""
+    source = TINY.replace(
+        "    def __init__(self, config, layer_idx):\n        super().__init__()\n        self.config = config\n",
+        "    def __init__(self, config, layer_idx, from_side=False):\n"
+        "        super().__init__()\n        self.config = config\n"
+        "        self.from_side = from_side\n"
+        "        if self.from_side:\n"
+        "            self.side_proj = nn.Linear(config.hidden_size, 2 * config.hidden_size)\n",
+    )
+    source = source.replace(
+        "    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):\n"
+        "        input_shape = hidden_states.shape[:-1]\n",
+        "    def forward(self, hidden_states, attention_mask=None, cache=None, side_states=None, **kwargs):\n"
+        "        input_shape = hidden_states.shape[:-1]\n",
+    )
+    source = source.replace(
+        "        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)\n",
+        "        if self.from_side:\n"
+        "            q = self.qkv(hidden_states).chunk(3, dim=-1)[0]\n"
+        "            k, v = self.side_proj(side_states).chunk(2, dim=-1)\n"
+        "        else:\n"
+        "            q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)\n",
+    )
+    assert source.count("side_states") == 2 and "self.side_proj = " in source
+    return source
+
+
+def test_a_branch_left_without_its_outputs_pins_its_flag():
+    module, ctx = prepare(_side_branch_source())
+    attn = code_of(module, "TinyAttention")
+    # refused first in __init__, with why; the flag is a constant: both branches folded
+    assert "if from_side:\n            raise ValueError(" in attn
+    assert "only from_side=False converts" in attn and "k, v uncomputed" in attn
+    assert "side_proj" not in attn and "if self.from_side" not in attn
+    assert "q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)" in attn
+    assert any("from_side=False" in line for line in ctx.log)
+
+
+def test_a_branch_that_keeps_its_outputs_is_left_alone():
+    # the same flag choosing between two complete computations stays a run-time choice
+    source = _side_branch_source().replace(
+        "            k, v = self.side_proj(side_states).chunk(2, dim=-1)\n",
+        "            k, v = self.side_proj(hidden_states).chunk(2, dim=-1)\n",
+    )
+    attn = code_of(prepare(source)[0], "TinyAttention")
+    assert "if self.from_side:" in attn and "raise ValueError" not in attn

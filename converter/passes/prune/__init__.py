@@ -23,6 +23,7 @@ from converter.analysis.dataflow import DEAD, NONNONE, UNKNOWN, Env, reads_dead,
 from converter.analysis.liveness import eliminate_dead_stores
 from converter.context import ConversionContext
 from converter.cst_helpers import names_read, nodes_of, target_names
+from converter.passes.prune import unreachable
 from converter.passes.prune.calls import Simplify, binds, drop_bound, entry_env, params_prunable
 from converter.passes.select import shake
 
@@ -243,7 +244,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         for caller in callers[q]:
             funcs[caller] = drop_bound(ctx, funcs[caller], q, set(unused), funcs, old)
     reachable = set(order)
-    return _rebuild(module, ctx, funcs, reachable)
+    return unreachable.run(_rebuild(module, ctx, funcs, reachable), ctx)
 
 
 def _rebuild(module: cst.Module, ctx: ConversionContext, funcs, reachable: set[str]) -> cst.Module:
