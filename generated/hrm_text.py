@@ -425,8 +425,9 @@ class HrmTextForCausalLM(nn.Module):
             (".qkv_proj.", ".k_proj.", "k"),
             (".qkv_proj.", ".v_proj.", "v"),
         ]
-        # (operation, dim, source patterns, targets): transformers' WeightConverters for
-        # checkpoint tensors that are split or joined into this module's parameters
+        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a chain:
+        # transformers' WeightConverters for checkpoint tensors that are split, joined or
+        # stacked (a module list's entries) into this module's parameters
         converters = [
             (
                 "chunk",

@@ -47,6 +47,17 @@ def _str(text: str) -> str:
     return repr(text).replace("'", '"') if '"' not in text else repr(text)
 
 
+def _converter_entry(table: tuple) -> str:
+    """A `load_checkpoint` converter entry as code: strings as literals, raw for regexes."""
+    *ops, sources, targets = table
+    if len(ops) == 2:  # (op, dim): one operation
+        ops_code = f"{_str(ops[0])}, {ops[1]}"
+    else:  # ((op, dim), ...): a chain
+        ops_code = "(" + "".join(f"({_str(op)}, {dim}), " for op, dim in ops[0]) + ")"
+    listed = ", ".join("[" + ", ".join(_str(x) for x in xs) + "]" for xs in (sources, targets))
+    return f"({ops_code}, {listed})"
+
+
 def load_weights_source(ctx: ConversionContext) -> str:
     renames = [(k, v) for k, v in ctx.checkpoint_conversion_mapping.items()]
     renamings, converters = checkpoint_transforms(ctx.lm_class, ctx.model_type)
@@ -64,10 +75,7 @@ def load_weights_source(ctx: ConversionContext) -> str:
             (_str(f".{f}."), _str(f".{s}."), repr(i).replace("'", '"'))
             for f, s, i in ctx.stacked_params
         ],
-        converters=[
-            (_str(op), dim, [_str(p) for p in sources], [_str(t) for t in targets])
-            for op, dim, sources, targets in (c.table() for c in converters)
-        ],
+        converters=[_converter_entry(c.table()) for c in converters],
         prefix=_str(f"{prefix}." if prefix else ""),
         ignored=[_str(p) for p in ctx.keys_to_ignore_on_load_unexpected],
         tied_names=[_str(k) for k in tied],

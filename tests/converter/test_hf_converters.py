@@ -28,7 +28,7 @@ def test_chunk_and_concatenate_are_read():
         'target_patterns=["blob.zz_a.weight", "blob.zz_b.weight"], operations=[Chunk(dim=0)])'
     )
     assert chunk == Converter(
-        ("blob.zz_fused.weight",), ("blob.zz_a.weight", "blob.zz_b.weight"), "chunk", 0
+        ("blob.zz_fused.weight",), ("blob.zz_a.weight", "blob.zz_b.weight"), (("chunk", 0),)
     )
     assert chunk.table() == (
         "chunk",
@@ -37,7 +37,30 @@ def test_chunk_and_concatenate_are_read():
         ["blob.zz_a.weight", "blob.zz_b.weight"],
     )
     cat = _parse('WeightConverter(["*.p1", "*.p2"], "*.pp", [Concatenate(1)])')
-    assert cat == Converter(("*.p1", "*.p2"), ("*.pp",), "concatenate", 1)
+    assert cat == Converter(("*.p1", "*.p2"), ("*.pp",), (("concatenate", 1),))
+
+
+def test_module_list_merges_are_read():
+    # transformers' MoE chains: per-expert tensors stacked, gate and up then joined
+    merged = _parse(
+        'WeightConverter(source_patterns=["mlp.zz_experts.*.w1.weight", "mlp.zz_experts.*.w3.weight"], '
+        'target_patterns="mlp.zz_experts.gate_up_proj", '
+        "operations=[MergeModulelist(dim=0), Concatenate(dim=1)])"
+    )
+    assert merged.table() == (
+        (("merge_modulelist", 0), ("concatenate", 1)),
+        [r"mlp.zz_experts.(\d+).w1.weight(?!\w)", r"mlp.zz_experts.(\d+).w3.weight(?!\w)"],
+        ["mlp.zz_experts.gate_up_proj"],
+    )
+    down = _parse('WeightConverter("mlp.e.*.w2.weight", "mlp.e.down_proj", [MergeModulelist(0)])')
+    assert down.table() == (
+        (("merge_modulelist", 0),),
+        [r"mlp.e.(\d+).w2.weight(?!\w)"],
+        ["mlp.e.down_proj"],
+    )
+    code = weights_pass._converter_entry(merged.table())
+    assert code.startswith('((("merge_modulelist", 0), ("concatenate", 1), ), [r"mlp')
+    assert eval(code) == merged.table()
 
 
 @pytest.mark.parametrize(
@@ -46,7 +69,9 @@ def test_chunk_and_concatenate_are_read():
         'WeightConverter("a", ["b", "c"], [Chunk(dim=0), PermuteForRope()])',  # chained
         'WeightConverter("a", ["b"], [Chunk(dim=0)])',  # one target: nothing to split
         'WeightConverter(["a", "b"], "c", [Concatenate(dim=0, num_shards_attribute="n")])',
-        'WeightConverter(["a", "b"], "c", [MergeModulelist(dim=0)])',
+        'WeightConverter(["a", "b"], "c", [MergeModulelist(dim=0)])',  # no list index
+        'WeightConverter(["e.*.a", "e.*.b"], "c", [MergeModulelist(dim=0)])',  # 2 sources, no join
+        'WeightConverter("e.*.a", "c", [MergeModulelist(dim=0), Chunk(dim=1)])',
         'WeightConverter("a", ["b", "c"], [Chunk(dim=0)], distributed_operation=X())',
     ],
 )
