@@ -75,6 +75,22 @@ def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:  # [T, H, D]
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
+def store_and_attend(
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, Dv]
+    kv_cache: torch.Tensor,  # runtime.attention.kv_layout.kv_cache_shape(...)
+    metadata: InputMetadata,
+    params: AttentionParams,
+    sinks: torch.Tensor | None = None,  # [Hq] fp32
+) -> torch.Tensor:  # [T, Hq, Dv]
+    """One attention layer's step on `select_backend`'s backend: store this step's K/V,
+    then attend over the cache."""
+    backend = select_backend(query.device)
+    backend.store_kv(key, value, kv_cache, metadata.slot_mapping)
+    return backend.attend(query, kv_cache, metadata, params, sinks)
+
+
 BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (TorchBackend(), TritonBackend())}
 
 

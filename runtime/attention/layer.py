@@ -7,9 +7,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from runtime.attention.backend import select_backend
+from runtime.attention.backend import store_and_attend
 from runtime.attention.kv_layout import kv_cache_shape
 from runtime.attention.metadata import InputMetadata
+from runtime.attention.opaque_op import opaque_attention
 from runtime.attention.params import Alibi, AttentionParams
 
 
@@ -44,6 +45,10 @@ class PagedAttention(nn.Module):
     over each query group before attention (``repeat_kv``, Falcon's ``broadcast_to``),
     with ``num_heads``: query head h then reads kv head ``h // (num_heads //
     num_kv_heads)`` and the cache holds one head per group.
+
+    Under ``torch.compile`` the store + attend is one opaque operator
+    (`runtime.attention.opaque_op`) that reads the step's metadata from
+    `runtime.attention.forward_context`; everything else here is traced.
     """
 
     def __init__(
@@ -128,9 +133,12 @@ class PagedAttention(nn.Module):
             )
         if sinks is not None:
             sinks = sinks.float().reshape(self.num_heads)  # [Hq] fp32 (parameters may be bf16)
-        backend = select_backend(query.device)
-        backend.store_kv(key, value, kv_cache, input_metadata.slot_mapping)
-        out = backend.attend(query, kv_cache, input_metadata, self.params, sinks)
+        if torch.compiler.is_compiling():
+            # One opaque operator: the metadata's host lists stay out of the traced graph
+            # (runtime.attention.opaque_op reads them from the step's forward context).
+            out = opaque_attention(query, key, value, kv_cache, self.params, sinks)
+        else:
+            out = store_and_attend(query, key, value, kv_cache, input_metadata, self.params, sinks)
         return out.reshape(num_tokens, self.num_heads * self.v_head_dim)
 
     def _kv_heads(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:  # [T, Hkv, dim]

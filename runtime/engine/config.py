@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.engine.compile import compile_requested
 # Attributes transformers configs use for the longest sequence the model was trained on.
 _CONTEXT_ATTRS = (
     "max_position_embeddings",
@@ -98,3 +99,14 @@ class EngineConfig:
         # TP > 1: the ranks capture in lockstep and agree after every capture (see
         # cuda_graphs.py); HF2PAGED_TP_CUDA_GRAPHS=0 decodes eagerly instead.
         return os.environ.get("HF2PAGED_TP_CUDA_GRAPHS", "1") != "0"
+
+    @property
+    def use_compile(self) -> bool:
+        """torch.compile the model's blocks (runtime/engine/compile.py): on CUDA without
+        `enforce_eager`, by default at TP=1 (measured there; under tensor parallelism the
+        all-reduces are graph breaks and it is not measured yet). ``HF2PAGED_COMPILE=0``
+        or ``1`` overrides the default; never on CPU, where tests and CI would pay the
+        compile time."""
+        if self.device_type != "cuda" or self.enforce_eager:
+            return False
+        return compile_requested(default=self.tensor_parallel_size == 1)

@@ -7,7 +7,8 @@ block_size)`` for every graph), ``max_query_len == 1``, ``num_prefill_tokens == 
 attention decode path reads no host value then) and the model, caches and dtype of this
 runner. Inputs live in static buffers; a replay copies the step into them. Padding rows
 decode a dummy token at slot -1 (nothing stored) over one key of block 0, and their
-outputs are dropped.
+outputs are dropped. A compiled model (runtime/engine/compile.py) is captured as it
+runs: compiled blocks with the attention kernels between them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.attention.metadata import InputMetadata
+from runtime.engine.compile import MIN_COMPILED_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,12 @@ log = logging.getLogger(__name__)
 Agreement = Callable[[bool], bool]
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+def graph_batch_sizes(max_num_seqs: int, smallest: int = 1) -> list[int]:
+    """Padded batch sizes to capture: `smallest` (2 for a compiled model, whose blocks
+    run eagerly on one token), 2, 4, 8, then every 16 up to ``min(max_num_seqs, 512)``."""
     sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
-    top = min(max_num_seqs, 512)
-    return [s for s in sizes if s < top] + [top]
+    top = max(min(max_num_seqs, 512), smallest)
+    return [s for s in sizes if smallest <= s < top] + [top]
 
 
 class DecodeGraphs:
@@ -37,7 +41,10 @@ class DecodeGraphs:
 
     def __init__(self, runner, max_num_seqs: int, max_model_len: int) -> None:
         self.runner = runner
-        self.sizes = graph_batch_sizes(max_num_seqs)
+        # A compiled model runs its blocks eagerly on a single token: one sequence
+        # replays the two-row graph instead (the padding row stores nothing).
+        smallest = MIN_COMPILED_TOKENS if runner.compiled is not None else 1
+        self.sizes = graph_batch_sizes(max_num_seqs, smallest)
         self.max_bs = self.sizes[-1]
         self.width = -(-max_model_len // runner.block_size)
         self.key_extra = (self.width, runner.block_size)  # fixed for every graph
@@ -105,7 +112,7 @@ class DecodeGraphs:
 
     def capture_one(self, args: tuple, pool):
         """Capture ``model(*args)``; returns (replay function, its output, memory pool)."""
-        model = self.runner.model
+        model = self.runner.forward
         model(*args)  # warm-up: lazy initialisation and Triton compilation outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -6,7 +6,8 @@ kernel's split count and pipeline depth follow the number of sequences decoding 
 step, and steps that mix prompt chunks with decodes use the variants that pick their
 sequences through an id list. Left to the first steps that need them, these compilations
 land inside serving (each a second or so on a GPU host), right when the first requests
-wait for their first token. `warm_up_kernels` runs one dummy step per variant instead:
+wait for their first token. The same holds for torch.compile of a compiled model's
+blocks (runtime/engine/compile.py): its first step here traces and compiles them. `warm_up_kernels` runs one dummy step per variant instead:
 the decode variants come from the same `choose_num_splits` / `decode_stages` the kernel
 launcher uses, so the list stays right when the heuristic changes.
 
@@ -52,12 +53,18 @@ def dummy_step(num_decode: int, prefill_len: int, block_size: int) -> StepInputs
     return step
 
 
-def warm_up_steps(model, max_num_seqs: int, block_size: int, device: torch.device):
+def warm_up_steps(
+    model, max_num_seqs: int, block_size: int, device: torch.device, compiled: bool = False
+):
     """The dummy steps that together meet every kernel variant: a lone prompt chunk, and
-    for each decode variant a decode-only step and one mixed with a prompt chunk."""
+    for each decode variant a decode-only step and one mixed with a prompt chunk. A
+    `compiled` model first runs a full decode batch: torch.compile traces its blocks on
+    that call, and Inductor tunes its kernels for the sizes it sees there (a batch of
+    decodes, the engine's commonest step, rather than a two-token prompt)."""
     kv_heads = {layer.num_kv_heads for layer in attention_layers(model)}
     chunk = min(2, block_size)  # a prompt chunk inside block 0
-    steps = [dummy_step(0, chunk, block_size)]
+    steps = [dummy_step(max_num_seqs, 0, block_size)] if compiled and max_num_seqs > 1 else []
+    steps.append(dummy_step(0, chunk, block_size))
     for size in decode_variant_sizes(max_num_seqs, kv_heads, device):
         steps += [dummy_step(size, 0, block_size), dummy_step(size, chunk, block_size)]
     return steps
@@ -67,10 +74,12 @@ def warm_up_steps(model, max_num_seqs: int, block_size: int, device: torch.devic
 def warm_up_kernels(runner, max_num_seqs: int) -> int:
     """Run the warm-up steps eagerly on `runner` (a `ModelRunner` without graphs yet);
     returns how many ran."""
-    steps = warm_up_steps(runner.model, max_num_seqs, runner.block_size, runner.device)
+    steps = warm_up_steps(
+        runner.model, max_num_seqs, runner.block_size, runner.device, runner.compiled is not None
+    )
     for inputs in steps:
         ids, pos, metadata = runner.tensors(inputs)
-        runner.model(ids, pos, runner.kv_caches, metadata)
+        runner.forward(ids, pos, runner.kv_caches, metadata)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     return len(steps)

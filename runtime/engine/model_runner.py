@@ -1,23 +1,29 @@
 """`ModelRunner`: runs one rank's model on a step's `StepInputs` over its KV caches.
 
 `execute` uploads the step (one packed copy from pinned memory on CUDA), makes its
-`InputMetadata` (`StepInputs.to_device`), runs ``model.forward`` and
-``model.compute_logits`` at the step's `logits_indices`. Decode-only batches replay CUDA
-graphs (see `cuda_graphs.py`). The engine's workers, `hf2paged verify` and the demo all
-drive models through it.
+`InputMetadata` (`StepInputs.to_device`), runs the model (``self.forward``: the model
+itself, or a `CompiledModel` over it, see `compile.py`) and ``model.compute_logits`` at
+the step's `logits_indices`. Decode-only batches replay CUDA graphs (see
+`cuda_graphs.py`). The engine's workers, `hf2paged verify` and the demo all drive
+models through it.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from runtime.engine.compile import CompiledModel
 from runtime.engine.cuda_graphs import DecodeGraphs
 from runtime.engine.kernel_warmup import warm_up_kernels
 from runtime.engine.step_inputs import StepInputs, StepTensors
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,19 +39,53 @@ class ModelRunner:
         use_cuda_graphs: bool = False,
         agree: Callable[[bool], bool] | None = None,
         warm_up: bool = False,
+        compile: bool | str = False,
     ) -> None:
         """`warm_up`: compile every attention-kernel variant now (kernel_warmup.py), not in
-        the first serving steps. `agree`: the TP ranks' vote on their graph captures."""
+        the first serving steps. `agree`: the TP ranks' vote on their graph captures.
+        `compile`: run the model's repeated blocks through torch.compile (compile.py):
+        True for Inductor, or a torch.compile backend's name (the CPU tests trace with
+        "aot_eager"); with `warm_up` the compilation happens there too. ``startup_seconds`` records
+        how long the warm-up (compilation included) and the graph captures took."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
         self.block_size = kv_caches[0].shape[2]
         self._staging: torch.Tensor | None = None
         self.graphs = None
+        self.compiled: CompiledModel | None = None
+        if compile:
+            self.compiled = CompiledModel(model, "inductor" if compile is True else compile)
+        # model(input_ids, positions, kv_caches, metadata) -> hidden states [T, hidden]
+        self.forward: Callable = self.compiled or model
+        self.startup_seconds: dict[str, float] = {}
         if warm_up:
-            warm_up_kernels(self, max_num_seqs)
+            start = time.perf_counter()
+            self._warm_up(max_num_seqs)
+            self.startup_seconds["warm_up"] = time.perf_counter() - start
         if use_cuda_graphs and device.type == "cuda":
+            start = time.perf_counter()
             self.graphs = DecodeGraphs.capture(self, max_num_seqs, max_model_len, agree)
+            self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
+
+    def _warm_up(self, max_num_seqs: int) -> None:
+        """`warm_up_kernels`; a model that fails to compile runs eagerly (on one process:
+        tensor-parallel ranks must not leave each other halfway through a step)."""
+        try:
+            warm_up_kernels(self, max_num_seqs)
+        except Exception as exc:  # noqa: BLE001 — the eager model still serves
+            if self.compiled is None or torch.distributed.is_initialized():
+                raise
+            log.warning("torch.compile of the model failed (%s); running it eagerly", exc)
+            self.eager()
+            warm_up_kernels(self, max_num_seqs)
+
+    def eager(self) -> None:
+        """Stop running compiled blocks (before any graph is captured)."""
+        if self.compiled is not None:
+            self.compiled.restore()
+            self.compiled = None
+        self.forward = self.model
 
     def release_graphs(self) -> None:
         """Destroy the decode graphs (before the TP group goes; see DecodeGraphs.release)."""
@@ -89,7 +129,7 @@ class ModelRunner:
             hidden, metadata = self.graphs.run(inputs)
         else:
             ids, pos, metadata = self.tensors(inputs)
-            hidden = self.model(ids, pos, self.kv_caches, metadata)  # [T, hidden]
+            hidden = self.forward(ids, pos, self.kv_caches, metadata)  # [T, hidden]
         if inputs.logits_indices.size == 0:
             return None
         return self.model.compute_logits(hidden, metadata)  # [N, vocab]

@@ -102,7 +102,7 @@ class Worker:
             agree = lambda ok: _all_ranks(ok, group)  # noqa: E731
         self.runner = ModelRunner(
             self.model, caches, self.device, cfg.max_num_seqs, max_len, cfg.use_cuda_graphs,
-            agree, warm_up=self.device.type == "cuda",
+            agree, warm_up=self.device.type == "cuda", compile=cfg.use_compile,
         )  # fmt: skip
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -126,6 +126,9 @@ class FusedMoE(nn.Module):
             + (", expert_parallel=True" if p.expert_parallel else "")
         )
 
+    # A graph break under torch.compile (runtime/engine/compile.py): the expert kernels
+    # run eagerly between the compiled pieces of a block (routing stays compiled).
+    @torch.compiler.disable
     def forward(
         self,
         hidden_states: torch.Tensor,  # [T, H]

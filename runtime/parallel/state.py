@@ -147,6 +147,13 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the TP group (in place when TP > 1); returns `x` unchanged at TP=1."""
     if _TP_SIZE == 1:
         return x
+    return _all_reduce(x)
+
+
+@torch.compiler.disable
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    # A graph break under torch.compile (runtime/engine/compile.py): the collective runs
+    # eagerly between the compiled pieces, in the same order on every rank.
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=_TP_GROUP)
     return x
 
