@@ -44,9 +44,7 @@ def paged_attention_op(
         params = AttentionParams(
             scale, sliding_window, logits_soft_cap, Alibi(alibi_slopes, alibi_scale, dtype)
         )
-    return store_and_attend(
-        query, key, value, kv_cache, require_step_metadata(), params, sinks
-    )
+    return store_and_attend(query, key, value, kv_cache, require_step_metadata(), params, sinks)
 
 
 @paged_attention_op.register_fake

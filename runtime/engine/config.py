@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from runtime.engine.compile import compile_requested
+
 # Attributes transformers configs use for the longest sequence the model was trained on.
 _CONTEXT_ATTRS = (
     "max_position_embeddings",
