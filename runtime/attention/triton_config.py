@@ -62,6 +62,10 @@ class PrefillConfig:
     num_stages: int = 3  # H200 sweep: 369 us vs 404 us (2 stages) on a 4k prompt
 
 
+# Fresh prompts (no cached context) of at least this many tokens go to cuDNN through
+# torch SDPA instead of the prefill kernel (runtime/attention/sdpa_prefill.py).
+FRESH_PROMPT_SDPA_MIN_TOKENS = 1024
+
 # The interpreter runs each op with numpy: small tiles keep CPU tests fast.
 INTERPRETER_PREFILL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 

@@ -13,6 +13,7 @@ import torch
 from runtime.attention.kv_layout import split_kv_cache
 from runtime.attention.metadata import InputMetadata
 from runtime.attention.params import AttentionParams
+from runtime.attention.sdpa_prefill import attend_fresh_prompts
 from runtime.attention.triton_cache import reshape_and_cache
 from runtime.attention.triton_common import check_attention_args
 from runtime.attention.triton_config import DecodeConfig, PrefillConfig
@@ -32,6 +33,7 @@ def paged_attention(
     num_splits: int | None = None,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
+    sdpa_min_tokens: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, Dv]
     """Causal attention of every new token over its sequence's cached context, as
     `paged_attention_ref` computes it (scores as `AttentionParams` states).
@@ -41,9 +43,12 @@ def paged_attention(
     (``metadata.num_prefill_tokens == 0``) no host list is read and nothing syncs with
     the device, so the call can be captured in a CUDA graph (see `paged_decode` for
     what a capture must hold fixed). Mixed batches read `metadata.host_query_lens()`,
-    which is free when the metadata carries its host copies.
+    which is free when the metadata carries its host copies. Fresh prompts (no cached
+    context) of ``sdpa_min_tokens`` tokens or more (default
+    `FRESH_PROMPT_SDPA_MIN_TOKENS`) go to cuDNN where it applies (`sdpa_prefill`).
 
-    ``num_splits`` / ``*_config`` override the launch heuristics (tests, tuning).
+    ``num_splits`` / ``*_config`` / ``sdpa_min_tokens`` override the heuristics (tests,
+    tuning).
     """
     alibi = params.alibi
     slopes = None if alibi is None else alibi.slopes
@@ -79,9 +84,13 @@ def paged_attention(
             num_splits=num_splits, config=decode_config, **common,
         )  # fmt: skip
     if prefill_ids:
-        # Without decodes every sequence is a prefill: no index tensor to copy over.
+        prefill_ids = attend_fresh_prompts(
+            out, query, kv_cache, metadata, params, sinks, prefill_ids, sdpa_min_tokens
+        )
+    if prefill_ids:
+        # When every sequence is a prefill for the kernel: no index tensor to copy over.
         ids = None
-        if decode_ids:
+        if len(prefill_ids) < len(query_lens):
             ids = torch.tensor(prefill_ids, dtype=torch.int32).to(query.device)
         max_len = max(query_lens[b] for b in prefill_ids)
         paged_prefill(
