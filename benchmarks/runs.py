@@ -12,17 +12,22 @@ from pathlib import Path
 from hf2paged.bench import RunResult, save_random_model
 
 
-def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(result key, system, tp) for each run: ours once per TP size ("ours" alone when there
-    is one size, "ours-tp<N>" otherwise), each HF baseline once."""
+def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, str]]]:
+    """(result key, system, tp, extra worker environment) for each run: ours once per TP
+    size and `--compile` setting ("ours" alone when there is one of each, else
+    "ours-tp<N>" / "-compile<C>" suffixes; HF2PAGED_COMPILE=<C> in its worker), each HF
+    baseline once."""
     runs = []
+    settings = getattr(args, "compile_settings", ["auto"])
     for system in args.systems:
         if system != "ours":
-            runs.append((system, system, 1))
-        elif len(args.tp_sizes) == 1:
-            runs.append(("ours", "ours", args.tp_sizes[0]))
-        else:
-            runs += [(f"ours-tp{t}", "ours", t) for t in args.tp_sizes]
+            runs.append((system, system, 1, {}))
+            continue
+        for t in args.tp_sizes:
+            for c in settings:
+                key = "ours" + (f"-tp{t}" if len(args.tp_sizes) > 1 else "")
+                key += f"-compile{c}" if len(settings) > 1 else ""
+                runs.append((key, "ours", t, {} if c == "auto" else {"HF2PAGED_COMPILE": c}))
     return runs
 
 

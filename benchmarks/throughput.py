@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tensor-parallel size(s) of ours, comma-separated (e.g. 1,2: ours runs once per "
         "size); HF runs on one GPU",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", default="auto",
+        help="ours' torch.compile setting(s), comma-separated from auto,0,1 (e.g. 0,1: ours "
+        "runs once per setting, HF2PAGED_COMPILE set in its worker; auto: the engine's choice)",
+    )  # fmt: skip
     p.add_argument("--skip-hf", action="store_true", help="run ours only")
     p.add_argument(
         "--systems",
@@ -117,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.tp_sizes or min(args.tp_sizes) < 1:
         p.error(f"--tp expects sizes >= 1, got {args.tp!r}")
     args.tp = args.tp_sizes[0]  # a worker runs the one size it is given
+    args.compile_settings = [c.strip() for c in args.compile.split(",") if c.strip()]
+    if not args.compile_settings or set(args.compile_settings) - {"auto", "0", "1"}:
+        p.error(f"--compile expects settings from auto,0,1, got {args.compile!r}")
     return args
 
 
@@ -179,9 +187,16 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_system(
-    key: str, system: str, tp: int, args: argparse.Namespace, model_dir: Path, tmp: Path
+    key: str,
+    system: str,
+    tp: int,
+    args: argparse.Namespace,
+    model_dir: Path,
+    tmp: Path,
+    env: dict[str, str] | None = None,
 ) -> RunResult | str:
-    """The system's result, or a one-line reason it has none."""
+    """The system's result, or a one-line reason it has none (`env`: extra variables of
+    its worker process)."""
     result_file = tmp / f"{key}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system]
@@ -206,7 +221,9 @@ def run_system(
     ]
     cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
     )
     print(f"\n== {key}", flush=True)
     try:
@@ -235,7 +252,7 @@ def main(argv=None) -> None:
     runs = system_runs(args)
     print(
         f"{args.model} ({args.dtype}) on {slug}: {len(workload)} requests, "
-        f"lengths {args.min_len}..{args.max_len}, runs {[key for key, _, _ in runs]}",
+        f"lengths {args.min_len}..{args.max_len}, runs {[key for key, *_ in runs]}",
         flush=True,
     )
     bandwidth = copy_bandwidth(args.device)
@@ -250,11 +267,11 @@ def main(argv=None) -> None:
         results: dict[str, RunResult | str] = {}
         earlier = earlier_results(keep, workload_key)
         for key, r in earlier.items():
-            if key not in {k for k, _, _ in runs}:
+            if key not in {k for k, *_ in runs}:
                 r.notes.append("measured by an earlier invocation on the same machine (--keep-dir)")
                 results[key] = r
-        for key, system, tp in runs:
-            results[key] = run_system(key, system, tp, args, model_dir, Path(tmp))
+        for key, system, tp, env in runs:
+            results[key] = run_system(key, system, tp, args, model_dir, Path(tmp), env)
             if keep is not None and isinstance(results[key], RunResult):
                 (keep / "results").mkdir(exist_ok=True)
                 saved = {"workload": workload_key, "result": json.loads(results[key].to_json())}

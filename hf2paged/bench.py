@@ -181,7 +181,11 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
 
     from runtime.engine import LLM, SamplingParams
 
+    started = time.perf_counter()
     llm = LLM(model_dir, tensor_parallel_size=tp, dtype=dtype, device=device, **llm_kwargs)
+    startup = _startup_note(llm, time.perf_counter() - started)
+    runner = getattr(getattr(llm, "executor", None), "worker", None)
+    compiled_model = getattr(getattr(runner, "runner", None), "compiled", None) is not None
     try:
         greedy = [
             SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.max_tokens)
@@ -217,7 +221,7 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         _shutdown(llm)
     ttft, itl = latencies_from_timestamps(start, list(token_times.values()))
     return RunResult(
-        name=f"hf2paged (ours, tp={tp})",
+        name=f"hf2paged (ours, tp={tp}{', compiled' if compiled_model else ''})",
         num_requests=len(workload),
         input_tokens=sum(len(r.prompt_token_ids) for r in workload),
         output_tokens=sum(len(t) for t in token_times.values()),
@@ -225,10 +229,32 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         ttft_s=ttft,
         itl_s=itl,
         peak_memory_bytes=peak,
-        notes=[f"Triton kernels compiled during the timed run (new cache entries): {compiled}"]
+        notes=[
+            startup,
+            f"Triton kernels compiled during the timed run (new cache entries): {compiled}",
+        ]
         if device.startswith("cuda")
-        else [],
+        else [startup],
     )
+
+
+def _startup_note(llm, seconds: float) -> str:
+    """Engine start-up time, with rank 0's warm-up (kernel and torch.compile
+    compilation) and CUDA-graph capture where it recorded them."""
+    runner = getattr(getattr(getattr(llm, "executor", None), "worker", None), "runner", None)
+    parts = []
+    if runner is not None:
+        timings = getattr(runner, "startup_seconds", {})
+        compiled = getattr(runner, "compiled", None) is not None
+        if "warm_up" in timings:
+            what = "kernel warm-up incl. torch.compile" if compiled else "kernel warm-up"
+            parts.append(f"{what} {timings['warm_up']:.1f} s")
+        if "cuda_graphs" in timings:
+            parts.append(f"CUDA graphs {timings['cuda_graphs']:.1f} s")
+        if not compiled:
+            parts.append("model not compiled")
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return f"engine start-up {seconds:.1f} s{detail}"
 
 
 def _triton_cache_entries() -> int:

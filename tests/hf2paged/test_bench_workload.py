@@ -104,12 +104,17 @@ def test_throughput_runs_and_kept_results(tmp_path) -> None:
 
     args = argparse.Namespace(systems=["ours", "hf-cb"], tp_sizes=[1, 2])
     assert system_runs(args) == [
-        ("ours-tp1", "ours", 1),
-        ("ours-tp2", "ours", 2),
-        ("hf-cb", "hf-cb", 1),
+        ("ours-tp1", "ours", 1, {}),
+        ("ours-tp2", "ours", 2, {}),
+        ("hf-cb", "hf-cb", 1, {}),
     ]
     args.tp_sizes = [2]
-    assert system_runs(args)[0] == ("ours", "ours", 2)
+    assert system_runs(args)[0] == ("ours", "ours", 2, {})
+    args.compile_settings = ["0", "1"]  # --compile 0,1: ours once per setting
+    assert system_runs(args)[:2] == [
+        ("ours-compile0", "ours", 2, {"HF2PAGED_COMPILE": "0"}),
+        ("ours-compile1", "ours", 2, {"HF2PAGED_COMPILE": "1"}),
+    ]
 
     result = RunResult("HF generate", 2, input_tokens=3, output_tokens=4, elapsed_s=1.0)
     (tmp_path / "results").mkdir()
