@@ -233,49 +233,54 @@ def run_step_times(model_dir, dtype, device, say) -> dict:
     return results
 
 
-def run_prefill(say) -> None:
-    import triton  # noqa: F401 — the kernels' own import, first here
-    from attention import DTYPE, HKV, HQ, PARAMS, SCALE, D, interleaved, paged_copy
+def fresh_prompt_calls(lens: list[int]) -> dict:
+    """Fresh prompts of `lens` tokens in one paged cache: the prefill kernel alone, the
+    cuDNN handoff (sdpa_prefill.py) and SDPA's cuDNN on contiguous K/V, one call each."""
+    from attention import DTYPE, HKV, HQ, PARAMS, SCALE, D, paged_copy
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from runtime.attention.triton_ops import paged_attention
 
+    qs = [torch.randn(1, HQ, n, D, dtype=DTYPE, device="cuda") for n in lens]
+    ks = [torch.randn(1, HKV, n, D, dtype=DTYPE, device="cuda") for n in lens]
+    vs = [torch.randn(1, HKV, n, D, dtype=DTYPE, device="cuda") for n in lens]
+    caches, tables, offset = [], [], 0
+    for k, v in zip(ks, vs):
+        cache, table = paged_copy(k, v, BLOCK)
+        caches.append(cache)
+        tables.append([b + offset for b in table[0]])
+        offset += cache.shape[1]
+    cache = torch.cat(caches, 1)
+    md = StepInputs.build(tables, [0] * len(lens), lens, BLOCK).to_device("cuda").metadata
+    query = torch.cat([q[0].transpose(0, 1) for q in qs]).contiguous()  # [T, Hq, D]
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for q, k, v in zip(qs, ks, vs):
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=SCALE, enable_gqa=True
+                )
+
+    return {
+        "kernel": lambda: paged_attention(query, cache, md, PARAMS, sdpa_min_tokens=1 << 30),
+        "handoff": lambda: paged_attention(query, cache, md, PARAMS, sdpa_min_tokens=1),
+        "cudnn": sdpa,
+    }
+
+
+def run_prefill(say) -> None:
+    from attention import HKV, HQ, D, interleaved
+
     cases = [[256], [512], [1024], [2048], [4096], [1024] * 8, [2048] * 4, [512] * 16]
     rows = []
     for lens in cases:
-        total = sum(lens)
-        qs = [torch.randn(1, HQ, n, D, dtype=DTYPE, device="cuda") for n in lens]
-        ks = [torch.randn(1, HKV, n, D, dtype=DTYPE, device="cuda") for n in lens]
-        vs = [torch.randn(1, HKV, n, D, dtype=DTYPE, device="cuda") for n in lens]
-        # one paged cache holding every prompt: copy each, then one step over all of them
-        caches, tables, offset = [], [], 0
-        for k, v in zip(ks, vs):
-            cache, table = paged_copy(k, v, BLOCK)
-            caches.append(cache)
-            tables.append([b + offset for b in table[0]])
-            offset += cache.shape[1]
-        cache = torch.cat(caches, 1)
-        md = StepInputs.build(tables, [0] * len(lens), lens, BLOCK).to_device("cuda").metadata
-        query = torch.cat([q[0].transpose(0, 1) for q in qs]).contiguous()  # [T, Hq, D]
-
-        def sdpa():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                for q, k, v in zip(qs, ks, vs):
-                    torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, scale=SCALE, enable_gqa=True
-                    )
-
-        calls = {
-            "kernel": lambda: paged_attention(query, cache, md, PARAMS, sdpa_min_tokens=1 << 30),
-            "handoff": lambda: paged_attention(query, cache, md, PARAMS, sdpa_min_tokens=1),
-            "cudnn": sdpa,
-        }
+        calls = fresh_prompt_calls(lens)
         err = (calls["kernel"]().float() - calls["handoff"]().float()).abs().max().item()
         t = interleaved(calls, 20)
         flops = sum(4 * HQ * D * n * (n + 1) // 2 for n in lens)
         label = f"{len(lens)} x {lens[0]}" if len(lens) > 1 else f"{lens[0]}"
         rows.append(
-            f"| {label} ({total} tokens) | {t['kernel']:.1f} | {t['handoff']:.1f} | "
+            f"| {label} ({sum(lens)} tokens) | {t['kernel']:.1f} | {t['handoff']:.1f} | "
             f"{t['cudnn']:.1f} | {t['kernel'] / t['cudnn']:.2f} | {t['handoff'] / t['cudnn']:.2f} | "
             f"{flops / t['handoff'] / 1e6:.0f} | {err:.1e} |"
         )
