@@ -15,6 +15,8 @@ import logging
 import pytest
 import torch
 from engine_models import build_model_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from moe_cases import HFWeights, Spec, routing
 from torch._dynamo.utils import counters
 
@@ -90,6 +92,52 @@ def test_compiled_blocks_match_eager(tmp_path, arch: str, graphs: int) -> None:
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not any("forward" in m.__dict__ for m in model.modules())  # eager() restored them
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory):
+    model_dir, _ = build_model_dir("qwen3", tmp_path_factory.mktemp("qwen3"), with_tokenizer=False)
+    return build_model(model_dir)
+
+
+@st.composite
+def step_sequences(draw) -> list[StepInputs]:
+    """Up to four sequences over their own blocks; each step picks some of them and gives
+    each 1..5 new tokens (a prompt, a chunk after context, or a decode)."""
+    tables = [list(range(i * 8, (i + 1) * 8)) for i in range(4)]  # 32 tokens each
+    context = [0] * 4
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        seqs = sorted(draw(st.sets(st.integers(0, 3), min_size=1)))
+        new = [draw(st.integers(1, 5)) for _ in seqs]
+        ids = draw(st.lists(st.integers(0, 63), min_size=sum(new), max_size=sum(new)))
+        out.append(StepInputs.build(
+            [tables[i] for i in seqs], [context[i] for i in seqs], new, BLOCK, ids,
+        ))  # fmt: skip
+        for i, n in zip(seqs, new):
+            context[i] += n
+    return out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequence=step_sequences())
+def test_any_batch_matches_eager_with_one_graph(qwen3_model, sequence) -> None:
+    """Property: whatever the step's mix of prompts, chunks and decodes and its token
+    count, the compiled blocks give the eager logits, from one traced graph (the token
+    count is dynamic: no batch size recompiles)."""
+
+    def run(compile):
+        caches = allocate_kv_caches(qwen3_model, 32, BLOCK, torch.float32, torch.device("cpu"))
+        runner = ModelRunner(qwen3_model, caches, torch.device("cpu"), compile=compile)
+        with torch.inference_mode():
+            logits = [runner.execute(step) for step in sequence]
+        runner.eager()
+        return logits
+
+    for e, g in zip(run(False), run("aot_eager"), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert counters["stats"].get("unique_graphs", 0) <= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_repeated_blocks_are_the_decoder_layers(tmp_path) -> None:
