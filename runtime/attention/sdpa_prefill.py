@@ -2,15 +2,16 @@
 
 A prompt whose tokens are all new in this step (no cached context before them, unlike a
 chunk after earlier chunks or a prefix-cache hit) attends only to its own keys: plain
-causal attention, which cuDNN's fused kernel runs fastest on Hopper. On an H200 it took
-259 µs for 4096 tokens (32/8 heads, head_dim 128, bf16) where the paged Triton prefill
-kernel took 368 µs (benchmarks/results/attention-nvidia-h200.md). `attend_fresh_prompts`
-hands such prompts of at least `FRESH_PROMPT_SDPA_MIN_TOKENS` tokens to it, per
-sequence (SDPA takes no ragged batch), with their keys and values gathered from the
-cache (a copy of a few percent of the attention's time); shorter prompts, where a
-launch per sequence would cost more than it saves, and every score feature cuDNN does
-not have here (ALiBi, soft-capping, sinks, a sliding window shorter than the prompt)
-stay on the Triton kernel.
+causal attention, which cuDNN's fused kernel runs fastest on Hopper. On an H200, for
+one prompt of 4096 tokens (32/8 heads, head_dim 128, bf16), this handoff took 295 µs,
+SDPA's cuDNN alone on contiguous K/V 258 µs, the paged Triton prefill kernel 428 µs
+(benchmarks/results/compile-nvidia-h200.md). `attend_fresh_prompts` hands such prompts
+of at least `FRESH_PROMPT_SDPA_MIN_TOKENS` tokens to it, per sequence (SDPA takes no
+ragged batch), with their keys and values gathered from the cache; shorter prompts,
+where a launch and a gather per sequence cost more than they save (eight prompts of
+1024 tokens: 623 µs handed off, 298 µs in one kernel launch), and every score feature
+cuDNN does not have here (ALiBi, soft-capping, sinks, a sliding window shorter than the
+prompt) stay on the Triton kernel.
 A configuration cuDNN refuses is remembered and not asked again.
 """
 

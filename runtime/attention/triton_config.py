@@ -63,8 +63,12 @@ class PrefillConfig:
 
 
 # Fresh prompts (no cached context) of at least this many tokens go to cuDNN through
-# torch SDPA instead of the prefill kernel (runtime/attention/sdpa_prefill.py).
-FRESH_PROMPT_SDPA_MIN_TOKENS = 1024
+# torch SDPA instead of the prefill kernel (runtime/attention/sdpa_prefill.py). H200,
+# 32/8 heads, d128, bf16 (benchmarks/results/compile-nvidia-h200.md), kernel vs handoff
+# in µs: one prompt of 4096 428 vs 295, of 2048 142 vs 109, 4 x 2048 467 vs 426; but
+# 8 x 1024 298 vs 623 and 16 x 512 213 vs 1245 (the kernel fills the GPU with many
+# prompts at once, the handoff pays a launch and a gather per prompt).
+FRESH_PROMPT_SDPA_MIN_TOKENS = 2048
 
 # The interpreter runs each op with numpy: small tiles keep CPU tests fast.
 INTERPRETER_PREFILL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
