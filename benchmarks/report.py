@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import platform
 import re
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,6 +98,26 @@ def _ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1e3:,.1f}"
 
 
+def _spread(results: dict) -> list[str]:
+    """A section on the setups measured more than once (`--repeat`): each run's output
+    tok/s, the median and the spread (max - min) as a fraction of the median."""
+    runs: dict[str, list[float]] = {}
+    for r in results.values():
+        if isinstance(r, RunResult):
+            runs.setdefault(re.sub(r", run \d+/\d+\)$", ")", r.name), []).append(r.output_tps)
+    repeated = {name: tps for name, tps in runs.items() if len(tps) > 1}
+    if not repeated:
+        return []
+    lines = ["", "## Spread over repeated runs", ""]
+    for name, tps in repeated.items():
+        median = statistics.median(tps)
+        lines.append(
+            f"- {name}: {len(tps)} runs, output tok/s {' / '.join(f'{t:,.0f}' for t in tps)}; "
+            f"median {median:,.0f}, spread {(max(tps) - min(tps)) / median:.1%} of it"
+        )
+    return lines
+
+
 def write_report(
     out: Path, args, slug, config, workload, roofline: Roofline, results: dict
 ) -> None:
@@ -158,6 +179,7 @@ def write_report(
         + ". Compute and prefill are ignored, so this bound is optimistic; each row's "
         "fraction uses the bound of its own GPU count.",
     ]
+    lines += _spread(results)
     tps = sorted({_tp_of(r.name) for r in results.values() if isinstance(r, RunResult)})
     if max(tps, default=1) > 1:
         notes.append(

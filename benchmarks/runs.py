@@ -15,19 +15,22 @@ from hf2paged.bench import RunResult, save_random_model
 def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, str]]]:
     """(result key, system, tp, extra worker environment) for each run: ours once per TP
     size and `--compile` setting ("ours" alone when there is one of each, else
-    "ours-tp<N>" / "-compile<C>" suffixes; HF2PAGED_COMPILE=<C> in its worker), each HF
-    baseline once."""
+    "ours-tp<N>" / "-compile<C>" suffixes; HF2PAGED_COMPILE=<C> in its worker; "-run<i>"
+    for each of `--repeat` runs), each HF baseline once."""
     runs = []
     settings = getattr(args, "compile_settings", ["auto"])
     for system in args.systems:
         if system != "ours":
             runs.append((system, system, 1, {}))
             continue
+        repeats = getattr(args, "repeat", 1)
         for t in args.tp_sizes:
             for c in settings:
                 key = "ours" + (f"-tp{t}" if len(args.tp_sizes) > 1 else "")
                 key += f"-compile{c}" if len(settings) > 1 else ""
-                runs.append((key, "ours", t, {} if c == "auto" else {"HF2PAGED_COMPILE": c}))
+                env = {} if c == "auto" else {"HF2PAGED_COMPILE": c}
+                for i in range(1, repeats + 1):
+                    runs.append((key + (f"-run{i}" if repeats > 1 else ""), "ours", t, env))
     return runs
 
 

@@ -70,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--skip-hf", action="store_true", help="run ours only")
     p.add_argument(
+        "--repeat", type=int, default=1,
+        help="run ours this many times per setting, each in a fresh process; the report "
+        "gives every run's row and the spread",
+    )  # fmt: skip
+    p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)}",
@@ -122,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.tp_sizes or min(args.tp_sizes) < 1:
         p.error(f"--tp expects sizes >= 1, got {args.tp!r}")
     args.tp = args.tp_sizes[0]  # a worker runs the one size it is given
+    if args.repeat < 1:
+        p.error(f"--repeat expects a count >= 1, got {args.repeat}")
     args.compile_settings = [c.strip() for c in args.compile.split(",") if c.strip()]
     if not args.compile_settings or set(args.compile_settings) - {"auto", "0", "1"}:
         p.error(f"--compile expects settings from auto,0,1, got {args.compile!r}")
@@ -272,6 +279,9 @@ def main(argv=None) -> None:
                 results[key] = r
         for key, system, tp, env in runs:
             results[key] = run_system(key, system, tp, args, model_dir, Path(tmp), env)
+            run = re.search(r"-run(\d+)$", key)
+            if run and isinstance(results[key], RunResult):
+                results[key].name = f"{results[key].name[:-1]}, run {run.group(1)}/{args.repeat})"
             if keep is not None and isinstance(results[key], RunResult):
                 (keep / "results").mkdir(exist_ok=True)
                 saved = {"workload": workload_key, "result": json.loads(results[key].to_json())}

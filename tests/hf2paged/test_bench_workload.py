@@ -115,6 +115,13 @@ def test_throughput_runs_and_kept_results(tmp_path) -> None:
         ("ours-compile0", "ours", 2, {"HF2PAGED_COMPILE": "0"}),
         ("ours-compile1", "ours", 2, {"HF2PAGED_COMPILE": "1"}),
     ]
+    args.compile_settings, args.repeat = ["auto"], 3  # --repeat 3: three fresh processes
+    assert [key for key, *_ in system_runs(args)] == [
+        "ours-run1",
+        "ours-run2",
+        "ours-run3",
+        "hf-cb",
+    ]
 
     result = RunResult("HF generate", 2, input_tokens=3, output_tokens=4, elapsed_s=1.0)
     (tmp_path / "results").mkdir()
@@ -125,3 +132,23 @@ def test_throughput_runs_and_kept_results(tmp_path) -> None:
     assert list(found) == ["hf-generate"] and found["hf-generate"].output_tokens == 4
     rows = {"hf-generate": 1, "hf-cb": 2, "ours-tp2": 3, "ours-tp1": 4}
     assert list(ordered(rows)) == ["ours-tp1", "ours-tp2", "hf-cb", "hf-generate"]
+
+
+def test_report_spread_of_repeated_runs():
+    """--repeat's rows of one setup are gathered into one spread line; single runs give none."""
+    from benchmarks.report import _spread
+
+    def run(name, seconds):
+        return RunResult(name, 1, input_tokens=1, output_tokens=1000, elapsed_s=seconds)
+
+    results = {
+        "ours-run1": run("hf2paged (ours, tp=1, run 1/2)", 1.0),
+        "ours-run2": run("hf2paged (ours, tp=1, run 2/2)", 0.8),
+        "hf-cb": run("HF continuous batching", 10.0),
+    }
+    lines = _spread(results)
+    assert lines[-1] == (
+        "- hf2paged (ours, tp=1): 2 runs, output tok/s 1,000 / 1,250; median 1,125, "
+        "spread 22.2% of it"
+    )
+    assert _spread({"hf-cb": results["hf-cb"]}) == []
