@@ -6,15 +6,17 @@
                                                           # CPU smoke of the whole pipeline
 
 The throughput workload (`benchmarks/throughput.py`: nano-vllm's 256 requests, lengths
-100..1024, greedy, random bf16 weights of the Qwen3-0.6B shape) runs through `LLM.step`
-for ``--steps`` steps, each mode in its own process:
+100..1024, greedy, random bf16 weights of the Qwen3-0.6B shape) runs through
+`LLM.step_tokens` (as throughput.py drives it) for ``--steps`` steps, each mode in its own
+process, with asynchronous scheduling unless ``--sync``:
 
 - ``graphs`` / ``eager``: the engine as served, CUDA graphs on / off. Every step is timed
   by phase on the host (perf_counter around the engine's own calls: scheduling, input
-  preparation, upload, model launch, logits, the wait for the GPU, sampling, the
+  preparation, upload, model launch, logits, sampling, the wait for the GPU, the
   scheduler's update, the per-request outputs; what is left is Python between them).
-  The wait is a ``torch.cuda.synchronize()`` put just before the sampler, whose
-  ``.tolist()`` would wait there anyway: it separates host work from GPU time. One mixed
+  The wait is the engine's own: the sampled ids' copy to the host (an event), which
+  separates host work from GPU time (with async scheduling, the wait for the step
+  before, while this call's step is already queued). One mixed
   step (prompt chunks beside ~all sequences decoding) and one steady decode step at the
   full batch run under the torch profiler with every module's forward marked; its trace
   attributes each GPU kernel to the innermost module (norms, GEMMs, attention, rotary,
@@ -95,9 +97,19 @@ class Phases:
         setattr(obj, attr, timed)
 
 
-def instrument(llm, phases: Phases, host_only: bool, wait_for_gpu: bool = True) -> None:
+class _StubSampler:
+    """Host mode: token 1 for every row, as device tensors like the real sampler's."""
+
+    def sample(self, logits, seqs):
+        from runtime.engine.sampler import SamplerOutput
+
+        return SamplerOutput(torch.ones(len(seqs), dtype=torch.int64))
+
+
+def instrument(llm, phases: Phases, host_only: bool) -> None:
     """Wrap the engine's calls of one step (the names `LLM._step` and the runner use)."""
     import runtime.engine.llm as llm_module
+    from runtime.engine.sampler import SamplerOutput
 
     phases.wrap(llm.scheduler, "schedule", "schedule")
     phases.wrap(llm_module, "prepare_step", "prepare inputs")
@@ -107,7 +119,7 @@ def instrument(llm, phases: Phases, host_only: bool, wait_for_gpu: bool = True) 
     if host_only:
         # The model and sampler are not measured here: inputs are built, nothing runs.
         llm.executor.execute = lambda inputs: runner.tensors(inputs) and None
-        llm.sampler = lambda logits, seqs: ([1] * len(seqs), None)
+        llm.sampler = _StubSampler()
     else:
         if runner.graphs is not None:
             phases.wrap(runner.graphs, "run", "graph inputs + replay")
@@ -115,21 +127,16 @@ def instrument(llm, phases: Phases, host_only: bool, wait_for_gpu: bool = True) 
         model.register_forward_pre_hook(lambda *a: phases.push("model launch"))
         model.register_forward_hook(lambda *a: phases.pop())
         phases.wrap(model, "compute_logits", "logits launch")
-        wait = None
-        if wait_for_gpu and torch.cuda.is_available() and runner.device.type == "cuda":
-
-            def wait():
-                phases.push("GPU wait")
-                torch.cuda.synchronize()
-                phases.pop()
-
-        phases.wrap(llm, "sampler", "sample", before=wait)
+    phases.wrap(llm.sampler, "sample", "sample")
+    # Where the host waits for the device: the sampled ids' copy (one event per step).
+    # Under async scheduling it waits for the step launched by the call before.
+    phases.wrap(SamplerOutput, "tolists", "GPU wait")
     phases.wrap(llm.executor, "execute", "execute (rest)")
     phases.wrap(llm.scheduler, "update", "scheduler update")
     # Per step, not per request (a range per request would cost more than it measures):
-    # LLM.step's exclusive time is building the request outputs around `_step`.
+    # step_tokens' exclusive time is building the per-request deltas around `_step`.
     phases.wrap(llm, "_step", "engine Python (between phases)")
-    phases.wrap(llm, "step", "request outputs")
+    phases.wrap(llm, "step_tokens", "request outputs")
 
 
 # ----------------------------------------------------------------------------- worker
@@ -181,7 +188,7 @@ def profile_step(llm, trace_dir: Path, label: str) -> tuple[dict, Path]:
     path = trace_dir / f"{label}.json"
     with ModuleMarks(), profile(activities=acts) as prof:
         with torch.profiler.record_function("step"):
-            llm.step()
+            llm.step_tokens()
         if cuda:
             torch.cuda.synchronize()
     prof.export_chrome_trace(str(path))
@@ -223,15 +230,16 @@ def worker(args) -> dict:
         kw["kv_cache_memory_bytes"] = 1 << 30
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     llm = LLM(
-        args.model_dir, dtype=dtype, device=device, enforce_eager=args.worker == "eager", **kw
-    )
+        args.model_dir, dtype=dtype, device=device, enforce_eager=args.worker == "eager",
+        async_scheduling=not args.sync, **kw,
+    )  # fmt: skip
     greedy = lambda n: SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)  # noqa: E731
     if not host_only:
         llm.generate([r.prompt_token_ids for r in workload[:4]], greedy(8), use_tqdm=False)
     for r in workload:
         llm.add_request(r.prompt_token_ids, greedy(r.max_tokens), detokenize=False)
     phases = Phases(ranges=not args.light)
-    instrument(llm, phases, host_only, wait_for_gpu=not args.light)
+    instrument(llm, phases, host_only)
     last = {}
     schedule = llm.scheduler.schedule
 
@@ -285,7 +293,7 @@ def worker(args) -> dict:
             continue
         phases.step.clear()
         t0 = time.perf_counter()
-        llm.step()
+        llm.step_tokens()
         wall = time.perf_counter() - t0
         out = last["out"]
         kind = "decode" if all(n == 1 for n in out.num_new_tokens) else "mixed"
@@ -456,7 +464,7 @@ def steady_steps(result: dict, num_requests: int) -> dict[str, list[dict]]:
 
 
 PHASE_ORDER = ["schedule", "prepare inputs", "upload", "input metadata", "execute (rest)",
-               "model launch", "graph inputs + replay", "logits launch", "GPU wait", "sample",
+               "model launch", "graph inputs + replay", "logits launch", "sample", "GPU wait",
                "scheduler update", "engine Python (between phases)", "request outputs"]  # fmt: skip
 
 
@@ -618,12 +626,15 @@ def write_report(out: Path, args, results: dict, device_name: str, elapsed: floa
         "",
         "## Host phases",
         "",
-        "Per step, exclusive times (a phase's nested phases are listed on their own). "
-        "`GPU wait` is a synchronize just before sampling: the part of the step the host "
-        "spends waiting for the GPU; everything else is host work, during which the GPU "
-        "only runs what was already queued. Steady decode: decode-only steps at >= 90% of "
-        "the batch; mixed: prompt chunks beside decodes, >= 50% of the batch. `host` "
-        "mode: model and sampler stubbed.",
+        "Per step (one `LLM.step_tokens()` call), exclusive times (a phase's nested phases "
+        "are listed on their own). `GPU wait` is the wait for the sampled ids' copy to the "
+        "host (the engine's one sync per step): with asynchronous scheduling "
+        f"({'off: --sync' if args.sync else 'on'} in this run) the call launches step N, "
+        "then waits for step N-1's ids while N is queued behind it, so the GPU idles only "
+        "when the host work of a call exceeds the GPU time of a step. Steady decode: "
+        "decode-only steps at >= 90% of the batch; mixed: prompt chunks beside decodes, "
+        ">= 50% of the batch (the kind of the step a call launches). `host` mode: model "
+        "and sampler stubbed.",
         "",
         *host_table(results, args.num_requests),
         "",
@@ -663,8 +674,12 @@ def main(argv=None) -> None:
     )  # fmt: skip
     p.add_argument(
         "--light", action="store_true",
-        help="phase timers only: no profiler ranges, no GPU-wait sync, no profiled steps "
+        help="phase timers only: no profiler ranges, no profiled steps "
         "(the instrumentation's own cost: compare its whole-run time with throughput.py's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sync", action="store_true",
+        help="the synchronous engine loop (async_scheduling=False), as before async scheduling",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json-out", type=Path, default=None, help="also save the raw results")
@@ -700,6 +715,8 @@ def main(argv=None) -> None:
                    "--steps", str(args.steps), "--steps-full", str(args.steps_full)]  # fmt: skip
             if args.light:
                 cmd.append("--light")
+            if args.sync:
+                cmd.append("--sync")
             if args.trace_out:
                 cmd += ["--trace-out", str(args.trace_out)]
             print(f"== {mode}", flush=True)

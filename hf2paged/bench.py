@@ -209,11 +209,12 @@ def _timed_run_ours(model_dir, workload, device, dtype, tp, log, **llm_kwargs) -
         ]
         for rid in ids:
             token_times[rid] = []
+        # Deltas (one per new token), not whole outputs: what a streaming server reads.
         while llm.has_unfinished_requests():
-            for out in llm.step():
-                now = time.perf_counter()
-                times = token_times[out.request_id]
-                times.extend([now] * (len(out.token_ids) - len(times)))
+            deltas = llm.step_tokens()
+            now = time.perf_counter()
+            for delta in deltas:
+                token_times[delta.request_id].append(now)
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
         compiled = _triton_cache_entries() - compiled_before

@@ -14,9 +14,15 @@ from runtime.engine.async_llm import AsyncLLM, EngineError, EngineOverloaded, Re
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    model_dir, _ = build_model_dir("llama", tmp_path_factory.mktemp("async"))
-    engine = LLM(model_dir, block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8)
+def model_dir(tmp_path_factory):
+    return build_model_dir("llama", tmp_path_factory.mktemp("async"))[0]
+
+
+# The engine loop synchronous, and with asynchronous scheduling (tokens one step late).
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(model_dir, request):
+    engine = LLM(model_dir, block_size=4, kv_cache_memory_bytes=1 << 20, max_num_seqs=8,
+                 async_scheduling=request.param)  # fmt: skip
     yield engine
     engine.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -43,6 +44,14 @@ def check_block_invariants(bm: BlockManager, live: list[Sequence]) -> None:
             assert seq.num_computed_tokens >= end, f"{seq} would write shared block {b}"
     for h, b in bm.hash_to_block_id.items():
         assert bm.blocks[b].hash == h
+    # The rows of `tables` mirror the live block tables; every other entry is -1.
+    rows = bm.rows_of(live).tolist() if live else []
+    assert len(set(rows)) == len(rows)
+    for seq, row in zip(live, rows):
+        width = len(seq.block_table)
+        assert bm.tables[row, :width].tolist() == seq.block_table
+        assert (bm.tables[row, width:] == -1).all()
+    assert (np.delete(bm.tables, rows, axis=0) == -1).all()
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -180,3 +189,27 @@ def test_can_append_needs_a_block_only_at_block_boundary() -> None:
     assert not bm.can_append(s)
     bm.free(s)
     assert bm.num_free_blocks == 2
+
+
+def test_table_rows_grow_and_are_reused() -> None:
+    """More sequences than the first rows of `tables`: it grows; freed rows come back."""
+    bm = BlockManager(200, 2)
+    seqs = [make_seq(i, [i % 7] * (1 + i % 5), 2) for i in range(40)]
+    for seq in seqs:
+        bm.allocate(seq)
+    check_block_invariants(bm, seqs)
+    assert bm.tables.shape[0] >= 40
+    for seq in seqs[::2]:
+        bm.free(seq)
+    live = seqs[1::2]
+    check_block_invariants(bm, live)
+    for seq in live[:5]:
+        seq.append_token(1)
+        seq.append_token(1)
+        bm.append_slot(seq)
+    again = [make_seq(100 + i, [3, 4, 5], 2) for i in range(20)]
+    rows = bm.tables.shape[0]
+    for seq in again:
+        bm.allocate(seq)
+    assert bm.tables.shape[0] == rows, "freed rows were reused"
+    check_block_invariants(bm, live + again)

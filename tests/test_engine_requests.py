@@ -14,9 +14,16 @@ PROMPT = "hello world"
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    model_dir, _ = build_model_dir("llama", tmp_path_factory.mktemp("requests"))
-    engine = LLM(model_dir, block_size=4, kv_cache_memory_bytes=1 << 20)
+def model_dir(tmp_path_factory):
+    return build_model_dir("llama", tmp_path_factory.mktemp("requests"))[0]
+
+
+# Every request feature under both engine loops: synchronous, and asynchronous scheduling
+# (the GPU default: each step launched before the host has the last one's tokens).
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(model_dir, request):
+    engine = LLM(model_dir, block_size=4, kv_cache_memory_bytes=1 << 20,
+                 async_scheduling=request.param)  # fmt: skip
     yield engine
     engine.close()
 

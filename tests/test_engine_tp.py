@@ -13,14 +13,17 @@ PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 45)), [60, 61]]
 
 
 # One architecture here: the parity suite runs every architecture at TP=2 (model level).
+# Async scheduling: every rank reads pending input ids from the sampled ids rank 0
+# broadcasts after each step.
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("arch", ["llama"])
-def test_tp2_greedy_equals_tp1(tmp_path, arch: str) -> None:
+def test_tp2_greedy_equals_tp1(tmp_path, arch: str, async_scheduling: bool) -> None:
     model_dir, _ = build_model_dir(arch, tmp_path)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tp1 = LLM(model_dir, kv_cache_memory_bytes=1 << 20)
     expected = [o.token_ids for o in tp1.generate(PROMPTS, params, use_tqdm=False)]
     with LLM(model_dir, tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20,
-             max_num_batched_tokens=16) as tp2:  # fmt: skip
+             max_num_batched_tokens=16, async_scheduling=async_scheduling) as tp2:  # fmt: skip
         assert get_tp_size() == 2
         outs = tp2.generate(PROMPTS, params, use_tqdm=False)
         assert [o.token_ids for o in outs] == expected

@@ -4,6 +4,11 @@ The fake model stores each computed token id in a fake KV cache at its slot and 
 for every query token, that the whole context it attends to holds the sequence's own
 tokens: a block shared by mistake, lost on preemption, or overwritten by another sequence
 shows up as a wrong token.
+
+With asynchronous scheduling (drawn per example) each step is scheduled while the one
+before is in flight, as the engine does: the fake device samples when a step launches,
+the next step reads a pending input token from those samples, and the scheduler learns
+them one step later.
 """
 
 from __future__ import annotations
@@ -22,18 +27,35 @@ VOCAB = 4
 EOS = 3
 
 
-def fake_forward(out: SchedulerOutput, cache: dict[int, int], block_size: int) -> None:
-    """Write every new token into `cache`, then check each sequence's visible context."""
-    for seq, n in zip(out.seqs, out.num_new_tokens):
-        for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+def fake_forward(
+    out: SchedulerOutput,
+    cache: dict[int, int],
+    block_size: int,
+    before: tuple[SchedulerOutput, list[int]] | None = None,
+) -> None:
+    """Write every new token into `cache`, then check each sequence's visible context.
+    `before`: the step in flight and its samples, where pending input tokens come from."""
+    pending = {}
+    if before is not None:
+        sampling = before[0].sampled_seqs()
+        pending = {s.seq_id: t for s, t in zip(sampling, before[1])}
+
+    def token(seq: Sequence, pos: int) -> int:
+        if pos < len(seq.token_ids):
+            return seq.token_ids[pos]
+        assert pos == len(seq.token_ids), f"{seq}: more than one pending input token"
+        return pending[seq.seq_id]
+
+    for seq, c, n in zip(out.seqs, out.num_computed_tokens, out.num_new_tokens):
+        for pos in range(c, c + n):
             slot = seq.block_table[pos // block_size] * block_size + pos % block_size
-            cache[slot] = seq.token_ids[pos]
-    for seq, n in zip(out.seqs, out.num_new_tokens):
-        end = seq.num_computed_tokens + n
-        assert end <= seq.num_tokens
+            cache[slot] = token(seq, pos)
+    for seq, c, n in zip(out.seqs, out.num_computed_tokens, out.num_new_tokens):
+        end = c + n
+        assert end <= seq.num_tokens and seq.num_computed_tokens == end
         for pos in range(end):
             slot = seq.block_table[pos // block_size] * block_size + pos % block_size
-            assert cache.get(slot) == seq.token_ids[pos], f"{seq}: wrong K/V at position {pos}"
+            assert cache.get(slot) == token(seq, pos), f"{seq}: wrong K/V at position {pos}"
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -43,6 +65,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.cache: dict[int, int] = {}
         self.seqs: list[Sequence] = []
         self.aborted: set[int] = set()
+        self.async_scheduling = False
+        # The step in flight (async scheduling): its output and the tokens it sampled.
+        self.in_flight: tuple[SchedulerOutput, list[int]] | None = None
 
     @precondition(lambda self: self.sched is None)
     @rule(
@@ -51,8 +76,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 4),
         budget=st.integers(1, 12),
         caching=st.booleans(),
+        async_scheduling=st.booleans(),
     )
-    def init(self, num_blocks, block_size, max_num_seqs, budget, caching) -> None:
+    def init(self, num_blocks, block_size, max_num_seqs, budget, caching, async_scheduling):
+        self.async_scheduling = async_scheduling
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
         self.sched = Scheduler(self.bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
         # What a request may need at most, as LLM.add_request enforces.
@@ -97,26 +124,48 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
     @rule(data=st.data())
     def step(self, data) -> None:
+        """Schedule and launch a step; under async scheduling, then take the results of
+        the step before, else its own."""
         out = self.sched.schedule()
-        assert not out.is_empty
+        if out.is_empty:
+            # Only while every sequence left waits for a token of the step in flight.
+            assert self.in_flight is not None
+            assert all(s.num_pending_tokens for s in self.sched.running)
         assert out.num_tokens <= self.sched.max_num_batched_tokens
         assert len(out.seqs) <= self.sched.max_num_seqs
         assert len({s.seq_id for s in out.seqs}) == len(out.seqs)
         for p in out.preempted:
             assert p.status is SequenceStatus.WAITING and not p.block_table
             assert p not in out.seqs
-        fake_forward(out, self.cache, self.bm.block_size)
+        fake_forward(out, self.cache, self.bm.block_size, self.in_flight)
         sampled = [data.draw(st.integers(0, VOCAB - 1)) for _ in range(sum(out.sample))]
-        self.sched.update(out, sampled)
+        launched = (out, sampled) if not out.is_empty else None
+        if self.async_scheduling:
+            self.drain()
+            self.in_flight = launched
+        elif launched is not None:
+            self.sched.update(*launched)
+
+    @precondition(lambda self: self.in_flight is not None)
+    @rule()
+    def drain(self) -> None:
+        """Take the results of the step in flight."""
+        if self.in_flight is not None:
+            self.sched.update(*self.in_flight)
+            self.in_flight = None
 
     @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
     @rule()
     def failed_step(self) -> None:
-        """The model raised during the step: its sequences are recomputed later."""
+        """The model raised during the step: its sequences are recomputed later (a step
+        in flight before it still delivers its samples)."""
         out = self.sched.schedule()
         self.sched.recover(out)
         assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in out.seqs)
         assert not self.bm.hash_to_block_id
+        pending = {s.seq_id for s in self.in_flight[0].sampled_seqs()} if self.in_flight else set()
+        for s in out.seqs:
+            assert s.num_pending_tokens == (s.seq_id in pending and not s.is_finished)
 
     @invariant()
     def consistent(self) -> None:
@@ -157,8 +206,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not self.sched.has_unfinished():
                 break
             out = self.sched.schedule()
-            fake_forward(out, self.cache, self.bm.block_size)
-            self.sched.update(out, [1] * sum(out.sample))
+            fake_forward(out, self.cache, self.bm.block_size, self.in_flight)
+            self.drain()
+            self.in_flight = (out, [1] * sum(out.sample))
+            if not self.async_scheduling:
+                self.drain()
+        self.drain()
         assert not self.sched.has_unfinished(), "requests did not finish"
         for s in self.seqs:
             assert s.is_finished

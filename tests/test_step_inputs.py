@@ -3,12 +3,15 @@ against a per-token Python reference; the runner's device metadata carries host 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 
+from runtime.engine.block_manager import BlockManager
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import SchedulerOutput
 from runtime.engine.sequence import Sequence
@@ -41,33 +44,44 @@ def check(inputs: StepInputs, tables, context_lens, query_lens, block_size) -> N
 
 @st.composite
 def steps(draw):
+    """A scheduled step over sequences whose blocks the block manager handed out in a
+    shuffled physical order; some sequences end on a pending token (sampled by the step
+    in flight, its id known on the device only)."""
     block_size = draw(st.integers(1, 5))
+    num_seqs = draw(st.integers(1, 5))
+    lens = [draw(st.integers(1, 20)) for _ in range(num_seqs)]
+    num_blocks = sum(-(-n // block_size) for n in lens)
+    bm = BlockManager(num_blocks, block_size)
+    perm = draw(st.permutations(range(num_blocks)))
+    bm.free_block_ids = OrderedDict.fromkeys(perm)
     out = SchedulerOutput()
-    next_block = 0
-    for i in range(draw(st.integers(1, 5))):
-        n_tokens = draw(st.integers(1, 20))
-        seq = Sequence(i, draw(st.lists(st.integers(0, 99), min_size=n_tokens, max_size=n_tokens)),
-                       SamplingParams(), block_size)  # fmt: skip
-        seq.num_computed_tokens = draw(st.integers(0, n_tokens - 1))
-        n_new = draw(st.integers(1, n_tokens - seq.num_computed_tokens))
-        # Blocks for every token (as allocate gives), in shuffled physical order.
-        seq.block_table = [next_block + j for j in range(seq.num_blocks)]
-        next_block += seq.num_blocks
+    sampled_rows = {}
+    free_rows = draw(st.permutations(range(8)))  # rows of the previous step's samples
+    for i, n_tokens in enumerate(lens):
+        tokens = draw(st.lists(st.integers(0, 99), min_size=n_tokens, max_size=n_tokens))
+        pending = n_tokens > 1 and draw(st.booleans())
+        seq = Sequence(i, tokens[:-1] if pending else tokens, SamplingParams(), block_size)
+        seq.num_pending_tokens = int(pending)
+        bm.allocate(seq)  # blocks for every token, as the scheduler's allocate gives
+        computed = draw(st.integers(0, n_tokens - 1))
+        n_new = draw(st.integers(1, n_tokens - computed))
+        if pending:
+            sampled_rows[i] = free_rows[i]
+            seq.expected_pending = tokens[-1]
         out.seqs.append(seq)
         out.num_new_tokens.append(n_new)
-        out.sample.append(seq.num_computed_tokens + n_new == seq.num_tokens)
-    perm = draw(st.permutations(range(next_block)))
-    for seq in out.seqs:
-        seq.block_table = [perm[b] for b in seq.block_table]
-    return out, block_size
+        out.num_computed_tokens.append(computed)
+        out.sample.append(computed + n_new == seq.num_tokens)
+    return out, bm, sampled_rows
 
 
 @settings(max_examples=60, deadline=None)
 @given(steps())
 def test_prepare_step_matches_the_reference(case) -> None:
-    out, block_size = case
-    inputs = prepare_step(out, block_size)
-    ctx = [s.num_computed_tokens for s in out.seqs]
+    out, bm, sampled_rows = case
+    block_size = bm.block_size
+    inputs = prepare_step(out, bm, sampled_rows)
+    ctx = out.num_computed_tokens
     # the table is cut to the blocks this step reaches
     tables = [
         s.block_table[: -(-(c + n) // block_size)]
@@ -78,10 +92,34 @@ def test_prepare_step_matches_the_reference(case) -> None:
     assert inputs.logits_indices.tolist() == [
         int(starts[i]) - 1 for i, s in enumerate(out.sample) if s
     ]
-    expected_ids = []
+    # Known ids on the host; a pending one is read from the previous step's samples.
+    expected_ids, positions, rows = [], [], []
     for s, c, n in zip(out.seqs, ctx, out.num_new_tokens):
-        expected_ids += s.token_ids[c : c + n]
-    assert inputs.input_ids.tolist() == expected_ids
+        tokens = s.token_ids + ([s.expected_pending] if s.num_pending_tokens else [])
+        for pos in range(c, c + n):
+            if pos >= len(s.token_ids):
+                positions.append(len(expected_ids))
+                rows.append(sampled_rows[s.seq_id])
+            expected_ids.append(tokens[pos])
+    assert inputs.sampled_positions.tolist() == positions
+    assert inputs.sampled_rows.tolist() == rows
+    host_ids = list(expected_ids)
+    for p in positions:
+        host_ids[p] = 0
+    assert inputs.input_ids.tolist() == host_ids
+    # On the device (here the CPU) the step's ids are whole again.
+    sampled = torch.zeros(8, dtype=torch.int64)
+    for s in out.seqs:
+        if s.num_pending_tokens:
+            sampled[sampled_rows[s.seq_id]] = s.expected_pending
+    ids, _, md = inputs.to_device("cpu", sampled=sampled)
+    assert ids.tolist() == expected_ids
+    query = out.num_new_tokens
+    if max(query) > 1 and min(query) == 1:
+        assert md.decode_ids.tolist() == [b for b, n in enumerate(query) if n == 1]
+        assert md.prefill_ids.tolist() == [b for b, n in enumerate(query) if n > 1]
+    else:
+        assert md.decode_ids is None and md.prefill_ids is None
 
 
 @settings(max_examples=60, deadline=None)

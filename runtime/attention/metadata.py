@@ -38,6 +38,10 @@ class InputMetadata:
         num_prefill_tokens: tokens that belong to sequences with more than one query token.
         logits_indices: ``[N]`` int64 rows of the hidden states to turn into logits.
         seq_lens_cpu / query_lens_cpu: host copies, so layers never sync with the device.
+        decode_ids / prefill_ids: ``[Bd]`` / ``[Bp]`` int32, in a batch that mixes decodes
+            (one new token) and prefills, the sequences of each kind. Built with the step
+            inputs (once per step, uploaded with them); None: the first attention layer
+            makes them from the host query lengths and leaves them here for the others.
     """
 
     slot_mapping: torch.Tensor
@@ -50,6 +54,8 @@ class InputMetadata:
     logits_indices: torch.Tensor
     seq_lens_cpu: list[int] | None = None
     query_lens_cpu: list[int] | None = None
+    decode_ids: torch.Tensor | None = None
+    prefill_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_seqs = self.seq_lens.shape[0]
@@ -80,3 +86,17 @@ class InputMetadata:
             return self.query_lens_cpu
         loc = self.query_start_loc.tolist()
         return [loc[i + 1] - loc[i] for i in range(len(loc) - 1)]
+
+    def mixed_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_ids`, `prefill_ids` of a batch mixing decodes and prefills (made once
+        from the host query lengths when the builder did not supply them)."""
+        if self.decode_ids is None or self.prefill_ids is None:
+            lens = self.host_query_lens()
+            device = self.query_start_loc.device
+            self.decode_ids = torch.tensor(
+                [b for b, n in enumerate(lens) if n == 1], dtype=torch.int32
+            ).to(device)
+            self.prefill_ids = torch.tensor(
+                [b for b, n in enumerate(lens) if n > 1], dtype=torch.int32
+            ).to(device)
+        return self.decode_ids, self.prefill_ids

@@ -16,7 +16,11 @@ from runtime.attention.params import AttentionParams
 from runtime.attention.sdpa_prefill import attend_fresh_prompts
 from runtime.attention.triton_cache import reshape_and_cache
 from runtime.attention.triton_common import check_attention_args
-from runtime.attention.triton_config import DecodeConfig, PrefillConfig
+from runtime.attention.triton_config import (
+    FRESH_PROMPT_SDPA_MIN_TOKENS,
+    DecodeConfig,
+    PrefillConfig,
+)
 from runtime.attention.triton_decode import paged_decode
 from runtime.attention.triton_prefill import paged_prefill
 
@@ -42,10 +46,11 @@ def paged_attention(
     prefill kernel; one batch may mix both. When every sequence decodes
     (``metadata.num_prefill_tokens == 0``) no host list is read and nothing syncs with
     the device, so the call can be captured in a CUDA graph (see `paged_decode` for
-    what a capture must hold fixed). Mixed batches read `metadata.host_query_lens()`,
-    which is free when the metadata carries its host copies. Fresh prompts (no cached
-    context) of ``sdpa_min_tokens`` tokens or more (default
-    `FRESH_PROMPT_SDPA_MIN_TOKENS`) go to cuDNN where it applies (`sdpa_prefill`).
+    what a capture must hold fixed). Mixed batches split by `metadata.decode_ids` /
+    `prefill_ids`, which the step inputs carry (see `InputMetadata.mixed_split`). Fresh
+    prompts (no cached context) of ``sdpa_min_tokens`` tokens or more (default
+    `FRESH_PROMPT_SDPA_MIN_TOKENS`) go to cuDNN where it applies (`sdpa_prefill`); only
+    steps with such a long query read host lists.
 
     ``num_splits`` / ``*_config`` / ``sdpa_min_tokens`` override the heuristics (tests,
     tuning).
@@ -74,27 +79,31 @@ def paged_attention(
             num_splits=num_splits, config=decode_config, **common,
         )  # fmt: skip
         return out
-    query_lens = metadata.host_query_lens()
-    decode_ids = [b for b, n in enumerate(query_lens) if n == 1]
-    prefill_ids = [b for b, n in enumerate(query_lens) if n > 1]
-    if decode_ids:
-        ids = torch.tensor(decode_ids, dtype=torch.int32).to(query.device)
+    prefill_ids = None  # every sequence prefills: no index tensor
+    if metadata.num_prefill_tokens < query.shape[0]:
+        # Mixed batch: decodes and prefills each through their kernel, over the sequence
+        # ids the step inputs carry (built on the host once per step, never per layer).
+        decode_ids, prefill_ids = metadata.mixed_split()
         paged_decode(
-            out, query, kv_cache, *tensors, ids,
+            out, query, kv_cache, *tensors, decode_ids,
             num_splits=num_splits, config=decode_config, **common,
         )  # fmt: skip
-    if prefill_ids:
-        prefill_ids = attend_fresh_prompts(
-            out, query, kv_cache, metadata, params, sinks, prefill_ids, sdpa_min_tokens
+    # The longest prefill query is the batch's: decodes have one token.
+    max_len = metadata.max_query_len
+    min_tokens = FRESH_PROMPT_SDPA_MIN_TOKENS if sdpa_min_tokens is None else sdpa_min_tokens
+    if max_len >= min_tokens:  # long fresh prompts may go to cuDNN
+        query_lens = metadata.host_query_lens()
+        host_ids = [b for b, n in enumerate(query_lens) if n > 1]
+        left = attend_fresh_prompts(
+            out, query, kv_cache, metadata, params, sinks, host_ids, sdpa_min_tokens
         )
-    if prefill_ids:
-        # When every sequence is a prefill for the kernel: no index tensor to copy over.
-        ids = None
-        if len(prefill_ids) < len(query_lens):
-            ids = torch.tensor(prefill_ids, dtype=torch.int32).to(query.device)
-        max_len = max(query_lens[b] for b in prefill_ids)
-        paged_prefill(
-            out, query, kv_cache, *tensors, ids, max_len,
-            config=prefill_config, **common,
-        )  # fmt: skip
+        if not left:
+            return out
+        if len(left) < len(host_ids):
+            prefill_ids = torch.tensor(left, dtype=torch.int32).to(query.device)
+            max_len = max(query_lens[b] for b in left)
+    paged_prefill(
+        out, query, kv_cache, *tensors, prefill_ids, max_len,
+        config=prefill_config, **common,
+    )  # fmt: skip
     return out

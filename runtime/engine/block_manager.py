@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from runtime.engine.sequence import Sequence
 
 
@@ -31,9 +33,20 @@ class BlockManager:
     that computes their K/V is scheduled; a freed block keeps its hash and stays reusable
     until it is evicted, least recently freed first. Free blocks live in an ordered dict
     (O(1) pop from the front and removal by id on a cache hit).
+
+    Every sequence holding blocks also owns a row of `tables` (``[rows, width]`` int64,
+    -1 padded) that mirrors its ``block_table`` as blocks come and go, so a step's block
+    tables are one gather of rows (`rows_of`), not a copy of every sequence's list.
+    ``width`` is the most blocks one sequence can hold (default: all of them).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = False,
+        max_blocks_per_seq: int | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
                 f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}"
@@ -44,6 +57,24 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
+        width = min(num_blocks, max_blocks_per_seq or num_blocks)
+        self.tables = np.full((16, width), -1, dtype=np.int64)  # [rows, width], grows
+        self._free_rows = list(range(15, -1, -1))
+        self._row_of: dict[int, int] = {}  # seq_id -> row of `tables`
+
+    # -- block table rows
+    def rows_of(self, seqs: list[Sequence]) -> np.ndarray:
+        """``[B]`` rows of `tables` holding the block tables of `seqs` (which hold blocks)."""
+        row_of = self._row_of
+        return np.fromiter((row_of[s.seq_id] for s in seqs), dtype=np.int64, count=len(seqs))
+
+    def _take_row(self, seq: Sequence) -> int:
+        if not self._free_rows:
+            rows = self.tables.shape[0]
+            self.tables = np.concatenate([self.tables, np.full_like(self.tables, -1)])
+            self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        row = self._row_of[seq.seq_id] = self._free_rows.pop()
+        return row
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,6 +84,8 @@ class BlockManager:
     def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
         """Chained hashes of `seq`'s first `num_full_blocks` blocks (memoised on seq)."""
         hashes = seq.block_hashes
+        # Only blocks whose token ids are all known (pending tokens are still on the device).
+        num_full_blocks = min(num_full_blocks, len(seq.token_ids) // self.block_size)
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -87,15 +120,16 @@ class BlockManager:
         num_full = min(num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_published_blocks:
             return
+        # A block holding a pending token is published by a later call, once its id is known.
         hashes = self._block_hashes(seq, num_full)
-        for i in range(seq.num_published_blocks, num_full):
+        for i in range(seq.num_published_blocks, len(hashes)):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 block.hash = hashes[i]
                 # Equal content computed twice keeps the first copy as the cached one.
                 self.hash_to_block_id.setdefault(hashes[i], block.block_id)
             assert block.hash == hashes[i], "a cached block changed content"
-        seq.num_published_blocks = num_full
+        seq.num_published_blocks = len(hashes)
 
     # -- allocation
     def _take_free_block(self) -> int:
@@ -133,6 +167,8 @@ class BlockManager:
         seq.block_table = hits + [
             self._take_free_block() for _ in range(seq.num_blocks - len(hits))
         ]
+        row = self._take_row(seq)  # first: it may grow (replace) `tables`
+        self.tables[row, : len(seq.block_table)] = seq.block_table
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_published_blocks = len(hits)
 
@@ -143,8 +179,27 @@ class BlockManager:
     def append_slot(self, seq: Sequence) -> None:
         """Grow `seq`'s block table to hold all its tokens (after a token was appended)."""
         assert seq.block_table, "append_slot on a sequence without blocks"
-        while len(seq.block_table) < seq.num_blocks:
-            seq.block_table.append(self._take_free_block())
+        table = seq.block_table
+        while len(table) < seq.num_blocks:
+            block_id = self._take_free_block()
+            self.tables[self._row_of[seq.seq_id], len(table)] = block_id
+            table.append(block_id)
+
+    def grow(self, seq: Sequence) -> bool:
+        """`append_slot` if `can_append`, in one call (the scheduler's per-sequence step);
+        False, changing nothing, when too few blocks are free."""
+        table = seq.block_table
+        missing = (seq.num_tokens + self.block_size - 1) // self.block_size - len(table)
+        if missing <= 0:
+            return True
+        if missing > len(self.free_block_ids):
+            return False
+        row = self._row_of[seq.seq_id]
+        for _ in range(missing):
+            block_id = self._take_free_block()
+            self.tables[row, len(table)] = block_id
+            table.append(block_id)
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks. Blocks whose last user left go back to the free pool;
@@ -158,6 +213,10 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 if block.hash is None:
                     self.free_block_ids.move_to_end(block_id, last=False)
+        row = self._row_of.pop(seq.seq_id, None)
+        if row is not None:
+            self.tables[row, : len(seq.block_table)] = -1
+            self._free_rows.append(row)
         seq.block_table = []
         seq.num_published_blocks = 0
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from runtime.attention.metadata import InputMetadata
 from runtime.engine.compile import MIN_COMPILED_TOKENS
+from runtime.engine.step_inputs import fill_sampled
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,15 @@ class DecodeGraphs:
         """Replay the smallest graph that holds the batch; hidden states ``[B, hidden]``."""
         b = inputs.num_seqs
         bs = next(s for s in self.sizes if s >= b)
-        ids, pos, slots, seq_lens, tables, logits_idx = self.runner.upload([
+        arrays = [
             inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens,
             inputs.block_tables, inputs.logits_indices,
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if inputs.sampled_positions.size:  # ids the previous step sampled, on the device
+            arrays += [inputs.sampled_positions, inputs.sampled_rows]
+        ids, pos, slots, seq_lens, tables, logits_idx, *sampled = self.runner.upload(arrays)
+        if sampled:
+            fill_sampled(ids, *sampled, self.runner.sampled)
         self.input_ids[:b].copy_(ids)
         self.positions[:b].copy_(pos)
         self.slot_mapping[:b].copy_(slots)

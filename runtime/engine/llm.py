@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.engine.block_manager import BlockManager
@@ -18,13 +19,29 @@ from runtime.engine.loading import (
     load_tokenizer,
 )
 from runtime.engine.outputs import RequestOutput, TokenDelta
-from runtime.engine.sampler import Sampler
+from runtime.engine.sampler import Sampler, SamplerOutput
 from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scheduler import Scheduler
+from runtime.engine.scheduler import Scheduler, SchedulerOutput
 from runtime.engine.sequence import Sequence, SequenceStatus
 from runtime.engine.step_inputs import prepare_step
 
 Prompt = str | list[int]
+
+
+@dataclass
+class _Launched:
+    """A step on its way through the device: what was scheduled, who samples, and the
+    samples (device tensors, copying to the host)."""
+
+    out: SchedulerOutput
+    sampling: list[Sequence]
+    sampled: SamplerOutput | None
+    # Some sampling sequence's next step needs these tokens on the host (penalties).
+    needs_history: bool
+
+    def rows(self) -> dict[int, int]:
+        """Sequence id -> its row of the sampled ids."""
+        return {seq.seq_id: i for i, seq in enumerate(self.sampling)}
 
 
 class LLM:
@@ -41,6 +58,14 @@ class LLM:
     tokenizer code (never prompting; without it such a directory is a one-line error).
     Converting a directory's own modeling code is the application layer's job
     (`hf2paged.LLM`), which hands the class in.
+
+    `async_scheduling` (default: on for CUDA, off for the CPU, where the host is the
+    device and nothing overlaps): each step is scheduled and launched while the one
+    before still runs on the device, whose samples feed it on the device; the host learns
+    them one step later, so `step()` reports the tokens of the step launched by the call
+    before. Tokens are the same either way; a request that stops on EOS or a stop string
+    costs one extra step of compute, dropped. Steps that sample with penalties (which
+    read every token so far) run synchronously.
     """
 
     def __init__(
@@ -60,6 +85,7 @@ class LLM:
         *,
         trust_remote_code: bool = False,
         model_class: type | None = None,
+        async_scheduling: bool | None = None,
     ) -> None:
         from runtime.engine.worker import Executor
 
@@ -106,9 +132,15 @@ class LLM:
         num_blocks = self.executor.num_blocks
         # A request must fit the cache alone, or preemption could not make room for it.
         self.max_model_len = min(context, num_blocks * block_size)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, block_size, enable_prefix_caching, -(-self.max_model_len // block_size)
+        )
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
+        if async_scheduling is None:
+            async_scheduling = device.type == "cuda"
+        self.async_scheduling = bool(async_scheduling)
+        self._launched: _Launched | None = None  # the step in flight (async scheduling)
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -189,6 +221,8 @@ class LLM:
         return request_ids
 
     def has_unfinished_requests(self) -> bool:
+        # A step in flight matters only for its unfinished sequences, which the scheduler
+        # holds (running, or waiting after a preemption).
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ stepping
@@ -222,18 +256,64 @@ class LLM:
         return deltas
 
     def _step(self) -> list[Sequence]:
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
+        """Schedule and launch a step, and take the results of one: under asynchronous
+        scheduling those of the step launched by the call before (this one stays in flight),
+        else its own. Returns the sequences that got a token."""
+        done = self._launched
+        self._launched = None
+        if done is None or not done.needs_history:
+            out = self.scheduler.schedule()
+            if not out.is_empty:
+                try:
+                    self._launched = self._launch(out, done)
+                except BaseException:  # incl. KeyboardInterrupt: the engine stays consistent
+                    self.scheduler.recover(out)
+                    self._launched = done  # its results are still to come
+                    raise
+        # else: the next step needs these results on the host first (penalties)
+        if not self.async_scheduling:
+            done, self._launched = self._launched, None
+        return self._finish(done) if done is not None else []
+
+    def _launch(self, out: SchedulerOutput, before: _Launched | None) -> _Launched:
+        """Prepare and run the step of `out` up to its samples, without waiting for the
+        device. `before`: the step in flight, whose samples are this one's pending ids."""
         sampling = out.sampled_seqs()
-        try:
-            logits = self.executor.execute(prepare_step(out, self.config.block_size))
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
-        except BaseException:  # incl. KeyboardInterrupt: the engine stays consistent
-            self.scheduler.recover(out)
-            raise
-        self.scheduler.update(out, tokens)
-        for i, seq in enumerate(sampling):
+        rows = before.rows() if before is not None and before.sampling else None
+        inputs = prepare_step(out, self.block_manager, rows)
+        logits = self.executor.execute(inputs)
+        sampled = None
+        if sampling:
+            try:
+                sampled = self.sampler.sample(logits, sampling)
+            finally:  # on failure too: TP ranks wait for the sampled ids
+                self.executor.keep_sampled(
+                    None if sampled is None else sampled.token_ids, len(sampling)
+                )
+            sampled.start_copy()
+        needs_history = any(s.sampling_params.needs_history for s in sampling)
+        return _Launched(out, sampling, sampled, needs_history)
+
+    def _finish(self, done: _Launched) -> list[Sequence]:
+        """Take a launched step's results on the host: tokens, stops, text."""
+        sampling = done.sampling
+        tokens, logprobs = [], None
+        if done.sampled is not None:
+            try:
+                tokens, logprobs = done.sampled.tolists()
+            except BaseException:  # the device failed: nothing launched can be trusted
+                if self._launched is not None:
+                    self.scheduler.recover(self._launched.out)
+                    self._launched = None
+                self.scheduler.recover(done.out)
+                raise
+        grown = self.scheduler.update(done.out, tokens)
+        if len(grown) < len(sampling):  # some finished before their sample arrived
+            index = {id(seq): i for i, seq in enumerate(sampling)}
+            positions = [index[id(seq)] for seq in grown]
+        else:
+            positions = range(len(sampling))
+        for i, seq in zip(positions, grown):
             if logprobs is not None and logprobs[i] is not None:
                 seq.logprobs.append(logprobs[i])
             detok = seq.detokenizer
@@ -244,7 +324,7 @@ class LLM:
                     detok.flush()
             if seq.is_finished:
                 self._requests.pop(seq.request_id, None)
-        return sampling
+        return grown
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.detokenizer is not None:
@@ -288,7 +368,7 @@ class LLM:
         ours = {s.seq_id for s in seqs}
         remaining = len(seqs)
         try:
-            while remaining and self.scheduler.has_unfinished():
+            while remaining and self.has_unfinished_requests():
                 finished = sum(s.is_finished and s.seq_id in ours for s in self._step())
                 remaining -= finished
                 if bar is not None and finished:

@@ -1,11 +1,14 @@
 """`ModelRunner`: runs one rank's model on a step's `StepInputs` over its KV caches.
 
-`execute` uploads the step (one packed copy from pinned memory on CUDA), makes its
-`InputMetadata` (`StepInputs.to_device`), runs the model (``self.forward``: the model
-itself, or a `CompiledModel` over it, see `compile.py`) and ``model.compute_logits`` at
-the step's `logits_indices`. Decode-only batches replay CUDA graphs (see
-`cuda_graphs.py`). The engine's workers, `hf2paged verify` and the demo all drive
-models through it.
+`execute` uploads the step (one packed copy from pinned memory on CUDA, never waiting
+for the device), makes its `InputMetadata` (`StepInputs.to_device`), runs the model
+(``self.forward``: the model itself, or a `CompiledModel` over it, see `compile.py`) and
+``model.compute_logits`` at the step's `logits_indices`. Decode-only batches replay CUDA
+graphs (see `cuda_graphs.py`). The engine's workers, `hf2paged verify` and the demo all
+drive models through it.
+
+`sampled` holds the previous step's sampled ids on this device (the engine sets it after
+each step): a step prepared before the host knew them reads its pending input ids there.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.device = device
         self.block_size = kv_caches[0].shape[2]
-        self._staging: torch.Tensor | None = None
+        # The last step's sampled ids ([N] int64 on `device`), or None.
+        self.sampled: torch.Tensor | None = None
         self.graphs = None
         self.compiled: CompiledModel | None = None
         if compile:
@@ -99,16 +103,16 @@ class ModelRunner:
         if self.device.type != "cuda":
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         total = sum(a.size for a in arrays)
-        if self._staging is None or self._staging.numel() < total:
-            self._staging = torch.empty(max(total, 1 << 16), dtype=torch.int64, pin_memory=True)
-        host = self._staging.numpy()
+        # A fresh buffer of torch's caching pinned allocator, which hands it out again
+        # only once this copy is done: steps in flight never share a buffer, and nothing
+        # waits for the device here.
+        staging = torch.empty(max(total, 1), dtype=torch.int64, pin_memory=True)
+        host = staging.numpy()
         offset = 0
         for a in arrays:
             host[offset : offset + a.size] = a.reshape(-1)
             offset += a.size
-        # Reusing the buffer next step is safe: every step ends with a device->host read
-        # of the sampled tokens, which waits for this copy.
-        packed = self._staging[:total].to(self.device, non_blocking=True)  # [total]
+        packed = staging[:total].to(self.device, non_blocking=True)  # [total]
         out, offset = [], 0
         for a in arrays:
             out.append(packed[offset : offset + a.size].view(a.shape))
@@ -117,7 +121,7 @@ class ModelRunner:
 
     def tensors(self, inputs: StepInputs) -> StepTensors:
         """The step's input ids, positions and `InputMetadata` on this runner's device."""
-        return inputs.to_device(self.device, self.upload)
+        return inputs.to_device(self.device, self.upload, self.sampled)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -7,6 +7,11 @@ top-p, min-p, then an exponential race (``argmax(p / q)`` with
 Greedy rows (temperature 0) take the argmax of the penalised logits. Rows with a seed
 draw their noise from their own `torch.Generator`, one draw per sampled token, so their
 tokens do not depend on the rest of the batch or on preemption.
+
+`Sampler.sample` never waits for the device: its per-row settings go up from pinned
+memory without a sync, and it returns the sampled ids (and logprobs) as device tensors
+in a `SamplerOutput`, whose `start_copy` / `tolists` bring them to the host with one
+wait, when the engine needs them (a step later, under asynchronous scheduling).
 """
 
 from __future__ import annotations
@@ -16,6 +21,67 @@ import torch
 from runtime.engine.sequence import Sequence
 
 Logprobs = tuple[float, dict[int, float]]
+
+
+def host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on `device` without waiting for it: on CUDA through
+    pinned memory and a non-blocking copy (a copy from pageable memory would sync)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class SamplerOutput:
+    """One step's sampled ids (``[N]`` int64) and, when some row asked, their logprobs,
+    on the logits' device until `tolists`."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,  # [N] int64
+        logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        num_logprobs: list[int | None] | None = None,  # per row; None: not asked
+    ) -> None:
+        # logprobs: the sampled token's [N], and the top-k ids [N, k] and values [N, k]
+        self.token_ids = token_ids
+        self.logprobs = logprobs
+        self.num_logprobs = num_logprobs
+        self._host: list[torch.Tensor] | None = None
+        self._event = None
+
+    def start_copy(self) -> None:
+        """Start copying the results to the host (CUDA: pinned memory, non-blocking, an
+        event to wait on). On the CPU they already are there."""
+        tensors = [self.token_ids] + list(self.logprobs or ())
+        if self.token_ids.device.type != "cuda":
+            self._host = tensors
+            return
+        host = []
+        for t in tensors:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._host = host
+
+    def tolists(self) -> tuple[list[int], list[Logprobs | None] | None]:
+        """Token ids and per-row logprobs as Python values (waits for the copy once)."""
+        if self._host is None:
+            self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host[0].tolist()
+        if self.logprobs is None:
+            return tokens, None
+        chosen, top_ids, top_vals = (t.tolist() for t in self._host[1:])
+        out: list[Logprobs | None] = []
+        for i, n in enumerate(self.num_logprobs):
+            if n is None:
+                out.append(None)
+            else:
+                out.append((chosen[i], dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}))
+        return tokens, out
 
 
 def apply_repetition_penalty(
@@ -33,9 +99,9 @@ def apply_repetition_penalty(
         row_idx.extend([i] * len(seen))
         tok_idx.extend(seen)
     device = logits.device
-    r = torch.tensor(row_idx, dtype=torch.long, device=device)  # [S]
-    t = torch.tensor(tok_idx, dtype=torch.long, device=device).clamp_(max=vocab - 1)  # [S]
-    p = torch.tensor(penalties, dtype=logits.dtype, device=device)[r]  # [S]
+    r = host_tensor(row_idx, torch.long, device)  # [S]
+    t = host_tensor(tok_idx, torch.long, device).clamp_(max=vocab - 1)  # [S]
+    p = host_tensor(penalties, logits.dtype, device)[r]  # [S]
     seen_logits = logits[r, t]  # [S]
     logits[r, t] = torch.where(seen_logits > 0, seen_logits / p, seen_logits * p)
 
@@ -56,14 +122,14 @@ def apply_frequency_presence_penalties(
     device, vocab = logits.device, logits.shape[1]
     # Padded with `vocab`: an extra column that is counted, then dropped.
     padded = [o + [vocab] * (longest - len(o)) for o in outputs]
-    tokens = torch.tensor(padded, dtype=torch.long, device=device).clamp_(max=vocab)  # [R, L]
+    tokens = host_tensor(padded, torch.long, device).clamp_(max=vocab)  # [R, L]
     counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=device)  # [R, V+1]
     counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=logits.dtype))
     counts = counts[:, :vocab]  # [R, V]
-    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=device)  # [R]
-    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=device)  # [R]
+    freq = host_tensor([frequency[i] for i in rows], logits.dtype, device)  # [R]
+    pres = host_tensor([presence[i] for i in rows], logits.dtype, device)  # [R]
     penalty = freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)  # [R, V]
-    r = torch.tensor(rows, dtype=torch.long, device=device)  # [R]
+    r = host_tensor(rows, torch.long, device)  # [R]
     logits.index_put_((r,), logits[r] - penalty)
 
 
@@ -92,25 +158,23 @@ def apply_top_k_top_p(
 class Sampler:
     """Samples one token per row of logits; see the module docstring for the order."""
 
-    @torch.inference_mode()
     def __call__(
         self,
         logits: torch.Tensor,
         seqs: list[Sequence],  # logits [B, V]
     ) -> tuple[list[int], list[Logprobs | None] | None]:
+        """`sample`, then wait for the results on the host."""
+        return self.sample(logits, seqs).tolists()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:  # [B, V]
+        """The next token of every row, left on the device (nothing waits for it)."""
         assert logits.shape[0] == len(seqs), "one row of logits per sequence"
         params = [s.sampling_params for s in seqs]
-        if all(
-            p.temperature == 0
-            and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0
-            and p.frequency_penalty == 0
-            and p.logprobs is None
-            for p in params
-        ):
+        if not any(s.sampling_params.needs_processing for s in seqs):
             # The usual greedy batch: argmax in the model's dtype (upcasting is exact, so
             # the choice is the same) without a [B, V] fp32 copy.
-            return logits.argmax(dim=-1).tolist(), None
+            return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()  # [B, V]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
@@ -131,34 +195,35 @@ class Sampler:
             tokens = logits.argmax(dim=-1)  # [B]
         else:
             tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
         if raw_logprobs is None:
-            return token_list, None
-        return token_list, self._logprobs(raw_logprobs, tokens, params)
+            return SamplerOutput(tokens)
+        k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[1])
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
+        top_vals, top_ids = raw_logprobs.topk(k, dim=-1)  # [B, k]
+        return SamplerOutput(tokens, (chosen, top_ids, top_vals), [p.logprobs for p in params])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:  # [B]
         params = [s.sampling_params for s in seqs]
         device, vocab = logits.device, logits.shape[1]
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=device)  # [B]
+        greedy = host_tensor([p.temperature == 0 for p in params], torch.bool, device)  # [B]
         greedy_tokens = logits.argmax(dim=-1)  # [B]
-        temps = torch.tensor(
-            [p.temperature if p.temperature > 0 else 1.0 for p in params],
-            dtype=logits.dtype,
-            device=device,
+        temps = host_tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], logits.dtype, device
         )
         logits = logits / temps[:, None]  # [B, V]
         top_k = top_p = None
         if any(p.top_k != -1 and p.top_k < vocab for p in params):
-            top_k = torch.tensor(
-                [min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], device=device
-            )
+            top_k = host_tensor(
+                [min(p.top_k, vocab) if p.top_k != -1 else vocab for p in params], torch.long,
+                device,
+            )  # fmt: skip
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
+            top_p = host_tensor([p.top_p for p in params], logits.dtype, device)
         if top_k is not None or top_p is not None:
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)  # [B, V]
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+            min_p = host_tensor([p.min_p for p in params], probs.dtype, device)
             cutoff = probs.amax(dim=-1, keepdim=True) * min_p[:, None]  # [B, 1]
             probs = probs.masked_fill(probs < cutoff, 0.0)
         noise = torch.empty_like(probs).exponential_()  # [B, V]
@@ -177,23 +242,3 @@ class Sampler:
             gen.manual_seed(seq.sampling_params.seed)
             seq.generator = gen
         return gen
-
-    @staticmethod
-    def _logprobs(
-        raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list
-    ) -> list[Logprobs | None]:
-        k = min(max(p.logprobs or 0 for p in params), raw_logprobs.shape[1])
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()  # [B]
-        top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)  # [B, k]
-        top_vals = top_vals.tolist() if k else None
-        top_ids = top_ids.tolist() if k else None
-        out: list[Logprobs | None] = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = {}
-            if p.logprobs:
-                top = dict(zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs]))
-            out.append((chosen[i], top))
-        return out

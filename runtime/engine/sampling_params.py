@@ -40,6 +40,11 @@ class SamplingParams:
     logprobs: int | None = None
     # Normalised copy of `stop` (always a list); filled in __post_init__.
     stop_strings: list[str] = field(init=False, repr=False)
+    # Derived in __post_init__ (the sampler reads them for every row of every step):
+    # penalties read the tokens so far, so the engine knows them before sampling;
+    # anything but a plain argmax needs the sampler's full path.
+    needs_history: bool = field(init=False, repr=False, compare=False)
+    needs_processing: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -78,6 +83,14 @@ class SamplingParams:
                 f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
             )
         self.stop_token_ids = ids
+        self.needs_history = (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
+        self.needs_processing = (
+            self.temperature != 0 or self.needs_history or self.logprobs is not None
+        )
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,14 @@ first on running sequences in arrival order (a decode costs one token, an unfini
 prompt takes the next chunk that fits), then admits waiting sequences first come, first
 served. When a running sequence needs a block and none is free, the most recently
 admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+
+Scheduling may run one step ahead of the results (asynchronous scheduling, as vLLM v1's
+``AsyncScheduler``): `schedule` counts the tokens it schedules as computed and each token
+it will sample as pending (`Sequence.num_pending_tokens`) at once, so the next step can be
+scheduled while this one runs; `update` later fills the pending tokens in, in step order.
+A sequence whose pending tokens reach its length limit is not scheduled again; one that
+turns out to have stopped (EOS, a stop token or string) had one more step scheduled,
+whose result is dropped.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ from runtime.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
-    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, starting at its
-    `num_computed_tokens`. `sample[i]` says whether that chunk reaches the sequence's last
+    """What one step computes: `num_new_tokens[i]` tokens of `seqs[i]`, after its first
+    `num_computed_tokens[i]` (its count when scheduled; `schedule` has already advanced
+    the sequence's own). `sample[i]` says whether that chunk reaches the sequence's last
     token, so the step samples its next token."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -83,14 +93,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            while not bm.can_append(seq):
+            if seq.num_pending_tokens and seq.length_capped:
+                i += 1  # finishes when its pending token arrives
+                continue
+            while not bm.grow(seq):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.append_slot(seq)
                 self._schedule(out, seq, budget)
                 budget -= out.num_new_tokens[-1]
                 i += 1
@@ -99,6 +111,8 @@ class Scheduler:
         if not out.preempted or out.is_empty:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                if seq.num_pending_tokens and seq.length_capped:
+                    break  # preempted while its last token is in flight: it finishes then
                 if not bm.can_allocate(seq):
                     break
                 self.waiting.popleft()
@@ -107,16 +121,35 @@ class Scheduler:
                 self.running.append(seq)
                 self._schedule(out, seq, budget)
                 budget -= out.num_new_tokens[-1]
-        assert not out.is_empty or not self.has_unfinished(), "a step scheduled nothing"
+        assert not out.is_empty or not self.has_unfinished() or self._awaiting_results(), (
+            "a step scheduled nothing"
+        )
         return out
 
+    def _awaiting_results(self) -> bool:
+        """Some sequence waits for a token of a step in flight (nothing else may fit)."""
+        return any(s.num_pending_tokens for s in self.running) or any(
+            s.num_pending_tokens for s in self.waiting
+        )
+
     def _schedule(self, out: SchedulerOutput, seq: Sequence, budget: int) -> None:
-        n = min(seq.num_uncomputed_tokens, budget)
+        computed = seq.num_computed_tokens
+        total = len(seq.token_ids) + seq.num_pending_tokens
+        n = total - computed
+        if n > budget:
+            n = budget
         assert n > 0, f"{seq} has nothing to compute"
         out.seqs.append(seq)
         out.num_new_tokens.append(n)
-        out.sample.append(seq.num_computed_tokens + n == seq.num_tokens)
-        self.block_manager.publish(seq, seq.num_computed_tokens + n)
+        out.num_computed_tokens.append(computed)
+        seq.num_computed_tokens = computed + n
+        if computed + n == total:
+            out.sample.append(True)
+            seq.num_pending_tokens += 1
+        else:
+            out.sample.append(False)
+        if self.block_manager.enable_prefix_caching:
+            self.block_manager.publish(seq, computed + n)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, keep the tokens, go to the front of the queue."""
@@ -129,9 +162,13 @@ class Scheduler:
 
     def recover(self, out: SchedulerOutput) -> None:
         """The step of `out` failed (an exception in the model or the sampler): none of
-        its K/V can be trusted. Its sequences go back to the front of the queue to be
-        recomputed, and the prefix cache forgets everything (the step published blocks
-        that were never written, and sequences admitted with it may have hit them)."""
+        its K/V can be trusted and its samples never arrive. Its sequences go back to the
+        front of the queue to be recomputed, and the prefix cache forgets everything (the
+        step published blocks that were never written, and sequences admitted with it may
+        have hit them). Recover a later step in flight before an earlier one."""
+        for seq, sample in zip(out.seqs, out.sample):
+            if sample and seq.num_pending_tokens:
+                seq.num_pending_tokens -= 1
         for seq in reversed(out.seqs):
             if seq.status is SequenceStatus.RUNNING:
                 self.running.remove(seq)
@@ -140,24 +177,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Record the step: advance computed counts, append the sampled tokens (one per
-        `sample` entry, in order), finish sequences that hit EOS, a stop token or their
-        length limit. Returns the sequences that got a new token."""
+        """Record the step's results: its sampled tokens (one per `sample` entry, in
+        order) replace the sequences' oldest pending ones; sequences that hit EOS, a stop
+        token or their length limit finish. A sequence that finished meanwhile (stopped
+        by the step before, aborted) drops its token; one preempted meanwhile keeps it.
+        Returns the sequences that got a new token."""
         assert len(sampled_token_ids) == sum(out.sample), "one sampled token per sampling sequence"
         tokens = iter(sampled_token_ids)
         grown = []
-        for seq, n, sample in zip(out.seqs, out.num_new_tokens, out.sample):
-            assert seq.status is SequenceStatus.RUNNING, f"{seq} changed state during its step"
-            seq.num_computed_tokens += n
+        released = False
+        running = SequenceStatus.RUNNING
+        for seq, sample in zip(out.seqs, out.sample):
             if not sample:
                 continue
             token_id = next(tokens)
+            status = seq.status
+            if status is not running and status is not SequenceStatus.WAITING:
+                seq.num_pending_tokens = 0  # finished: nothing more arrives for it
+                continue
             seq.append_token(token_id)
             grown.append(seq)
-            status = seq.stop_reason(token_id)
-            if status is not None:
-                self._release(seq, status)
-        if any(s.is_finished for s in grown):
+            stop = seq.stop_reason(token_id)
+            if stop is not None:
+                if status is running:
+                    self._release(seq, stop)
+                    released = True
+                else:  # preempted after this step was scheduled
+                    self.finish(seq, stop)
+        if released:
             self.running = [s for s in self.running if not s.is_finished]
         return grown
 

@@ -16,7 +16,8 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
+        # Identity tests: hashing an enum member (a dict lookup) costs a Python call.
+        return self is not SequenceStatus.RUNNING and self is not SequenceStatus.WAITING
 
     @property
     def finish_reason(self) -> str | None:
@@ -34,10 +35,16 @@ class Sequence:
     """One request: its tokens, how many of them are in the KV cache, and its blocks.
 
     ``token_ids`` holds prompt then output tokens. ``num_computed_tokens`` of them have
-    their K/V in the cache (blocks ``block_table``); the rest are computed by later steps
-    (a prompt in chunks, then one token per decode step). Preemption frees the blocks and
-    sets ``num_computed_tokens`` back to 0: the prompt and the output so far are computed
-    again when the sequence is rescheduled, and sampling continues where it stopped.
+    their K/V in the cache (blocks ``block_table``), or are being computed by a step
+    already scheduled; the rest are computed by later steps (a prompt in chunks, then one
+    token per decode step). Preemption frees the blocks and sets ``num_computed_tokens``
+    back to 0: the prompt and the output so far are computed again when the sequence is
+    rescheduled, and sampling continues where it stopped.
+
+    ``num_pending_tokens`` counts tokens a scheduled step samples whose ids the host does
+    not know yet (asynchronous scheduling: the next step is scheduled while this one runs,
+    and its input id is read on the device). They follow ``token_ids``: `num_tokens` counts
+    them, ``token_ids`` and the output counts do not.
     """
 
     def __init__(
@@ -69,8 +76,14 @@ class Sequence:
         else:
             self.eos_token_ids = frozenset(eos_token_id)
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
+        # What `stop_reason` tests per sampled token: the ids that stop it, and the token
+        # count at which it stops for length (max_tokens, or the context length).
+        self._stop_ids = self.eos_token_ids | self.stop_token_ids
+        limit = self.num_prompt_tokens + sampling_params.max_tokens
+        self._length_limit = limit if max_model_len is None else min(limit, max_model_len)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         # Prompt tokens served from the prefix cache at the last allocation (statistics).
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
@@ -99,7 +112,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens and pending ones."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -115,33 +129,47 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        status = self.status
+        return status is not SequenceStatus.RUNNING and status is not SequenceStatus.WAITING
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.finish_reason
+        status = self.status
+        if status is SequenceStatus.RUNNING or status is SequenceStatus.WAITING:
+            return None
+        return status.finish_reason
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
 
     @property
     def num_blocks(self) -> int:
-        """Blocks needed to hold every token known so far."""
-        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+        """Blocks needed to hold every token, pending ones included."""
+        return (
+            len(self.token_ids) + self.num_pending_tokens + self.block_size - 1
+        ) // self.block_size
+
+    @property
+    def length_capped(self) -> bool:
+        """Its pending tokens reach a length limit: the sequence finishes when they arrive,
+        so no step computes anything more for it."""
+        pending = self.num_pending_tokens
+        return pending > 0 and len(self.token_ids) + pending >= self._length_limit
 
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token's id has arrived (the oldest pending one, if any)."""
         self.token_ids.append(token_id)
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
 
     def stop_reason(self, token_id: int) -> SequenceStatus | None:
         """The finished status that `token_id` (just appended) causes, or None."""
-        if token_id in self.eos_token_ids or token_id in self.stop_token_ids:
+        if token_id in self._stop_ids:
             return SequenceStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.sampling_params.max_tokens:
-            return SequenceStatus.FINISHED_LENGTH
-        if self.max_model_len is not None and len(self.token_ids) >= self.max_model_len:
+        if len(self.token_ids) >= self._length_limit:
             return SequenceStatus.FINISHED_LENGTH
         return None

@@ -7,12 +7,16 @@ per-sequence block tables, cached-context lengths and new-token counts into the 
 arrays of `runtime.attention.InputMetadata` (numpy, no per-token Python loop);
 `StepInputs` is small and picklable, so rank 0 builds it once and, under tensor
 parallelism, broadcasts it to the other ranks. `to_device` makes the model's tensors.
+
+Under asynchronous scheduling a step may be prepared before the host knows the token a
+sequence's previous step sampled: its input id is then read on the device from that
+step's sampled ids (``sampled_positions`` / ``sampled_rows``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -21,10 +25,17 @@ import torch
 from runtime.attention.metadata import InputMetadata
 
 if TYPE_CHECKING:
+    from runtime.engine.block_manager import BlockManager
     from runtime.engine.scheduler import SchedulerOutput
 
 # int64 host arrays -> device tensors of the same shapes (ModelRunner.upload on CUDA).
 Upload = Callable[[list[np.ndarray]], list[torch.Tensor]]
+
+_EMPTY = np.zeros(0, dtype=np.int64)  # never written to
+
+
+def _empty() -> np.ndarray:
+    return _EMPTY
 
 
 class StepTensors(NamedTuple):
@@ -49,6 +60,13 @@ class StepInputs:
     max_query_len: int
     max_seq_len: int
     num_prefill_tokens: int
+    # Tokens whose id is the previous step's sample: input_ids[sampled_positions[i]] =
+    # that step's sampled ids[sampled_rows[i]] (on the device; 0 on the host until then).
+    sampled_positions: np.ndarray = field(default_factory=_empty)  # [P] int64
+    sampled_rows: np.ndarray = field(default_factory=_empty)  # [P] int64
+    # Mixed steps (decodes beside prompt chunks): which sequences decode / prefill.
+    decode_ids: np.ndarray = field(default_factory=_empty)  # [Bd] int64
+    prefill_ids: np.ndarray = field(default_factory=_empty)  # [Bp] int64
 
     @property
     def num_seqs(self) -> int:
@@ -110,6 +128,12 @@ class StepInputs:
             logits = query_start_loc[1:] - 1  # [B]
         else:
             logits = np.asarray(logits_indices, dtype=np.int64).reshape(-1)  # [N]
+        decode_ids = prefill_ids = _EMPTY
+        if max_query_len > 1:
+            decode = query == 1  # [B]
+            if decode.any():  # mixed: attention splits the batch by these
+                decode_ids = np.flatnonzero(decode)
+                prefill_ids = np.flatnonzero(~decode)
         return cls(
             input_ids=ids,
             positions=positions,
@@ -121,18 +145,39 @@ class StepInputs:
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             num_prefill_tokens=int(query[query > 1].sum()),
+            decode_ids=decode_ids,
+            prefill_ids=prefill_ids,
         )
 
-    def to_device(self, device: torch.device | str = "cpu", upload: Upload | None = None):
+    def to_device(
+        self,
+        device: torch.device | str = "cpu",
+        upload: Upload | None = None,
+        sampled: torch.Tensor | None = None,
+    ):
         """`StepTensors` on `device`; `upload` moves the int64 arrays (ModelRunner's packs
         them into one pinned copy on CUDA). The metadata keeps host copies of the sequence
-        and query lengths, so attention layers never synchronise with the device."""
+        and query lengths and the mixed-batch split, so attention layers never synchronise
+        with the device. `sampled`: the previous step's sampled ids on `device` (``[N]``
+        int64), read where ``sampled_positions`` say."""
         if upload is None:
             upload = lambda arrays: [torch.from_numpy(a).to(device) for a in arrays]  # noqa: E731
-        ids, pos, slots, qsl, seq_lens, tables, logits = upload([
+        arrays = [
             self.input_ids, self.positions, self.slot_mapping, self.query_start_loc,
             self.seq_lens, self.block_tables, self.logits_indices,
-        ])  # fmt: skip
+        ]  # fmt: skip
+        split = self.decode_ids.size > 0
+        if split:
+            arrays += [self.decode_ids, self.prefill_ids]
+        if self.sampled_positions.size:
+            arrays += [self.sampled_positions, self.sampled_rows]
+        ids, pos, slots, qsl, seq_lens, tables, logits, *rest = upload(arrays)
+        decode_ids = prefill_ids = None
+        if split:
+            decode_ids, prefill_ids = rest[0].to(torch.int32), rest[1].to(torch.int32)
+            rest = rest[2:]
+        if rest:
+            fill_sampled(ids, rest[0], rest[1], sampled)
         metadata = InputMetadata(
             slot_mapping=slots,
             query_start_loc=qsl.to(torch.int32),
@@ -144,8 +189,22 @@ class StepInputs:
             logits_indices=logits,
             seq_lens_cpu=self.seq_lens.tolist(),
             query_lens_cpu=np.diff(self.query_start_loc).tolist(),
+            decode_ids=decode_ids,
+            prefill_ids=prefill_ids,
         )
         return StepTensors(ids, pos, metadata)
+
+
+def fill_sampled(
+    input_ids: torch.Tensor,  # [T] int64, on the device
+    positions: torch.Tensor,  # [P] int64
+    rows: torch.Tensor,  # [P] int64
+    sampled: torch.Tensor | None,  # [N] int64, the previous step's sampled ids
+) -> None:
+    """``input_ids[positions] = sampled[rows]``, on the device (no host sync)."""
+    if sampled is None:
+        raise RuntimeError("the step reads the previous step's samples, but none were kept")
+    input_ids.index_copy_(0, positions, sampled.index_select(0, rows))
 
 
 def _padded(block_tables) -> np.ndarray:
@@ -159,30 +218,60 @@ def _padded(block_tables) -> np.ndarray:
     return tables
 
 
-def prepare_step(out: SchedulerOutput, block_size: int) -> StepInputs:
+def prepare_step(
+    out: SchedulerOutput,
+    block_manager: BlockManager,
+    sampled_rows: dict[int, int] | None = None,
+) -> StepInputs:
     """The scheduler's step: each sequence's next ``num_new_tokens`` tokens after its
-    computed ones, its block table cut to the blocks they reach; logits for the
-    sequences that sample."""
+    computed ones, its block table (its row of the block manager's tables) cut to the
+    blocks they reach; logits for the sequences that sample.
+
+    A token the host does not know yet (pending: sampled by the step in flight) is read
+    on the device from that step's sampled ids; `sampled_rows` maps a sequence id to its
+    row there.
+    """
     seqs = out.seqs
     num_seqs = len(seqs)
+    block_size = block_manager.block_size
     query = np.fromiter(out.num_new_tokens, dtype=np.int64, count=num_seqs)  # [B]
-    context = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
-    if int(query.max()) == 1:  # decodes: one token each
+    context = np.fromiter(out.num_computed_tokens, dtype=np.int64, count=num_seqs)  # [B]
+    if int(query.max()) == 1:  # decodes: one token each, -1 where still pending
         ids = np.fromiter(
-            (s.token_ids[c] for s, c in zip(seqs, context.tolist())), dtype=np.int64, count=num_seqs
-        )
+            (t[c] if c < len(t) else -1
+             for t, c in zip([s.token_ids for s in seqs], out.num_computed_tokens)),
+            dtype=np.int64, count=num_seqs,
+        )  # fmt: skip
     else:
         flat: list[int] = []
-        for s, c, n in zip(seqs, context.tolist(), out.num_new_tokens):
-            flat.extend(s.token_ids[c : c + n])
+        for s, c, n in zip(seqs, out.num_computed_tokens, out.num_new_tokens):
+            tokens = s.token_ids
+            flat.extend(tokens[c : c + n])
+            if c + n > len(tokens):  # the chunk ends on the pending token
+                assert c + n == len(tokens) + 1, "one pending token per sequence"
+                flat.append(-1)
         ids = np.array(flat, dtype=np.int64)
+    pending = np.flatnonzero(ids < 0)  # [P]
+    rows = _EMPTY
+    if pending.size:
+        if sampled_rows is None:
+            raise RuntimeError("the step needs sampled ids of a step that is not in flight")
+        starts = np.cumsum(query) - query  # [B] first token of each sequence
+        owner = np.searchsorted(starts, pending, side="right") - 1  # [P] sequence of each
+        rows = np.fromiter(
+            (sampled_rows[seqs[b].seq_id] for b in owner.tolist()), dtype=np.int64,
+            count=pending.size,
+        )  # fmt: skip
+        ids[pending] = 0
     blocks_needed = (context + query + block_size - 1) // block_size  # [B]
-    tables = np.full((num_seqs, int(blocks_needed.max())), -1, dtype=np.int64)  # [B, M]
-    for i, (s, n) in enumerate(zip(seqs, blocks_needed.tolist())):
-        tables[i, :n] = s.block_table[:n]
+    width = int(blocks_needed.max())
+    tables = block_manager.tables[block_manager.rows_of(seqs), :width]  # [B, M] (a copy)
+    tables[np.arange(width)[None, :] >= blocks_needed[:, None]] = -1
     sample = np.fromiter(out.sample, dtype=bool, count=num_seqs)
     last = np.cumsum(query) - 1  # [B] last new token of each sequence
-    return StepInputs.build(tables, context, query, block_size, ids, last[sample])
+    inputs = StepInputs.build(tables, context, query, block_size, ids, last[sample])
+    inputs.sampled_positions, inputs.sampled_rows = pending, rows
+    return inputs
 
 
 def dummy_prefill(lens: list[int], block_size: int) -> StepInputs:

@@ -4,7 +4,9 @@ on all ranks).
 With ``tensor_parallel_size > 1`` the executor spawns ranks 1..N-1 as processes
 (torch.multiprocessing, spawn) and is rank 0 itself: rank 0 schedules and samples, and
 broadcasts each step's `StepInputs` over a gloo group (a CPU one beside NCCL on GPUs);
-every rank runs the model on them, so the model's collectives pair up.
+every rank runs the model on them, so the model's collectives pair up. After a step that
+samples, rank 0 broadcasts the sampled ids over the TP group (on the device, no host
+sync): every rank keeps them for the next step, which may read its input ids there.
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ class Worker:
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         return self.runner.execute(inputs)
 
+    def receive_sampled(self, inputs: StepInputs) -> None:
+        """Ranks 1..N-1: take rank 0's sampled ids of the step just run (if it sampled)."""
+        self.runner.sampled = None
+        num = inputs.logits_indices.size
+        if num:
+            from runtime.parallel import get_tp_group
+
+            ids = torch.empty(num, dtype=torch.int64, device=self.device)
+            dist.broadcast(ids, src=0, group=get_tp_group())
+            self.runner.sampled = ids
+
     def close(self) -> None:
         """Release what must go before the process group: the captured decode graphs."""
         if self.runner is not None:
@@ -180,6 +193,7 @@ def worker_main(rank: int, config: EngineConfig, conn) -> None:
             if kind == "exit":
                 break
             worker.execute(payload)
+            worker.receive_sampled(payload)
     except Exception:  # noqa: BLE001 — tell rank 0 why, if it still listens
         try:
             conn.send(traceback.format_exc())
@@ -233,9 +247,26 @@ class Executor:
         self.num_blocks = worker.runner.kv_caches[0].shape[1]
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits of the step on rank 0; every step that has logits must be followed by
+        `keep_sampled` (the other ranks wait for its ids)."""
         if self.procs:
             dist.broadcast_object_list([("step", inputs)], src=0, group=self.group)
         return self.worker.execute(inputs)
+
+    def keep_sampled(self, token_ids: torch.Tensor | None, num: int) -> None:
+        """The step's `num` sampled ids (``[num]`` int64 on the device) for the next step
+        on every rank; None when sampling failed (the ranks still pair up, with zeros)."""
+        runner = self.worker.runner
+        if num == 0:
+            runner.sampled = None
+            return
+        if token_ids is None:
+            token_ids = torch.zeros(num, dtype=torch.int64, device=self.worker.device)
+        runner.sampled = token_ids
+        if self.procs:
+            from runtime.parallel import get_tp_group
+
+            dist.broadcast(token_ids, src=0, group=get_tp_group())
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the other ranks (they leave their loop on "exit") and leave the group.
