@@ -63,6 +63,7 @@ def assert_idle(llm: LLM) -> None:
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     assert all(b.ref_count == 0 for b in llm.block_manager.blocks)
     assert not llm._requests
+    assert llm._launched is None, "a finished run leaves no step in flight"
 
 
 def outputs(llm: LLM, prompts, params) -> list[tuple[list[int], str | None, object]]:

@@ -273,7 +273,13 @@ class LLM:
         # else: the next step needs these results on the host first (penalties)
         if not self.async_scheduling:
             done, self._launched = self._launched, None
-        return self._finish(done) if done is not None else []
+        grown = self._finish(done) if done is not None else []
+        if self._launched is not None and not self.scheduler.has_unfinished():
+            # Every sequence of the step in flight finished meanwhile (a stop at the step
+            # before): its tokens are dropped. Take it now, not at the next request's step.
+            stale, self._launched = self._launched, None
+            self._finish(stale)
+        return grown
 
     def _launch(self, out: SchedulerOutput, before: _Launched | None) -> _Launched:
         """Prepare and run the step of `out` up to its samples, without waiting for the
