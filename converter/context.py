@@ -20,7 +20,10 @@ class Child:
     ``ctor`` is the callee's code (``"nn.Linear"``, ``"LlamaAttention"``); ``cls`` the local
     class it builds (for ``nn.ModuleList([Cls(...) for ...])`` the element class, with
     ``in_list=True``), else None. ``call`` is the constructor call (the element's call
-    for module lists); conditional assignments keep the first non-None constructor.
+    for module lists); conditional assignments keep the first non-None constructor, and
+    the other local classes the attribute may hold (``A(c) if x else B(c)``, or one
+    assignment per arm of an ``if``: DeepSeek's MoE block or dense MLP per layer) are its
+    ``alternatives``.
     """
 
     attr: str
@@ -29,6 +32,12 @@ class Child:
     in_list: bool
     call: cst.Call
     line: int
+    alternatives: tuple[str, ...] = ()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Every local class the attribute may hold."""
+        return ((self.cls,) if self.cls else ()) + self.alternatives
 
 
 @dataclass
@@ -87,6 +96,10 @@ class ConversionContext:
     # --- PreTrainedModel facts, read by select before the class is dropped ---
     hf_attrs: dict[str, Any] = field(default_factory=dict)  # every literal class attribute
     base_model_prefix: str = ""
+    # the LM class's config class (its __init__'s annotation) and that class's model_type,
+    # the key transformers looks checkpoint conversions up by ("aria_text" in aria's file)
+    config_class: str = ""
+    config_model_type: str = ""
     tied_weights_keys: dict[str, str] = field(default_factory=dict)
     checkpoint_conversion_mapping: dict[str, str] = field(default_factory=dict)
     tp_plan: dict[str, str] = field(default_factory=dict)  # the LM class's `_tp_plan`

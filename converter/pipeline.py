@@ -21,7 +21,18 @@ from converter.analysis import analyze
 from converter.context import ConversionContext
 from converter.errors import ConversionError
 from converter.guard import check_not_generated, check_python, stage_errors, stage_name
-from converter.passes import attention, flatten, imports, prune, select, strip, tidy, tp, weights
+from converter.passes import (
+    attention,
+    flatten,
+    imports,
+    moe,
+    prune,
+    select,
+    strip,
+    tidy,
+    tp,
+    weights,
+)
 
 Pass = Callable[[cst.Module, ConversionContext], cst.Module]
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
@@ -29,6 +40,7 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 # In order; each stage's docstring says what it relies on from the ones before it.
 STAGES: list[Pass] = [
     imports.run,  # relative imports made absolute
+    moe.run,  # routed experts -> FusedMoE (before select drops what FusedMoE reads)
     select.run,  # keep the causal-LM class and what it needs
     strip.run,  # training-only code, decorators, HF base classes
     attention.run,  # attention -> PagedAttention

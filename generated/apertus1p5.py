@@ -327,6 +327,10 @@ class Apertus1p5TextForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
+        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
+        renames = [
+            (r"^model\.language_model\.(.+)", r"model.\1"),
+        ]
         # (fused parameter, checkpoint name, shard id): projections stored separately in
         # the checkpoint that load into one fused parallel layer here
         stacked_params_mapping = [
@@ -344,6 +348,7 @@ class Apertus1p5TextForCausalLM(nn.Module):
         return load_checkpoint(
             self,
             weights,
+            renames=renames,
             stacked_params_mapping=stacked_params_mapping,
             # base_model_prefix: checkpoints of the bare base model omit it
             prefix="vision_tokenizer.",

@@ -32,8 +32,7 @@ from runtime.parallel import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
-    get_tp_rank,
-    get_tp_size,
+    local_head_block,
     local_num_heads,
 )
 
@@ -134,11 +133,11 @@ class BloomAttention(nn.Module):
             self.head_dim,
             self.inv_norm_factor,
             alibi=Alibi(
-                (
+                local_head_block(
                     torch.diff(
                         build_alibi_tensor(torch.ones(1, 2), config.n_head, torch.float32), dim=-1
                     ).flatten()
-                ).chunk(get_tp_size())[get_tp_rank()]
+                )
             ),
         )
 

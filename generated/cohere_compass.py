@@ -295,7 +295,11 @@ class CohereCompassTextModel(nn.Module):
 
         hidden_states = inputs_embeds
         position_embeddings = {
-            layer_type: self.rotary_emb(hidden_states, positions, layer_type)
+            layer_type: (
+                self.rotary_emb(hidden_states, positions, layer_type)
+                if self.config.rope_parameters[layer_type] is not None
+                else None
+            )
             for layer_type in dict.fromkeys(self.config.layer_types)
         }
 

@@ -315,12 +315,6 @@ class Emu3ForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
-        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
-        renames = [
-            (r"^text_model.lm_head(?!\w)", "lm_head"),
-            (r"^text_model(?!\w)", "model.text_model"),
-            (r"^vqmodel(?!\w)", "model.vqmodel"),
-        ]
         # (fused parameter, checkpoint name, shard id): projections stored separately in
         # the checkpoint that load into one fused parallel layer here
         stacked_params_mapping = [
@@ -335,7 +329,6 @@ class Emu3ForCausalLM(nn.Module):
         return load_checkpoint(
             self,
             weights,
-            renames=renames,
             stacked_params_mapping=stacked_params_mapping,
             # base_model_prefix: checkpoints of the bare base model omit it
             prefix="emuvideovq.",

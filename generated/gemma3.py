@@ -374,13 +374,6 @@ class Gemma3ForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
-        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
-        renames = [
-            (r"^language_model.lm_head(?!\w)", "lm_head"),
-            (r"^language_model(?!\w)", "model.language_model"),
-            (r"^vision_tower(?!\w)", "model.vision_tower"),
-            (r"^multi_modal_projector(?!\w)", "model.multi_modal_projector"),
-        ]
         # (fused parameter, checkpoint name, shard id): projections stored separately in
         # the checkpoint that load into one fused parallel layer here
         stacked_params_mapping = [
@@ -395,7 +388,6 @@ class Gemma3ForCausalLM(nn.Module):
         return load_checkpoint(
             self,
             weights,
-            renames=renames,
             stacked_params_mapping=stacked_params_mapping,
             # base_model_prefix: checkpoints of the bare base model omit it
             prefix="model.",

@@ -686,11 +686,16 @@ class Gemma3nForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
+        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
+        renames = [
+            (r"^model\.language_model\.(.+)", r"model.\1"),
+        ]
         # the tied copy of model.embed_tokens.weight ("lm_head.weight"), saved or not
         tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
         return load_checkpoint(
             self,
             weights,
+            renames=renames,
             # base_model_prefix: checkpoints of the bare base model omit it
             prefix="model.",
             tied=tied,

@@ -505,18 +505,6 @@ class Gemma4UnifiedForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
-        # transformers' checkpoint renames for this model (conversion_mapping.py), in order
-        renames = [
-            (r"vision_embedder\.patch_ln1(?!\w)", "embed_vision.patch_ln1"),
-            (r"vision_embedder\.patch_dense(?!\w)", "embed_vision.patch_dense"),
-            (r"vision_embedder\.patch_ln2(?!\w)", "embed_vision.patch_ln2"),
-            (r"vision_embedder\.pos_embedding(?!\w)", "embed_vision.pos_embedding"),
-            (r"vision_embedder\.pos_norm(?!\w)", "embed_vision.pos_norm"),
-            (
-                r"embed_vision\.embedding_projection(?!\w)",
-                "embed_vision.multimodal_embedder.embedding_projection",
-            ),
-        ]
         # (fused parameter, checkpoint name, shard id): projections stored separately in
         # the checkpoint that load into one fused parallel layer here
         stacked_params_mapping = [
@@ -528,7 +516,6 @@ class Gemma4UnifiedForCausalLM(nn.Module):
         return load_checkpoint(
             self,
             weights,
-            renames=renames,
             stacked_params_mapping=stacked_params_mapping,
             # base_model_prefix: checkpoints of the bare base model omit it
             prefix="model.",

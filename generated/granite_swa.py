@@ -37,8 +37,7 @@ from runtime.parallel import (
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    get_tp_rank,
-    get_tp_size,
+    local_head_block,
     local_num_heads,
     local_num_kv_heads,
 )
@@ -121,7 +120,7 @@ class GraniteSWAAttention(nn.Module):
             value_states.transpose(1, 2)[0],
             kv_cache,
             input_metadata,
-            sinks=(self.sinks).chunk(get_tp_size())[get_tp_rank()],
+            sinks=local_head_block(self.sinks),
         ).unflatten(-1, (-1, self.attn.head_dim))[None]  # [1, T, Hq, D]
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()

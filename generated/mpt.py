@@ -29,8 +29,7 @@ from runtime.parallel import (
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    get_tp_rank,
-    get_tp_size,
+    local_head_block,
     local_num_heads,
 )
 
@@ -74,9 +73,9 @@ class MptAttention(nn.Module):
             self.head_dim,
             self.softmax_scale,
             alibi=Alibi(
-                (torch.diff(build_mpt_alibi_tensor(config.n_heads, 2), dim=-1).flatten()).chunk(
-                    get_tp_size()
-                )[get_tp_rank()]
+                local_head_block(
+                    torch.diff(build_mpt_alibi_tensor(config.n_heads, 2), dim=-1).flatten()
+                )
             ),
         )
 

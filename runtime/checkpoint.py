@@ -52,8 +52,10 @@ def load_checkpoint(
     match, as `re.sub` takes; in order) and then `LEGACY_RENAMES`, is matched with or
     without ``prefix`` and through ``stacked_params_mapping`` ``(fused param, checkpoint
     name, shard id)``, and loads through its parameter's ``weight_loader`` (which shards for
-    tensor parallelism). Keys of ``tied`` parameters and of buffers are skipped, as are those
-    matching an ``ignored`` pattern.
+    tensor parallelism). Persistent buffers (state the checkpoint holds, such as a router's
+    ``e_score_correction_bias``) load by copy, replicated on every rank; keys of ``tied``
+    parameters and of non-persistent buffers (``rotary_emb.inv_freq``, which the module
+    recomputes) are skipped, as are those matching an ``ignored`` pattern.
 
     After the renames, at most one of ``converters`` applies, as in transformers (the first
     whose source regex matches; the matched span is replaced by the target name):
@@ -76,7 +78,9 @@ def load_checkpoint(
     silently wrong logits. A loader error is prefixed with the parameter's name.
     """
     params = dict(model.named_parameters())
-    buffers = {name for name, _ in model.named_buffers()}
+    persistent = persistent_buffers(model)
+    buffers = {name for name, _ in model.named_buffers()} - set(persistent)
+    loaded_buffers: set[str] = set()
     chains = [_as_chain(c) for c in converters]
 
     def resolve(name: str) -> tuple[str, object] | None:
@@ -84,7 +88,7 @@ def load_checkpoint(
             for fused, shard, shard_id in stacked_params_mapping:
                 if shard in candidate and candidate.replace(shard, fused) in params:
                     return candidate.replace(shard, fused), shard_id
-            if candidate in params:
+            if candidate in params or candidate in persistent:
                 return candidate, None
         return None
 
@@ -105,6 +109,10 @@ def load_checkpoint(
                 unknown.append(checkpoint_name)
             return None
         param_name, shard_id = found
+        if param_name in persistent:
+            _load_buffer(persistent[param_name], tensor, param_name, checkpoint_name)
+            loaded_buffers.add(param_name)
+            return param_name
         if entry is not None:
             if shard_id is not None:
                 raise ValueError(
@@ -177,13 +185,39 @@ def load_checkpoint(
             missing.append(f"{param_name} (no {', '.join(lacking)})")
             continue
         missing.append(param_name)
+    missing += [
+        f"{name} (a persistent buffer)" for name in persistent if name not in loaded_buffers
+    ]
     if unknown or missing:
         raise ValueError(
             f"{type(model).__name__}.load_weights: "
             f"{len(unknown)} checkpoint key(s) match no parameter {unknown}; "
             f"{len(missing)} parameter(s) not loaded {missing}"
         )
-    return set(shards)
+    return set(shards) | loaded_buffers
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers `model.state_dict()` holds (name -> tensor), each once."""
+    found: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None or name in module._non_persistent_buffers_set or id(buffer) in seen:
+                continue
+            seen.add(id(buffer))
+            found[f"{module_name}.{name}" if module_name else name] = buffer
+    return found
+
+
+def _load_buffer(buffer: torch.Tensor, tensor: torch.Tensor, name: str, checkpoint_name: str):
+    if tuple(tensor.shape) != tuple(buffer.shape):
+        raise ValueError(
+            f"{name} (checkpoint {checkpoint_name}): shape {tuple(tensor.shape)} does not "
+            f"match the buffer's {tuple(buffer.shape)}"
+        )
+    with torch.no_grad():
+        buffer.copy_(tensor)
 
 
 def _as_chain(converter: ConverterEntry) -> tuple[tuple[tuple[str, int], ...], list, list]:

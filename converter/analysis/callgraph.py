@@ -92,13 +92,34 @@ def resolve(
     return f"{owner}.{parts[-1]}" if owner and f"{owner}.{parts[-1]}" in funcs else None
 
 
+def alternatives(
+    ctx: ConversionContext, fn: Function, call: cst.Call, funcs: dict[str, Function]
+) -> list[str]:
+    """The other forwards ``self.<attr>(...)`` may run: the attribute's alternative
+    classes (`Child.alternatives`: a per-layer choice of MoE block or dense MLP)."""
+    name = dotted(call.func) or ""
+    parts = name.split(".")
+    info = ctx.classes.get(fn.cls or "")
+    if len(parts) != 2 or parts[0] != "self" or info is None or parts[1] not in info.children:
+        return []
+    out = []
+    for cls in info.children[parts[1]].alternatives:
+        owner = forward_owner(ctx, cls)
+        if owner and f"{owner}.forward" in funcs:
+            out.append(f"{owner}.forward")
+    return out
+
+
 def calls_of(ctx, fn: Function, funcs) -> list[tuple[cst.Call, str]]:
+    """Every (call, callee) pair; a call of an attribute holding one of several classes
+    pairs with each class's forward."""
     loops = loop_layers(ctx, fn.cls, fn.node)
     out = []
     for call in nodes_of(fn.node.body, cst.Call):
         target = resolve(ctx, fn, call, funcs, loops)
         if target is not None:
             out.append((call, target))
+            out += [(call, alt) for alt in alternatives(ctx, fn, call, funcs) if alt != target]
     return out
 
 

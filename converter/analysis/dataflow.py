@@ -29,6 +29,9 @@ UNKNOWN = Value("unknown")
 # Unknown, but one of the paths binding it gives None (`x if c else None`): a caller
 # passing it never lets the callee assume it is set.
 MAYBE_NONE = Value("unknown", "maybe None")
+# A container into which None was stored (`scalings[kind] = None`) on some path: its
+# items may be None, so reading one is MAYBE_NONE rather than the usual non-None.
+HOLDS_NONE = Value("unknown", "holds None")
 FALSE_ATTRS = {"self.training"}  # inference: never training
 
 
@@ -39,6 +42,8 @@ def const(v) -> Value:
 def merge(a: Value, b: Value) -> Value:
     if a == b:
         return a
+    if HOLDS_NONE in (a, b) and DEAD not in (a, b):
+        return HOLDS_NONE
     if a.kind in ("const", "nonnone") and b.kind in ("const", "nonnone"):
         return NONNONE
     if DEAD in (a, b) or MAYBE_NONE in (a, b):
@@ -123,11 +128,22 @@ def value(expr: cst.BaseExpression, env: Env) -> Value:
     if isinstance(expr, cst.Call) and dotted(expr.func) == "isinstance" and expr.args:
         t = truth(expr, env)
         return const(t) if t is not None else UNKNOWN
+    if isinstance(expr, cst.Subscript) and _reads_config(expr.value):
+        return UNKNOWN  # an entry of a config table may be None (Beam's NoPE layers' rope)
+    if isinstance(expr, cst.Subscript) and isinstance(expr.value, cst.Name):
+        if env.get(expr.value.value) == HOLDS_NONE:
+            return MAYBE_NONE
     if isinstance(
         expr, (cst.Subscript, cst.BinaryOperation, cst.Tuple, cst.List, cst.Dict, cst.ListComp)
     ):
         return NONNONE
     return UNKNOWN
+
+
+def _reads_config(expr: cst.BaseExpression) -> bool:
+    """``config.x`` / ``self.config.x`` (any depth): a value read from the model config."""
+    name = dotted(expr) or ""
+    return name.startswith(("config.", "self.config."))
 
 
 def truth(expr: cst.BaseExpression, env: Env) -> bool | None:

@@ -19,6 +19,10 @@ def _child_of_assign(
     value: cst.BaseExpression, local: set[str], dispatch: dict[str, str]
 ) -> tuple[str, str | None, bool, cst.Call] | None:
     """(ctor code, local class, in_list, ctor call) for a module-constructing expression."""
+    if isinstance(value, cst.IfExp):  # `A(c) if x else B(c)`: the first arm's (see Child)
+        arms = [_child_of_assign(v, local, dispatch) for v in (value.body, value.orelse)]
+        arms = [a for a in arms if a is not None]
+        return arms[0] if any(a[1] for a in arms) else None  # local classes only
     if not isinstance(value, cst.Call):
         return None
     if isinstance(value.func, cst.Subscript) and dotted(value.func.value) in dispatch:
@@ -75,11 +79,23 @@ def _record_child(ctx, info: ClassInfo, node: cst.Assign, local: set[str], scope
             info.param_attrs.append(attr)
             continue
         found = _child_of_assign(node.value, local, ctx.dispatch)
-        if found is None or attr in info.children:
+        if found is None:
             continue
         ctor, cls, in_list, call = found
+        arms = (node.value.body, node.value.orelse) if isinstance(node.value, cst.IfExp) else ()
+        others = [
+            c
+            for c in (_child_of_assign(v, local, ctx.dispatch) for v in arms)
+            if c is not None and c[1] is not None
+        ]
+        if attr in info.children:  # another arm's assignment: an alternative class
+            child = info.children[attr]
+            new = {c for c in [cls, *(o[1] for o in others)] if c} - set(child.classes)
+            child.alternatives += tuple(sorted(new))
+            continue
         line = ctx.line_of(cst.SimpleStatementLine([node]), scope) or 0
-        info.children[attr] = Child(attr, ctor, cls, in_list, call, line)
+        alternatives = tuple(sorted({o[1] for o in others} - {cls}))
+        info.children[attr] = Child(attr, ctor, cls, in_list, call, line, alternatives)
 
 
 def _record_append(info: ClassInfo, value: cst.BaseExpression, local: set[str]) -> None:
@@ -105,8 +121,9 @@ def owns(ctx: ConversionContext, cls: str, target: set[str], seen: set[str] | No
         return False
     seen.add(cls)
     return any(
-        c.cls is not None and owns(ctx, c.cls, target, seen)
+        owns(ctx, child_cls, target, seen)
         for c in ctx.classes[cls].children.values()
+        for child_cls in c.classes
     )
 
 

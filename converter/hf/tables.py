@@ -7,9 +7,9 @@ few literals with `ast` costs milliseconds and keeps `convert` fast. What is rea
   literals expanded by comprehensions (no calls, no outside names);
 - the checkpoint renames of `conversion_mapping.py` for a model class or type
   (`WeightRenaming` entries; HF applies every matching one in order, then the legacy
-  table), and its `WeightConverter`s of one Chunk or Concatenate (`hf_converters`).
-  Other transform kinds (chained operations, MoE merges) are reported, so a
-  conversion that needs them stops instead of loading wrong weights.
+  table), and its `WeightConverter`s (`converter.hf.converters`: Chunk, Concatenate,
+  the MoE chain MergeModulelist [+ Concatenate]). Other transform kinds are reported,
+  so a conversion that needs them stops instead of loading wrong weights.
 """
 
 from __future__ import annotations
@@ -55,40 +55,60 @@ class Unsupported:
 Transform = Renaming | NamedRenaming | Converter | Unsupported
 
 
-def config_tp_plan(model_type: str) -> dict[str, str] | None:
-    """`base_model_tp_plan` of the config class(es) in `configuration_<type>.py`."""
+def config_classes(model_type: str) -> dict[str, ast.ClassDef]:
+    """The classes of `configuration_<type>.py` by name ({} when there is none)."""
+    path = configuration_file(model_type)
+    if path is None:
+        return {}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def config_model_type(model_type: str, config_class: str) -> str | None:
+    """The `model_type` literal of `config_class` (in `configuration_<type>.py`): the key
+    transformers looks its checkpoint conversions up by (AriaTextConfig: "aria_text")."""
+    node = config_classes(model_type).get(config_class)
+    for stmt in _class_assigns(node, "model_type") if node else ():
+        if isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
+            return stmt.value.value
+    return None
+
+
+def _class_assigns(node: ast.ClassDef, name: str) -> list[ast.Assign | ast.AnnAssign]:
+    """The statements of a class body assigning `name` (plain or annotated)."""
+    found = []
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target = stmt.target
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target = stmt.targets[0]
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == name:
+            found.append(stmt)
+    return found
+
+
+def config_tp_plan(model_type: str, config_class: str = "") -> dict[str, str] | None:
+    """`base_model_tp_plan` of the config class(es) in `configuration_<type>.py`; where
+    several classes hold different plans (a composite model's text and vision configs),
+    the one of `config_class` (the causal LM's), or the nearest local base's."""
     path = configuration_file(model_type)
     if path is None:
         return None
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    classes = config_classes(model_type)
+    chain, name = [], config_class
+    while name in classes and name not in chain:
+        chain.append(name)
+        bases = [b.id for b in classes[name].bases if isinstance(b, ast.Name)]
+        name = next((b for b in bases if b in classes), "")
+    for name in chain:
+        plans = _class_plans(classes[name], path)
+        if plans:
+            return plans[0]
     plans: list[dict[str, str]] = []
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for stmt in node.body:
-            target = (
-                stmt.target
-                if isinstance(stmt, ast.AnnAssign)
-                else (
-                    stmt.targets[0]
-                    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                    else None
-                )
-            )
-            if (
-                isinstance(target, ast.Name)
-                and target.id == "base_model_tp_plan"
-                and stmt.value is not None
-            ):
-                try:
-                    plans.append(_plan_value(stmt.value))
-                except ValueError as e:
-                    raise ConversionError(
-                        "base_model_tp_plan is not a literal dict",
-                        path=path,
-                        line=stmt.lineno,
-                        hint="add a tp_plan override in rules/architectures.toml",
-                    ) from e
+    for node in classes.values():
+        plans += _class_plans(node, path)
     if len(plans) > 1 and any(p != plans[0] for p in plans):
         raise ConversionError(
             f"{len(plans)} different base_model_tp_plan tables",
@@ -96,6 +116,22 @@ def config_tp_plan(model_type: str) -> dict[str, str] | None:
             hint="pick one with a tp_plan override in rules/architectures.toml",
         )
     return plans[0] if plans else None
+
+
+def _class_plans(node: ast.ClassDef, path: Path) -> list[dict[str, str]]:
+    """The `base_model_tp_plan` a config class body assigns (zero or one)."""
+    plans: list[dict[str, str]] = []
+    for stmt in _class_assigns(node, "base_model_tp_plan"):
+        try:
+            plans.append(_plan_value(stmt.value))
+        except ValueError as e:
+            raise ConversionError(
+                "base_model_tp_plan is not a literal dict",
+                path=path,
+                line=stmt.lineno,
+                hint="add a tp_plan override in rules/architectures.toml",
+            ) from e
+    return plans
 
 
 # A plan built from literals by comprehensions (`**{f"{s}.q_proj": "colwise" for s in
@@ -141,6 +177,8 @@ def _transform(node: ast.expr) -> Transform:
         return parse_converter(node) or Unsupported(code)
     if node.func.id in NAMED_RENAMINGS and not node.args and not node.keywords:
         return NamedRenaming(node.func.id)
+    if node.func.id == "PrefixChange":
+        return _prefix_change(node) or Unsupported(code)
     if node.func.id != "WeightRenaming":
         return Unsupported(code)
     args = dict(zip(("source_patterns", "target_patterns"), node.args))
@@ -154,6 +192,33 @@ def _transform(node: ast.expr) -> Transform:
     if re.search(r"\\[^0-9]", targets[0]):
         return Unsupported(code)
     return Renaming(tuple(sources), targets[0])
+
+
+def _prefix_change(node: ast.Call) -> Renaming | None:
+    """transformers' `PrefixChange` (a WeightRenaming spelled by prefixes) as its regex:
+    remove `<model_prefix>.<prefix>.` (`model.language_model.x` -> `model.x`), or add
+    `<prefix>.` after `<model_prefix>.` where it is not there yet."""
+    if node.args:
+        return None
+    try:
+        kw = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except ValueError:
+        return None
+    add, remove, model = (
+        kw.pop("prefix_to_add", None),
+        kw.pop("prefix_to_remove", None),
+        kw.pop("model_prefix", None) or "",
+    )
+    if (
+        kw
+        or (add is None) == (remove is None)
+        or not all(re.fullmatch(r"[\w.]*", p or "") for p in (add, remove, model))
+    ):
+        return None
+    prefix, plain = (rf"{re.escape(model)}\.", f"{model}.") if model else ("", "")
+    if remove is not None:
+        return Renaming((rf"^{prefix}{re.escape(remove)}\.(.+)",), rf"{plain}\1")
+    return Renaming((rf"^{prefix}(?:(?!{re.escape(add)}\.))(.+)",), rf"{plain}{add}.\1")
 
 
 class _MappingEvaluator:

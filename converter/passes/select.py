@@ -23,10 +23,13 @@ from converter.context import ConversionContext
 from converter.cst_helpers import (
     bound_names,
     code,
+    dotted,
+    methods_of,
     names_read,
     nodes_of,
     reachable_methods,
 )
+from converter.hf.tables import config_model_type
 
 KEPT_METHODS = ("__init__", "forward", "extra_repr")
 HF_ATTRS = {
@@ -108,6 +111,22 @@ def record_hf_attrs(module: cst.Module, ctx: ConversionContext, family: list[str
             if attr == "_tied_weights_keys" and isinstance(val, list):
                 val = {k: "" for k in val}  # older list form: targets unknown
             setattr(ctx, field_name, val)
+
+
+def record_config_class(module: cst.Module, ctx: ConversionContext) -> None:
+    """The LM class's config class (``def __init__(self, config: XConfig)``) and its
+    ``model_type`` (read from the configuration file; the source's type when absent)."""
+    for stmt in module.body:
+        if isinstance(stmt, cst.ClassDef) and stmt.name.value == ctx.lm_class:
+            init = methods_of(stmt).get("__init__")
+            params = init.params.params[1:] if init else ()
+            note = params[0].annotation if params and params[0].annotation else None
+            ctx.config_class = dotted(note.annotation) or "" if note else ""
+    ctx.config_model_type = (
+        config_model_type(ctx.model_type, ctx.config_class) or ctx.model_type
+        if ctx.config_class
+        else ctx.model_type
+    )
 
 
 def hf_family(ctx: ConversionContext) -> list[str]:
@@ -255,6 +274,7 @@ def _is_docstring(stmt: cst.CSTNode) -> bool:
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     family = hf_family(ctx)
     record_hf_attrs(module, ctx, family)
+    record_config_class(module, ctx)
     sel = _Select(ctx, family)
     sel.called = child_method_calls(module, ctx)
     body = []

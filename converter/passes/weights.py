@@ -60,7 +60,9 @@ def _converter_entry(table: tuple) -> str:
 
 def load_weights_source(ctx: ConversionContext) -> str:
     renames = [(k, v) for k, v in ctx.checkpoint_conversion_mapping.items()]
-    renamings, converters = checkpoint_transforms(ctx.lm_class, ctx.model_type)
+    renamings, converters = checkpoint_transforms(
+        ctx.lm_class, ctx.config_model_type or ctx.model_type
+    )
     entries = [f"({_str(p)}, {_str(r)})" for p, r in renames]
     for renaming in renamings:
         if isinstance(renaming, NamedRenaming):  # a runtime.checkpoint (pattern, function)
@@ -136,6 +138,6 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
             ]
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*members, method]))
         body.append(stmt)
-    renamings, _ = checkpoint_transforms(ctx.lm_class, ctx.model_type)
+    renamings, _ = checkpoint_transforms(ctx.lm_class, ctx.config_model_type or ctx.model_type)
     named = {r.constant for r in renamings if isinstance(r, NamedRenaming)}
     return _add_imports(module.with_changes(body=body), named)

@@ -5,7 +5,9 @@ Every size key the default config has (the key lists are in rules/coverage.toml
 KV heads, head_dim 32 where the config has the key (not hidden / heads, so code that
 confuses the two cannot pass), vocab 128, initializer_range 0.2 (logits O(1-10), so a
 wrong computation cannot hide below the tolerance), sliding windows smaller than the
-prompts. Per-type quirks come only from [tiny.types.<type>].
+prompts; mixture-of-experts configs get 8 experts, top-2, expert intermediate 32 and
+one dense layer first where they have a dense prefix ([tiny.moe]). Per-type quirks come
+only from [tiny.types.<type>].
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ def tiny_overrides(model_type: str, defaults: dict, rules: dict) -> dict:
     for k in tiny["window_keys"]:
         if _is_int(defaults.get(k)) and defaults[k] > 0:
             out[k] = tiny["sliding_window"]
+    mla = tiny.get("mla", {})
+    if mla.get("key") in defaults:
+        if "head_dim" in defaults:
+            out["head_dim"] = tiny["fixed"]["qk_rope_head_dim"]
+        for k in tiny["kv_head_keys"]:
+            if k in out:
+                out[k] = tiny["heads"]
+    moe = tiny.get("moe", {})
+    for k in moe.get("experts_keys", []) + moe.get("top_k_keys", []):
+        if k in defaults and (defaults[k] is None or _is_int(defaults[k])):
+            out[k] = moe["experts"] if k in moe["experts_keys"] else moe["top_k"]
+    for k in moe.get("intermediate_keys", []):
+        if _is_int(defaults.get(k)) and defaults[k] > 0:  # 0: the block is off
+            out[k] = moe["intermediate"]
+    for keys, value in (("group_keys", "groups"), ("topk_group_keys", "topk_groups")):
+        for k in moe.get(keys, []):
+            if _is_int(defaults.get(k)) and defaults[k] > 1:  # 1 / None: no grouping
+                out[k] = moe[value]
+    for k in moe.get("dense_prefix_keys", []):
+        if _is_int(defaults.get(k)) and defaults[k] > 0:
+            out[k] = moe["dense_prefix"]
+    for k in moe.get("dense_layer_list_keys", []):
+        if isinstance(defaults.get(k), list):
+            out[k] = list(range(moe["dense_prefix"]))
     # Special token ids must fall inside the shrunk vocabulary.
     for i, k in enumerate(tiny["token_keys"]):
         value = defaults.get(k)

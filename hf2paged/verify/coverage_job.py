@@ -190,10 +190,13 @@ def scenario():
     return Scenario(prompt_lens=(5, 9, 3), decode_steps=3, chunks=(4, 3), block_size=4)
 
 
-def hf_case(hf_cls, config, model_dir: Path):
-    """A tiny random HF model of `config` (every parameter perturbed), saved to
+def hf_case(hf_cls, config, model_dir: Path, tweak=None, **save_kwargs):
+    """A tiny random HF model of `config` (every parameter perturbed, and every floating
+    persistent buffer: checkpoint state such as a router's correction bias), saved to
     `model_dir`; returns the scenario's tokens and HF's logits of them (also used by
-    tests/parity/test_parity_shipped.py)."""
+    tests/parity/test_parity_shipped.py). `tweak(model)` runs before saving;
+    `save_kwargs` go to `save_pretrained` (`save_original_format=False`: transformers'
+    own layout, fused MoE experts, instead of the checkpoint's original one)."""
     import torch
 
     from hf2paged.verify.parity import hf_reference
@@ -207,10 +210,16 @@ def hf_case(hf_cls, config, model_dir: Path):
         )
     torch.manual_seed(0)
     hf = hf_cls._from_config(config, attn_implementation="eager").eval()
+    state = set(hf.state_dict())
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p), alpha=NOISE)
-    hf.save_pretrained(model_dir)
+        for name, buffer in hf.named_buffers():
+            if name in state and buffer.is_floating_point():
+                buffer.add_(torch.randn_like(buffer), alpha=NOISE)
+        if tweak is not None:
+            tweak(hf)
+    hf.save_pretrained(model_dir, **save_kwargs)
     tokens = scenario().tokens(config.vocab_size)
     return tokens, hf_reference(hf, tokens)
 

@@ -11,31 +11,60 @@ from hf2paged.verify.coverage_rules import Classification
 
 
 @dataclass
-class Summary:
-    in_scope: int
+class BucketResult:
+    """One in-scope bucket's counts."""
+
+    label: str
+    total: int
     converted: int
     parity: int
-    moe: int
+
+
+@dataclass
+class Summary:
+    buckets: list[BucketResult]  # in-scope buckets, in rules order
+    later: int
     out_of_scope: Counter  # bucket label -> count
     total: int
 
+    @property
+    def in_scope(self) -> int:
+        return sum(b.total for b in self.buckets)
+
+    @property
+    def parity(self) -> int:
+        return sum(b.parity for b in self.buckets)
+
+    @property
+    def converted(self) -> int:
+        return sum(b.converted for b in self.buckets)
+
+    def results(self) -> str:
+        """``68 of 69 dense decoder-only attention, 36 of 48 mixture-of-experts``."""
+        return ", ".join(f"{b.parity} of {b.total} {b.label}" for b in self.buckets)
+
     def line(self) -> str:
         out = sum(self.out_of_scope.values())
+        later = f"; {self.later} a later step" if self.later else ""
         return (
-            f"{self.parity} of {self.in_scope} dense decoder-only architectures convert and pass "
-            f"parity ({self.converted} convert); {self.moe} mixture-of-experts (later step); "
+            f"convert and pass parity: {self.results()} architectures{later}; "
             f"{out} out of scope; {self.total} causal-LM types in all"
         )
 
 
 def summarize(classes: list[Classification], outcomes: dict[str, Outcome]) -> Summary:
-    in_scope = [c for c in classes if c.scope == "in"]
-    got = [outcomes[c.model_type] for c in in_scope if c.model_type in outcomes]
+    buckets: dict[str, BucketResult] = {}
+    for c in classes:
+        if c.scope != "in":
+            continue
+        b = buckets.setdefault(c.bucket, BucketResult(c.label, 0, 0, 0))
+        o = outcomes.get(c.model_type)
+        b.total += 1
+        b.converted += bool(o and o.converted)
+        b.parity += bool(o and o.parity)
     return Summary(
-        in_scope=len(in_scope),
-        converted=sum(1 for o in got if o.converted),
-        parity=sum(1 for o in got if o.parity),
-        moe=sum(1 for c in classes if c.scope == "later"),
+        buckets=list(buckets.values()),
+        later=sum(1 for c in classes if c.scope == "later"),
         out_of_scope=Counter(c.label for c in classes if c.scope == "out"),
         total=len(classes),
     )
@@ -86,6 +115,7 @@ def render_markdown(
     wall_s: float,
     workers: int,
     partial: bool = False,
+    rules_known: dict[str, str] | None = None,
 ) -> str:
     s = summarize(classes, outcomes)
     by_bucket = ", ".join(f"{label} {n}" for label, n in s.out_of_scope.most_common())
@@ -102,33 +132,43 @@ def render_markdown(
         ),
         "## Summary",
         "",
-        f"- **{s.parity} / {s.in_scope}** dense decoder-only attention architectures convert "
-        f"with zero hand edits and match HF logits; {s.converted} / {s.in_scope} convert.",
-        f"- **{s.moe}** mixture-of-experts architectures: a later step (listed, not tried).",
+        *[
+            f"- **{b.parity} / {b.total}** {b.label} architectures convert with zero hand "
+            f"edits and match HF logits; {b.converted} / {b.total} convert."
+            for b in s.buckets
+        ],
+        *([f"- **{s.later}** architectures: a later step (listed, not tried)."] if s.later else []),
         f"- **{sum(s.out_of_scope.values())}** out of scope: {by_bucket or 'none'}.",
         f"- {s.total} model types in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`.",
         "",
         "Each in-scope type: a tiny random config (the config class defaults shrunk: 2 "
-        "layers, hidden 64, 4 heads / 2 KV heads, head_dim 32 where configurable, vocab 128, sliding windows of 4; quirks "
-        "in `rules/coverage.toml`), every HF parameter perturbed, saved with "
-        "`save_pretrained`; converted in memory; loaded through the generated "
+        "layers, hidden 64, 4 heads / 2 KV heads, head_dim 32 where configurable, vocab 128, "
+        "sliding windows of 4; mixture-of-experts: 8 experts, top-2, expert intermediate 32, "
+        "one dense layer first where the family has a dense prefix; quirks "
+        "in `rules/coverage.toml`), every HF parameter and persistent buffer perturbed, "
+        "saved with `save_pretrained`; converted in memory; loaded through the generated "
         "`load_weights`; logits compared with HF eager on a 3-prompt prefill, 3 decode "
         "steps through the paged cache and a chunked prefill. Parity: max |logit diff| <= "
-        f"{ATOL:g} x max(1, max |HF logit|).",
-        "",
-        "## Dense decoder-only attention (in scope)",
-        "",
-        "| type | architecture | converted | parity | max diff | stage | reason |",
-        "|---|---|---|---|---|---|---|",
+        f"{ATOL:g} x max(1, max |HF logit|). Where an architecture fails for a reason the "
+        "converter's line does not say, `why` gives it (rules/coverage.toml [known]).",
     ]
-    for c in classes:
-        if c.scope != "in":
-            continue
-        o = outcomes.get(c.model_type, Outcome(c.model_type, stage="not run"))
-        lines.append(
-            f"| {c.model_type} | {c.architecture} | {_yes(o.converted)} | {_yes(o.parity)} | "
-            f"{_diff(o)} | {o.stage} | {_cell(o.reason)} |"
-        )
+    known = rules_known or {}
+    for bucket in dict.fromkeys(c.bucket for c in classes if c.scope == "in"):
+        members = [c for c in classes if c.scope == "in" and c.bucket == bucket]
+        lines += [
+            "",
+            f"## {members[0].label[:1].upper()}{members[0].label[1:]} (in scope)",
+            "",
+            "| type | architecture | converted | parity | max diff | stage | reason | why |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in members:
+            o = outcomes.get(c.model_type, Outcome(c.model_type, stage="not run"))
+            why = known.get(c.model_type, "") if not o.parity else ""
+            lines.append(
+                f"| {c.model_type} | {c.architecture} | {_yes(o.converted)} | {_yes(o.parity)} | "
+                f"{_diff(o)} | {o.stage} | {_cell(o.reason)} | {_cell(why)} |"
+            )
     groups = failure_groups(classes, outcomes)
     if groups:
         lines += [
@@ -141,15 +181,17 @@ def render_markdown(
         lines += [
             f"| {_cell(cause)} | {len(types)} | {', '.join(types)} |" for cause, types in groups
         ]
-    moe = [c for c in classes if c.scope == "later"]
-    lines += ["", "## Mixture-of-experts (later step)", ""]
-    lines += [f"Why later: {moe[0].reason}.", ""] if moe else []
-    lines += (
-        ["| type | architecture | classified by |", "|---|---|---|"]
-        + [f"| {c.model_type} | {c.architecture} | {c.source} |" for c in moe]
-        if moe
-        else ["None."]
-    )
+    later = [c for c in classes if c.scope == "later"]
+    if later:
+        lines += ["", "## A later step", ""]
+        lines += [
+            "| type | architecture | bucket | reason | classified by |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.model_type} | {c.architecture} | {c.label} | {_cell(c.reason)} | {c.source} |"
+            for c in later
+        ]
     out = [c for c in classes if c.scope == "out"]
     lines += ["", "## Out of scope", ""]
     lines += (

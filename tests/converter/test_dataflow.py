@@ -86,3 +86,19 @@ def test_bind_and_rebuild_keep_positions():
     args = rebuild_args(bind(call2, fn2), {1})
     assert cst.Module([]).code_for_node(call2.with_changes(args=args)) == "f(a, cache=c)"
     assert bind(cst.parse_expression("f(*xs)"), fn2) is None  # cannot bind statically
+
+
+def test_items_of_a_container_holding_none_may_be_none():
+    """Beam: `scalings[kind] = None` on one path makes `scalings[kind]` maybe None, and an
+    entry of a config table may be None: neither is assumed set (the usual rule for
+    subscripts) so `x is None` tests on them stay."""
+    from converter.analysis.dataflow import HOLDS_NONE
+
+    e = env()
+    e.values["out"] = HOLDS_NONE
+    assert value(cst.parse_expression("out[k]"), e) == MAYBE_NONE
+    assert truth(cst.parse_expression("out[k] is None"), e) is None
+    assert value(cst.parse_expression("ids[0]"), e) == NONNONE  # other subscripts: set
+    assert truth(cst.parse_expression("self.config.rope_parameters[k] is None"), e) is None
+    assert merge(HOLDS_NONE, UNKNOWN) == HOLDS_NONE
+    assert merge(HOLDS_NONE, DEAD) == MAYBE_NONE

@@ -4,6 +4,7 @@ Concatenate becomes a load_weights table; anything else stays unsupported."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable
 
 import libcst as cst
@@ -61,6 +62,21 @@ def test_module_list_merges_are_read():
     code = weights_pass._converter_entry(merged.table())
     assert code.startswith('((("merge_modulelist", 0), ("concatenate", 1), ), [r"mlp')
     assert eval(code) == merged.table()
+
+
+def test_prefix_change_is_a_renaming():
+    from converter.hf.tables import _transform
+
+    remove = _transform(
+        ast.parse(
+            "PrefixChange(prefix_to_remove='language_model', model_prefix='model')", mode="eval"
+        ).body
+    )
+    assert remove == Renaming((r"^model\.language_model\.(.+)",), r"model.\1")
+    add = _transform(ast.parse("PrefixChange(prefix_to_add='timm_model')", mode="eval").body)
+    ((pattern, target),) = add.regexes()
+    assert re.sub(pattern, target, "head.weight", count=1) == "timm_model.head.weight"
+    assert re.sub(pattern, target, "timm_model.head.weight", count=1) == "timm_model.head.weight"
 
 
 @pytest.mark.parametrize(

@@ -30,5 +30,6 @@ def test_tp_passes_this_ranks_sinks():
         "kv_cache, input_metadata, sinks=self.per_head_logits)[None]",
     )
     code, _ = convert(source)
-    assert "sinks=(self.per_head_logits).chunk(get_tp_size())[get_tp_rank()])" in code
-    assert "get_tp_rank" in code.split("from runtime.parallel import")[1].split("\n\n")[0]
+    # local_head_block: this rank's block of heads, a None (layers without sinks) kept
+    assert "sinks=local_head_block(self.per_head_logits))" in code
+    assert "local_head_block" in code.split("from runtime.parallel import")[1].split("\n\n")[0]

@@ -17,9 +17,20 @@ from __future__ import annotations
 from collections import Counter
 
 import libcst as cst
+import libcst.matchers as m
 
 from converter.analysis import callgraph as cg
-from converter.analysis.dataflow import DEAD, NONNONE, UNKNOWN, Env, reads_dead, truth, value
+from converter.analysis.dataflow import (
+    DEAD,
+    HOLDS_NONE,
+    MAYBE_NONE,
+    NONNONE,
+    UNKNOWN,
+    Env,
+    reads_dead,
+    truth,
+    value,
+)
 from converter.analysis.liveness import eliminate_dead_stores
 from converter.context import ConversionContext
 from converter.cst_helpers import names_read, nodes_of, target_names
@@ -121,6 +132,10 @@ class _Pruner:
             ):
                 if isinstance(t, cst.Name):
                     env.values[t.value] = v
+                elif m.matches(t, m.Subscript(value=m.Name())) and (
+                    v in (DEAD, MAYBE_NONE) or env.get(t.value.value) == HOLDS_NONE
+                ):
+                    env.values[t.value.value] = HOLDS_NONE  # its items may be None
                 else:
                     for name in target_names(t):
                         env.values[name] = UNKNOWN
@@ -216,9 +231,13 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
             q, fn.cls, fn.node.with_changes(body=fn.node.body.with_changes(body=body))
         )
     callers: dict[str, list[str]] = {q: [] for q in order}
+    shared: set[str] = set()  # callees of a call that may run one of several forwards
     for c in order:
-        for t in {t for _, t in cg.calls_of(ctx, funcs[c], funcs)}:
+        pairs = cg.calls_of(ctx, funcs[c], funcs)
+        for t in {t for _, t in pairs}:
             callers.setdefault(t, []).append(c)
+        per_call = Counter(id(call) for call, _ in pairs)
+        shared |= {t for call, t in pairs if per_call[id(call)] > 1}
     refs = Counter(n.value for n in nodes_of(module, cst.Name))
     direct = Counter(
         c.func.value for c in nodes_of(module, cst.Call) if isinstance(c.func, cst.Name)
@@ -227,8 +246,8 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         fn = funcs[q]
         node = eliminate_dead_stores(fn.node)
         funcs[q] = fn = cg.Function(q, fn.cls, node)
-        if q in roots or not params_prunable(fn, refs, direct):
-            continue
+        if q in roots or q in shared or not params_prunable(fn, refs, direct):
+            continue  # (a shared callee's parameters stay: its calls bind every class)
         used = names_read(node.body)
         unused = [p.name.value for p in cg.params_of(fn) if p.name.value not in used]
         if not unused:

@@ -100,11 +100,20 @@ class Simplify(cst.CSTTransformer):
                     updated,
                     scope=self.p.fn.qualname,
                 )
-        for param in cg.params_of(callee):
-            name = param.name.value
-            v = passed.get(name, literal(param.default) if param.default is not None else UNKNOWN)
-            facts[name] = merge(facts[name], v) if name in facts else v
+        _record_facts(facts, callee, passed)
+        for alt in cg.alternatives(self.p.ctx, self.p.fn, updated, self.p.funcs):
+            alt_bound = cg.bind(updated, self.p.funcs[alt]) if alt != target else None
+            if alt_bound is not None:  # what the same arguments pass to the other class
+                alt_passed = {p: passed.get(q, UNKNOWN) for (p, _), (q, _) in zip(alt_bound, bound)}
+                _record_facts(self.p.facts.setdefault(alt, {}), self.p.funcs[alt], alt_passed)
         return updated.with_changes(args=rebuild_args(bound, drop))
+
+
+def _record_facts(facts: dict, callee: cg.Function, passed: dict) -> None:
+    for param in cg.params_of(callee):
+        name = param.name.value
+        v = passed.get(name, literal(param.default) if param.default is not None else UNKNOWN)
+        facts[name] = merge(facts[name], v) if name in facts else v
 
 
 def params_prunable(fn: cg.Function, refs: Counter, direct: Counter) -> bool:

@@ -133,6 +133,11 @@ def plan_fusions(
                 if len({s[0] for s in sigs}) != 1 or len({s[2] for s in sigs}) != 1:
                     ctx.log.append(f"tp: {cls}: not fusing {members}: different inputs or bias")
                     continue
+                if kind == "qkv" and sigs[1][1] != sigs[2][1]:
+                    # QKVParallelLinear sizes V like K: a value head of its own size
+                    # (MiMo-V2's v_head_dim) keeps separate column-parallel projections
+                    ctx.log.append(f"tp: {cls}: not fusing {members}: k and v widths differ")
+                    continue
                 reason, arg = _why_not(forward, members)
                 if reason:
                     ctx.log.append(f"tp: {cls}: not fusing {members}: {reason}")

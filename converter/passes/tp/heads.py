@@ -24,11 +24,9 @@ def _wrap(fn: str, node: cst.BaseExpression, flag: str | None = None) -> cst.Cal
 
 
 def _head_block(node: cst.BaseExpression, flag: str | None) -> tuple[cst.BaseExpression, set]:
-    """This rank's contiguous block of a per-query-head tensor, and the names it uses."""
-    if flag:
-        return _wrap("local_head_block", node, flag), {"local_head_block"}
-    local = f"({code(node)}).chunk(get_tp_size())[get_tp_rank()]"
-    return cst.parse_expression(local), {"get_tp_size", "get_tp_rank"}
+    """This rank's contiguous block of a per-query-head tensor, and the names it uses
+    (`local_head_block` keeps a None as None: sinks only some layers have)."""
+    return _wrap("local_head_block", node, flag), {"local_head_block"}
 
 
 class HeadCounts(cst.CSTTransformer):

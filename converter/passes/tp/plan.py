@@ -84,11 +84,12 @@ def class_paths(ctx: ConversionContext) -> dict[str, list[tuple[str, ...]]]:
     while queue:
         cls, path = queue.popleft()
         for child in ctx.classes[cls].children.values():
-            if child.cls is None or len(path) > 12:
+            if len(path) > 12:
                 continue
             sub = path + (child.attr, "*") if child.in_list else path + (child.attr,)
-            paths.setdefault(child.cls, []).append(sub)
-            queue.append((child.cls, sub))
+            for child_cls in child.classes:  # every class the attribute may hold
+                paths.setdefault(child_cls, []).append(sub)
+                queue.append((child_cls, sub))
     return paths
 
 
@@ -165,7 +166,7 @@ def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, 
         override = plan_override(arch_rules.get("tp_plan", {}))
     except ValueError as e:
         raise ctx.error(f"rules/architectures.toml [{ctx.model_type}] {e}") from None
-    base_plan = config_tp_plan(ctx.model_type) or {}
+    base_plan = config_tp_plan(ctx.model_type, ctx.config_class) or {}
     lm_plan = dict(ctx.tp_plan)
     tp_rules = ctx.rules.get("tp", {})
     names = {attr: style for style, attrs in tp_rules.get("styles", {}).items() for attr in attrs}
