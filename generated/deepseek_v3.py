@@ -249,18 +249,18 @@ class DeepseekV3Attention(nn.Module):
             DeepseekV3RMSNorm(self.q_lora_rank) if self.q_lora_rank is not None else None
         )
         self.q_b_proj = (
-            nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+            ColumnParallelLinear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
             if self.q_lora_rank is not None
             else None
         )
 
-        self.kv_a_proj_with_mqa = ColumnParallelLinear(
+        self.kv_a_proj_with_mqa = nn.Linear(
             self.hidden_size,
             config.kv_lora_rank + config.qk_rope_head_dim,
             bias=config.attention_bias,
         )
         self.kv_a_layernorm = DeepseekV3RMSNorm(config.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = ColumnParallelLinear(
             config.kv_lora_rank,
             self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
             bias=False,

@@ -14,9 +14,6 @@ every one in a single gloo group (one spawn).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
 from configs import CONFIGS
@@ -24,8 +21,7 @@ from distributed import run_distributed
 
 import generated
 from converter.convert import architectures
-from hf2paged.verify.coverage_config import tiny_config
-from hf2paged.verify.coverage_job import ATOL, hf_case, scenario
+from hf2paged.verify.coverage_job import scenario
 from hf2paged.verify.coverage_rules import load_coverage_rules
 from hf2paged.verify.parity import compare, run_generated
 from runtime.engine.build_model import build_model
@@ -71,37 +67,10 @@ LONG_TAIL = long_tail()
 TP2_SKIP: dict[str, str] = {}
 
 
-@dataclass
-class ShippedCase:
-    module: str
-    model_type: str
-    model_dir: Path
-    tokens: list[list[int]]
-    reference: list[torch.Tensor]
-
-    @property
-    def tolerance(self) -> float:
-        return ATOL * max(1.0, max(float(r.abs().max()) for r in self.reference))
-
-
 @pytest.fixture(scope="session")
-def shipped_cases(tmp_path_factory):
-    import transformers
-
-    root = tmp_path_factory.mktemp("shipped")
-    rules = load_coverage_rules()
-    built: dict[str, ShippedCase] = {}
-
-    def get(module: str) -> ShippedCase:
-        if module not in built:
-            model_type = LONG_TAIL[module]
-            hf_cls = getattr(transformers, _causal_lm_names()[model_type])
-            config = tiny_config(model_type, hf_cls.config_class, rules)
-            tokens, reference = hf_case(hf_cls, config, root / module)
-            built[module] = ShippedCase(module, model_type, root / module, tokens, reference)
-        return built[module]
-
-    return get
+def shipped_cases(tiny_cases):
+    """module -> the tiny case of the coverage type that tests it."""
+    return lambda module: tiny_cases(LONG_TAIL[module], module)
 
 
 def test_the_long_tail_is_what_coverage_passes():
