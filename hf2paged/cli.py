@@ -532,6 +532,14 @@ def generate(
     tp: Annotated[
         int, typer.Option("--tp", help="Tensor-parallel size (one process per rank).")
     ] = 1,
+    expert_parallel: Annotated[
+        bool,
+        typer.Option(
+            "--expert-parallel",
+            help="With --tp > 1: mixture-of-experts layers hold whole experts per rank "
+            "instead of a slice of every expert.",
+        ),
+    ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(DTYPES)}.")] = "auto",
     device: Annotated[
         str | None,
@@ -570,6 +578,7 @@ def generate(
             device=device,
             trust_remote_code=trust_remote_code,
             model_class=source.model_class,
+            expert_parallel=expert_parallel,
         )
         text = llm.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         start = time.perf_counter()

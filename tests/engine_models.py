@@ -36,20 +36,44 @@ def build_model_dir(arch: str, root: Path, with_tokenizer: bool = True):
     model_dir = root / arch
     hf.save_pretrained(model_dir)
     if with_tokenizer:
-        # The config's ids where it has them; a free id for missing or shared ones (OPT
-        # has bos == eos, GPT-2 no pad).
-        specials: dict[str, int] = {}
-        wanted = [
-            ("</s>", config.eos_token_id),
-            ("<s>", config.bos_token_id),
-            ("<pad>", config.pad_token_id),
-        ]
-        for name, token_id in wanted:
-            if token_id is None or token_id in specials.values():
-                token_id = min(set(range(config.vocab_size)) - set(specials.values()))
-            specials[name] = token_id
-        char_tokenizer(config.vocab_size, specials).save_pretrained(model_dir)
+        save_char_tokenizer(config, model_dir)
     return model_dir, hf
+
+
+def save_char_tokenizer(config, model_dir: Path) -> None:
+    """A character tokenizer beside the checkpoint: the config's special ids where it has
+    them; a free id for missing or shared ones (OPT has bos == eos, GPT-2 no pad)."""
+    specials: dict[str, int] = {}
+    wanted = [
+        ("</s>", config.eos_token_id),
+        ("<s>", config.bos_token_id),
+        ("<pad>", config.pad_token_id),
+    ]
+    for name, token_id in wanted:
+        if not isinstance(token_id, int) or token_id in specials.values():
+            token_id = min(set(range(config.vocab_size)) - set(specials.values()))
+        specials[name] = token_id
+    char_tokenizer(config.vocab_size, specials).save_pretrained(model_dir)
+
+
+def build_tiny_dir(model_type: str, root: Path) -> Path:
+    """Coverage's tiny checkpoint of `model_type` (rules/coverage.toml [tiny]: the config
+    class's defaults shrunk; mixture-of-experts: 8 experts, top-2) with a character
+    tokenizer, under root/model_type."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from hf2paged.verify.coverage_config import tiny_config
+    from hf2paged.verify.coverage_rules import load_coverage_rules
+
+    hf_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    config = tiny_config(model_type, hf_cls.config_class, load_coverage_rules())
+    torch.manual_seed(0)
+    hf = hf_cls._from_config(config, attn_implementation="eager").eval()
+    model_dir = root / model_type
+    hf.save_pretrained(model_dir)
+    save_char_tokenizer(config, model_dir)
+    return model_dir
 
 
 def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:

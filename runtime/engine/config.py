@@ -90,6 +90,9 @@ class EngineConfig:
     trust_remote_code: bool = False
     # the generated class to build (None: the registry's); pickled by name to TP ranks
     model_class: type | None = None
+    # mixture-of-experts layers place whole experts per rank instead of a slice of
+    # every expert (runtime.parallel.init_parallel(expert_parallel=...))
+    expert_parallel: bool = False
 
     @property
     def use_cuda_graphs(self) -> bool:

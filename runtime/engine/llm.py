@@ -66,6 +66,10 @@ class LLM:
     before. Tokens are the same either way; a request that stops on EOS or a stop string
     costs one extra step of compute, dropped. Steps that sample with penalties (which
     read every token so far) run synchronously.
+
+    `expert_parallel`: with ``tensor_parallel_size > 1``, mixture-of-experts layers hold
+    whole experts per rank (experts split evenly) instead of a slice of every expert;
+    attention and dense layers stay tensor parallel.
     """
 
     def __init__(
@@ -86,11 +90,14 @@ class LLM:
         trust_remote_code: bool = False,
         model_class: type | None = None,
         async_scheduling: bool | None = None,
+        expert_parallel: bool = False,
     ) -> None:
         from runtime.engine.worker import Executor
 
         model_dir = Path(model)
-        hf_config = check_model(model_dir, tensor_parallel_size, trust_remote_code, model_class)
+        hf_config = check_model(
+            model_dir, tensor_parallel_size, trust_remote_code, model_class, expert_parallel
+        )
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(
                 f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}"
@@ -123,6 +130,7 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             trust_remote_code=trust_remote_code,
             model_class=model_class,
+            expert_parallel=expert_parallel,
         )
         self.hf_config = hf_config
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)

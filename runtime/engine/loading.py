@@ -29,6 +29,7 @@ def check_model(
     tensor_parallel_size: int,
     trust_remote_code: bool = False,
     model_class: type | None = None,
+    expert_parallel: bool = False,
 ):
     """The model's transformers config, once everything that would fail in a worker
     process has been checked here (one-line ValueErrors). `model_class`: the class to
@@ -61,7 +62,21 @@ def check_model(
             f"tensor_parallel_size={tp} neither divides nor is a multiple of the model's "
             f"{kv_heads} key/value heads"
         )
+    if not isinstance(expert_parallel, bool):
+        raise ValueError(f"expert_parallel must be a bool, got {expert_parallel!r}")
+    experts = next(
+        (getattr(text, k) for k in _EXPERT_COUNTS if isinstance(getattr(text, k, None), int)), None
+    )
+    if expert_parallel and tp > 1 and experts is not None and experts < tp:
+        raise ValueError(
+            f"expert_parallel over tensor_parallel_size={tp} ranks needs at least {tp} "
+            f"experts; the model has {experts}"
+        )
     return config
+
+
+# config fields holding the routed-expert count (transformers' MoE configs)
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

@@ -146,7 +146,8 @@ def _setup(config: EngineConfig, rank: int) -> dist.ProcessGroup | None:
 
     backend = "nccl" if config.device_type == "cuda" else "gloo"
     init_parallel(config.tensor_parallel_size, rank=rank, backend=backend,
-                  init_method=config.dist_init_method)  # fmt: skip
+                  init_method=config.dist_init_method,
+                  expert_parallel=config.expert_parallel)  # fmt: skip
     return dist.new_group(backend="gloo") if backend == "nccl" else None
 
 
