@@ -488,9 +488,9 @@ class DeepseekV3ForCausalLM(nn.Module):
             (".gate_up_proj.", ".gate_proj.", 0),
             (".gate_up_proj.", ".up_proj.", 1),
         ]
-        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a
-        # chain: transformers' WeightConverters for checkpoint tensors that are split,
-        # joined or stacked (per-expert tensors) into this module's parameters
+        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a chain:
+        # transformers' WeightConverters for checkpoint tensors that are split, joined or
+        # stacked (a module list's entries) into this module's parameters
         converters = [
             (
                 (("merge_modulelist", 0), ("concatenate", 1)),

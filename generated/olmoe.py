@@ -359,9 +359,9 @@ class OlmoeForCausalLM(nn.Module):
         tensor parallelism; the matching itself, and the renames every model shares, are
         `runtime.checkpoint.load_checkpoint`'s.
         """
-        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a
-        # chain: transformers' WeightConverters for checkpoint tensors that are split,
-        # joined or stacked (per-expert tensors) into this module's parameters
+        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a chain:
+        # transformers' WeightConverters for checkpoint tensors that are split, joined or
+        # stacked (a module list's entries) into this module's parameters
         converters = [
             (
                 (("merge_modulelist", 0), ("concatenate", 1)),

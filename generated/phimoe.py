@@ -377,9 +377,9 @@ class PhimoeForCausalLM(nn.Module):
             (".qkv_proj.", ".k_proj.", "k"),
             (".qkv_proj.", ".v_proj.", "v"),
         ]
-        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a
-        # chain: transformers' WeightConverters for checkpoint tensors that are split,
-        # joined or stacked (per-expert tensors) into this module's parameters
+        # (operation, dim, source patterns, targets), or ((operation, dim), ...) for a chain:
+        # transformers' WeightConverters for checkpoint tensors that are split, joined or
+        # stacked (a module list's entries) into this module's parameters
         converters = [
             (
                 (("merge_modulelist", 0), ("concatenate", 1)),

@@ -53,7 +53,9 @@ def _converter_entry(table: tuple) -> str:
     if len(ops) == 2:  # (op, dim): one operation
         ops_code = f"{_str(ops[0])}, {ops[1]}"
     else:  # ((op, dim), ...): a chain
-        ops_code = "(" + "".join(f"({_str(op)}, {dim}), " for op, dim in ops[0]) + ")"
+        # no trailing comma but for one element: ruff would explode a "magic" one
+        chain = ", ".join(f"({_str(op)}, {dim})" for op, dim in ops[0])
+        ops_code = f"({chain}{',' if len(ops[0]) == 1 else ''})"
     listed = ", ".join("[" + ", ".join(_str(x) for x in xs) + "]" for xs in (sources, targets))
     return f"({ops_code}, {listed})"
 

@@ -60,8 +60,11 @@ def test_module_list_merges_are_read():
         ["mlp.e.down_proj"],
     )
     code = weights_pass._converter_entry(merged.table())
-    assert code.startswith('((("merge_modulelist", 0), ("concatenate", 1), ), [r"mlp')
+    assert code.startswith('((("merge_modulelist", 0), ("concatenate", 1)), [r"mlp')
     assert eval(code) == merged.table()
+    single = weights_pass._converter_entry(((("merge_modulelist", 0),), [r"e.(\d+).w2"], ["d"]))
+    assert single == r'((("merge_modulelist", 0),), [r"e.(\d+).w2"], ["d"])'
+    assert eval(single) == ((("merge_modulelist", 0),), [r"e.(\d+).w2"], ["d"])
 
 
 def test_prefix_change_is_a_renaming():
