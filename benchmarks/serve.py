@@ -4,6 +4,7 @@ streaming clients, against the same engine offline, in the same run (GPU; CPU sm
     python benchmarks/serve.py                        # Qwen3-0.6B shape, 256 requests, 256 clients
     python benchmarks/serve.py --model llama3-8b
     python benchmarks/serve.py --quick --device cpu   # smoke test: tiny model, 8 short requests
+    python benchmarks/serve.py --fake-engine          # the HTTP side alone, on a stand-in engine
 
 Workload and model are `benchmarks/throughput.py`'s (nano-vllm's: 256 requests of random
 token ids, input and output lengths uniform in 100..1024, greedy, every request generating
@@ -17,6 +18,14 @@ taking requests from one shared queue; `--repeats` times. TTFT counts from the m
 run starts (all requests submitted at once, as offline); ITL is every gap between two
 tokens of a request as the client receives them. The report (device name, both systems,
 their ratio and spread) goes to benchmarks/results/serve-<device>[-<model>].md.
+
+`--fake-engine` measures what the HTTP side alone sustains: the same clients against a
+server on `benchmarks/fake_engine.py`'s stand-in engine, which gives every running request
+one token per `--fake-step-ms` and holds the interpreter lock `--fake-host-ms` of each
+step, as the real engine's Python work does (no GPU, no model; `--tokenizer DIR` streams
+real text through the detokenizer). Reported: tokens/s the clients received against the
+tokens/s the stand-in offered, and the CPU time of the server's processes and of the
+clients (this machine's load beside it), to benchmarks/results/serve-fake-<device>.md.
 """
 
 from __future__ import annotations
@@ -77,6 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--system-timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--fake-engine", action="store_true",
+                   help="the HTTP side alone, on benchmarks/fake_engine.py's stand-in engine")  # fmt: skip
+    p.add_argument("--fake-step-ms", type=float, default=8.0,
+                   help="--fake-engine: one step (256 requests / 8 ms = 32k tok/s offered)")  # fmt: skip
+    p.add_argument("--fake-host-ms", type=float, default=3.0,
+                   help="--fake-engine: the engine's Python work per step (holds the GIL)")  # fmt: skip
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="--fake-engine: a model directory whose tokenizer makes the text")  # fmt: skip
     p.add_argument("--out", type=Path, default=None,
                    help="report path (default benchmarks/results/serve-<device>[-<model>].md)")  # fmt: skip
     args = p.parse_args(argv)
@@ -85,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.min_len = args.min_len or (8 if args.quick else 100)
     args.max_len = args.max_len or (32 if args.quick else 1024)
     args.clients = args.clients or args.num_requests
+    if args.tokenizer is not None and not args.fake_engine:
+        p.error("--tokenizer goes with --fake-engine (the random models have none)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.repeats < 1 or args.clients < 1:
@@ -95,16 +114,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- the server
-class Server:
+def serve_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
     """`hf2paged serve` on the saved model with the offline engine's settings."""
+    cmd = [sys.executable, "-m", "hf2paged.cli", "serve", str(model_dir), "--port", "0"]
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--log-level", "warning"]
+    cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    cmd += ["--max-waiting-requests", str(max(1024, 2 * args.num_requests))]
+    if not args.device.startswith("cuda"):  # hf2paged.bench.run_ours' CPU budget
+        cmd += ["--kv-cache-memory-mib", str(CPU_KV_CACHE_BYTES >> 20)]
+    return cmd
 
-    def __init__(self, args: argparse.Namespace, model_dir: Path) -> None:
-        cmd = [sys.executable, "-m", "hf2paged.cli", "serve", str(model_dir), "--port", "0"]
-        cmd += ["--device", args.device, "--dtype", args.dtype, "--log-level", "warning"]
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-        cmd += ["--max-waiting-requests", str(max(1024, 2 * args.num_requests))]
-        if not args.device.startswith("cuda"):  # hf2paged.bench.run_ours' CPU budget
-            cmd += ["--kv-cache-memory-mib", str(CPU_KV_CACHE_BYTES >> 20)]
+
+def fake_serve_command(args: argparse.Namespace) -> list[str]:
+    """The server on benchmarks/fake_engine.py's stand-in engine."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "fake_engine.py"), "--port", "0"]
+    cmd += ["--step-ms", str(args.fake_step_ms), "--host-ms", str(args.fake_host_ms)]
+    cmd += ["--max-waiting-requests", str(max(1024, 2 * args.num_requests))]
+    if args.tokenizer is not None:
+        cmd += ["--tokenizer", str(args.tokenizer)]
+    return cmd
+
+
+class Server:
+    """A server process (`cmd`), ready once it prints its URL."""
+
+    def __init__(self, cmd: list[str], timeout: float) -> None:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
         )
@@ -115,9 +149,13 @@ class Server:
         self.url: str | None = None
         ready = threading.Event()
         threading.Thread(target=self._read, args=(ready,), daemon=True).start()
-        if not ready.wait(args.system_timeout) or self.url is None:
+        if not ready.wait(timeout) or self.url is None:
             self.stop()
             raise RuntimeError("the server did not start (its output is above)")
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system) of the server process and its descendants, by pid."""
+        return process_tree_cpu(self.proc.pid)
 
     def _read(self, ready: threading.Event) -> None:
         for line in self.proc.stdout:
@@ -149,6 +187,31 @@ class Server:
                 self.proc.wait()
 
 
+def process_tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of `pid` and its living descendants, by pid (Linux
+    /proc; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found: dict[int, float] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            found[p] = (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def machine_load() -> str:
+    try:
+        return "load average " + " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
 # ---------------------------------------------------------------------- the clients
 async def stream_requests(
     url: str, workload: list[Request], clients: int
@@ -174,14 +237,20 @@ async def stream_requests(
                         f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
                     )
                 times = token_times[i]
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(f"stream error: {chunk['error']['message']}")
-                    new = len(chunk["choices"][0].get("token_ids") or ())
-                    times.extend([time.perf_counter()] * new)
+                rest = b""
+                # Events split by hand: httpx's line iterator costs the clients more than
+                # the parsing (on a small machine the clients share the server's cores).
+                async for data in response.aiter_raw():
+                    *events, rest = (rest + data).split(b"\n\n")
+                    now = time.perf_counter()
+                    for event in events:
+                        if not event.startswith(b"data: {"):
+                            continue
+                        chunk = json.loads(event[6:])
+                        if "error" in chunk:
+                            raise RuntimeError(f"stream error: {chunk['error']['message']}")
+                        new = sum(len(c.get("token_ids") or ()) for c in chunk["choices"])
+                        times.extend([now] * new)
             if len(times) != r.max_tokens:
                 raise RuntimeError(f"request {i}: {len(times)} tokens, expected {r.max_tokens}")
 
@@ -281,8 +350,95 @@ def write_report(out: Path, args, slug: str, config, workload, offline, http, se
     tmp.replace(out)
 
 
+# ---------------------------------------------------------------------- --fake-engine
+def fake_offline_seconds(workload: list[Request], clients: int, max_num_seqs: int, step_s: float):
+    """How long the stand-in engine alone takes for `workload`: `min(clients, max_num_seqs)`
+    requests run at once, one token each per step, a finished one replaced at the next step."""
+    lengths = [r.max_tokens for r in workload]
+    width = min(clients, max_num_seqs)
+    running, queue, steps = lengths[:width], lengths[width:], 0
+    while running:
+        steps += 1
+        running = [n - 1 for n in running if n > 1]
+        while queue and len(running) < width:
+            running.append(queue.pop(0))
+    return steps * step_s
+
+
+def run_fake(args: argparse.Namespace, out: Path) -> None:
+    import transformers
+
+    workload = workload_for(args)
+    total = sum(r.max_tokens for r in workload)
+    offline = total / fake_offline_seconds(workload, args.clients, 256, args.fake_step_ms / 1e3)
+    rows: list[str] = []
+    loads = [machine_load()]
+
+    def report() -> None:
+        lines = [
+            f"# The HTTP side alone: `hf2paged serve` on a stand-in engine, on the host of "
+            f"{device_slug(args.device)} (CPU only)",
+            "",
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {os.cpu_count()} "
+            f"CPUs ({platform.processor() or platform.machine()}); torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}; "
+            f"machine {loads[0]} before the runs, {loads[-1]} after.",
+            f"Command: `python benchmarks/serve.py {' '.join(sys.argv[1:])}`",
+            "",
+            f"Stand-in engine (benchmarks/fake_engine.py): every running request (at most 256) "
+            f"gets one token per {args.fake_step_ms:g} ms step, of which {args.fake_host_ms:g} ms "
+            f"hold the interpreter lock (the engine's Python work); "
+            + (
+                f"tokens are text of {args.tokenizer.name}'s tokenizer (detokenized as served). "
+                if args.tokenizer
+                else "no tokenizer: token ids only (as the GPU benchmark). "
+            )
+            + f"Workload: {len(workload)} requests, output lengths uniform in "
+            f"{args.min_len}..{args.max_len} ({total:,} tokens), {args.clients} concurrent "
+            f"streaming httpx clients (`/v1/completions`, token-id prompts, `return_token_ids`). "
+            f"The stand-in alone would deliver {offline:,.0f} tok/s (its steps counted for this "
+            f"workload). CPU: seconds of CPU per second of run, per process (1.0 = one core busy).",
+            "",
+            "| run | output tok/s | HTTP / stand-in alone | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+            "| server CPU (per process) | clients CPU |",
+            "|---:|---:|---:|---:|---:|---|---:|",
+            *rows,
+        ]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(out)
+
+    server = Server(fake_serve_command(args), args.system_timeout)
+    try:
+        warm = [Request(r.prompt_token_ids, 8) for r in workload[:WARMUP_REQUESTS]]
+        asyncio.run(stream_requests(server.url, warm, len(warm)))
+        for i in range(args.repeats):
+            print(f"\n== HTTP run {i + 1}", flush=True)
+            cpu0, client0 = server.cpu_seconds(), time.process_time()
+            result = run_http(server, workload, args.clients, "fake")
+            cpu1, client1 = server.cpu_seconds(), time.process_time()
+            loads.append(machine_load())
+            per_proc = [(cpu1[pid] - cpu0.get(pid, 0.0)) / result.elapsed_s for pid in sorted(cpu1)]
+            print(format_result(result), flush=True)
+            rows.append(
+                f"| {i + 1} | {result.output_tps:,.0f} | {result.output_tps / offline:.3f} | "
+                f"{_ms(result.ttft_s, 50)} / {_ms(result.ttft_s, 99)} | "
+                f"{_ms(result.itl_s, 50)} / {_ms(result.itl_s, 99)} | "
+                f"{' + '.join(f'{c:.2f}' for c in per_proc)} | "
+                f"{(client1 - client0) / result.elapsed_s:.2f} |"
+            )
+            report()
+    finally:
+        server.stop()
+    print(f"\nreport: {out}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.fake_engine:
+        name = f"serve-fake-{device_slug(args.device)}" + ("-text" if args.tokenizer else "")
+        return run_fake(args, args.out or REPO / "benchmarks" / "results" / f"{name}.md")
     workload = workload_for(args)
     config = preset_config(args.model)
     slug = device_slug(args.device)
@@ -303,7 +459,7 @@ def main(argv=None) -> None:
         for i in range(args.repeats):
             offline.append(run_system(f"offline-{i}", "ours", 1, args, model_dir, Path(tmp)))
             write_report(out, args, slug, config, workload, offline, http, notes)
-        server = Server(args, model_dir)
+        server = Server(serve_command(args, model_dir), args.system_timeout)
         try:
             warm = [Request(r.prompt_token_ids, 8) for r in workload[:WARMUP_REQUESTS]]
             asyncio.run(stream_requests(server.url, warm, len(warm)))
