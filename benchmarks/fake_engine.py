@@ -12,12 +12,14 @@ detokenization costs what it costs on real text), else ids derived from the prom
 
     python benchmarks/fake_engine.py --step-ms 8 --host-ms 3 [--tokenizer DIR] --port 0
 
-starts a server on it, printing `hf2paged serve: ready at URL` as `hf2paged serve` does.
+starts a server on it as `hf2paged serve` does (the engine in a process of its own;
+`--in-process`: on a thread of the server's process), printing its URL when ready.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections import deque
@@ -27,8 +29,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
-from runtime.engine.loading import CheckedRequest, check_request, load_tokenizer  # noqa: E402
+from runtime.engine.loading import CheckedRequest, RequestChecker, load_tokenizer  # noqa: E402
 from runtime.engine.outputs import TokenDelta  # noqa: E402
 
 FAKE_VOCAB = 10_000  # without a tokenizer (benchmarks' prompt ids are below this)
@@ -37,19 +38,16 @@ NUM_BLOCKS = 1 << 16
 
 class _FakeRequest:
     __slots__ = ("request_id", "prompt_ids", "max_tokens", "num_output", "offset", "logprobs",
-                 "text_ids", "detokenize", "finish_reason", "detok")  # fmt: skip
+                 "finish_reason")  # fmt: skip
 
-    def __init__(self, request_id: str, checked: CheckedRequest, detokenize: bool) -> None:
+    def __init__(self, request_id: str, checked: CheckedRequest) -> None:
         self.request_id = request_id
         self.prompt_ids = checked.prompt_token_ids
         self.max_tokens = checked.sampling_params.max_tokens
         self.logprobs = checked.sampling_params.logprobs
         self.num_output = 0
         self.offset = sum(self.prompt_ids[:8])
-        self.text_ids: list[int] = []
-        self.detokenize = detokenize
         self.finish_reason: str | None = None
-        self.detok = None
 
 
 class FakeLLM:
@@ -78,6 +76,7 @@ class FakeLLM:
             else None
         )
         self.max_model_len = max_model_len
+        self.checker = RequestChecker(model, self.tokenizer, self.vocab_size, max_model_len)
         self.config = SimpleNamespace(
             model=model, device_type="cpu", max_model_len=max_model_len, block_size=16,
             trust_remote_code=False,
@@ -87,28 +86,12 @@ class FakeLLM:
         self._requests: dict[str, _FakeRequest] = {}
 
     # ------------------------------------------------------------------ requests
-    def check_request(self, prompt, sampling_params=None) -> CheckedRequest:
-        return CheckedRequest(
-            *check_request(
-                prompt, sampling_params, self.tokenizer, self.vocab_size, self.max_model_len
-            )
-        )
-
-    def apply_chat_template(self, messages) -> str:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("the fake engine has no chat template")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-
     def add_checked_request(
         self, request: CheckedRequest, request_id: str | None = None, detokenize: bool = True
     ) -> str:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = _FakeRequest(request_id, request, detokenize)
-        if detokenize and self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer)
+        req = _FakeRequest(request_id, request)
         self._requests[request_id] = req
         self.scheduler.waiting.append(req)
         return request_id
@@ -152,19 +135,12 @@ class FakeLLM:
         for req in running:
             token = self._token(req)
             req.num_output += 1
-            req.text_ids.append(token)
             if req.num_output >= req.max_tokens:
                 req.finish_reason = "length"
                 finished.append(req)
-            text = ""
-            if req.detok is not None:
-                req.detok.add_token(token)
-                text = req.detok.text
-            elif req.finish_reason is not None and self.tokenizer is not None:
-                text = self.tokenizer.decode(req.text_ids, skip_special_tokens=True)
             logprobs = (-0.5, {token: -0.5}) if req.logprobs is not None else None
             deltas.append(
-                TokenDelta(req.request_id, token, logprobs, text, req.finish_reason, req.num_output)
+                TokenDelta(req.request_id, token, logprobs, req.finish_reason, req.num_output)
             )
         for req in finished:
             running.remove(req)
@@ -193,17 +169,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--max-waiting-requests", type=int, default=4096)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--in-process", action="store_true",
+                   help="step the stand-in on a thread of the server's process")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     from hf2paged.serve.app import ServerConfig, build_app
     from hf2paged.serve.command import _run
+    from runtime.engine.async_llm import AsyncLLM
+    from runtime.engine.engine_process import EngineProcess
 
     args = parse_args(argv)
-    llm = FakeLLM(args.step_ms, args.host_ms, args.max_num_seqs, args.tokenizer)
-    app = build_app(llm, ServerConfig("fake", None, args.max_waiting_requests))
-    _run(app, args.host, args.port, args.log_level)
+    make_llm = functools.partial(
+        FakeLLM, args.step_ms, args.host_ms, args.max_num_seqs, args.tokenizer
+    )
+    engine = make_llm() if args.in_process else EngineProcess(make_llm)
+    try:
+        app = build_app(AsyncLLM(engine, args.max_waiting_requests), ServerConfig("fake"))
+        _run(app, args.host, args.port, args.log_level)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--fake-engine: one step (256 requests / 8 ms = 32k tok/s offered)")  # fmt: skip
     p.add_argument("--fake-host-ms", type=float, default=3.0,
                    help="--fake-engine: the engine's Python work per step (holds the GIL)")  # fmt: skip
+    p.add_argument("--fake-in-process", action="store_true",
+                   help="--fake-engine: step the stand-in on a thread of the server's process "
+                        "(AsyncLLM(llm), the Python API's arrangement) instead of its own process")  # fmt: skip
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="--fake-engine: a model directory whose tokenizer makes the text")  # fmt: skip
     p.add_argument("--out", type=Path, default=None,
@@ -132,6 +135,8 @@ def fake_serve_command(args: argparse.Namespace) -> list[str]:
     cmd += ["--max-waiting-requests", str(max(1024, 2 * args.num_requests))]
     if args.tokenizer is not None:
         cmd += ["--tokenizer", str(args.tokenizer)]
+    if args.fake_in_process:
+        cmd += ["--in-process"]
     return cmd
 
 
@@ -387,7 +392,12 @@ def run_fake(args: argparse.Namespace, out: Path) -> None:
             "",
             f"Stand-in engine (benchmarks/fake_engine.py): every running request (at most 256) "
             f"gets one token per {args.fake_step_ms:g} ms step, of which {args.fake_host_ms:g} ms "
-            f"hold the interpreter lock (the engine's Python work); "
+            f"hold the interpreter lock (the engine's Python work); the stand-in steps "
+            + (
+                "on a thread of the server's process (`--fake-in-process`); "
+                if args.fake_in_process
+                else "in a process of its own, as `hf2paged serve`'s engine; "
+            )
             + (
                 f"tokens are text of {args.tokenizer.name}'s tokenizer (detokenized as served). "
                 if args.tokenizer
@@ -438,6 +448,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.fake_engine:
         name = f"serve-fake-{device_slug(args.device)}" + ("-text" if args.tokenizer else "")
+        name += "-in-process" if args.fake_in_process else ""
         return run_fake(args, args.out or REPO / "benchmarks" / "results" / f"{name}.md")
     workload = workload_for(args)
     config = preset_config(args.model)

@@ -12,6 +12,10 @@ error JSON: 400 for a bad body or a request the engine refuses (its own one-line
 message), 401 for a missing or wrong API key, 404 for another model name, 503 with
 Retry-After when the waiting queue is full. A client that disconnects aborts its
 requests, freeing their KV blocks before the engine's next step.
+
+The app serves an `AsyncLLM`: `hf2paged serve` gives it the engine in a process of its
+own (`EngineProcess`), so this process's interpreter does HTTP, tokenization and
+detokenization only.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from hf2paged.serve.responses import (
     usage,
 )
 from hf2paged.serve.streaming import EventStream, merge, until_disconnected
-from runtime.engine import LLM, SamplingParams
+from runtime.engine import SamplingParams
 from runtime.engine.async_llm import AsyncLLM, EngineError, EngineOverloaded, RequestStream
 
 log = logging.getLogger(__name__)
@@ -64,13 +68,12 @@ ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
-    max_waiting: int | None = None  # requests waiting beyond this get 503
 
 
-def build_app(llm: LLM, config: ServerConfig) -> FastAPI:
-    """The app serving `llm`; its lifespan starts and stops the engine thread (the `LLM`
-    stays the caller's to close)."""
-    server = OpenAIServer(llm, config)
+def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
+    """The app serving `engine` (its `max_waiting` answers 503 beyond); the app's lifespan
+    starts the engine stepping and closes it."""
+    server = OpenAIServer(engine, config)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -120,14 +123,13 @@ def _engine_error(exc: Exception) -> APIError:
 class OpenAIServer:
     """The route handlers; one per app."""
 
-    def __init__(self, llm: LLM, config: ServerConfig) -> None:
-        self.llm = llm
+    def __init__(self, engine: AsyncLLM, config: ServerConfig) -> None:
         self.config = config
         self.model = config.served_model_name
         self.metrics = ServerMetrics()
-        self.engine = AsyncLLM(llm, max_waiting=config.max_waiting)
+        self.engine = engine
         self.metrics.attach(self.engine)
-        self.token_text = TokenTexts(llm.tokenizer)
+        self.token_text = TokenTexts(engine.tokenizer)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ plumbing
@@ -199,8 +201,8 @@ class OpenAIServer:
         self.authorize(request)
         card = {
             "id": self.model, "object": "model", "created": self.created,
-            "owned_by": "hf2paged", "root": str(self.llm.config.model),
-            "max_model_len": self.llm.max_model_len,
+            "owned_by": "hf2paged", "root": str(self.engine.info.model),
+            "max_model_len": self.engine.max_model_len,
         }  # fmt: skip
         return {"object": "list", "data": [card]}
 
@@ -292,7 +294,7 @@ class OpenAIServer:
         body: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
         messages = [m.as_template_input() for m in body.messages]
         try:
-            prompt = self.llm.apply_chat_template(messages)
+            prompt = self.engine.apply_chat_template(messages)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 — the template's own checks (jinja raise_exception)
@@ -300,12 +302,12 @@ class OpenAIServer:
                 400, f"the chat template refused the messages: {exc}", param="messages"
             ) from None
         try:
-            ids = self.llm.check_request(prompt).prompt_token_ids
+            ids = self.engine.check_request(prompt).prompt_token_ids
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context leaves
-            max_tokens = max(1, self.llm.max_model_len - len(ids))
+            max_tokens = max(1, self.engine.max_model_len - len(ids))
         params = body.sampling_params(max_tokens, body.engine_logprobs())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self.add([ids], params, body.n, request_id, detokenize=body.stream)
@@ -369,9 +371,9 @@ class OpenAIServer:
     def _prompt_text(self, prompt: str | list[int]) -> str:
         if isinstance(prompt, str):
             return prompt
-        if self.llm.tokenizer is None:
+        if self.engine.tokenizer is None:
             return ""
-        return self.llm.tokenizer.decode(prompt, skip_special_tokens=True)
+        return self.engine.tokenizer.decode(prompt, skip_special_tokens=True)
 
 
 def _error_param(err: ValidationError) -> str | None:

@@ -7,6 +7,7 @@ line on stderr, a model that fails to load exits 1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -110,6 +111,8 @@ def serve(
     from hf2paged.model_source import gguf_of, prepare_model
     from hf2paged.serve.app import ServerConfig, build_app
     from runtime.engine import LLM
+    from runtime.engine.async_llm import AsyncLLM
+    from runtime.engine.engine_process import EngineProcess
 
     gguf = gguf_of(model)
     name = served_model_name or (gguf.stem if gguf else model.resolve().name)
@@ -121,27 +124,30 @@ def serve(
         source = prepare_model(
             model, trust_remote_code, log=lambda line: typer.echo(line, err=True)
         )
-        llm = LLM(
-            source.path, tensor_parallel_size=tp, dtype=dtype_, device=device, block_size=block_size,
-            trust_remote_code=trust_remote_code, model_class=source.model_class,
-            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            max_model_len=max_model_len,
+        # The engine steps in a process of its own (which starts the TP ranks); this one
+        # serves HTTP.
+        make_llm = functools.partial(
+            LLM, source.path, tensor_parallel_size=tp, dtype=dtype_, device=device,
+            block_size=block_size, trust_remote_code=trust_remote_code,
+            model_class=source.model_class, gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, max_model_len=max_model_len,
             kv_cache_memory_bytes=None if kv_cache_memory_mib is None else kv_cache_memory_mib << 20,
         )  # fmt: skip
+        engine = EngineProcess(make_llm)
     except (ValueError, RuntimeError, OSError) as err:
         raise _fail(one_line(err), 1) from None
-    blocks = llm.block_manager.num_blocks
+    info = engine.info
     typer.echo(
-        f"loaded in {time.perf_counter() - start:.1f} s: {blocks} KV blocks of {block_size} "
-        f"tokens, context {llm.max_model_len} tokens, model name {name!r}",
+        f"loaded in {time.perf_counter() - start:.1f} s: {info.num_blocks} KV blocks of "
+        f"{info.block_size} tokens, context {info.max_model_len} tokens, model name {name!r}",
         err=True,
     )
     try:
-        app = build_app(llm, ServerConfig(name, api_key, max_waiting_requests))
+        app = build_app(AsyncLLM(engine, max_waiting_requests), ServerConfig(name, api_key))
         _run(app, host, port, log_level)
     finally:
-        llm.close()
+        engine.shutdown()
 
 
 def _check_options(tp: int, port: int, max_waiting: int, log_level: str) -> None:

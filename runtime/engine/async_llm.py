@@ -1,36 +1,50 @@
-"""`AsyncLLM`: the engine steps in a background thread while requests come and go.
+"""`AsyncLLM`: the front end of an engine that steps on its own, for asyncio callers.
 
-A front end on an asyncio event loop (the HTTP server; nothing here knows of HTTP) adds
-requests with `add_request` and reads each one's `RequestStream`. One engine thread owns
-the `LLM`: before every step it takes the requests added and aborted since the last one,
-then steps the whole running batch (continuous batching across all callers), and hands
-the step's outputs to the event loop in one call. There they are turned into per-request
-deltas (new text, token ids, logprobs) on each request's own queue, and the optional
-`RequestObserver` hears about first tokens, inter-token gaps and finishes (metrics).
+A front end on an event loop (the HTTP server; nothing here knows of HTTP) adds requests
+with `add_request` and reads each one's `RequestStream`. The engine core
+(`runtime.engine.engine_core`) steps elsewhere: in a process of its own
+(`EngineProcess`, what the server uses) or on a thread of this one (`AsyncLLM(llm)`, for
+the Python API and tests); the front end does not care which. Commands queued during one
+turn of the event loop go to the core as one batch; the core sends back one output per
+step, which is turned here into per-request updates: new text (detokenized here, with
+stop strings matched here: a hit ends the sample and aborts it in the engine), token ids
+and logprobs. A reader that falls behind gets everything that arrived since it last read
+in one update. The optional `RequestObserver` hears about first tokens, inter-token gaps
+and finishes (metrics).
 
-Validation and tokenization (`LLM.check_request`) run on the caller's thread, so a bad
-request fails in `add_request` itself. A stream that is closed early, or whose reader
-is cancelled (a client that disconnected), aborts its request: the engine thread frees
-its KV blocks before its next step. `max_waiting` bounds the requests queued but not yet
-running; beyond it `add_request` raises `EngineOverloaded`.
+Validation and tokenization (`RequestChecker`) run here, so a bad request fails in
+`add_request` itself. A stream that is closed early, or whose reader is cancelled (a
+client that disconnected), aborts its request: the engine frees its KV blocks before its
+next step. `max_waiting` bounds the requests queued but not yet running; beyond it
+`add_request` raises `EngineOverloaded`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 
-from runtime.engine.llm import LLM, Prompt
-from runtime.engine.loading import CheckedRequest
-from runtime.engine.outputs import TokenDelta
+from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.engine_core import (
+    CommandBatch,
+    CoreOutput,
+    EngineInfo,
+    EngineStats,
+    EngineThread,
+)
+from runtime.engine.engine_process import EngineProcess
+from runtime.engine.llm import Prompt
+from runtime.engine.loading import CheckedRequest, RequestChecker
 from runtime.engine.sampler import Logprobs
 from runtime.engine.sampling_params import SamplingParams
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "AsyncLLM", "EngineError", "EngineOverloaded", "EngineStats", "RequestObserver",
+    "RequestStream", "StreamUpdate",
+]  # fmt: skip
 
 
 class EngineOverloaded(RuntimeError):
@@ -69,18 +83,6 @@ class StreamUpdate:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine's state after its latest step (read by metrics and health checks)."""
-
-    num_running: int = 0
-    num_waiting: int = 0  # queued in the scheduler or handed to the engine thread
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-
-
 class RequestObserver:
     """Hooks for metrics, called on the event loop; times in seconds. `on_step` once per
     engine step that produced tokens, with the latencies of those tokens (first tokens:
@@ -98,30 +100,63 @@ class RequestObserver:
 
 
 class _Sample:
-    """Event-loop state of one engine request (one of a `RequestStream`'s samples)."""
+    """Front-end state of one engine request (one of a `RequestStream`'s samples): its
+    text so far and what arrived since its reader last read."""
 
     __slots__ = (
         "engine_id", "index", "stream", "arrival", "last_token_time", "num_tokens",
-        "num_chars", "holdback", "num_prompt_tokens", "finished",
+        "detokenizer", "all_ids", "new_ids", "new_logprobs", "finish_reason", "done", "ready",
     )  # fmt: skip
 
-    def __init__(self, engine_id: str, index: int, stream: RequestStream, holdback: int) -> None:
+    def __init__(
+        self, engine_id: str, index: int, stream: RequestStream, params: SamplingParams,
+        tokenizer, detokenize: bool,
+    ) -> None:  # fmt: skip
         self.engine_id = engine_id
         self.index = index
         self.stream = stream
         self.arrival = time.perf_counter()
         self.last_token_time: float | None = None
-        self.num_tokens = 0  # output tokens handed to the stream
-        self.num_chars = 0  # characters of text handed to the stream
-        self.holdback = holdback  # characters kept back while running (stop strings)
-        self.num_prompt_tokens = len(stream.prompt_token_ids)
-        self.finished = False
+        self.num_tokens = 0  # output tokens received
+        # Text grows token by token for readers of partial text and for stop strings;
+        # otherwise it is decoded once at the end (`all_ids`), as `LLM.generate` does.
+        self.detokenizer = None
+        self.all_ids: list[int] | None = None
+        if tokenizer is not None:
+            if detokenize or params.stop_strings:
+                self.detokenizer = IncrementalDetokenizer(tokenizer, params.stop_strings)
+            else:
+                self.all_ids = []
+        self.new_ids: list[int] = []
+        self.new_logprobs: list[Logprobs] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.done = False  # finished, aborted or failed: no more tokens are taken
+        self.ready = False  # in its stream's list of samples with news
+
+    def take_update(self, tokenizer) -> StreamUpdate:
+        """What arrived since the last update, as one update."""
+        finished = self.finish_reason is not None
+        if self.detokenizer is not None:
+            text = self.detokenizer.stream_delta(finished)
+        elif finished and self.all_ids is not None:
+            text = tokenizer.decode(self.all_ids, skip_special_tokens=True)
+        else:
+            text = ""
+        update = StreamUpdate(
+            self.index, text, self.new_ids, self.new_logprobs, self.finish_reason,
+            len(self.stream.prompt_token_ids), self.num_tokens,
+        )  # fmt: skip
+        self.new_ids = []
+        if self.new_logprobs is not None:
+            self.new_logprobs = []
+        self.ready = False
+        return update
 
 
 class RequestStream:
     """The updates of one request, read with ``async for updates in stream`` on the
     event loop that added it: each item is a list of `StreamUpdate`, at most one per
-    sample, merging whatever arrived since the previous item. The iteration ends when
+    sample, holding whatever arrived since the previous item. The iteration ends when
     every sample has finished. Leaving it early (break, an exception, cancellation)
     aborts the request; so does `abort()`.
     """
@@ -132,19 +167,20 @@ class RequestStream:
         self.prompt_token_ids = prompt_token_ids
         self.n = n
         self.samples: list[_Sample] = []
-        # Updates not read yet, and the future a waiting reader sleeps on: cheaper than an
-        # asyncio.Queue, whose put wakes the reader once per update.
-        self._pending: list[StreamUpdate | BaseException] = []
+        self._ready: list[_Sample] = []  # samples with updates not read yet
+        self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
-        self._num_open = n
+        self._num_open = n  # samples whose last update was not read yet
         self._aborted = False
 
     @property
     def finished(self) -> bool:
         return self._num_open == 0
 
-    def _put(self, item: StreamUpdate | BaseException) -> None:
-        self._pending.append(item)
+    def _notify(self, sample: _Sample | None = None) -> None:
+        if sample is not None and not sample.ready:
+            sample.ready = True
+            self._ready.append(sample)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -153,9 +189,12 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> list[StreamUpdate]:
-        if self._num_open == 0:
-            raise StopAsyncIteration
-        if not self._pending:
+        while not self._ready:
+            if self._error is not None:
+                self.abort()
+                raise self._error
+            if self._num_open == 0:
+                raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -164,21 +203,18 @@ class RequestStream:
                 raise
             finally:
                 self._waiter = None
-        items, self._pending = self._pending, []
-        if len(items) == 1 and isinstance(items[0], StreamUpdate):  # the usual case
-            if items[0].finish_reason is not None:
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        ready, self._ready = self._ready, []
+        if len(ready) > 1:
+            ready.sort(key=lambda s: s.index)
+        tokenizer = self.engine.tokenizer
+        updates = [sample.take_update(tokenizer) for sample in ready]
+        for update in updates:
+            if update.finish_reason is not None:
                 self._num_open -= 1
-            return items
-        merged: dict[int, StreamUpdate] = {}
-        for item in items:
-            if isinstance(item, BaseException):
-                self.abort()
-                raise item
-            if item.finished:
-                self._num_open -= 1
-            prev = merged.get(item.index)
-            merged[item.index] = item if prev is None else _merge(prev, item)
-        return [merged[i] for i in sorted(merged)]
+        return updates
 
     def abort(self) -> None:
         """Stop every unfinished sample now (idempotent)."""
@@ -189,72 +225,85 @@ class RequestStream:
         self.engine._abort(self)
 
 
-def _merge(a: StreamUpdate, b: StreamUpdate) -> StreamUpdate:
-    logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
-    return StreamUpdate(
-        b.index, a.text + b.text, a.token_ids + b.token_ids, logprobs, b.finish_reason,
-        b.num_prompt_tokens, b.num_output_tokens,
-    )  # fmt: skip
-
-
 class AsyncLLM:
-    """An `LLM` stepped by a background thread for callers on one asyncio event loop.
+    """The asyncio front end of an engine stepping on its own: an `EngineProcess` (the
+    engine in a process of its own) or an `LLM` (stepped by a thread of this process).
 
-    ``async with AsyncLLM(llm) as engine:`` (or `start()` / `close()` from the loop) runs
-    the engine thread; `add_request` queues work from the loop. The `LLM` stays the
-    caller's to close, after this. `stats` is the engine's state after its latest step.
+    ``async with AsyncLLM(engine) as llm:`` (or `start()` / `close()` from the event
+    loop) starts the engine stepping; `add_request` queues work from the loop. An `LLM`
+    stays the caller's to close, after this; an `EngineProcess` ends with `close()`.
+    `stats` is the engine's state after its latest step.
     """
 
     def __init__(
         self,
-        llm: LLM,
+        engine,
         max_waiting: int | None = None,
         observer: RequestObserver | None = None,
     ) -> None:
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1 or None, got {max_waiting}")
-        self.llm = llm
+        self.core = (
+            engine if isinstance(engine, (EngineProcess, EngineThread)) else EngineThread(engine)
+        )
+        self.info: EngineInfo = self.core.info
+        self.checker: RequestChecker = self.core.checker
         self.max_waiting = max_waiting
         self.observer = observer or RequestObserver()
-        self.stats = self._snapshot(0)
+        self.stats = EngineStats(
+            num_blocks=self.info.num_blocks, num_free_blocks=self.info.num_blocks
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._cv = threading.Condition()
-        self._commands: list[tuple[str, object]] = []  # guarded by _cv
-        self._stopping = False
-        self._error: BaseException | None = None  # why the engine thread died
-        self._samples: dict[str, _Sample] = {}  # engine request id -> sample (loop side)
+        self._started = self._stopping = False
+        self._error: str | None = None  # why the engine stopped on its own
+        self._samples: dict[str, _Sample] = {}  # engine request id -> sample
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
+        self._engine_ids = itertools.count()
+        # Commands of this turn of the event loop, sent as one batch at its end.
+        self._adds: dict[str, CheckedRequest] = {}
+        self._aborts: list[str] = []
+        self._flush_scheduled = False
+        self._serial = 0
+        self._unacked: deque[tuple[int, int]] = deque()  # (batch serial, adds in it)
+        self._num_unacked = 0
+
+    # ------------------------------------------------------------------ what it serves
+    @property
+    def tokenizer(self):
+        return self.checker.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.checker.max_model_len
+
+    def check_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> CheckedRequest:
+        """Validate and tokenize a request (ValueError when bad) without queueing it."""
+        return self.checker.check(prompt, sampling_params)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        return self.checker.chat_prompt(messages)
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will read the streams."""
-        if self._thread is not None:
+        """Start the engine stepping; call from the event loop that will read the streams."""
+        if self._started:
             raise RuntimeError("AsyncLLM is already started")
         self._loop = asyncio.get_running_loop()
-        # CUDA's current device is per thread: the engine thread uses the one the LLM was
-        # built under (rank 0 runs on the current device).
-        cuda_device = None
-        if self.llm.config.device_type == "cuda":
-            import torch
-
-            cuda_device = torch.cuda.current_device()
-        self._thread = threading.Thread(
-            target=self._run, args=(cuda_device,), name="hf2paged-engine", daemon=True
-        )
-        self._thread.start()
+        self._started = True
+        self.core.start(self._on_output, self._on_exit)
 
     async def close(self) -> None:
-        """Abort every request and stop the engine thread (the `LLM` stays open)."""
-        thread = self._thread
-        if thread is None:
+        """Abort every request and stop the engine (an `LLM` stays open)."""
+        if not self._started or self._stopping:
             return
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        await asyncio.to_thread(thread.join)
+        self._stopping = True
+        self._flush(stop=True)
+        await self.core.join()
         self._fail_all(EngineError("the engine was shut down"))
+        self.core.close()
 
     async def __aenter__(self) -> AsyncLLM:
         self.start()
@@ -265,8 +314,8 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        """Whether the engine thread is alive and accepting requests."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        """Whether the engine is stepping and accepting requests."""
+        return self._started and not self._stopping and self._error is None and self.core.is_alive
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -277,11 +326,11 @@ class AsyncLLM:
         n: int = 1,
         detokenize: bool = True,
     ) -> RequestStream:
-        """Queue `n` samples of one prompt (text, token ids, or an `LLM.check_request`
-        result) and return their stream. Raises ValueError for a bad request,
-        `EngineOverloaded` when the waiting queue is full and `EngineError` when the engine
-        is not running. ``detokenize=False`` leaves the text of updates empty until the
-        sample finishes (for callers that read only the final text)."""
+        """Queue `n` samples of one prompt (text, token ids, or a `check_request` result)
+        and return their stream. Raises ValueError for a bad request, `EngineOverloaded`
+        when the waiting queue is full and `EngineError` when the engine is not running.
+        ``detokenize=False`` leaves the text of updates empty until the sample finishes
+        (for callers that read only the final text)."""
         if not self.is_running:
             raise EngineError(self._dead_message())
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -298,195 +347,147 @@ class AsyncLLM:
                 raise ValueError("a checked request carries its own sampling_params")
             checked = prompt
         else:
-            checked = self.llm.check_request(prompt, sampling_params)
+            checked = self.checker.check(prompt, sampling_params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(self, request_id, checked.prompt_token_ids, n)
         params = checked.sampling_params
-        holdback = max((len(s) for s in params.stop_strings), default=1) - 1
-        adds = []
+        # Stop strings are matched here, on the text made here: the engine gets none.
+        engine_params = replace(params, stop=None) if params.stop_strings else params
         for i in range(n):
-            engine_id = request_id if n == 1 else f"{request_id}#{i}"
-            sample = _Sample(engine_id, i, stream, holdback)
+            engine_id = str(next(self._engine_ids))
+            sample = _Sample(engine_id, i, stream, params, self.tokenizer, detokenize)
             stream.samples.append(sample)
             self._samples[engine_id] = sample
-            adds.append((replace(checked, sampling_params=params.for_sample(i)), engine_id))
+            self._adds[engine_id] = replace(checked, sampling_params=engine_params.for_sample(i))
         self._streams[request_id] = stream
-        self._send([("add", (c, engine_id, detokenize)) for c, engine_id in adds])
+        self._schedule_flush()
         return stream
 
     @property
     def num_waiting(self) -> int:
-        """Requests waiting for the engine: queued in its scheduler or handed to it."""
-        with self._cv:
-            pending = sum(1 for kind, _ in self._commands if kind == "add")
-        return self.stats.num_waiting + pending
+        """Requests waiting for the engine: in its scheduler's queue or on their way."""
+        return self.stats.num_waiting + self._num_unacked + len(self._adds)
 
     def _abort(self, stream: RequestStream) -> None:
         ids = []
         for sample in stream.samples:
-            if not sample.finished:
-                sample.finished = True
-                self._samples.pop(sample.engine_id, None)
-                self._finished(sample, "abort")
+            if not sample.done:
+                self._finish(sample, "abort")
                 ids.append(sample.engine_id)
         self._streams.pop(stream.request_id, None)
-        if ids:
-            self._cancel(ids)
+        self._cancel(ids)
 
     def _cancel(self, engine_ids: list[str]) -> None:
-        """Abort engine requests: those the engine thread has not taken yet are dropped
-        from its queue, the others are aborted there before its next step."""
-        cancel = set(engine_ids)
-        with self._cv:
-            pending = [c for c in self._commands if c[0] == "add" and c[1][1] in cancel]
-            for command in pending:
-                self._commands.remove(command)
-                cancel.discard(command[1][1])
-            if cancel:
-                self._commands.extend(("abort", engine_id) for engine_id in cancel)
-                self._cv.notify()
+        """Abort engine requests: those not sent yet are dropped, the others are aborted
+        in the engine before its next step."""
+        for engine_id in engine_ids:
+            if self._adds.pop(engine_id, None) is None:
+                self._aborts.append(engine_id)
+        if self._aborts:
+            self._schedule_flush()
 
-    def _send(self, commands: list[tuple[str, object]]) -> None:
-        with self._cv:
-            self._commands.extend(commands)
-            self._cv.notify()
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    # ------------------------------------------------------------------ engine thread
-    def _run(self, cuda_device: int | None) -> None:
-        llm = self.llm
-        try:
-            if cuda_device is not None:
-                import torch
+    def _flush(self, stop: bool = False) -> None:
+        """Send this turn's commands to the engine as one batch."""
+        self._flush_scheduled = False
+        if not (self._adds or self._aborts or stop) or (self._error is not None and not stop):
+            return
+        self._serial += 1
+        if self._adds:
+            self._unacked.append((self._serial, len(self._adds)))
+            self._num_unacked += len(self._adds)
+        batch = CommandBatch(self._serial, list(self._adds.items()), self._aborts, stop)
+        self._adds, self._aborts = {}, []
+        self.core.send(batch)
 
-                torch.cuda.set_device(cuda_device)
-            while True:
-                with self._cv:
-                    while not (self._commands or self._stopping or llm.has_unfinished_requests()):
-                        self._cv.wait()
-                    commands, self._commands = self._commands, []
-                    stopping = self._stopping
-                    # Under the lock, so `num_waiting` never sees an add in neither place.
-                    failed = self._apply(commands)
-                    self.stats = self._snapshot(self.stats.num_steps)
-                if stopping:
-                    llm.abort_all()
-                    self.stats = self._snapshot(self.stats.num_steps)
-                    return
-                outputs: list[TokenDelta] = []
-                if llm.has_unfinished_requests():
-                    try:
-                        outputs = llm.step_tokens()
-                    except Exception as exc:  # noqa: BLE001 — fail the requests, keep serving
-                        log.exception("engine step failed; failing its requests")
-                        failed += [(request_id, exc) for request_id in llm.abort_all()]
-                now = time.perf_counter()
-                self.stats = self._snapshot(self.stats.num_steps + bool(outputs))
-                if outputs or failed:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs, now, failed)
-        except BaseException as exc:  # a bug, or the event loop closed under us
-            self._error = exc
-            log.exception("the engine thread stopped")
-            try:
-                self._loop.call_soon_threadsafe(self._fail_all, EngineError(self._dead_message()))
-            except RuntimeError:  # the loop is closed
-                pass
-
-    def _apply(self, commands: list[tuple[str, object]]) -> list[tuple[str, BaseException]]:
-        """Apply adds and aborts on the engine thread; returns the adds that failed."""
-        failed = []
-        for kind, arg in commands:
-            if kind == "add":
-                checked, engine_id, detokenize = arg
-                try:
-                    self.llm.add_checked_request(checked, engine_id, detokenize)
-                except ValueError as exc:
-                    failed.append((engine_id, exc))
-            else:
-                self.llm.abort_request(arg)
-        return failed
-
-    def _snapshot(self, num_steps: int) -> EngineStats:
-        scheduler = self.llm.scheduler
-        blocks = self.llm.block_manager
-        return EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
-            num_free_blocks=blocks.num_free_blocks,
-            num_blocks=blocks.num_blocks,
-            num_preemptions=scheduler.num_preemptions,
-            num_steps=num_steps,
-        )
-
-    # ------------------------------------------------------------------ event loop
-    def _deliver(
-        self,
-        deltas: list[TokenDelta],
-        step_time: float,
-        failed: list[tuple[str, BaseException]],
-    ) -> None:
+    # ------------------------------------------------------------------ engine outputs
+    def _on_output(self, output: CoreOutput) -> None:
+        while self._unacked and self._unacked[0][0] <= output.applied:
+            self._num_unacked -= self._unacked.popleft()[1]
+        self.stats = output.stats
+        now = time.perf_counter()
         first_latencies: list[float] = []
         gaps: list[float] = []
-        for delta in deltas:
-            sample = self._samples.get(delta.request_id)
-            if sample is None:  # aborted while the step ran
+        stopped: list[str] = []
+        samples = self._samples
+        for engine_id, token_id, logprobs, finish_reason in output.rows:
+            sample = samples.get(engine_id)
+            if sample is None:  # aborted, or stopped by a stop string, since the step began
                 continue
             if sample.last_token_time is None:
-                first_latencies.append(step_time - sample.arrival)
+                first_latencies.append(now - sample.arrival)
             else:
-                gaps.append(step_time - sample.last_token_time)
-            sample.last_token_time = step_time
-            sample.num_tokens = delta.num_output_tokens
-            text = delta.text
-            finished = delta.finish_reason is not None
-            end = len(text) if finished else len(text) - sample.holdback
-            if end > sample.num_chars:
-                text, sample.num_chars = text[sample.num_chars : end], end
-            else:
-                text = ""
-            update = StreamUpdate(
-                sample.index, text, [delta.token_id],
-                None if delta.logprobs is None else [delta.logprobs], delta.finish_reason,
-                sample.num_prompt_tokens, sample.num_tokens,
-            )  # fmt: skip
-            if finished:
-                self._close_sample(sample, delta.finish_reason)
-            sample.stream._put(update)
+                gaps.append(now - sample.last_token_time)
+            sample.last_token_time = now
+            sample.num_tokens += 1
+            sample.new_ids.append(token_id)
+            if sample.new_logprobs is not None:
+                sample.new_logprobs.append(logprobs)
+            detokenizer = sample.detokenizer
+            if detokenizer is not None:
+                if detokenizer.add_token(token_id) and finish_reason is None:
+                    finish_reason = "stop"  # a stop string: the text ends before it
+                    stopped.append(engine_id)
+                if finish_reason is not None:
+                    detokenizer.flush()
+            elif sample.all_ids is not None:
+                sample.all_ids.append(token_id)
+            if finish_reason is not None:
+                sample.finish_reason = finish_reason
+                self._finish(sample, finish_reason)
+                self._close_if_done(sample.stream)
+            sample.stream._notify(sample)
+        if stopped:
+            self._cancel(stopped)
         if first_latencies or gaps:
             self.observer.on_step(first_latencies, gaps)
-        for engine_id, exc in failed:
-            sample = self._samples.get(engine_id)
+        for engine_id, bad_request, message in output.failed:
+            sample = samples.get(engine_id)
             if sample is not None:
-                self._fail(sample.stream, exc)
+                self._fail(
+                    sample.stream, ValueError(message) if bad_request else EngineError(message)
+                )
+        if output.died is not None:
+            self._on_exit(f"the engine stopped: {output.died}")
 
-    def _close_sample(self, sample: _Sample, finish_reason: str) -> None:
-        sample.finished = True
+    def _on_exit(self, reason: str) -> None:
+        """The engine stopped on its own (an error, or its process died)."""
+        if self._stopping:
+            return
+        self._error = reason
+        self._fail_all(EngineError(reason))
+
+    def _finish(self, sample: _Sample, finish_reason: str) -> None:
+        sample.done = True
         self._samples.pop(sample.engine_id, None)
-        self._finished(sample, finish_reason)
-        stream = sample.stream
-        if all(s.finished for s in stream.samples):
-            self._streams.pop(stream.request_id, None)
-
-    def _finished(self, sample: _Sample, finish_reason: str) -> None:
         self.observer.on_finished(
-            finish_reason, sample.num_prompt_tokens, sample.num_tokens,
+            finish_reason, len(sample.stream.prompt_token_ids), sample.num_tokens,
             time.perf_counter() - sample.arrival,
         )  # fmt: skip
 
+    def _close_if_done(self, stream: RequestStream) -> None:
+        if all(s.done for s in stream.samples):
+            self._streams.pop(stream.request_id, None)
+
     def _fail(self, stream: RequestStream, exc: BaseException) -> None:
         """End `stream` with `exc`: its reader raises it; its other samples are aborted."""
-        error = exc if isinstance(exc, (ValueError, EngineError)) else EngineError(str(exc))
-        stream._put(error)
+        stream._error = exc
+        stream._notify()
+        ids = []
         for sample in stream.samples:
-            if not sample.finished:
-                sample.finished = True
-                self._samples.pop(sample.engine_id, None)
-                self._finished(sample, "error")
+            if not sample.done:
+                self._finish(sample, "error")
+                ids.append(sample.engine_id)
         self._streams.pop(stream.request_id, None)
         if self.is_running:
-            self._cancel([s.engine_id for s in stream.samples])
+            self._cancel(ids)
 
     def _fail_all(self, exc: BaseException) -> None:
         for stream in list(self._streams.values()):
@@ -494,7 +495,9 @@ class AsyncLLM:
 
     def _dead_message(self) -> str:
         if self._error is not None:
-            return f"the engine stopped: {type(self._error).__name__}: {self._error}"
-        if self._thread is None:
+            return self._error
+        if not self._started:
             return "the engine is not started"
+        if not self._stopping:
+            return "the engine stopped"
         return "the engine is shut down"

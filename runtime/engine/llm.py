@@ -13,8 +13,8 @@ from runtime.engine.config import EngineConfig, model_context_length, resolve_de
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.loading import (
     CheckedRequest,
+    RequestChecker,
     check_model,
-    check_request,
     eos_token_ids,
     load_tokenizer,
 )
@@ -143,6 +143,10 @@ class LLM:
         self.block_manager = BlockManager(
             num_blocks, block_size, enable_prefix_caching, -(-self.max_model_len // block_size)
         )
+        self.checker = RequestChecker(
+            model_dir, self.tokenizer, self.vocab_size, self.max_model_len,
+            f"model {context}, KV cache {num_blocks * block_size}",
+        )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         if async_scheduling is None:
@@ -153,47 +157,33 @@ class LLM:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
-    def _check(
-        self, prompt: Prompt, params: SamplingParams | None
-    ) -> tuple[list[int], str | None, SamplingParams]:
-        return check_request(
-            prompt, params, self.tokenizer, self.vocab_size, self.max_model_len,
-            f"model {self.config.max_model_len}, KV cache "
-            f"{self.block_manager.num_blocks * self.config.block_size}",
-        )  # fmt: skip
-
     def check_request(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> CheckedRequest:
         """Validate and tokenize a request without queueing it (ValueError when bad). It
-        touches only the tokenizer and fixed settings, so a front end may call it on its
-        own thread while another thread steps; `add_checked_request` then queues it."""
-        return CheckedRequest(*self._check(prompt, sampling_params))
+        touches only the tokenizer and fixed settings (`self.checker`), so a front end may
+        call it on its own thread while another thread steps; `add_checked_request` then
+        queues it."""
+        return self.checker.check(prompt, sampling_params)
 
     def add_checked_request(
         self, request: CheckedRequest, request_id: str | None = None, detokenize: bool = True
     ) -> str:
         """`add_request` for a request `check_request` already validated."""
-        return self._add(
-            request.prompt_token_ids, request.prompt, request.sampling_params, request_id,
-            detokenize,
-        )  # fmt: skip
+        return self._add(request, request_id, detokenize)
 
     def _add(
-        self,
-        ids: list[int],
-        text: str | None,
-        params: SamplingParams,
-        request_id: str | None,
-        incremental: bool = True,
+        self, request: CheckedRequest, request_id: str | None, incremental: bool = True
     ) -> str:
         seq_id = next(self._ids)
         request_id = str(seq_id) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        params = request.sampling_params
         seq = Sequence(
-            seq_id, ids, params, self.config.block_size, request_id=request_id, prompt=text,
-            eos_token_id=self.eos_token_ids, max_model_len=self.max_model_len,
+            seq_id, request.prompt_token_ids, params, self.config.block_size,
+            request_id=request_id, prompt=request.prompt, eos_token_id=self.eos_token_ids,
+            max_model_len=self.max_model_len,
         )  # fmt: skip
         # Detokenizing every step costs two tokenizer calls per token; without a stop
         # string or a reader of partial text, the text is decoded once at the end.
@@ -213,7 +203,7 @@ class LLM:
         """Queue one request (text or token ids); returns its id. With
         ``detokenize=False`` the text of `step()`'s outputs stays empty until the request
         finishes (then decoded once) unless stop strings need it: for token-id readers."""
-        return self._add(*self._check(prompt, sampling_params), request_id, detokenize)
+        return self._add(self.check_request(prompt, sampling_params), request_id, detokenize)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its KV blocks are freed at once. Unknown ids are ignored."""
@@ -241,27 +231,17 @@ class LLM:
     def step_tokens(self) -> list[TokenDelta]:
         """Run one engine step; report each request that produced a token by that token
         alone (O(1) per request, where `step` copies every output so far): for front ends
-        that stream."""
-        deltas = []
-        for seq in self._step():
-            if seq.detokenizer is not None:
-                text = seq.detokenizer.text
-            elif self.tokenizer is not None and seq.is_finished:
-                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            else:
-                text = ""
-            logprobs = seq.logprobs[-1] if seq.sampling_params.logprobs is not None else None
-            deltas.append(
-                TokenDelta(
-                    seq.request_id,
-                    seq.token_ids[-1],
-                    logprobs,
-                    text,
-                    seq.finish_reason,
-                    seq.num_output_tokens,
-                )  # fmt: skip
-            )
-        return deltas
+        that stream, and detokenize and match stop strings themselves."""
+        return [
+            TokenDelta(
+                seq.request_id,
+                seq.token_ids[-1],
+                seq.logprobs[-1] if seq.sampling_params.logprobs is not None else None,
+                seq.finish_reason,
+                seq.num_output_tokens,
+            )  # fmt: skip
+            for seq in self._step()
+        ]
 
     def _step(self) -> list[Sequence]:
         """Schedule and launch a step, and take the results of one: under asynchronous
@@ -372,8 +352,10 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
-        checked = [self._check(p, sp) for p, sp in zip(prompts, sampling_params)]  # all, first
-        seqs = [self._requests[self._add(*c, None, incremental=False)] for c in checked]
+        checked = [
+            self.check_request(p, sp) for p, sp in zip(prompts, sampling_params)
+        ]  # all, first
+        seqs = [self._requests[self._add(c, None, incremental=False)] for c in checked]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -420,11 +402,7 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for a chat (`[{"role": ..., "content": ...}]`), ready for the
         assistant's answer, per the tokenizer's chat template."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.config.model} has no chat template")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return self.checker.chat_prompt(messages)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

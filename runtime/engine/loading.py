@@ -1,5 +1,6 @@
 """What `LLM` checks and loads before it starts: the model directory (config, generated
-class, TP divisibility, tokenizer, EOS ids) and, later, each request."""
+class, TP divisibility, tokenizer, EOS ids) and, later, each request (`RequestChecker`,
+which a front end in another process builds for itself from the engine's limits)."""
 
 from __future__ import annotations
 
@@ -169,3 +170,50 @@ def check_request(
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer; this model directory has none")
     return ids, text, params
+
+
+class RequestChecker:
+    """Validates and tokenizes requests for one engine, and renders chat prompts: the
+    tokenizer and the engine's limits, nothing that steps. `LLM` has one; a front end in
+    another process than the engine builds its own (`for_model`) from the same limits, so
+    a bad request fails where it arrives."""
+
+    def __init__(
+        self, model: Path, tokenizer, vocab_size: int, max_model_len: int, limits: str = ""
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len  # prompt + output, in tokens
+        self.limits = limits  # what bounds max_model_len, for the too-long message
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Path,
+        vocab_size: int,
+        max_model_len: int,
+        limits: str = "",
+        trust_remote_code: bool = False,
+    ) -> RequestChecker:
+        """A checker with the model directory's own tokenizer, loaded here."""
+        return cls(
+            model, load_tokenizer(model, trust_remote_code), vocab_size, max_model_len, limits
+        )
+
+    def check(self, prompt: str | list[int], params: SamplingParams | None) -> CheckedRequest:
+        """The request's token ids and parameters; a one-line ValueError when bad."""
+        return CheckedRequest(
+            *check_request(
+                prompt, params, self.tokenizer, self.vocab_size, self.max_model_len, self.limits
+            )
+        )
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a chat (`[{"role": ..., "content": ...}]`), ready for the
+        assistant's answer, per the tokenizer's chat template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model} has no chat template")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )

@@ -33,14 +33,12 @@ class RequestOutput:
 @dataclass(slots=True)
 class TokenDelta:
     """What one step added to one request (`LLM.step_tokens`): its newest token, that
-    token's logprobs when requested, the request's text so far (the incremental
-    detokenizer's, cut at a stop string; without one, empty until the request finishes,
-    then decoded once), and the finish reason once finished."""
+    token's logprobs when requested, and the finish reason once finished (its text is the
+    reader's to make: `IncrementalDetokenizer`)."""
 
     request_id: str
     token_id: int
     logprobs: tuple[float, dict[int, float]] | None
-    text: str
     finish_reason: str | None
     num_output_tokens: int
 

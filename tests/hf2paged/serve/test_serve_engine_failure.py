@@ -12,6 +12,7 @@ import pytest
 
 from hf2paged.serve.app import ServerConfig, build_app
 from runtime.engine import LLM
+from runtime.engine.async_llm import AsyncLLM
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def llm(tiny_model):
 
 
 def test_a_failing_step_is_a_500_then_the_server_recovers(llm, monkeypatch) -> None:
-    app = build_app(llm, ServerConfig("llama"))
+    app = build_app(AsyncLLM(llm), ServerConfig("llama"))
     server = app.state.server
     body = {"prompt": "abc", "max_tokens": 4, "temperature": 0}
 
