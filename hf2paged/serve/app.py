@@ -56,7 +56,13 @@ from hf2paged.serve.responses import (
 )
 from hf2paged.serve.streaming import EventStream, merge, until_disconnected
 from runtime.engine import SamplingParams
-from runtime.engine.async_llm import AsyncLLM, EngineError, EngineOverloaded, RequestStream
+from runtime.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineError,
+    EngineOverloaded,
+    RequestStream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +123,9 @@ def _engine_error(exc: Exception) -> APIError:
         return APIError(503, str(exc), "server_overloaded", headers=headers)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
-    return APIError(503 if "shut down" in str(exc) else 500, str(exc), "server_error")
+    if isinstance(exc, EngineDeadError):  # nothing will be served until a restart
+        return APIError(503, f"the engine is not running: {exc}", "server_error")
+    return APIError(500, str(exc), "server_error")
 
 
 class OpenAIServer:
@@ -209,7 +217,8 @@ class OpenAIServer:
     async def health(self) -> Response:
         if self.engine.is_running:
             return Response(status_code=200)
-        return JSONResponse(APIError(503, "the engine is not running", "server_error").body(), 503)
+        error = _engine_error(EngineDeadError(self.engine.dead_message()))
+        return JSONResponse(error.body(), error.status)
 
     async def metrics_text(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -42,9 +43,11 @@ from runtime.engine.sampler import Logprobs
 from runtime.engine.sampling_params import SamplingParams
 
 __all__ = [
-    "AsyncLLM", "EngineError", "EngineOverloaded", "EngineStats", "RequestObserver",
-    "RequestStream", "StreamUpdate",
+    "AsyncLLM", "EngineDeadError", "EngineError", "EngineOverloaded", "EngineStats",
+    "RequestObserver", "RequestStream", "StreamUpdate",
 ]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 class EngineOverloaded(RuntimeError):
@@ -56,7 +59,12 @@ class EngineOverloaded(RuntimeError):
 
 
 class EngineError(RuntimeError):
-    """The engine failed this request (a step raised, or the engine was closed)."""
+    """The engine failed this request (a step raised, or the engine is not running)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine is not running: shut down, or stopped on its own (its process died, or
+    its loop stopped on an error). Every request fails with it until a restart."""
 
 
 @dataclass
@@ -302,7 +310,7 @@ class AsyncLLM:
         self._stopping = True
         self._flush(stop=True)
         await self.core.join()
-        self._fail_all(EngineError("the engine was shut down"))
+        self._fail_all(EngineDeadError("the engine was shut down"))
         self.core.close()
 
     async def __aenter__(self) -> AsyncLLM:
@@ -328,11 +336,11 @@ class AsyncLLM:
     ) -> RequestStream:
         """Queue `n` samples of one prompt (text, token ids, or a `check_request` result)
         and return their stream. Raises ValueError for a bad request, `EngineOverloaded`
-        when the waiting queue is full and `EngineError` when the engine is not running.
+        when the waiting queue is full and `EngineDeadError` when the engine is not running.
         ``detokenize=False`` leaves the text of updates empty until the sample finishes
         (for callers that read only the final text)."""
         if not self.is_running:
-            raise EngineError(self._dead_message())
+            raise EngineDeadError(self.dead_message())
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if self.max_waiting is not None:
@@ -462,7 +470,8 @@ class AsyncLLM:
         if self._stopping:
             return
         self._error = reason
-        self._fail_all(EngineError(reason))
+        log.error("%s: every request fails until a restart", reason)
+        self._fail_all(EngineDeadError(reason))
 
     def _finish(self, sample: _Sample, finish_reason: str) -> None:
         sample.done = True
@@ -493,11 +502,12 @@ class AsyncLLM:
         for stream in list(self._streams.values()):
             self._fail(stream, exc)
 
-    def _dead_message(self) -> str:
+    def dead_message(self) -> str:
+        """Why the engine is not running (for error messages)."""
         if self._error is not None:
             return self._error
         if not self._started:
             return "the engine is not started"
         if not self._stopping:
-            return "the engine stopped"
+            return self.core.exit_reason()
         return "the engine is shut down"

@@ -212,6 +212,9 @@ class EngineThread:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def exit_reason(self) -> str:
+        return "the engine thread stopped"
+
     async def join(self) -> None:
         """Wait for the core to return (after a batch with `stop`)."""
         import asyncio

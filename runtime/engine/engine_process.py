@@ -108,6 +108,7 @@ class EngineProcess:
         self._transport: asyncio.Transport | None = None
         self._unsent: list[bytes] = []  # commands sent before the transport was ready
         self._closed = False
+        self._loaded = False
         atexit.register(self.shutdown)  # never leave a non-daemonic child behind
         try:
             self.info: EngineInfo = self._wait_ready()
@@ -129,6 +130,7 @@ class EngineProcess:
             raise exited from None
         if kind == "failed":
             raise payload
+        self._loaded = True
         return payload
 
     # ------------------------------------------------------------------ the front end's side
@@ -143,7 +145,7 @@ class EngineProcess:
             self._transport = None
             if not self._closed:
                 self.process.join(timeout=1)
-                on_exit(f"the engine process exited (exit code {self.process.exitcode})")
+                on_exit(self.exit_reason())
 
         async def connect() -> None:
             self._sock.setblocking(False)
@@ -168,6 +170,20 @@ class EngineProcess:
     def is_alive(self) -> bool:
         return self.process.is_alive()
 
+    def exit_reason(self) -> str:
+        """Why the engine process is gone, in words (for a process that exited unasked)."""
+        code = self.process.exitcode
+        if code is None:
+            how = "closed its connection"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"the engine process (pid {self.process.pid}) {how}"
+
     async def join(self) -> None:
         """Wait for the engine process to finish (after a batch with `stop`)."""
         await asyncio.to_thread(self.process.join, JOIN_TIMEOUT_S)
@@ -184,7 +200,11 @@ class EngineProcess:
             self._transport.abort()
             self._transport = None
         self._sock.close()
-        self.process.join(timeout=JOIN_TIMEOUT_S)
+        if self._loaded:  # it stops on the closed socket: aborts, stops its TP ranks
+            self.process.join(timeout=JOIN_TIMEOUT_S)
+        elif self.process.is_alive():  # still loading (Ctrl-C at start-up): don't wait
+            self.process.terminate()
+            self.process.join(timeout=JOIN_TIMEOUT_S)
         if self.process.is_alive():
             log.warning("the engine process did not stop; terminating it")
             self.process.terminate()
@@ -198,14 +218,23 @@ class EngineProcess:
 # ---------------------------------------------------------------------- the engine's side
 def _engine_main(make_llm: Callable[[], Any], sock: socket.socket, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    # terminate() (the front end stopping while the model loads): unwind, so the TP ranks
+    # started so far are stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         llm = make_llm()
-    except BaseException as exc:  # noqa: BLE001 — the front end raises it
-        sock.sendall(_frame(("failed", _picklable(exc))))
+    except Exception as exc:  # noqa: BLE001 — the front end raises it
+        try:
+            sock.sendall(_frame(("failed", _picklable(exc))))
+        except OSError:  # the front end is gone
+            pass
         return
     try:
-        sock.sendall(_frame(("ready", EngineInfo.of(llm))))
+        try:
+            sock.sendall(_frame(("ready", EngineInfo.of(llm))))
+        except OSError:  # the front end stopped while the model loaded
+            return
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_receive, args=(sock, inbox), daemon=True).start()
@@ -216,6 +245,10 @@ def _engine_main(make_llm: Callable[[], Any], sock: socket.socket, log_level: in
         sender.join(timeout=JOIN_TIMEOUT_S)
     finally:
         llm.close()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _receive(sock: socket.socket, inbox: queue.SimpleQueue) -> None:

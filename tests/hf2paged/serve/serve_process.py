@@ -69,6 +69,19 @@ class ServerProcess:
                 ready.put(line[len(marker) :].strip())
         ready.put("")  # exited
 
+    def descendants(self) -> dict[int, str]:
+        """pid -> command line of every live process below the server (the engine
+        process, multiprocessing's resource tracker, TP ranks)."""
+        return descendants(self.proc.pid)
+
+    def engine_pid(self) -> int:
+        """The engine process (multiprocessing's spawned child of the server)."""
+        (pid,) = [
+            pid for pid, cmd in self.descendants().items()
+            if "spawn_main" in cmd and _parent(pid) == self.proc.pid
+        ]  # fmt: skip
+        return pid
+
     @property
     def output(self) -> str:
         return "".join(self.lines[-60:])
@@ -125,3 +138,49 @@ class ServerProcess:
 
 def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+# ---------------------------------------------------------------------- processes (Linux /proc)
+def _parent(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else int(stat[1])
+
+
+def _stat(pid: int) -> list[str] | None:
+    """State and the fields after it of /proc/PID/stat; None for a process that is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) and stat[0] != "Z":
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    found, todo = {}, [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found[pid] = cmd
+            todo.append(pid)
+    return found
+
+
+def wait_gone(pids, timeout: float = 30) -> None:
+    """Wait until none of `pids` lives (zombies count as gone: they have exited);
+    AssertionError naming those left after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes left behind after {timeout} s: {left}")
+        time.sleep(0.1)
