@@ -257,18 +257,37 @@ def test_check_leaves_conversions_of_outside_code_alone(mylm, tmp_path, monkeypa
 
 
 def test_serve_with_the_flag_loads_the_directorys_code(mylm, monkeypatch):
-    """`serve --trust-remote-code`: the engine behind the server builds the cached class
-    (the HTTP side is tests/hf2paged/serve/'s; uvicorn is not started here)."""
+    """`serve --trust-remote-code`: the engine process behind the server builds the cached
+    class and generates with it (the HTTP side is tests/hf2paged/serve/'s; uvicorn is not
+    started here)."""
+    import asyncio
+
     import hf2paged.serve.command as command
+    from runtime.engine import SamplingParams
+    from runtime.engine.engine_process import EngineProcess
 
     served = {}
 
+    class Recorded(EngineProcess):
+        def __init__(self, make_llm, **kwargs):
+            served["model"] = make_llm.keywords["model_class"]
+            super().__init__(make_llm, **kwargs)
+
     def run_app(app, host, port, log_level):
-        served["model"] = type(app.state.server.llm.executor.worker.model)
+        async def generate():
+            async with app.state.server.engine as engine:
+                stream = engine.add_request(
+                    [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)
+                )
+                served["tokens"] = [u.num_output_tokens async for (u,) in stream][-1]
+
+        asyncio.run(generate())
 
     monkeypatch.setattr(command, "_run", run_app)
+    monkeypatch.setattr("runtime.engine.engine_process.EngineProcess", Recorded)
     result = run(
         "serve", mylm, "--trust-remote-code", "--device", "cpu", "--kv-cache-memory-mib", "1"
     )
     assert result.exit_code == 0, result.output
     assert served["model"].__module__.startswith("hf2paged_modules.mylm_")
+    assert served["tokens"] == 3
