@@ -210,6 +210,29 @@ def process_tree_cpu(pid: int) -> dict[int, float]:
     return found
 
 
+def process_role(pid: int, server_pid: int) -> str:
+    """What a process of the server's tree is, for the CPU notes."""
+    if pid == server_pid:
+        return "API server"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return f"pid {pid}"
+    if "resource_tracker" in cmd:
+        return "resource tracker"
+    return "engine" if "spawn_main" in cmd else f"pid {pid}"
+
+
+def cpu_note(server: Server, cpu0: dict[int, float], cpu1: dict[int, float], client_cpu: float,
+             elapsed: float) -> str:  # fmt: skip
+    """CPU seconds per second of run of each server process and of the clients."""
+    parts = [
+        f"{process_role(pid, server.proc.pid)} {(cpu1[pid] - cpu0.get(pid, 0.0)) / elapsed:.2f}"
+        for pid in sorted(cpu1)
+    ]
+    return ", ".join([*parts, f"clients {client_cpu / elapsed:.2f}"])
+
+
 def machine_load() -> str:
     try:
         return "load average " + " / ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -303,9 +326,10 @@ def write_report(out: Path, args, slug: str, config, workload, offline, http, se
         f"{sum(len(r.prompt_token_ids) for r in workload):,} input and "
         f"{sum(r.max_tokens for r in workload):,} output tokens; greedy, every request generates "
         f"exactly its output length. Model: {config.model_type} with random weights in {args.dtype}. "
-        f"Offline: the engine in its own process (`LLM.add_request` + `step`). HTTP: `hf2paged serve` "
-        f"with the same engine settings and {args.clients} concurrent streaming clients "
-        f"(`/v1/completions`, token-id prompts), in another process.",
+        f"Offline: the engine in its own process (`LLM.add_request` + `step`). HTTP: "
+        f"`hf2paged serve` (the engine in a process of its own, as offline, beside the API "
+        f"server's) with the same engine settings and {args.clients} concurrent streaming "
+        f"clients (`/v1/completions`, token-id prompts), in another process.",
         "",
         "| system | run | output tok/s | total tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -341,10 +365,7 @@ def write_report(out: Path, args, slug: str, config, workload, offline, http, se
     if not args.device.startswith("cuda"):
         server_notes = [
             "- CPU smoke run: it shows the benchmark works end to end; with a tiny model on a "
-            "shared CPU its numbers say nothing about serving speed. (The offline row runs the "
-            "engine on its process's main thread, the server on a second thread; on a loaded "
-            "2-core machine the same `LLM.generate` of tiny ops measured 4-10x slower on the "
-            "main thread, where torch's 2-thread intra-op pool is used.)",
+            "shared CPU its numbers say nothing about serving speed.",
             *server_notes,
         ]
     if server_notes:
@@ -467,9 +488,10 @@ def main(argv=None) -> None:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hf2paged-serve-bench-") as tmp:
         model_dir = prepare_model(args, config, getattr(torch, args.dtype), None, Path(tmp))
-        for i in range(args.repeats):
-            offline.append(run_system(f"offline-{i}", "ours", 1, args, model_dir, Path(tmp)))
-            write_report(out, args, slug, config, workload, offline, http, notes)
+        # One offline run before the server and the others after it (each run writes the
+        # report: a run cut short still has both systems measured).
+        offline.append(run_system("offline-0", "ours", 1, args, model_dir, Path(tmp)))
+        write_report(out, args, slug, config, workload, offline, http, notes)
         server = Server(serve_command(args, model_dir), args.system_timeout)
         try:
             warm = [Request(r.prompt_token_ids, 8) for r in workload[:WARMUP_REQUESTS]]
@@ -478,13 +500,17 @@ def main(argv=None) -> None:
             for i in range(args.repeats):
                 print(f"\n== HTTP run {i + 1}", flush=True)
                 try:
+                    cpu0, client0 = server.cpu_seconds(), time.process_time()
                     result = run_http(
                         server,
                         workload,
                         args.clients,
                         f"hf2paged serve ({args.clients} streaming clients)",
                     )
-                    print(format_result(result), flush=True)
+                    cpu1, client1 = server.cpu_seconds(), time.process_time()
+                    cpu = cpu_note(server, cpu0, cpu1, client1 - client0, result.elapsed_s)
+                    notes.append(f"- HTTP run {i + 1}, CPU seconds per second of run: {cpu}.")
+                    print(format_result(result), "\n  CPU/s:", cpu, flush=True)
                 except Exception as exc:  # noqa: BLE001 — reported, the other runs go on
                     result = f"failed: {type(exc).__name__}: {exc}"
                     print(result, flush=True)
@@ -499,6 +525,9 @@ def main(argv=None) -> None:
             )
         finally:
             server.stop()
+        for i in range(1, args.repeats):
+            offline.append(run_system(f"offline-{i}", "ours", 1, args, model_dir, Path(tmp)))
+            write_report(out, args, slug, config, workload, offline, http, notes)
         write_report(out, args, slug, config, workload, offline, http, notes)
     print(f"\nreport: {out}")
 
