@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from hf2paged.verify.coverage_job import ATOL, Outcome
-from hf2paged.verify.coverage_rules import Classification
+from hf2paged.verify.coverage_rules import Classification, load_coverage_rules
 
 
 @dataclass
@@ -52,12 +52,19 @@ class Summary:
         )
 
 
+def in_scope_buckets(classes: list[Classification]) -> list[str]:
+    """The in-scope buckets of `classes`, in rules/coverage.toml's order (dense first)."""
+    order = list(load_coverage_rules()["buckets"])
+    found = dict.fromkeys(c.bucket for c in classes if c.scope == "in")
+    return sorted(found, key=lambda b: order.index(b) if b in order else len(order))
+
+
 def summarize(classes: list[Classification], outcomes: dict[str, Outcome]) -> Summary:
-    buckets: dict[str, BucketResult] = {}
+    buckets: dict[str, BucketResult | None] = {b: None for b in in_scope_buckets(classes)}
     for c in classes:
         if c.scope != "in":
             continue
-        b = buckets.setdefault(c.bucket, BucketResult(c.label, 0, 0, 0))
+        b = buckets[c.bucket] = buckets[c.bucket] or BucketResult(c.label, 0, 0, 0)
         o = outcomes.get(c.model_type)
         b.total += 1
         b.converted += bool(o and o.converted)
@@ -153,7 +160,7 @@ def render_markdown(
         "converter's line does not say, `why` gives it (rules/coverage.toml [known]).",
     ]
     known = rules_known or {}
-    for bucket in dict.fromkeys(c.bucket for c in classes if c.scope == "in"):
+    for bucket in in_scope_buckets(classes):
         members = [c for c in classes if c.scope == "in" and c.bucket == bucket]
         lines += [
             "",
