@@ -127,7 +127,8 @@ def write_report(
     cb = results.get("hf-cb")
     cb_tps = cb.output_tps if isinstance(cb, RunResult) else None
     lines = [
-        f"# Throughput: {args.model} shape on {slug}",
+        f"# Throughput: {args.model} shape on {slug}"
+        + (f" (first {args.num_layers} layers)" if getattr(args, "num_layers", None) else ""),
         "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}.",

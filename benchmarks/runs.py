@@ -37,7 +37,14 @@ def system_runs(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str,
 def prepare_model(args, config, dtype, keep: Path | None, tmp: Path) -> Path:
     """The saved random model: reused from --keep-dir when it was built for the same
     shape, dtype and seed, else built (and kept there when --keep-dir is given)."""
-    stamp = json.dumps({"model": args.model, "dtype": args.dtype, "seed": args.seed})
+    stamp = json.dumps(
+        {
+            "model": args.model,
+            "layers": getattr(args, "num_layers", None),
+            "dtype": args.dtype,
+            "seed": args.seed,
+        }
+    )
     model_dir = (keep or tmp) / "model"
     if keep is not None and (keep / "model.stamp").exists():
         if (keep / "model.stamp").read_text() == stamp and (model_dir / "config.json").exists():

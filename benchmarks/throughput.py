@@ -47,7 +47,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "llama3-8b", "tiny"])
+    p.add_argument(
+        "--model",
+        default="qwen3-0.6b",
+        choices=["qwen3-0.6b", "llama3-8b", "qwen3-30b-a3b", "tiny"],
+    )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="keep only the first N decoder layers of the shape (same per-layer shapes; for "
+        "runs whose full checkpoint does not fit the time or disk at hand; the report and "
+        "its file name say so)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="4 short requests (8..32 tokens): a smoke test"
     )
@@ -163,11 +175,30 @@ def copy_bandwidth(device: str) -> float:
     return bandwidth
 
 
+def model_config(args: argparse.Namespace):
+    """The preset shape, cut to --num-layers decoder layers where given."""
+    config = preset_config(args.model)
+    if args.num_layers is not None:
+        if not 1 <= args.num_layers <= config.num_hidden_layers:
+            raise SystemExit(
+                f"--num-layers must be in 1..{config.num_hidden_layers} for {args.model}"
+            )
+        config.num_hidden_layers = args.num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: args.num_layers]
+    return config
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The shape's name in reports: `qwen3-30b-a3b`, or `qwen3-30b-a3b-8l` when cut."""
+    return args.model + (f"-{args.num_layers}l" if args.num_layers is not None else "")
+
+
 def workload_for(args: argparse.Namespace):
     """The seeded request list; the parent and every system's worker build the same one."""
     return make_workload(
         args.num_requests, args.min_len, args.max_len, args.seed,
-        preset_config(args.model).vocab_size,
+        model_config(args).vocab_size,
     )  # fmt: skip
 
 
@@ -177,7 +208,7 @@ def worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     if args.worker == "ours":
         result = run_ours(
-            preset_config(args.model), workload, device=args.device, dtype=dtype, tp=args.tp,
+            model_config(args), workload, device=args.device, dtype=dtype, tp=args.tp,
             model_dir=args.model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
         )  # fmt: skip
     else:
@@ -211,6 +242,7 @@ def run_system(
     cmd += [
         "--model",
         args.model,
+        *(["--num-layers", str(args.num_layers)] if args.num_layers is not None else []),
         "--device",
         args.device,
         "--dtype",
@@ -249,16 +281,17 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     workload = workload_for(args)
-    config = preset_config(args.model)
+    config = model_config(args)
     dtype = getattr(torch, args.dtype)
     slug = device_slug(args.device)
-    default_name = f"throughput-{slug}" + ("" if args.model == "qwen3-0.6b" else f"-{args.model}")
+    label = model_label(args)
+    default_name = f"throughput-{slug}" + ("" if label == "qwen3-0.6b" else f"-{label}")
     out = args.out or REPO / "benchmarks" / "results" / (
         default_name + ("-quick" if args.quick else "") + ".md"
     )
     runs = system_runs(args)
     print(
-        f"{args.model} ({args.dtype}) on {slug}: {len(workload)} requests, "
+        f"{label} ({args.dtype}) on {slug}: {len(workload)} requests, "
         f"lengths {args.min_len}..{args.max_len}, runs {[key for key, *_ in runs]}",
         flush=True,
     )
@@ -267,7 +300,9 @@ def main(argv=None) -> None:
     keep = args.keep_dir.resolve() if args.keep_dir else None
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-    workload_key = f"{args.model}/{args.dtype}/{args.seed}/{len(workload)}/{args.min_len}-{args.max_len}/{slug}"
+    workload_key = (
+        f"{label}/{args.dtype}/{args.seed}/{len(workload)}/{args.min_len}-{args.max_len}/{slug}"
+    )
     with tempfile.TemporaryDirectory(prefix="hf2paged-throughput-") as tmp:
         model_dir = prepare_model(args, config, dtype, keep, Path(tmp))
         roofline = Roofline.of(model_dir, config, workload, dtype, bandwidth, 1)

@@ -23,7 +23,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 def preset_config(name: str):
     """The transformers config of a named model shape (no hub access needed)."""
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     if name == "qwen3-0.6b":  # Qwen/Qwen3-0.6B config.json
         return Qwen3Config(
@@ -41,6 +41,16 @@ def preset_config(name: str):
             rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
             bos_token_id=128000, eos_token_id=128001, architectures=["LlamaForCausalLM"],
         )  # fmt: skip
+    if name == "qwen3-30b-a3b":  # Qwen/Qwen3-30B-A3B config.json (128 experts, top-8)
+        return Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            bos_token_id=151643, eos_token_id=151645, architectures=["Qwen3MoeForCausalLM"],
+        )  # fmt: skip
     if name == "tiny":  # CPU smoke runs and tests
         return LlamaConfig(
             vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -48,7 +58,9 @@ def preset_config(name: str):
             max_position_embeddings=4096, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
         )  # fmt: skip
-    raise ValueError(f"unknown model shape {name!r}; expected qwen3-0.6b, llama3-8b or tiny")
+    raise ValueError(
+        f"unknown model shape {name!r}; expected qwen3-0.6b, llama3-8b, qwen3-30b-a3b or tiny"
+    )
 
 
 @dataclass(frozen=True)
