@@ -173,3 +173,24 @@ def test_other_tensors_still_load_beside_experts():
     ckpt["root.block.norm.weight"] = torch.ones(8)
     ckpt["root.block.norm.bias"] = torch.zeros(8)
     assert "block.norm.weight" in load(model, ckpt, spec)
+
+
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_host_tensors_load_into_parameters_on_another_device(per_expert):
+    """Checkpoint tensors arrive on the host; the parameters live on the GPU. Every
+    copy moves the tensor to the parameter's device (the meta device stands in for it
+    here: a missing move raises there as on CUDA)."""
+    from runtime.moe import FusedMoE
+    from runtime.parallel import ModuleListShard
+
+    with torch.device("meta"):
+        layer = FusedMoE(4, 8, 6)
+    gate_up = layer.gate_up_proj
+    if per_expert:
+        for expert in range(4):
+            for part in range(2):
+                shard = ModuleListShard(expert, part, 2, 0, 1)
+                gate_up.weight_loader(gate_up, torch.randn(6, 8), shard)
+    else:
+        gate_up.weight_loader(gate_up, torch.randn(4, 12, 8))
+    layer.down_proj.weight_loader(layer.down_proj, torch.randn(4, 8, 6))

@@ -140,7 +140,7 @@ class ExpertWeightLoader:
         held, keep = self._held_rows(rows)
         if keep.any():
             src = loaded.index_select(1, keep.nonzero().flatten().to(loaded.device))
-            dst.index_copy_(1, held[keep].to(dst.device), src.to(dst.dtype))
+            dst.index_copy_(1, held[keep].to(dst.device), src.to(dst.device, dst.dtype))
 
     def _held_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each of transformers' feature ``rows`` goes in the held parameter, and
