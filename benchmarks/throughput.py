@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default="qwen3-0.6b",
-        choices=["qwen3-0.6b", "llama3-8b", "qwen3-30b-a3b", "tiny"],
+        choices=["qwen3-0.6b", "llama3-8b", "qwen3-30b-a3b", "tiny", "tiny-moe"],
     )
     p.add_argument(
         "--num-layers",

@@ -58,8 +58,17 @@ def preset_config(name: str):
             max_position_embeddings=4096, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
         )  # fmt: skip
+    if name == "tiny-moe":  # CPU smoke runs of mixture-of-experts paths (8 experts, top-2)
+        return Qwen3MoeConfig(
+            vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+            max_position_embeddings=4096, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, architectures=["Qwen3MoeForCausalLM"],
+        )  # fmt: skip
     raise ValueError(
-        f"unknown model shape {name!r}; expected qwen3-0.6b, llama3-8b, qwen3-30b-a3b or tiny"
+        f"unknown model shape {name!r}; expected qwen3-0.6b, llama3-8b, qwen3-30b-a3b, tiny "
+        "or tiny-moe"
     )
 
 

@@ -66,8 +66,27 @@ def test_preset_shapes_are_the_real_ones() -> None:
         4096,
         14336,
     )
+    moe = preset_config("qwen3-30b-a3b")  # Qwen/Qwen3-30B-A3B: 128 experts, top-8
+    assert (moe.num_hidden_layers, moe.hidden_size, moe.num_experts, moe.num_experts_per_tok) == (
+        48,
+        2048,
+        128,
+        8,
+    )
+    assert moe.moe_intermediate_size == 768 and moe.architectures == ["Qwen3MoeForCausalLM"]
     with pytest.raises(ValueError, match="unknown model shape"):
         preset_config("gpt-5")
+
+
+def test_num_layers_cuts_a_shape_and_names_it() -> None:
+    from benchmarks.throughput import model_config, model_label, parse_args
+
+    args = parse_args(["--model", "qwen3-30b-a3b", "--num-layers", "8", "--device", "cpu"])
+    assert model_config(args).num_hidden_layers == 8 and model_label(args) == "qwen3-30b-a3b-8l"
+    whole = parse_args(["--model", "qwen3-30b-a3b", "--device", "cpu"])
+    assert model_config(whole).num_hidden_layers == 48 and model_label(whole) == "qwen3-30b-a3b"
+    with pytest.raises(SystemExit):
+        model_config(parse_args(["--model", "tiny", "--num-layers", "9", "--device", "cpu"]))
 
 
 def test_roofline_counts_weights_per_step_and_every_kv_read(tmp_path: Path) -> None:
