@@ -119,16 +119,15 @@ def step_sequences(draw) -> list[StepInputs]:
     return out
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sequence=step_sequences())
-def test_any_batch_matches_eager_with_one_graph(qwen3_model, sequence) -> None:
-    """Property: whatever the step's mix of prompts, chunks and decodes and its token
-    count, the compiled blocks give the eager logits, from one traced graph (the token
-    count is dynamic: no batch size recompiles)."""
+def assert_compiled_matches_eager_in_one_graph(model, sequence: list[StepInputs]) -> None:
+    # Each call starts from a fresh Dynamo cache and counters (Hypothesis runs many
+    # examples inside one call of a test; the autouse fixture resets once per test).
+    torch._dynamo.reset()
+    counters.clear()
 
     def run(compile):
-        caches = allocate_kv_caches(qwen3_model, 32, BLOCK, torch.float32, torch.device("cpu"))
-        runner = ModelRunner(qwen3_model, caches, torch.device("cpu"), compile=compile)
+        caches = allocate_kv_caches(model, 32, BLOCK, torch.float32, torch.device("cpu"))
+        runner = ModelRunner(model, caches, torch.device("cpu"), compile=compile)
         with torch.inference_mode():
             logits = [runner.execute(step) for step in sequence]
         runner.eager()
@@ -138,6 +137,28 @@ def test_any_batch_matches_eager_with_one_graph(qwen3_model, sequence) -> None:
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert counters["stats"].get("unique_graphs", 0) <= 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequence=step_sequences())
+def test_any_batch_matches_eager_with_one_graph(qwen3_model, sequence) -> None:
+    """Property: whatever the step's mix of prompts, chunks and decodes and its token
+    count, the compiled blocks give the eager logits, from one traced graph (the token
+    count is dynamic: no batch size recompiles)."""
+    assert_compiled_matches_eager_in_one_graph(qwen3_model, sequence)
+
+
+def test_token_count_equal_to_a_model_size_traces_once(qwen3_model) -> None:
+    """Steps of 9 tokens, then 16 (the tiny qwen3's head size), then 64 (its hidden
+    size): only each input's token dimension is marked dynamic, so a count that equals
+    another size does not retrace (it did once: 2 graphs, found by the property above)."""
+    tables = [list(range(i * 8, (i + 1) * 8)) for i in range(4)]
+    sequence = [
+        StepInputs.build(tables[:1], [0], [9], BLOCK, list(range(9))),
+        StepInputs.build(tables[1:2], [0], [16], BLOCK, list(range(16))),
+        StepInputs.build(tables, [9, 16, 0, 0], [7, 16, 16, 25], BLOCK, list(range(64))),
+    ]
+    assert_compiled_matches_eager_in_one_graph(qwen3_model, sequence)
 
 
 def test_repeated_blocks_are_the_decoder_layers(tmp_path) -> None:

@@ -98,16 +98,20 @@ class CompiledBlock:
 
 
 def mark_token_dims(inputs, num_tokens: int, skip: frozenset[int]) -> None:
-    """Mark every dimension of size `num_tokens` of the input tensors as dynamic, so the
-    first trace is already general in the token count (a hint: a dimension the graph
-    pins to a constant stays static). Tensors whose id is in `skip` (the KV caches,
-    whose sizes never follow the step) are left alone: a tensor must be marked on every
-    call or on none, or its guards fail and the block is traced again."""
+    """Mark the token dimension of the input tensors as dynamic, so the first trace is
+    already general in the token count (a hint: a dimension the graph pins to a constant
+    stays static). The token dimension is a tensor's first dimension of size
+    `num_tokens` (hidden states are [1, T, H], positions [1, T]; a step compiles from 2
+    tokens on, so the leading 1 never matches). Only that one: a step whose token count
+    happens to equal a later size (the hidden size, a head count) must not mark it too,
+    or the tensor is marked differently from call to call, its guards fail and the block
+    is traced again. Tensors whose id is in `skip` (the KV caches, whose sizes never
+    follow the step) are left alone."""
     for leaf in torch.utils._pytree.tree_leaves(inputs):
         if isinstance(leaf, torch.Tensor) and id(leaf) not in skip:
-            for dim, size in enumerate(leaf.shape):
-                if size == num_tokens:
-                    torch._dynamo.maybe_mark_dynamic(leaf, dim)
+            token_dim = next((d for d, size in enumerate(leaf.shape) if size == num_tokens), None)
+            if token_dim is not None:
+                torch._dynamo.maybe_mark_dynamic(leaf, token_dim)
 
 
 class CompiledModel:
