@@ -36,6 +36,7 @@ from converter.cst_helpers import (
 from converter.passes.attention import causal
 from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
+from converter.passes.attention.mask_source import computed_mask
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
 
 SINK_ARGS = ("kv_cache", "input_metadata")  # what the paged call takes besides q, k, v
@@ -48,8 +49,8 @@ INTERFACE_PARAMS = ("module", "query", "key", "value", "attention_mask")
 class _Sink(cst.CSTTransformer):
     """Rewrites one attention forward; fills `self.ctor` with PagedAttention arguments."""
 
-    def __init__(self, ctx: ConversionContext, cls: str) -> None:
-        self.ctx, self.cls = ctx, cls
+    def __init__(self, ctx: ConversionContext, cls: str, forward: cst.FunctionDef) -> None:
+        self.ctx, self.cls, self.forward = ctx, cls, forward
         self.interface: str | None = None
         self.weights: str | None = None
         self.call: cst.Call | None = None
@@ -110,6 +111,7 @@ class _Sink(cst.CSTTransformer):
                 scope=scope,
                 hint="extend converter/passes/attention/ _bind_interface",
             )
+        self._check_mask(stmt, bound)
         for arg in call.args:
             key = arg.keyword.value if arg.keyword is not None else None
             if arg.star == "**" or key is None or key in INTERFACE_PARAMS:
@@ -160,6 +162,22 @@ class _Sink(cst.CSTTransformer):
         )
         self.sink = new.with_changes(leading_lines=stmt.leading_lines)
         return self.sink
+
+    def _check_mask(self, stmt, bound: list[cst.BaseExpression]) -> None:
+        """The paged call drops the mask: stop unless it is the model's incoming one
+        (`mask_source`)."""
+        found = computed_mask(self.forward, bound[4], bound[1:4])
+        if found is None:
+            return
+        raise self.ctx.error(
+            f"attention mask `{code(bound[4])}` is computed inside the layer from the step's "
+            "tensors: attention masks computed inside the layer (e.g. Doge's dynamic mask) "
+            "are not supported by paged attention",
+            found.origin or stmt,
+            scope=f"{self.cls}.forward",
+            hint="out of scope: the paged kernel masks only causally or by sliding window "
+            "and has no input for a per-step mask",
+        )
 
     @staticmethod
     def _operand(expr: cst.BaseExpression) -> cst.BaseExpression:
@@ -236,7 +254,7 @@ class _Classes:
         if self.ctx.eager_attention:
             new_forward, args = eager_core.rewrite(self.ctx, cls, updated, forward)
         else:
-            sink = _Sink(self.ctx, cls)
+            sink = _Sink(self.ctx, cls, forward)
             calls = attention_group.interface_calls(forward)
             if len(calls) > 1 and attention_group.groupable(forward, calls, _bind_interface):
                 sink.group = calls
