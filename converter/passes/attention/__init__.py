@@ -36,8 +36,8 @@ from converter.cst_helpers import (
 from converter.passes.attention import causal
 from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
-from converter.passes.attention.mask_source import computed_mask
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
+from converter.passes.attention.mask_source import computed_mask
 
 SINK_ARGS = ("kv_cache", "input_metadata")  # what the paged call takes besides q, k, v
 POSITIONAL = ("num_heads", "head_dim", "scale")  # PagedAttention's positional parameters
@@ -111,7 +111,6 @@ class _Sink(cst.CSTTransformer):
                 scope=scope,
                 hint="extend converter/passes/attention/ _bind_interface",
             )
-        self._check_mask(stmt, bound)
         for arg in call.args:
             key = arg.keyword.value if arg.keyword is not None else None
             if arg.star == "**" or key is None or key in INTERFACE_PARAMS:
@@ -123,6 +122,7 @@ class _Sink(cst.CSTTransformer):
                     scope=scope,
                     hint="map it in converter/passes/attention/ KWARGS (or extend PagedAttention)",
                 )
+        self._check_mask(stmt, bound)
         target = small.targets[0].target if isinstance(small, cst.Assign) else small.target
         if isinstance(target, cst.Tuple) and len(target.elements) == 2:
             out, weights = (el.value for el in target.elements)

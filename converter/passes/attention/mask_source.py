@@ -66,7 +66,6 @@ def _bindings(forward: cst.FunctionDef) -> list[tuple[cst.CSTNode, list[str], cs
 
 @dataclass(frozen=True)
 class ComputedMask:
-    reads: list[str]  # the computed names the mask argument reads, sorted
     origin: cst.CSTNode | None  # first statement binding the mask's name from step tensors
 
 
@@ -77,6 +76,7 @@ def computed_mask(
     tensors by value; else where it is computed (origin None: in the call's argument)."""
     params = [p.name.value for p in forward.params.params if p.name.value != "self"]
     tainted = set(params[:1]) | set().union(*(value_reads(op) for op in operands))
+    tainted -= {"self", "None"}  # the module's own attributes are not the step's
     bindings = _bindings(forward)
     changed = True
     while changed:
@@ -85,8 +85,7 @@ def computed_mask(
             if set(names) - tainted and value_reads(value) & tainted:
                 tainted |= set(names)
                 changed = True
-    reads = value_reads(mask) & tainted
-    if not reads:
+    if not value_reads(mask) & tainted:
         return None
     origin = None
     if isinstance(mask, cst.Name):
@@ -98,4 +97,4 @@ def computed_mask(
             ),
             None,
         )
-    return ComputedMask(sorted(reads), origin)
+    return ComputedMask(origin)
