@@ -50,6 +50,14 @@ def serve(
     tp: Annotated[
         int, typer.Option("--tp", help="Tensor-parallel size (one process per rank).")
     ] = 1,
+    expert_parallel: Annotated[
+        bool,
+        typer.Option(
+            "--expert-parallel",
+            help="With --tp > 1: mixture-of-experts layers hold whole experts per rank "
+            "instead of a slice of every expert.",
+        ),
+    ] = False,
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}.")] = "auto",
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")
@@ -129,7 +137,8 @@ def serve(
         make_llm = functools.partial(
             LLM, source.path, tensor_parallel_size=tp, dtype=dtype_, device=device,
             block_size=block_size, trust_remote_code=trust_remote_code,
-            model_class=source.model_class, gpu_memory_utilization=gpu_memory_utilization,
+            model_class=source.model_class, expert_parallel=expert_parallel,
+            gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
             enforce_eager=enforce_eager, max_model_len=max_model_len,
             kv_cache_memory_bytes=None if kv_cache_memory_mib is None else kv_cache_memory_mib << 20,
