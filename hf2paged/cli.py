@@ -25,6 +25,7 @@ import typer
 from converter.errors import ConversionError
 from hf2paged.options import (
     DTYPES,
+    EXPERT_PARALLEL_HELP,
     TRUST_REMOTE_CODE_HELP,
     check_device,
     check_model_dir,
@@ -536,8 +537,7 @@ def generate(
         bool,
         typer.Option(
             "--expert-parallel",
-            help="With --tp > 1: mixture-of-experts layers hold whole experts per rank "
-            "instead of a slice of every expert.",
+            help=EXPERT_PARALLEL_HELP,
         ),
     ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(DTYPES)}.")] = "auto",

@@ -74,6 +74,11 @@ def one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+EXPERT_PARALLEL_HELP = (
+    "With --tp > 1: mixture-of-experts layers hold whole experts per rank instead of a "
+    "slice of every expert."
+)
+
 TRUST_REMOTE_CODE_HELP = (
     "Allow a model directory's own code (config.json's auto_map): hf2paged converts it once "
     "into the per-user cache and runs it, and transformers runs its config code."

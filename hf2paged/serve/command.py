@@ -17,6 +17,7 @@ import typer
 
 from hf2paged.options import (
     DTYPES,
+    EXPERT_PARALLEL_HELP,
     TRUST_REMOTE_CODE_HELP,
     check_device,
     check_model_dir,
@@ -54,8 +55,7 @@ def serve(
         bool,
         typer.Option(
             "--expert-parallel",
-            help="With --tp > 1: mixture-of-experts layers hold whole experts per rank "
-            "instead of a slice of every expert.",
+            help=EXPERT_PARALLEL_HELP,
         ),
     ] = False,
     dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}.")] = "auto",
