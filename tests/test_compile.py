@@ -61,11 +61,12 @@ def steps() -> list[StepInputs]:
     ]
 
 
-def run_steps(model, compile) -> list[torch.Tensor]:
-    caches = allocate_kv_caches(model, 16, BLOCK, torch.float32, torch.device("cpu"))
+def run_steps(model, compile, sequence: list[StepInputs] | None = None) -> list[torch.Tensor]:
+    """Logits of each step of `sequence` (default `steps()`), on 32 fresh KV blocks."""
+    caches = allocate_kv_caches(model, 32, BLOCK, torch.float32, torch.device("cpu"))
     runner = ModelRunner(model, caches, torch.device("cpu"), compile=compile)
     with torch.inference_mode():
-        out = [runner.execute(step) for step in steps()]
+        out = [runner.execute(step) for step in (steps() if sequence is None else sequence)]
     runner.eager()
     return out
 
@@ -125,15 +126,8 @@ def assert_compiled_matches_eager_in_one_graph(model, sequence: list[StepInputs]
     torch._dynamo.reset()
     counters.clear()
 
-    def run(compile):
-        caches = allocate_kv_caches(model, 32, BLOCK, torch.float32, torch.device("cpu"))
-        runner = ModelRunner(model, caches, torch.device("cpu"), compile=compile)
-        with torch.inference_mode():
-            logits = [runner.execute(step) for step in sequence]
-        runner.eager()
-        return logits
-
-    for e, g in zip(run(False), run("aot_eager"), strict=True):
+    expected = run_steps(model, False, sequence)
+    for e, g in zip(expected, run_steps(model, "aot_eager", sequence), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert counters["stats"].get("unique_graphs", 0) <= 1
     assert not counters["graph_break"], dict(counters["graph_break"])
