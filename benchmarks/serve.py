@@ -111,8 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.repeats < 1 or args.clients < 1:
         p.error("--repeats and --clients must be >= 1")
-    # What benchmarks/throughput.py's run_system needs to run its `ours` worker.
+    # What benchmarks/throughput.py's run_system and model_config need (the full shape, tp=1).
     args.tp, args.hf_batch_size, args.hf_generate_batches = 1, 64, 0
+    args.num_layers = None
     return args
 
 

@@ -89,6 +89,17 @@ def test_num_layers_cuts_a_shape_and_names_it() -> None:
         model_config(parse_args(["--model", "tiny", "--num-layers", "9", "--device", "cpu"]))
 
 
+def test_serve_benchmark_args_reach_throughputs_workload() -> None:
+    """serve.py hands its own arguments to throughput.py's model_config/workload_for."""
+    from benchmarks.serve import parse_args
+    from benchmarks.throughput import model_config, model_label, workload_for
+
+    args = parse_args(["--model", "qwen3-0.6b", "--device", "cpu", "--num-requests", "3"])
+    assert model_label(args) == "qwen3-0.6b"
+    assert model_config(args).num_hidden_layers == 28
+    assert len(workload_for(args)) == 3
+
+
 def test_roofline_counts_weights_per_step_and_every_kv_read(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
