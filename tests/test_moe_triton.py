@@ -181,7 +181,7 @@ def test_default_configs_by_regime_and_shared_memory(monkeypatch):
     from runtime.moe import triton_config
 
     gpu = torch.device("cuda")  # the heuristics read only the limits patched below
-    monkeypatch.setattr(triton_config, "_device_limits", lambda device: (227 * 1024, 132))
+    monkeypatch.setattr(triton_config, "device_limits", lambda device: (227 * 1024, 132))
     decode = default_moe_config(8, 8, 128, 2048, 768, torch.bfloat16, gpu)
     prefill = default_moe_config(8192, 8, 128, 2048, 768, torch.bfloat16, gpu)
     assert decode.block_m == 16 and decode.gate_up.num_stages == 4
@@ -192,7 +192,7 @@ def test_default_configs_by_regime_and_shared_memory(monkeypatch):
     one = default_moe_config(1, 8, 128, 2048, 768, torch.bfloat16, gpu)
     assert decode.gate_up.block_n == 64 and one.gate_up.block_n == 32
     # a device with less shared memory gets fewer stages, then smaller tiles
-    monkeypatch.setattr(triton_config, "_device_limits", lambda device: (64 * 1024, 108))
+    monkeypatch.setattr(triton_config, "device_limits", lambda device: (64 * 1024, 108))
     small = default_moe_config(8192, 8, 128, 2048, 768, torch.bfloat16, gpu)
     for tile, weight_tiles in ((small.gate_up, 2), (small.down, 1)):
         per_stage = (128 * tile.block_k + weight_tiles * tile.block_k * tile.block_n) * 2

@@ -11,6 +11,11 @@ blocks (runtime/engine/compile.py): its first step here traces and compiles them
 the decode variants come from the same `choose_num_splits` / `decode_stages` the kernel
 launcher uses, so the list stays right when the heuristic changes.
 
+Mixture-of-experts layers (`FusedMoE`) pick their expert kernels' launch configuration
+from the step's token count, up to the token budget: after the dummy steps (which tell
+each layer its routing width), each distinct layer runs its kernels once per configuration
+(`FusedMoE.warm_up`).
+
 Dummy rows store nothing (slot -1) and read one key of block 0, like the padding rows of
 CUDA-graph batches; their outputs are never read. Under tensor parallelism every rank
 runs the same steps in the same order, so the model's all-reduces pair up.
@@ -23,6 +28,7 @@ import torch
 from runtime.attention.layer import attention_layers
 from runtime.attention.triton_config import DecodeConfig, choose_num_splits, decode_stages
 from runtime.engine.step_inputs import StepInputs
+from runtime.moe.layer import FusedMoE
 
 
 def decode_variant_sizes(
@@ -70,16 +76,31 @@ def warm_up_steps(
     return steps
 
 
+def warm_up_experts(model, max_num_batched_tokens: int) -> int:
+    """`FusedMoE.warm_up` on one layer of each kernel variant (after a step has run);
+    returns how many expert runs that took."""
+    runs, seen = 0, set()
+    for layer in model.modules():
+        if isinstance(layer, FusedMoE) and layer.kernel_variant() not in seen:
+            seen.add(layer.kernel_variant())
+            runs += layer.warm_up(max_num_batched_tokens)
+    return runs
+
+
 @torch.inference_mode()
-def warm_up_kernels(runner, max_num_seqs: int) -> int:
-    """Run the warm-up steps eagerly on `runner` (a `ModelRunner` without graphs yet);
-    returns how many ran."""
+def warm_up_kernels(runner, max_num_seqs: int, max_num_batched_tokens: int | None = None) -> int:
+    """Run the warm-up steps eagerly on `runner` (a `ModelRunner` without graphs yet), then
+    the expert kernels' variants up to `max_num_batched_tokens` (None: none); returns how
+    many steps and expert runs that took."""
     steps = warm_up_steps(
         runner.model, max_num_seqs, runner.block_size, runner.device, runner.compiled is not None
     )
     for inputs in steps:
         ids, pos, metadata = runner.tensors(inputs)
         runner.forward(ids, pos, runner.kv_caches, metadata)
+    expert_runs = 0
+    if max_num_batched_tokens:
+        expert_runs = warm_up_experts(runner.model, max_num_batched_tokens)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
-    return len(steps)
+    return len(steps) + expert_runs

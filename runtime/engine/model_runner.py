@@ -43,13 +43,16 @@ class ModelRunner:
         agree: Callable[[bool], bool] | None = None,
         warm_up: bool = False,
         compile: bool | str = False,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         """`warm_up`: compile every attention-kernel variant now (kernel_warmup.py), not in
         the first serving steps. `agree`: the TP ranks' vote on their graph captures.
         `compile`: run the model's repeated blocks through torch.compile (compile.py):
         True for Inductor, or a torch.compile backend's name (the CPU tests trace with
         "aot_eager"); with `warm_up` the compilation happens there too. ``startup_seconds`` records
-        how long the warm-up (compilation included) and the graph captures took."""
+        how long the warm-up (compilation included) and the graph captures took.
+        `max_num_batched_tokens`: the step token budget the warm-up covers for the
+        mixture-of-experts kernels (None: they compile when first met)."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
@@ -63,6 +66,7 @@ class ModelRunner:
         # model(input_ids, positions, kv_caches, metadata) -> hidden states [T, hidden]
         self.forward: Callable = self.compiled or model
         self.startup_seconds: dict[str, float] = {}
+        self.max_num_batched_tokens = max_num_batched_tokens
         if warm_up:
             start = time.perf_counter()
             self._warm_up(max_num_seqs)
@@ -76,13 +80,13 @@ class ModelRunner:
         """`warm_up_kernels`; a model that fails to compile runs eagerly (on one process:
         tensor-parallel ranks must not leave each other halfway through a step)."""
         try:
-            warm_up_kernels(self, max_num_seqs)
+            warm_up_kernels(self, max_num_seqs, self.max_num_batched_tokens)
         except Exception as exc:  # noqa: BLE001 — the eager model still serves
             if self.compiled is None or torch.distributed.is_initialized():
                 raise
             log.warning("torch.compile of the model failed (%s); running it eagerly", exc)
             self.eager()
-            warm_up_kernels(self, max_num_seqs)
+            warm_up_kernels(self, max_num_seqs, self.max_num_batched_tokens)
 
     def eager(self) -> None:
         """Stop running compiled blocks (before any graph is captured)."""

@@ -105,6 +105,7 @@ class Worker:
         self.runner = ModelRunner(
             self.model, caches, self.device, cfg.max_num_seqs, max_len, cfg.use_cuda_graphs,
             agree, warm_up=self.device.type == "cuda", compile=cfg.use_compile,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
         )  # fmt: skip
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -105,6 +105,8 @@ class FusedMoE(nn.Module):
         if has_bias:
             self._add(f"{self._in_name}_bias", in_kind, True, E, in_rows, dtype=params_dtype)
             self._add("down_proj_bias", DOWN, True, E, H, dtype=params_dtype)
+        # The routing width (k of top_k_index) of the calls so far: None before the first.
+        self.routed_top_k: int | None = None
         if part.all_experts_local:
             self.expert_map = None
         else:
@@ -140,6 +142,7 @@ class FusedMoE(nn.Module):
                 f"FusedMoE takes hidden_states [T, {self.hidden_size}], got "
                 f"{tuple(hidden_states.shape)}"
             )
+        self.routed_top_k = top_k_index.shape[1]
         w_in = getattr(self, self._in_name)
         b_in = getattr(self, f"{self._in_name}_bias") if self.has_bias else None
         b_down = self.down_proj_bias if self.has_bias else None
@@ -167,3 +170,36 @@ class FusedMoE(nn.Module):
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
+
+    def kernel_variant(self) -> tuple:
+        """What the expert kernels compile for besides the token count: layers with the
+        same value share every compiled kernel."""
+        w_in = getattr(self, self._in_name)
+        return (
+            tuple(w_in.shape), tuple(self.down_proj.shape), w_in.dtype, w_in.device,
+            self.routed_top_k, self.activation, self.has_bias,
+            self.apply_router_weight_on_input, self.expert_map is None,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int) -> int:
+        """Run the expert kernels once for each launch configuration a step of 1..max_tokens
+        tokens selects (`config_change_token_counts`), so that serving compiles none of
+        them; returns the number of runs. Needs a first call (the routing width); nothing
+        to do for the torch backend. Under tensor parallelism every rank runs the same
+        sizes, so the all-reduces pair up."""
+        w_in = getattr(self, self._in_name)
+        k = self.routed_top_k
+        if k is None or select_moe_backend(w_in.device) != "triton":
+            return 0
+        from runtime.moe.triton_config import config_change_token_counts
+
+        counts = config_change_token_counts(
+            max_tokens, k, self.num_local_experts, self.hidden_size,
+            self.local_intermediate_size, w_in.dtype, w_in.device,
+        )  # fmt: skip
+        for num_tokens in counts:
+            x = w_in.new_zeros(num_tokens, self.hidden_size)
+            ids = torch.arange(num_tokens * k, device=w_in.device) % self.num_experts
+            self.forward(x, ids.view(num_tokens, k), x.new_ones(num_tokens, k))
+        return len(counts)

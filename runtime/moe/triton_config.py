@@ -41,8 +41,11 @@ class MoEConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(shared memory bytes per block, SM count)."""
+def device_limits(device: torch.device) -> tuple[int, int] | None:
+    """(shared memory bytes per block, SM count) of a CUDA device; None elsewhere (the
+    Triton interpreter, where tiles stay small)."""
+    if device.type != "cuda":
+        return None
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     return smem, props.multi_processor_count
@@ -73,10 +76,11 @@ def default_moe_config(
     dtype: torch.dtype,
     device: torch.device,
 ) -> MoEConfig:
-    if device.type != "cuda":
+    limits = device_limits(device)
+    if limits is None:
         tile = TileConfig(block_n=32, block_k=32, num_stages=1)
         return MoEConfig(block_m=16, gate_up=tile, down=tile)
-    smem, sms = _device_limits(device)
+    smem, sms = limits
     elem = dtype.itemsize
     pairs_per_expert = num_tokens * top_k / max(1, num_experts)
     if pairs_per_expert <= 16:
@@ -104,3 +108,27 @@ def default_moe_config(
             t = replace(t, block_n=t.block_n // 2)
         configs.append(_fit_shared_memory(t, block_m, weight_tiles, elem, smem))
     return MoEConfig(block_m=block_m, gate_up=configs[0], down=configs[1])
+
+
+def config_change_token_counts(
+    max_tokens: int,
+    top_k: int,
+    num_experts: int,  # experts held on this rank
+    hidden_size: int,
+    intermediate_size: int,  # this rank's per-expert intermediate size
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[int]:
+    """The smallest token count of each distinct `default_moe_config` over 1..max_tokens.
+
+    Triton compiles the expert kernels once per launch configuration (tile sizes, stages,
+    warps are compile-time), and the configuration follows the step's token count: a run
+    of these counts meets every variant a serving step of up to `max_tokens` tokens can ask
+    for (runtime/engine/kernel_warmup.py)."""
+    first_count: dict[MoEConfig, int] = {}
+    for num_tokens in range(1, max_tokens + 1):
+        config = default_moe_config(
+            num_tokens, top_k, num_experts, hidden_size, intermediate_size, dtype, device
+        )
+        first_count.setdefault(config, num_tokens)
+    return sorted(first_count.values())
