@@ -7,7 +7,9 @@
   cache offset where the attention offsets its cache index per application:
   converter/passes/flatten/loops.py, cache_slots.py); the stack class (and classes above
   it, up to the base model) take ``kv_caches`` and ``input_metadata``;
-- the base model's ``position_ids`` is renamed ``positions``;
+- the base model's ``position_ids`` is renamed ``positions``; below the stack, HF's
+  "arange over the step's tokens + the cache length" reads them instead, threaded down
+  like the caches (converter/passes/flatten/positions.py);
 - the ``*ForCausalLM`` gets the generated ``forward(input_ids, positions, kv_caches,
   input_metadata)`` -> ``[T, hidden]`` (the base model runs on a batch of one, ``[1, T]``)
   and ``compute_logits(hidden_states, input_metadata)``: the rows at
@@ -27,6 +29,8 @@ from converter.cst_helpers import add_params, dotted, methods_of, nodes_of
 from converter.passes.flatten.cache_slots import cache_offset, declare_slots
 from converter.passes.flatten.lm import RenamePositions, base_signature, lm_methods, unwrap_outputs
 from converter.passes.flatten.loops import AddKwargs, stack_loops
+from converter.passes.flatten.positions import NAME as POSITIONS
+from converter.passes.flatten.positions import rewrite as read_positions
 
 KV = [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
 KVS = [("kv_caches", "list[torch.Tensor]"), ("input_metadata", "InputMetadata")]
@@ -59,6 +63,34 @@ def _closure(callees: dict[str, set[str]], seed: set[str], stop: set[str]) -> se
     return marked - seed
 
 
+def _thread_positions(ctx, callees, forwards, new_forward: dict[str, cst.FunctionDef]) -> str:
+    """``positions`` from the stack loop down to the classes in `new_forward` (updated in
+    place); the stack loop's extra keyword argument."""
+    users = set(new_forward)
+    chain = users | _closure(callees, users, {ctx.stack_class, ctx.lm_class})
+    if ctx.stack_class != ctx.base_model_class:
+        raise ctx.error(
+            f"{sorted(users)[0]} reads the step's token positions below a stack class "
+            f"({ctx.stack_class}) other than the base model",
+            forwards[ctx.stack_class],
+            scope=f"{ctx.stack_class}.forward",
+            hint="extend converter/passes/flatten/positions.py to thread positions there",
+        )
+    for cls in chain:
+        forward = new_forward.get(cls, forwards[cls])
+        params = [*forward.params.params, *forward.params.kwonly_params]
+        if POSITIONS in {p.name.value for p in params}:
+            raise ctx.error(
+                f"{cls}.forward already has a `{POSITIONS}` parameter",
+                forward,
+                scope=f"{cls}.forward",
+                hint="extend converter/passes/flatten/positions.py to pick a fresh name",
+            )
+        adder = AddKwargs(ctx, cls, chain, f"{POSITIONS}={POSITIONS}")
+        new_forward[cls] = add_params(forward.visit(adder), [(POSITIONS, "torch.Tensor")])
+    return f", {POSITIONS}={POSITIONS}"
+
+
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     classes = {s.name.value: s for s in module.body if isinstance(s, cst.ClassDef)}
     forwards = {
@@ -68,12 +100,16 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     callees = {c: _callees(ctx, c, f) for c, f in forwards.items()}
     kv_users = _closure(callees, attention, {ctx.stack_class, ctx.lm_class})
     above = _closure(callees, {ctx.stack_class}, {ctx.lm_class})
-    new_forward: dict[str, cst.FunctionDef] = {}
+    below = {c: forwards[c] for c in sorted(kv_users | attention) if c in forwards}
+    new_forward = read_positions(ctx, below)  # class -> forward reading `positions`
+    extra = ""
+    if new_forward:
+        extra = _thread_positions(ctx, callees, forwards, new_forward)
     for cls in kv_users:
         adder = AddKwargs(ctx, cls, attention | kv_users, KV_ARGS)
-        new_forward[cls] = add_params(forwards[cls].visit(adder), KV)
+        new_forward[cls] = add_params(new_forward.get(cls, forwards[cls]).visit(adder), KV)
     offset = cache_offset(ctx)
-    stack = add_params(stack_loops(ctx, forwards[ctx.stack_class], offset), KVS)
+    stack = add_params(stack_loops(ctx, forwards[ctx.stack_class], offset, extra), KVS)
     new_forward[ctx.stack_class] = stack
     for cls in above:
         adder = AddKwargs(ctx, cls, above | {ctx.stack_class}, KVS_ARGS)

@@ -78,7 +78,7 @@ def _nested(forward: cst.FunctionDef, loop: cst.For) -> bool:
     )
 
 
-def _rewrite(ctx, forward, loop: cst.For, offset: str | None) -> cst.For:
+def _rewrite(ctx, forward, loop: cst.For, offset: str | None, extra: str) -> cst.For:
     scope = f"{ctx.stack_class}.forward"
     enumerated = m.matches(loop.iter, m.Call(func=m.Name("enumerate")))
     if enumerated:
@@ -105,7 +105,7 @@ def _rewrite(ctx, forward, loop: cst.For, offset: str | None) -> cst.For:
         ctx,
         ctx.stack_class,
         set(),
-        f"kv_cache=kv_caches[{slot}], input_metadata=input_metadata",
+        f"kv_cache=kv_caches[{slot}], input_metadata=input_metadata{extra}",
         {layer},
     )
     new_loop = new_loop.with_changes(body=new_loop.body.visit(adder))
@@ -115,9 +115,10 @@ def _rewrite(ctx, forward, loop: cst.For, offset: str | None) -> cst.For:
 
 
 def stack_loops(
-    ctx: ConversionContext, forward: cst.FunctionDef, offset: str | None = None
+    ctx: ConversionContext, forward: cst.FunctionDef, offset: str | None = None, extra: str = ""
 ) -> cst.FunctionDef:
-    """`forward` of the stack class with every loop over the stack passing its caches."""
+    """`forward` of the stack class with every loop over the stack passing its caches
+    (and `extra` keyword arguments: ``", positions=positions"``)."""
     stack = m.Attribute(value=m.Name("self"), attr=m.Name(ctx.stack_attr))
     iterable = stack | m.Subscript(value=stack)
     loops = [
@@ -164,7 +165,7 @@ def stack_loops(
             scope=scope,
             hint="extend converter/passes/flatten/cache_slots.py",
         )
-    new = {id(loop): _rewrite(ctx, forward, loop, offset) for loop in loops}
+    new = {id(loop): _rewrite(ctx, forward, loop, offset, extra) for loop in loops}
 
     class _Swap(cst.CSTTransformer):
         def leave_For(self, original, updated):
