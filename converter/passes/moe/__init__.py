@@ -34,6 +34,7 @@ from converter.cst_helpers import (
     self_attr,
     with_ctor,
 )
+from converter.passes.moe.dense import dense_forward, read_dense_layout, rewrite_dense_calls
 from converter.passes.moe.experts import (
     Layout,
     LayoutError,
@@ -69,6 +70,12 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         if not calls:
             continue  # built but never called here: nothing routes through it
         node = classes[name]
+        if not experts_like and _dense(calls, node):
+            try:
+                layouts[name] = read_dense_layout(node, ctx)
+            except LayoutError as e:
+                raise _error(ctx, name, e) from None
+            continue
         if not experts_like:
             what = "experts class" if decorated else "class with 3-D (per-expert) parameters"
             call, stmt, scope = calls[0]
@@ -114,7 +121,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         if isinstance(stmt, cst.ClassDef):
             if stmt.name.value in layouts:
                 continue  # the experts class: FusedMoE stands where it was built
-            stmt = _rewrite_owner(stmt, layouts, sites, ctx)
+            stmt = _rewrite_owner(stmt, layouts, sites, ctx, classes)
         body.append(stmt)
     for name in layouts:  # the ownership graph follows: the owners now build FusedMoE
         for owner, attr in sites.get(name, []):
@@ -191,8 +198,13 @@ def _arity(call: cst.Call) -> int | None:
     return len(call.args)
 
 
+def _dense(calls, node: cst.ClassDef) -> bool:
+    """Experts called with one argument whose forward runs every expert on every token."""
+    return all(_arity(call) == 1 for call, _, _ in calls) and dense_forward(node)
+
+
 def _rewrite_owner(
-    cls: cst.ClassDef, layouts: dict[str, Layout], sites: dict, ctx: ConversionContext
+    cls: cst.ClassDef, layouts: dict[str, Layout], sites: dict, ctx: ConversionContext, classes
 ) -> cst.ClassDef:
     owner = cls.name.value
     attrs = {
@@ -205,13 +217,17 @@ def _rewrite_owner(
     if not attrs:
         return cls
     body = []
+    routed = {a: n for a, n in attrs.items() if not layouts[n].weight_on_input}
     for stmt in cls.body.body:
         if isinstance(stmt, cst.FunctionDef):
             if stmt.name.value == "__init__":
                 stmt = stmt.visit(_Construct(attrs, layouts, ctx, owner))
-            stmt = stmt.visit(_PositionalCalls(attrs, ctx, owner))
+            stmt = stmt.visit(_PositionalCalls(routed, ctx, owner))
         body.append(stmt)
-    return cls.with_changes(body=cls.body.with_changes(body=body))
+    cls = cls.with_changes(body=cls.body.with_changes(body=body))
+    for attr in set(attrs) - set(routed):  # dense experts: top-k routing at the call
+        cls = rewrite_dense_calls(ctx, cls, attr, classes)
+    return cls
 
 
 class _Construct(cst.CSTTransformer):
@@ -296,6 +312,8 @@ def fused_moe(layout: Layout, values: dict[str, cst.BaseExpression]) -> cst.Call
         args.append(arg(cst.Name("True"), "limit_after_activation"))
     if gate.up_offset:
         args.append(arg(cst.Float(repr(float(gate.up_offset))), "up_offset"))
+    if layout.weight_on_input:
+        args.append(arg(cst.Name("True"), "apply_router_weight_on_input"))
     return cst.Call(cst.Name("FusedMoE"), args)
 
 

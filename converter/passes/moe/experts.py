@@ -60,6 +60,7 @@ class Layout:
     flags: dict[str, bool]
     gate: Gate
     init_params: list[cst.Param] = field(default_factory=list)
+    weight_on_input: bool = False  # dense experts read as top-k (converter/passes/moe/dense.py)
 
 
 def decorator_flags(
