@@ -35,6 +35,7 @@ class _Strip(cst.CSTTransformer):
         self.identity = set(calls.get("identity", [])) | set(calls.get("identity_functions", []))
         self.adds = set(calls.get("add_functions", []))
         self.nones = set(calls.get("none_functions", []))
+        self.unsupported: dict[str, str] = calls.get("unsupported_functions", {})
         modules = set(calls.get("identity_modules", []))
         self.fields = rules.get("outputs", {}).get("fields", [])
         self.drop_attrs = set(rules.get("attributes", {}).get("drop", []))
@@ -137,12 +138,28 @@ class _Strip(cst.CSTTransformer):
             return positional[0].value
         if name in self.nones:
             return cst.Name("None")
+        if name in self.unsupported:
+            raise self.ctx.error(
+                f"{name}(...): {self.unsupported[name]}",
+                original,
+                line=_line_of_call(self.ctx, name),
+                hint="not supported yet (rules/training.toml [calls.unsupported_functions])",
+            )
         if name in self.adds and len(positional) >= 2:
             lhs, rhs = positional[0].value, positional[1].value
             return cst.BinaryOperation(
                 lhs, cst.Add(), rhs, lpar=[cst.LeftParen()], rpar=[cst.RightParen()]
             )
         return updated
+
+
+def _line_of_call(ctx: ConversionContext, name: str) -> int | None:
+    """The source line of the first call of `name` (a call inside an expression has no
+    statement of its own for `ctx.line_of`)."""
+    for number, text in enumerate(ctx.source_text.splitlines(), 1):
+        if f"{name}(" in text and not text.lstrip().startswith(("#", "from ", "import ")):
+            return number
+    return None
 
 
 def output_names(module: cst.Module, ctx: ConversionContext) -> set[str]:
@@ -171,7 +188,8 @@ def _needs_visit(strip: _Strip, cls: str, func: cst.FunctionDef) -> bool:
     for node in nodes_of(func.body, cst.Call, cst.Return, cst.Assign):
         if isinstance(node, cst.Call):
             name = dotted(node.func)
-            if name in strip.identity | strip.adds | strip.nones or self_attr(node.func) in dropout:
+            rewritten = strip.identity | strip.adds | strip.nones | set(strip.unsupported)
+            if name in rewritten or self_attr(node.func) in dropout:
                 return True
         elif isinstance(node, cst.Return):
             if isinstance(node.value, cst.Call) and dotted(node.value.func) in strip.output_names:
