@@ -49,6 +49,7 @@ from converter.passes.moe.experts import (
     InitEnv,
     Layout,
     LayoutError,
+    _activations,
     read_layout,
 )
 
@@ -237,7 +238,12 @@ def read_dense_layout(cls: cst.ClassDef, ctx) -> Layout:
             raise forward.fail(f"`{dim}` is not the number of experts / hidden size", stmt)
     if not has_gate:
         act = forward.gated_value
-        if not (isinstance(act, cst.Call) and len(act.args) == 1 and self_attr(act.func)):
+        if not (
+            isinstance(act, cst.Call)
+            and len(act.args) == 1
+            and self_attr(act.func) in _activations(env)
+            and m.matches(act.args[0].value, m.Name(forward.gate_up or ""))
+        ):
             raise forward.fail("the down projection's input is not self.<act>(up)", forward.forward)
         activation = layout.activation
         if not isinstance(activation, cst.SimpleString) or activation.evaluated_value not in (
@@ -361,15 +367,18 @@ def _score_value(node: cst.BaseExpression, env: dict[str, tuple]) -> tuple:
         method = node.func.attr.value
         if method in CASTS:
             return receiver
-        if method in ("scatter", "scatter_") and receiver[0] == "neg_inf" and len(args) == 3:
+        last_dim = len(args) == 3 and one_line(args[0]) in ("1", "-1")
+        if method in ("scatter", "scatter_") and receiver[0] == "neg_inf" and last_dim:
             index, values = _score_value(args[1], env), _score_value(args[2], env)
             if index[0] == "index" and values[0] == "values" and index[1] is values[1]:
                 return ("sparse", index[1])
         if method in SCORE_FUNCTIONS and receiver[0] == "sparse":
             return ("scores", receiver[1])
         return ("other",)
-    if short == "topk" and len(args) >= 2:
-        return ("topk", args[1])
+    if short == "topk" and len(args) == 2:
+        dim = [one_line(a.value) for a in node.args if a.keyword and a.keyword.value == "dim"]
+        if dim in ([], ["1"], ["-1"]):  # over the experts of each token
+            return ("topk", args[1])
     if short == "full_like" and len(args) == 2 and "-" in one_line(args[1]):
         if "inf" in one_line(args[1]):
             return ("neg_inf",)
@@ -378,6 +387,10 @@ def _score_value(node: cst.BaseExpression, env: dict[str, tuple]) -> tuple:
         if inner[0] == "sparse":
             return ("scores", inner[1])
     return ("other",)
+
+
+def _none_or_dim(keyword: cst.Name | None) -> bool:
+    return keyword is None or keyword.value == "dim"
 
 
 class _SumOfBlocks(cst.CSTTransformer):
@@ -389,16 +402,15 @@ class _SumOfBlocks(cst.CSTTransformer):
     def leave_Call(self, original, updated):
         if not m.matches(updated, m.Call(m.Attribute(attr=m.Name("sum")))):
             return updated
-        dim = [one_line(a.value) for a in updated.args]
+        over_first = m.matches(
+            updated,
+            m.Call(args=[m.Arg(m.Integer("0"), keyword=m.MatchIfTrue(_none_or_dim))]),
+        )
         reshaped = _reshape(updated.func.value)
-        if dim in (["0"], ["dim=0"]) or [
-            f"{a.keyword.value}={one_line(a.value)}" if a.keyword else one_line(a.value)
-            for a in updated.args
-        ] == ["dim=0"]:
-            if reshaped and m.matches(reshaped[0], m.Name(self.result)):
-                if len(reshaped[1]) == 3 and reshaped[1][1] == "-1":
-                    self.count += 1
-                    return cst.Name(self.result)
+        if over_first and reshaped and m.matches(reshaped[0], m.Name(self.result)):
+            if len(reshaped[1]) == 3 and reshaped[1][1] == "-1":
+                self.count += 1
+                return cst.Name(self.result)
         return updated
 
 
