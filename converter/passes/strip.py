@@ -136,8 +136,6 @@ class _Strip(cst.CSTTransformer):
             return positional[0].value
         if name in self.identity and positional:
             return positional[0].value
-        if name in self.nones:
-            return cst.Name("None")
         if name in self.unsupported:
             raise self.ctx.error(
                 f"{name}(...): {self.unsupported[name]}",
@@ -145,6 +143,8 @@ class _Strip(cst.CSTTransformer):
                 line=_line_of_call(self.ctx, name),
                 hint="not supported yet (rules/training.toml [calls.unsupported_functions])",
             )
+        if name in self.nones:
+            return cst.Name("None")
         if name in self.adds and len(positional) >= 2:
             lhs, rhs = positional[0].value, positional[1].value
             return cst.BinaryOperation(
