@@ -3,14 +3,16 @@
 An assignment whose targets are all names nobody reads later goes, and so does a store
 into a local container nobody reads later (``mapping[k] = v``). Attribute stores
 (``self.x = ...``), stores into a parameter's container (the caller sees them: gemma3n's
-``shared_kv_states[t] = k, v``) and expression statements stay: they have effects.
+``shared_kv_states[t] = k, v``) and expression statements stay: they have effects. An
+``if`` or ``for`` whose body is left empty goes with its test or iterable (a loop whose
+target is read after it stays).
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
-from converter.cst_helpers import names_read
+from converter.cst_helpers import names_read, target_names
 
 
 def _name_targets(small) -> set[str] | None:
@@ -107,6 +109,9 @@ def statement(stmt, live: set[str], apply: bool):
                 break
             loop_live |= live_in
         body, live_in = block(stmt.body.body, loop_live | live, apply)
+        if not body and isinstance(stmt, cst.For) and stmt.orelse is None:
+            if not set(target_names(stmt.target)) & live:
+                return None, live  # a for loop left doing nothing goes, as an empty if does
         return stmt.with_changes(
             body=stmt.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])])
         ), live | live_in | head

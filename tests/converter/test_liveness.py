@@ -32,3 +32,28 @@ def test_live_if_keeps_its_test_reads():
     func = cst.parse_module(source).body[0]
     code = cst.Module(body=[eliminate_dead_stores(func)]).code
     assert "if extra is not None and gate.ndim == 4:" in code and "extra = build(x)" in code
+
+
+LOOP = """
+def forward(self, x):
+    table = {"a": build}
+    found = {}
+    for kind in set(self.kinds):
+        found[kind] = table[kind]()
+    y = self.proj(x)
+    return y
+"""
+
+
+def test_emptied_for_loop_goes_with_its_iterable():
+    # Llama 4's mask mapping, filled per layer type and then never read
+    func = cst.parse_module(LOOP).body[0]
+    code = cst.Module(body=[eliminate_dead_stores(func)]).code
+    assert "for kind" not in code and "table" not in code and "found" not in code
+
+
+def test_emptied_for_loop_whose_target_is_read_after_stays():
+    source = LOOP.replace("    return y\n", "    return y + kind\n")
+    func = cst.parse_module(source).body[0]
+    code = cst.Module(body=[eliminate_dead_stores(func)]).code
+    assert "for kind in set(self.kinds):" in code
