@@ -20,6 +20,8 @@ from runtime.engine.step_inputs import StepInputs
 HEAD_LAYOUTS = [(2, 2), (4, 2), (4, 1), (6, 2), (3, 3)]  # (Hq, Hkv): MHA, GQA, MQA, odd G
 # (atol, rtol). bf16 probabilities are rounded to 8 bits before P @ V (the interpreter
 # even truncates them), which biases outputs by up to ~1% of their size.
+# attention_chunk_size: off, or 1..24 (below, at and above the block sizes drawn)
+CHUNK_SIZES = st.one_of(st.none(), st.integers(1, 24))
 TOLERANCE = {torch.float32: (1e-4, 0.0), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}
 
 
@@ -37,6 +39,7 @@ class Batch:
     alibi_slopes: torch.Tensor | None  # [Hq] fp32
     logits_soft_cap: float | None
     sinks: torch.Tensor | None = None  # [Hq] fp32 attention-sink logits
+    attention_chunk_size: int | None = None
 
 
 @st.composite
@@ -57,6 +60,7 @@ def batches(
     head_dims=(64, 80, 96, 128, 256),
     v_head_dims=(None, None, 32, 64, 128),  # None: the key's head size
     sinks=(False, True),
+    chunk_sizes=CHUNK_SIZES,
 ):
     shapes = draw(st.lists(sequence_shapes(), min_size=1, max_size=4))
     num_heads, num_kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
@@ -77,6 +81,7 @@ def batches(
         alibi=draw(st.booleans()),
         logits_soft_cap=draw(st.sampled_from([None, 2.0, 30.0])),
         sinks=draw(st.sampled_from(sinks)),
+        attention_chunk_size=draw(chunk_sizes),
     )
 
 
@@ -98,6 +103,7 @@ def make_batch(
     alibi: bool = False,
     logits_soft_cap: float | None = None,
     sinks: bool = False,
+    attention_chunk_size: int | None = None,
 ) -> Batch:
     """Sequences ``(context, new)`` on shuffled blocks; context K/V already cached,
     unused cache slots NaN (so any unmasked read shows), unused table entries -1."""
@@ -152,6 +158,7 @@ def make_batch(
         logits_soft_cap=logits_soft_cap,
         # logits around the scores' range, so the sink takes a real share of each row
         sinks=torch.randn(num_heads, generator=gen) * 2.0 if sinks else None,
+        attention_chunk_size=attention_chunk_size,
     )
 
 
@@ -174,6 +181,8 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, Dv] fp32
         visible = k_pos <= q_pos  # [Q, L]
         if batch.sliding_window is not None:
             visible &= k_pos > q_pos - batch.sliding_window
+        if batch.attention_chunk_size is not None:  # transformers' chunked_overlay
+            visible &= k_pos // batch.attention_chunk_size == q_pos // batch.attention_chunk_size
         if batch.alibi_slopes is None and batch.logits_soft_cap is None and batch.sinks is None:
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=visible, scale=batch.scale)
         else:
@@ -213,7 +222,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def attention_kwargs(batch: Batch) -> dict:
     """``params`` and ``sinks`` of either backend's attention call."""
     alibi = None if batch.alibi_slopes is None else Alibi(batch.alibi_slopes)
-    params = AttentionParams(batch.scale, batch.sliding_window, batch.logits_soft_cap, alibi)
+    params = AttentionParams(
+        batch.scale, batch.sliding_window, batch.logits_soft_cap, alibi,
+        attention_chunk_size=batch.attention_chunk_size,
+    )  # fmt: skip
     return dict(params=params, sinks=batch.sinks)
 
 

@@ -74,6 +74,15 @@ def test_features_cudnn_lacks_stay_on_the_kernel(sdpa_on_cpu):
     assert sdpa_on_cpu == [6]  # a window as long as the prompt masks nothing
 
 
+def test_prompts_longer_than_an_attention_chunk_stay_on_the_kernel(sdpa_on_cpu):
+    # chunk 6: the 9-token prompt crosses a chunk boundary (plain causal SDPA would let
+    # tokens 6..8 see 0..5); the 6-token prompt lies in its first chunk
+    batch = make_batch([(0, 9), (0, 6), (0, 7)], num_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=4, dtype=torch.bfloat16, attention_chunk_size=6)  # fmt: skip
+    assert_close(attend(batch, 1), dense_attention(batch), torch.bfloat16)
+    assert sdpa_on_cpu == [6]
+
+
 def test_a_refused_configuration_is_not_asked_again(monkeypatch, sdpa_on_cpu):
     def refuse(*args, **kwargs):
         sdpa_on_cpu.append("refused")
@@ -93,3 +102,5 @@ def test_fresh_prompts():
     assert fresh_prompts(prefill, query, seq, 4) == [0, 3]  # 1 is a chunk, 2 too short
     assert fresh_prompts(prefill, query, seq, 4, window=10) == [0]
     assert fresh_prompts([1, 2], query, seq, 1) == [2]
+    assert fresh_prompts(prefill, query, seq, 4, chunk=9) == [0]
+    assert fresh_prompts(prefill, query, seq, 1, window=12, chunk=3) == [2]

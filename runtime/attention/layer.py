@@ -34,7 +34,8 @@ class PagedAttention(nn.Module):
     differs from the query/key one (MLA); the cache then holds both unpadded,
     ``[1, num_blocks, block_size, num_kv_heads, head_dim + v_head_dim]``.
 
-    The scores (``scale``, ``sliding_window``, ``logits_soft_cap``, ``alibi``) are one
+    The scores (``scale``, ``sliding_window``, ``attention_chunk_size``,
+    ``logits_soft_cap``, ``alibi``) are one
     `AttentionParams`, ``self.params``, built here and handed to the backend as is;
     the attributes of the same names read it, and setting one rebuilds it.
     ``alibi``: an `Alibi` with this rank's heads' slopes; they follow the module's
@@ -59,6 +60,7 @@ class PagedAttention(nn.Module):
         *,
         num_kv_heads: int | None = None,
         sliding_window: int | None = None,
+        attention_chunk_size: int | None = None,
         logits_soft_cap: float | None = None,
         alibi: Alibi | None = None,
         v_head_dim: int | None = None,
@@ -76,7 +78,11 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_index = kv_cache_index
         self.params = AttentionParams(
-            scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi=alibi
+            scale,
+            sliding_window=sliding_window,
+            attention_chunk_size=attention_chunk_size,
+            logits_soft_cap=logits_soft_cap,
+            alibi=alibi,
         )
 
     @property
@@ -92,6 +98,7 @@ class PagedAttention(nn.Module):
 
     scale = _param("scale")
     sliding_window = _param("sliding_window")
+    attention_chunk_size = _param("attention_chunk_size")
     logits_soft_cap = _param("logits_soft_cap")
     alibi = _param("alibi")
 
@@ -108,7 +115,8 @@ class PagedAttention(nn.Module):
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, v_head_dim={self.v_head_dim}, scale={p.scale:g}, "
-            f"sliding_window={p.sliding_window}, logits_soft_cap={p.logits_soft_cap}, "
+            f"sliding_window={p.sliding_window}, attention_chunk_size={p.attention_chunk_size}, "
+            f"logits_soft_cap={p.logits_soft_cap}, "
             f"alibi={p.alibi}"
         )
 

@@ -35,27 +35,33 @@ def paged_attention_op(
     logits_soft_cap: float | None,
     alibi_scale: float,
     alibi_bf16: bool,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, Dv]
     """`store_and_attend` with the current step's metadata (`forward_context`)."""
     if alibi_slopes is None:
-        params = _params(scale, sliding_window, logits_soft_cap)
+        params = _params(scale, sliding_window, logits_soft_cap, attention_chunk_size)
     else:
         dtype = torch.bfloat16 if alibi_bf16 else torch.float32
         params = AttentionParams(
-            scale, sliding_window, logits_soft_cap, Alibi(alibi_slopes, alibi_scale, dtype)
-        )
+            scale, sliding_window, logits_soft_cap, Alibi(alibi_slopes, alibi_scale, dtype),
+            attention_chunk_size=attention_chunk_size,
+        )  # fmt: skip
     return store_and_attend(query, key, value, kv_cache, require_step_metadata(), params, sinks)
 
 
 @paged_attention_op.register_fake
 def _(query, key, value, kv_cache, sinks, alibi_slopes, scale, sliding_window,
-      logits_soft_cap, alibi_scale, alibi_bf16):  # fmt: skip
+      logits_soft_cap, alibi_scale, alibi_bf16, attention_chunk_size=None):  # fmt: skip
     return query.new_empty(query.shape[0], query.shape[1], value.shape[2])
 
 
 @functools.lru_cache(maxsize=64)
-def _params(scale: float, sliding_window: int | None, cap: float | None) -> AttentionParams:
-    return AttentionParams(scale, sliding_window=sliding_window, logits_soft_cap=cap)
+def _params(
+    scale: float, sliding_window: int | None, cap: float | None, chunk: int | None
+) -> AttentionParams:
+    return AttentionParams(
+        scale, sliding_window=sliding_window, logits_soft_cap=cap, attention_chunk_size=chunk
+    )
 
 
 def opaque_attention(
@@ -74,4 +80,5 @@ def opaque_attention(
         params.scale, params.sliding_window, params.logits_soft_cap,
         1.0 if alibi is None else alibi.scale,
         alibi is not None and alibi.rounds_bf16,
+        params.attention_chunk_size,
     )  # fmt: skip

@@ -4,7 +4,7 @@ layer and handed to either backend (`runtime.attention.backend`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,21 +58,29 @@ class AttentionParams:
     """How a layer's scores are formed, in this order: ``q·k * scale``; soft-capping
     ``tanh(s / c) * c`` (``logits_soft_cap``); the ALiBi bias; the causal mask, narrowed
     by ``sliding_window`` (transformers' convention: key ``j`` is visible to query ``i``
-    iff ``i - W < j <= i``); softmax in fp32.
+    iff ``i - W < j <= i``) and by ``attention_chunk_size`` (chunk-local attention,
+    transformers' ``create_chunked_causal_mask``: query ``i`` sees only the keys of its
+    own chunk, ``j >= (i // C) * C``); softmax in fp32. With both, a key must pass both.
 
     ``scale`` is the source model's own scaling, never a default. transformers' "off"
-    values for the window and the cap (``None``, ``0``, negative) become ``None``.
+    values for the window, the chunk size and the cap (``None``, ``0``, negative) become
+    ``None``. ``attention_chunk_size`` is keyword-only (it sits beside the window it
+    narrows like; positional calls keep their meaning).
     """
 
     scale: float
     sliding_window: int | None = None
+    attention_chunk_size: int | None = field(default=None, kw_only=True)
     logits_soft_cap: float | None = None
     alibi: Alibi | None = None
 
     def __post_init__(self) -> None:
-        window, cap = self.sliding_window, self.logits_soft_cap
+        window, cap, chunk = self.sliding_window, self.logits_soft_cap, self.attention_chunk_size
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "sliding_window", int(window) if window and window > 0 else None)
+        object.__setattr__(
+            self, "attention_chunk_size", int(chunk) if chunk and chunk > 0 else None
+        )
         object.__setattr__(self, "logits_soft_cap", float(cap) if cap and cap > 0 else None)
         if self.alibi is not None and not isinstance(self.alibi, Alibi):
             raise TypeError(f"alibi must be an Alibi, got {type(self.alibi).__name__}")

@@ -53,13 +53,15 @@ def paged_attention_ref(
 
     Query ``i`` of a sequence with ``L`` context tokens and ``Q`` new tokens sits at
     position ``p = L - Q + i`` and sees keys ``j`` with ``p - W < j <= p`` (``W`` the
-    sliding window, transformers' convention). Scores as `AttentionParams` states:
+    sliding window, transformers' convention) and ``j >= (p // C) * C`` (``C`` the
+    attention chunk size: keys of its own chunk only). Scores as `AttentionParams` states:
     ``q.k * scale``, then soft-capping ``tanh(s / c) * c``, then ALiBi
     ``slope_h * (j - p) * alibi.scale`` (built in bfloat16: ``bf16(bf16(slope_h) * bf16(j))
     * alibi.scale``, transformers' Falcon); softmax in fp32. ``sinks`` (attention sinks,
     gpt-oss's ``s_aux``) add ``exp(sinks[h])`` to each row's softmax denominator.
     """
     window, soft_cap, alibi = params.sliding_window, params.logits_soft_cap, params.alibi
+    chunk = params.attention_chunk_size
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     v_head_dim = split_kv_cache(kv_cache, head_dim)[1].shape[-1]
@@ -90,6 +92,8 @@ def paged_attention_ref(
         visible = rel <= 0
         if window is not None:
             visible &= rel > -window
+        if chunk is not None:
+            visible &= k_pos[None, :] >= (q_pos[:, None] // chunk) * chunk
         scores = scores.masked_fill(~visible[None], float("-inf"))
         if sinks is not None:
             # one more logit per head in the denominator, attached to no value

@@ -10,8 +10,8 @@ of at least `FRESH_PROMPT_SDPA_MIN_TOKENS` tokens to it, per sequence (SDPA take
 ragged batch), with their keys and values gathered from the cache; shorter prompts,
 where a launch and a gather per sequence cost more than they save (eight prompts of
 1024 tokens: 623 µs handed off, 298 µs in one kernel launch), and every score feature
-cuDNN does not have here (ALiBi, soft-capping, sinks, a sliding window shorter than the
-prompt) stay on the Triton kernel.
+cuDNN does not have here (ALiBi, soft-capping, sinks, a sliding window or an attention
+chunk shorter than the prompt) stay on the Triton kernel.
 A configuration cuDNN refuses is remembered and not asked again.
 """
 
@@ -46,7 +46,7 @@ def sdpa_can_attend(
     sinks: torch.Tensor | None,
 ) -> bool:
     """Whether fresh prompts of this layer may go to cuDNN: causal attention with the
-    source's scale (a sliding window is checked per prompt), keys and values of one head
+    source's scale (a sliding window or attention chunk is checked per prompt), keys and values of one head
     size, a 16-bit dtype on CUDA."""
     return (
         query.device.type in DEVICE_TYPES
@@ -65,10 +65,12 @@ def fresh_prompts(
     seq_lens: list[int],
     min_tokens: int,
     window: int | None = None,
+    chunk: int | None = None,
 ) -> list[int]:
     """The sequences of `prefill_ids` whose every token is new, with >= `min_tokens`
-    (and no more than `window`: a sliding window that long masks nothing)."""
-    longest = window or max(seq_lens, default=0)
+    (and no more than `window` or `chunk`: a sliding window that long masks nothing, and
+    a fresh prompt that short lies in its first attention chunk)."""
+    longest = min(n for n in (window, chunk, max(seq_lens, default=0)) if n is not None)
     return [
         b
         for b in prefill_ids
@@ -94,7 +96,10 @@ def attend_fresh_prompts(
     if longest < min_tokens or not sdpa_can_attend(query, kv_cache, params, sinks):
         return prefill_ids
     seq_lens = metadata.host_seq_lens()
-    fresh = fresh_prompts(prefill_ids, query_lens, seq_lens, min_tokens, params.sliding_window)
+    fresh = fresh_prompts(
+        prefill_ids, query_lens, seq_lens, min_tokens,
+        params.sliding_window, params.attention_chunk_size,
+    )  # fmt: skip
     if not fresh:
         return prefill_ids
     starts = [0, *accumulate(query_lens)]

@@ -62,6 +62,26 @@ def scores_log2(
 
 
 @triton.jit
+def first_visible_key(
+    q_pos,  # int32 absolute query position(s): a scalar or a [M] vector
+    window,
+    chunk,
+    HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+):
+    """The lowest key position ``q_pos`` sees: ``q_pos - window + 1`` under a sliding
+    window, its chunk's start ``(q_pos // chunk) * chunk`` under chunk-local attention,
+    the later of the two with both (callers mask keys below it and skip blocks wholly
+    below the lowest row's)."""
+    lo = q_pos * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, q_pos - window + 1)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, (q_pos // chunk) * chunk)
+    return lo
+
+
+@triton.jit
 def softmax_init(
     sinks_ptr,  # [Hq] fp32 attention-sink logits (read only if HAS_SINKS)
     heads,  # [M] int32 query head of each row

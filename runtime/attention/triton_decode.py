@@ -16,6 +16,7 @@ import triton.language as tl
 from runtime.attention.kv_layout import split_kv_cache, value_offset
 from runtime.attention.triton_common import (
     dot_precision,
+    first_visible_key,
     mma,
     online_softmax_step,
     scores_log2,
@@ -51,6 +52,7 @@ def paged_decode_kernel(
     scale,
     soft_cap,
     window,
+    chunk,  # attention chunk size (read only if HAS_CHUNK)
     alibi_scale,
     stride_qt,
     stride_ot,
@@ -70,6 +72,7 @@ def paged_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_SEQ_IDS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
@@ -99,11 +102,14 @@ def paged_decode_kernel(
     if HAS_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0)
 
-    # This split's share of the visible keys; starts stay BLOCK_N-aligned so a chunk
-    # covers whole cache blocks when BLOCK_N is a multiple of BLOCK_SIZE.
+    # This split's share of the visible keys (from the first one a sliding window or the
+    # query's attention chunk leaves); starts stay BLOCK_N-aligned so a tile covers whole
+    # cache blocks when BLOCK_N is a multiple of BLOCK_SIZE.
     lo = 0
-    if HAS_WINDOW:
-        lo = (tl.maximum(seq_len - window, 0) // BLOCK_N) * BLOCK_N
+    key_lo = 0
+    if HAS_WINDOW or HAS_CHUNK:
+        key_lo = first_visible_key(q_pos, window, chunk, HAS_WINDOW, HAS_CHUNK)
+        lo = (key_lo // BLOCK_N) * BLOCK_N
     per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
@@ -134,8 +140,8 @@ def paged_decode_kernel(
         k = tl.load(cache_ptr + tok_off[:, None] + kv_row[None, :], mask=kv_mask, other=0.0)
         qk = mma(q, tl.trans(k), DOT_PREC)  # [BLOCK_G, BLOCK_N]
         visible = n_mask
-        if HAS_WINDOW:
-            visible = visible & (offs_n > q_pos - window)
+        if HAS_WINDOW or HAS_CHUNK:
+            visible = visible & (offs_n >= key_lo)
         s = scores_log2(
             qk, q_pos_g, offs_n, slopes, scale, soft_cap, alibi_scale, HAS_SOFTCAP, HAS_ALIBI
         )
@@ -181,6 +187,7 @@ def paged_decode(
     config: DecodeConfig | None = None,
     alibi_scale: float = 1.0,
     alibi_bf16: bool = False,
+    attention_chunk_size: int | None = None,
 ) -> None:
     """Decode attention for sequences with exactly one new token (the last of each).
 
@@ -189,7 +196,7 @@ def paged_decode(
     it). A capture holds fixed, and replays need unchanged: the number of decode
     sequences (pad with slot -1 / seq_len 1 rows), ``block_tables.shape`` and the
     tensors' addresses, the kernel constants (head layout, dtype, block size,
-    window/ALiBi/soft-cap/sinks presence) and the split count and stage count, which
+    window/chunk/ALiBi/soft-cap/sinks presence) and the split count and stage count, which
     `choose_num_splits` / `decode_stages` derive from the batch shape and device alone,
     never from sequence lengths, so one graph stays right and fast as sequences grow.
     Any split count gives the same result; it only changes speed.
@@ -238,6 +245,7 @@ def paged_decode(
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
+        chunk=attention_chunk_size or 0,
         alibi_scale=float(alibi_scale),
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
@@ -257,6 +265,7 @@ def paged_decode(
         NUM_SPLITS=num_splits,
         HAS_SEQ_IDS=seq_ids is not None,
         HAS_WINDOW=sliding_window is not None,
+        HAS_CHUNK=attention_chunk_size is not None,
         HAS_ALIBI=0 if alibi_slopes is None else 2 if alibi_bf16 else 1,
         HAS_SOFTCAP=logits_soft_cap is not None,
         HAS_SINKS=sinks is not None,

@@ -65,6 +65,7 @@ def paged_attention(
     common = dict(
         scale=params.scale,
         sliding_window=params.sliding_window,
+        attention_chunk_size=params.attention_chunk_size,
         alibi_slopes=slopes,
         logits_soft_cap=params.logits_soft_cap,
         sinks=sinks,

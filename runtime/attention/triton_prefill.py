@@ -2,9 +2,11 @@
 
 A sequence with ``L`` tokens in total of which ``Q`` are new has its new tokens' K/V
 already stored (by `reshape_and_cache`); query ``i`` sits at position ``L - Q + i`` and
-attends causally to every cached key up to itself, so a fresh prompt (``L == Q``) and a
-chunk after cached context take the same path. One program per (query tile, query
-head, sequence); keys strictly before the tile's first query skip the causal mask.
+attends causally to every cached key up to itself (from the first one a sliding window
+or its attention chunk leaves), so a fresh prompt (``L == Q``) and a chunk after cached
+context take the same path. One program per (query tile, query head, sequence); keys
+every row of the tile sees (before the tile's first query, and not below any row's
+window or chunk start) skip the mask.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import triton.language as tl
 from runtime.attention.kv_layout import split_kv_cache, value_offset
 from runtime.attention.triton_common import (
     dot_precision,
+    first_visible_key,
     mma,
     online_softmax_step,
     scores_log2,
@@ -31,6 +34,7 @@ def _prefill_inner(
     m_i,  # [BLOCK_M] fp32
     q,  # [BLOCK_M, BLOCK_D]
     q_pos,  # [BLOCK_M] int32
+    key_lo,  # [BLOCK_M] int32 first key each row sees (window / chunk; else unused)
     slopes,  # [BLOCK_M] fp32
     bt_row,  # [max_blocks] int32 block table of this sequence
     cache_ptr,  # key view [num_blocks, BLOCK_SIZE, Hkv, D] (runtime.attention.kv_layout)
@@ -43,14 +47,14 @@ def _prefill_inner(
     hi,
     scale,
     soft_cap,
-    window,
     alibi_scale,
     STRIDE_TOKEN: tl.constexpr,  # cache elements per token
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # apply the causal / window mask (the diagonal band)
+    MASKED: tl.constexpr,  # apply the causal / window / chunk mask (the diagonal band)
     EVEN: tl.constexpr,  # every tile full and both head sizes powers of two: no predicates
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,  # with HAS_CHUNK: mask keys below key_lo
+    HAS_CHUNK: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -78,8 +82,8 @@ def _prefill_inner(
         )
         if MASKED:
             visible = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            if HAS_WINDOW or HAS_CHUNK:
+                visible = visible & (offs_n[None, :] >= key_lo[:, None])
             s = tl.where(visible, s, float("-inf"))
         v_ptrs = cache_ptr + value_offset + tok_off[:, None] + v_row[None, :]  # [BLOCK_N, BLOCK_DV]
         if EVEN:
@@ -107,6 +111,7 @@ def paged_prefill_kernel(
     scale,
     soft_cap,
     window,
+    chunk,  # attention chunk size (read only if HAS_CHUNK)
     alibi_scale,
     stride_qt,
     stride_ot,
@@ -124,6 +129,7 @@ def paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     HAS_SEQ_IDS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_ALIBI: tl.constexpr,  # 0 none, 1 relative, 2 bf16-rounded absolute (scores_log2)
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
@@ -159,12 +165,25 @@ def paged_prefill_kernel(
         slopes = slopes + tl.load(alibi_ptr + head)
 
     hi = tl.minimum(seq_len, first + BLOCK_M)
+    # Keys in [lo, full_lo) and [full_end, hi) are masked, [full_lo, full_end) are seen by
+    # every row of the tile: before its first query and not below its last row's bound.
+    key_lo = q_pos
+    if HAS_WINDOW or HAS_CHUNK:
+        key_lo = first_visible_key(q_pos, window, chunk, HAS_WINDOW, HAS_CHUNK)  # [BLOCK_M]
+        lo = (first_visible_key(first, window, chunk, HAS_WINDOW, HAS_CHUNK) // BLOCK_N) * BLOCK_N
     if HAS_WINDOW:
-        lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # The window's band moves with every row: masked throughout.
+        full_lo = lo
         full_end = lo
+    elif HAS_CHUNK:
+        # Rows of one tile may fall in two chunks: whole tiles from the last row's chunk
+        # start up to the first query are every row's.
+        last_start = ((hi - 1) // chunk) * chunk
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(last_start, BLOCK_N) * BLOCK_N, lo), hi)
+        full_end = tl.maximum(((first + 1) // BLOCK_N) * BLOCK_N, full_lo)
     else:
-        # Keys before the first query of the tile are visible to every row.
         lo = 0
+        full_lo = 0
         full_end = ((first + 1) // BLOCK_N) * BLOCK_N
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -175,17 +194,24 @@ def paged_prefill_kernel(
     heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
     m_i, l_i = softmax_init(sinks_ptr, heads, m_mask, True, HAS_SINKS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_CHUNK:
+        acc, l_i, m_i = _prefill_inner(
+            acc, l_i, m_i, q, q_pos, key_lo, slopes, bt_row, cache_ptr, value_offset, kv_row,
+            d_mask, v_row, dv_mask, lo, full_lo, scale, soft_cap, alibi_scale,
+            STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, True, False,
+            HAS_WINDOW, HAS_CHUNK, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
+        )  # fmt: skip
     acc, l_i, m_i = _prefill_inner(
-        acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        v_row, dv_mask, lo, full_end, scale, soft_cap, window, alibi_scale,
+        acc, l_i, m_i, q, q_pos, key_lo, slopes, bt_row, cache_ptr, value_offset, kv_row,
+        d_mask, v_row, dv_mask, full_lo, full_end, scale, soft_cap, alibi_scale,
         STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, False, (HEAD_DIM == BLOCK_D) & (HEAD_DIM_V == BLOCK_DV),
-        HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
+        HAS_WINDOW, HAS_CHUNK, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     acc, l_i, m_i = _prefill_inner(
-        acc, l_i, m_i, q, q_pos, slopes, bt_row, cache_ptr, value_offset, kv_row, d_mask,
-        v_row, dv_mask, full_end, hi, scale, soft_cap, window, alibi_scale,
+        acc, l_i, m_i, q, q_pos, key_lo, slopes, bt_row, cache_ptr, value_offset, kv_row,
+        d_mask, v_row, dv_mask, full_end, hi, scale, soft_cap, alibi_scale,
         STRIDE_TOKEN, BLOCK_SIZE, BLOCK_N, True, False,
-        HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
+        HAS_WINDOW, HAS_CHUNK, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC,
     )  # fmt: skip
     # Every valid row sees at least its own key, so l_i > 0 where stored.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -211,6 +237,7 @@ def paged_prefill(
     config: PrefillConfig | None = None,
     alibi_scale: float = 1.0,
     alibi_bf16: bool = False,
+    attention_chunk_size: int | None = None,
 ) -> None:
     """Causal attention of every new token of ``seq_ids`` over its sequence's cache."""
     num_prefill = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
@@ -240,6 +267,7 @@ def paged_prefill(
         scale=scale,
         soft_cap=logits_soft_cap or 0.0,
         window=sliding_window or 0,
+        chunk=attention_chunk_size or 0,
         alibi_scale=float(alibi_scale),
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
@@ -257,6 +285,7 @@ def paged_prefill(
         BLOCK_N=config.block_n,
         HAS_SEQ_IDS=seq_ids is not None,
         HAS_WINDOW=sliding_window is not None,
+        HAS_CHUNK=attention_chunk_size is not None,
         HAS_ALIBI=0 if alibi_slopes is None else 2 if alibi_bf16 else 1,
         HAS_SOFTCAP=logits_soft_cap is not None,
         HAS_SINKS=sinks is not None,
