@@ -17,6 +17,8 @@ from runtime.attention.metadata import InputMetadata
 from runtime.attention.params import Alibi, AttentionParams
 from runtime.engine.step_inputs import StepInputs
 
+# Interpreter on CPU (tests/conftest.py); the same tests run the compiled kernels on a GPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAD_LAYOUTS = [(2, 2), (4, 2), (4, 1), (6, 2), (3, 3)]  # (Hq, Hkv): MHA, GQA, MQA, odd G
 # (atol, rtol). bf16 probabilities are rounded to 8 bits before P @ V (the interpreter
 # even truncates them), which biases outputs by up to ~1% of their size.
@@ -217,6 +219,21 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         if isinstance(getattr(batch, f.name), torch.Tensor)
     }
     return dataclasses.replace(batch, metadata=metadata, **moved)
+
+
+def run_triton(batch: Batch, **launch) -> torch.Tensor:  # [T, Hq, Dv] on DEVICE
+    """Store the batch's new K/V and attend with the Triton backend on DEVICE (``launch``:
+    `triton_ops.paged_attention`'s overrides); the filled cache goes back into ``batch``
+    (CPU) for the reference."""
+    from runtime.attention.triton_ops import paged_attention, reshape_and_cache
+
+    moved = to_device(batch, DEVICE)
+    reshape_and_cache(moved.key, moved.value, moved.kv_cache, moved.metadata.slot_mapping)
+    out = paged_attention(
+        moved.query, moved.kv_cache, moved.metadata, **attention_kwargs(moved), **launch
+    )
+    batch.kv_cache = moved.kv_cache.cpu()
+    return out
 
 
 def attention_kwargs(batch: Batch) -> dict:

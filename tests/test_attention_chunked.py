@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_cases import (
+    DEVICE,
     assert_close,
     attention_kwargs,
     batches,
     dense_attention,
     make_batch,
-    to_device,
+    run_triton,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,24 +24,10 @@ from runtime.attention.forward_context import step_metadata
 from runtime.attention.opaque_op import opaque_attention
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_config import DecodeConfig, PrefillConfig
-from runtime.attention.triton_ops import paged_attention, reshape_and_cache
 from runtime.engine.step_inputs import StepInputs
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = dict(head_dims=(64,), v_head_dims=(None, 32))
 CHUNKS = st.integers(1, 20)  # below, at and above the block sizes (1..32) drawn
-
-
-def run_triton(batch, **launch):
-    """Store the batch's new K/V and attend on DEVICE; the filled cache goes back into
-    ``batch`` (CPU) for the reference."""
-    moved = to_device(batch, DEVICE)
-    reshape_and_cache(moved.key, moved.value, moved.kv_cache, moved.metadata.slot_mapping)
-    out = paged_attention(
-        moved.query, moved.kv_cache, moved.metadata, **attention_kwargs(moved), **launch
-    )
-    batch.kv_cache = moved.kv_cache.cpu()
-    return out
 
 
 def reference(batch):

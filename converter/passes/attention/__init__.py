@@ -33,7 +33,7 @@ from converter.cst_helpers import (
     code,
     methods_of,
 )
-from converter.passes.attention import causal
+from converter.passes.attention import causal, chunked
 from converter.passes.attention import eager as eager_core
 from converter.passes.attention import groups as attention_group
 from converter.passes.attention.interface import CALL_KWARGS, KWARGS, ctor_args
@@ -54,6 +54,7 @@ class _Sink(cst.CSTTransformer):
         self.interface: str | None = None
         self.weights: str | None = None
         self.call: cst.Call | None = None
+        self.mask: cst.BaseExpression | None = None  # the call's attention_mask
         self.operands: list[cst.BaseExpression] = []
         self.sink: cst.SimpleStatementLine | None = None
         self.group: list[cst.Call] = []  # calls differing only in value (attention_group)
@@ -137,6 +138,7 @@ class _Sink(cst.CSTTransformer):
                 leading_lines=stmt.leading_lines
             )
         self.call = call
+        self.mask = bound[4]
         self.operands = bound[1:4]
         ops = [self._operand(e) for e in self.operands]
         if self.group:
@@ -239,8 +241,9 @@ def _append_init(
 
 
 class _Classes:
-    def __init__(self, ctx: ConversionContext) -> None:
+    def __init__(self, ctx: ConversionContext, chunked_mask: chunked.ChunkedMask | None) -> None:
         self.ctx = ctx
+        self.chunked_mask = chunked_mask
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
         cls = updated.name.value
@@ -275,6 +278,12 @@ class _Classes:
                 )
             if "v_head_dim" in args:  # the output's heads are value-sized
                 new_forward = new_forward.visit(_ValueHeads())
+            if self.chunked_mask is not None:
+                size = chunked.chunk_size(
+                    self.ctx, self.chunked_mask, cls, init, sink.mask, forward
+                )
+                if size is not None:
+                    args["attention_chunk_size"] = size
         self.ctx.paged_attention[cls] = args
         new_forward = add_params(
             new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
@@ -287,11 +296,14 @@ class _Classes:
 
 
 def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
-    rewriter = _Classes(ctx)
+    chunked_mask = chunked.find(module, ctx)  # a chunk-local mask: onto the layers it reaches
+    rewriter = _Classes(ctx, chunked_mask)
     body = [
         rewriter.leave_ClassDef(s, s) if isinstance(s, cst.ClassDef) else s for s in module.body
     ]
     module = module.with_changes(body=body)
+    if chunked_mask is not None:
+        module = chunked.drop_builders(module)
     names = {"InputMetadata", "PagedAttention"}
     if any("alibi" in args for args in ctx.paged_attention.values()):
         names.add("Alibi")
