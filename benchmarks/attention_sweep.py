@@ -7,7 +7,7 @@ Head sizes `triton_config.HEAD_DIMS` (64..256) x fp32/fp16/bf16 x block sizes 16
 in a mixed batch (a fresh prompt, a chunk after cached context, decodes of 1..~4k
 tokens of context) and in a decode-only batch (split-KV), the GQA group cycling through
 1/4/8; every group on head sizes 128 and 256; spot checks of sliding windows, soft-capping,
-ALiBi (both forms), attention sinks and a value head size different from the key's
+ALiBi (both forms), attention sinks, chunk-local attention (Llama 4) and a value head size different from the key's
 (MLA). Each case runs `paged_attention` with its default launch configuration (derived
 in `runtime.attention.triton_config` from the head sizes, dtype and this device's shared
 memory) and compares with `paged_attention_ref` on the same cache in fp32: relative
@@ -54,6 +54,7 @@ class Case:
     logits_soft_cap: float | None = None
     alibi: str | None = None  # None | "relative" | "bf16" (Falcon's)
     sinks: bool = False
+    attention_chunk_size: int | None = None
 
     @property
     def extras(self) -> str:
@@ -68,6 +69,8 @@ class Case:
             parts.append(f"ALiBi ({self.alibi})")
         if self.sinks:
             parts.append("sinks")
+        if self.attention_chunk_size:
+            parts.append(f"chunk {self.attention_chunk_size}")
         return ", ".join(parts) or "-"
 
 
@@ -104,6 +107,8 @@ def cases(head_dims, dtypes, block_sizes) -> list[Case]:
         dict(alibi="bf16"),
         dict(sinks=True),
         dict(sliding_window=500, logits_soft_cap=50.0, sinks=True),
+        dict(attention_chunk_size=256),
+        dict(attention_chunk_size=1000, sliding_window=700),
     ]
     for d, dt in ((256, "float32"), (128, "bfloat16"), (64, "float16")):
         for batch in ("mixed", "decode"):
@@ -163,13 +168,17 @@ def run_case(args: tuple[Case, bool, str]) -> Result:
             block_order=random.Random(seed), seed=seed,
             sliding_window=case.sliding_window, alibi=case.alibi is not None,
             logits_soft_cap=case.logits_soft_cap, sinks=case.sinks, spare_blocks=2, pad_columns=2,
+            attention_chunk_size=case.attention_chunk_size,
         )  # fmt: skip
         b = to_device(batch, device)
         alibi = None
         if b.alibi_slopes is not None:
             alibi_dtype = torch.bfloat16 if case.alibi == "bf16" else torch.float32
             alibi = Alibi(b.alibi_slopes, dtype=alibi_dtype)
-        params = AttentionParams(b.scale, b.sliding_window, b.logits_soft_cap, alibi)
+        params = AttentionParams(
+            b.scale, b.sliding_window, b.logits_soft_cap, alibi,
+            attention_chunk_size=b.attention_chunk_size,
+        )  # fmt: skip
         reshape_and_cache(b.key, b.value, b.kv_cache, b.metadata.slot_mapping)
         # Poison: the output is allocated inside the call; the caching allocator hands
         # back this just-freed block of the same size.
