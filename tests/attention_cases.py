@@ -204,21 +204,15 @@ def dense_attention(batch: Batch) -> torch.Tensor:  # [T, Hq, Dv] fp32
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """The same batch on ``device`` (the dense oracle keeps using the CPU copies)."""
-    md = batch.metadata
-    metadata = dataclasses.replace(
-        md,
-        slot_mapping=md.slot_mapping.to(device),
-        query_start_loc=md.query_start_loc.to(device),
-        seq_lens=md.seq_lens.to(device),
-        block_tables=md.block_tables.to(device),
-        logits_indices=md.logits_indices.to(device),
-    )
-    moved = {
-        f.name: getattr(batch, f.name).to(device)
-        for f in dataclasses.fields(batch)
-        if isinstance(getattr(batch, f.name), torch.Tensor)
-    }
-    return dataclasses.replace(batch, metadata=metadata, **moved)
+    metadata = dataclasses.replace(batch.metadata, **tensor_fields(batch.metadata, device))
+    return dataclasses.replace(batch, metadata=metadata, **tensor_fields(batch, device))
+
+
+def tensor_fields(obj, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor field of the dataclass `obj`, on `device` (metadata included the ids
+    of a mixed batch's decodes and prefills once something has made them)."""
+    fields = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return {name: value.to(device) for name, value in fields if isinstance(value, torch.Tensor)}
 
 
 def run_triton(batch: Batch, **launch) -> torch.Tensor:  # [T, Hq, Dv] on DEVICE
