@@ -84,8 +84,8 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
                 stmt,
                 scope=scope,
                 hint="FusedMoE replaces an experts module called as "
-                "experts(hidden_states, top_k_index, top_k_weights); a MoE block that runs "
-                "its experts another way (densely over every token) needs its own rewrite",
+                "experts(hidden_states, top_k_index, top_k_weights), or one run densely over "
+                "every token (converter/passes/moe/dense.py); this call shape needs its own rewrite",
             )
         if not three_d_parameters(node):
             info = ctx.classes[name]
