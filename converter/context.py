@@ -89,6 +89,11 @@ class ConversionContext:
     dispatch: dict[str, str] = field(default_factory=dict)
     eager_attention: bool = False  # attention classes are hand-written softmax cores
     attention_attr: str = ""  # the decoder layer's attribute holding attention ("self_attn")
+    # decoder layers holding several attentions in a list, each with its own KV cache
+    # (converter/analysis/layer_attentions.py): "Layer.attr" of each such list, and per
+    # attention class the __init__ expression of its cache index ("layer_idx")
+    attention_lists: list[str] = field(default_factory=list)
+    cache_index: dict[str, str] = field(default_factory=dict)
     mlp_classes: list[str] = field(default_factory=list)
     norm_classes: list[str] = field(default_factory=list)
     rotary_classes: list[str] = field(default_factory=list)

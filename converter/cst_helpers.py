@@ -146,6 +146,15 @@ def dotted(node: cst.BaseExpression) -> str | None:
     return None
 
 
+def called_module(func: cst.BaseExpression) -> str | None:
+    """The dotted module a call runs: ``self.a.b(...)`` -> "self.a.b", and an element of a
+    module list, ``self.a[0](...)``, -> "self.a" (the ownership graph's list child)."""
+    if isinstance(func, cst.Subscript) and len(func.slice) == 1:
+        if isinstance(func.slice[0].slice, cst.Index):
+            return dotted(func.value)
+    return dotted(func)
+
+
 BUILTINS = frozenset(dir(builtins))
 
 

@@ -14,7 +14,7 @@ import libcst.matchers as m
 
 from converter.analysis.ownership import child_class, forward_owner
 from converter.context import ConversionContext
-from converter.cst_helpers import dotted, nodes_of
+from converter.cst_helpers import called_module, dotted, nodes_of
 
 
 @dataclass
@@ -66,7 +66,7 @@ def resolve(
     funcs: dict[str, Function],
     loops: dict[str, str],
 ) -> str | None:
-    name = dotted(call.func)
+    name = called_module(call.func)
     if name is None:
         return None
     parts = name.split(".")

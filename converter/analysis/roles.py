@@ -2,7 +2,9 @@
 
 - LM class: the ``*ForCausalLM`` (older files: ``*LMHeadModel``);
 - attention classes: classes whose methods look up the attention interface;
-- decoder stack: the ``nn.ModuleList`` whose element class transitively owns attention;
+- decoder stack: the ``nn.ModuleList`` whose element class transitively owns attention
+  (the outermost one: a list of attentions inside the decoder layer is
+  `converter.analysis.layer_attentions`');
 - base model: what the LM forward calls that transitively owns the stack;
 - informational: MLP, norm and rotary classes.
 """
@@ -14,6 +16,7 @@ from collections import deque
 import libcst as cst
 
 from converter.analysis.ast_facts import INTERFACE_REGISTRY
+from converter.analysis.layer_attentions import find_layer_attention_lists
 from converter.analysis.ownership import child_class, owns
 from converter.context import ConversionContext
 from converter.cst_helpers import dotted, methods_of, nodes_of, self_attr
@@ -65,6 +68,14 @@ def find_roles(module: cst.Module, ctx: ConversionContext) -> None:
         and owns(ctx, child.cls, targets)
         and owns(ctx, ctx.lm_class, {cls})
     ]
+    # a ModuleList of attention modules inside a decoder layer (several attentions per
+    # layer, each with its own KV cache: layer_attentions.py) is not the stack: keep the
+    # lists no other list's element class owns
+    stacks = [
+        (cls, child)
+        for cls, child in stacks
+        if not any(other is not child and owns(ctx, other.cls, {cls}) for _, other in stacks)
+    ]
     if len(stacks) != 1:
         found = [f"{c}.{ch.attr}" for c, ch in stacks]
         raise ctx.error(
@@ -79,6 +90,7 @@ def find_roles(module: cst.Module, ctx: ConversionContext) -> None:
     layer = ctx.classes[ctx.decoder_layer_class]
     direct = [c for c in layer.children.values() if c.cls in targets]
     ctx.attention_attr = direct[0].attr if direct else ""
+    find_layer_attention_lists(ctx)
     _find_base_model(module, ctx)
     _require_forwards(module, ctx)
     _find_helpers(ctx)

@@ -13,7 +13,9 @@ sliding_window=..., logits_soft_cap=...)`` built from the call's OWN keyword exp
 (`KWARGS` maps them; an unknown keyword stops the conversion) and the head sizes the
 source itself uses in its q/k ``view``/``reshape`` (falling back to the config fields it
 reads), see `attention_args`. ``forward`` gains keyword-only ``kv_cache`` and
-``input_metadata``. ``self.is_causal`` is honoured (`causal`): False stops the conversion,
+``input_metadata``; an attention held in a list per decoder layer gains ``kv_caches``
+instead and reads ``kv_caches[self.attn.kv_cache_index]``, its ``PagedAttention`` built
+with the source's own cache index (converter/analysis/layer_attentions.py). ``self.is_causal`` is honoured (`causal`): False stops the conversion,
 a constructor flag is pinned, anything else gets a build-time guard. Several calls that differ only in their
 value become one paged attention over the values side by side (`attention_group`).
 """
@@ -222,6 +224,25 @@ class _ValueHeads(cst.CSTTransformer):
         return updated
 
 
+class _OwnCache(cst.CSTTransformer):
+    """``self.attn(q, k, v, kv_cache, ...)`` -> ``self.attn(q, k, v,
+    kv_caches[self.attn.kv_cache_index], ...)``: an attention of a list per decoder layer
+    reads the cache its own index names (converter/analysis/layer_attentions.py)."""
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if not m.matches(updated.func, _SELF_ATTN):
+            return updated
+        own = cst.parse_expression("kv_caches[self.attn.kv_cache_index]")
+        args = [
+            a.with_changes(value=own) if m.matches(a.value, m.Name("kv_cache")) else a
+            for a in updated.args
+        ]
+        return updated.with_changes(args=args)
+
+
+_SELF_ATTN = m.Attribute(value=m.Name("self"), attr=m.Name("attn"))
+
+
 def _append_init(
     ctx, cls: str, init: cst.FunctionDef, args: dict[str, cst.BaseExpression]
 ) -> cst.FunctionDef:
@@ -284,10 +305,13 @@ class _Classes:
                 )
                 if size is not None:
                     args["attention_chunk_size"] = size
+        cache = ("kv_cache", "torch.Tensor")
+        if cls in self.ctx.cache_index:  # one of a list per decoder layer: its own cache
+            args["kv_cache_index"] = cst.parse_expression(self.ctx.cache_index[cls])
+            new_forward = new_forward.visit(_OwnCache())
+            cache = ("kv_caches", "list[torch.Tensor]")
         self.ctx.paged_attention[cls] = args
-        new_forward = add_params(
-            new_forward, [("kv_cache", "torch.Tensor"), ("input_metadata", "InputMetadata")]
-        )
+        new_forward = add_params(new_forward, [cache, ("input_metadata", "InputMetadata")])
         new_init = _append_init(self.ctx, cls, init, args)
         body = [
             new_forward if s is forward else new_init if s is init else s for s in updated.body.body

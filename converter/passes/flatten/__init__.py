@@ -7,6 +7,10 @@
   cache offset where the attention offsets its cache index per application:
   converter/passes/flatten/loops.py, cache_slots.py); the stack class (and classes above
   it, up to the base model) take ``kv_caches`` and ``input_metadata``;
+- a decoder layer holding its attentions in a list (several per layer, each with its
+  own cache index: converter/analysis/layer_attentions.py) gets the whole ``kv_caches``
+  instead, and so do the classes between it and the attentions, which each read their
+  own (the attention stage's ``kv_caches[self.attn.kv_cache_index]``);
 - the base model's ``position_ids`` is renamed ``positions``; below the stack, HF's
   "arange over the step's tokens + the cache length" reads them instead, threaded down
   like the caches (converter/passes/flatten/positions.py);
@@ -23,9 +27,10 @@ from __future__ import annotations
 
 import libcst as cst
 
+from converter.analysis.callgraph import loop_layers
 from converter.analysis.ownership import child_class
 from converter.context import ConversionContext
-from converter.cst_helpers import add_params, dotted, methods_of, nodes_of
+from converter.cst_helpers import add_params, called_module, methods_of, nodes_of
 from converter.passes.flatten.cache_slots import cache_offset, declare_slots
 from converter.passes.flatten.lm import RenamePositions, base_signature, lm_methods, unwrap_outputs
 from converter.passes.flatten.loops import AddKwargs, stack_loops
@@ -39,10 +44,11 @@ KVS_ARGS = "kv_caches=kv_caches, input_metadata=input_metadata"
 
 
 def _callees(ctx: ConversionContext, cls: str, node: cst.CSTNode) -> set[str]:
-    """Local classes whose instances `cls`'s method `node` calls (``self.a.b(...)``)."""
-    out = set()
+    """Local classes whose instances `cls`'s method `node` calls (``self.a.b(...)``,
+    ``self.a[0](...)``, or ``m(...)`` in a loop ``for m in self.a``)."""
+    out = set(loop_layers(ctx, cls, node).values())
     for call in nodes_of(node, cst.Call):
-        parts = (dotted(call.func) or "").split(".")
+        parts = (called_module(call.func) or "").split(".")
         if parts[0] == "self" and len(parts) > 1:
             target = child_class(ctx, cls, parts[1:])
             if target:
@@ -105,11 +111,26 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
     extra = ""
     if new_forward:
         extra = _thread_positions(ctx, callees, forwards, new_forward)
+    # attentions held in a list per decoder layer pick their own caches from the list
+    # (converter/analysis/layer_attentions.py): the layer hands all of them down
+    params, args = (KVS, KVS_ARGS) if ctx.attention_lists else (KV, KV_ARGS)
     for cls in kv_users:
-        adder = AddKwargs(ctx, cls, attention | kv_users, KV_ARGS)
-        new_forward[cls] = add_params(new_forward.get(cls, forwards[cls]).visit(adder), KV)
+        targets = attention | kv_users
+        loops = {n for n, c in loop_layers(ctx, cls, forwards[cls]).items() if c in targets}
+        adder = AddKwargs(ctx, cls, targets, args, loops)
+        new_forward[cls] = add_params(new_forward.get(cls, forwards[cls]).visit(adder), params)
     offset = cache_offset(ctx)
-    stack = add_params(stack_loops(ctx, forwards[ctx.stack_class], offset, extra), KVS)
+    if offset and ctx.attention_lists:
+        raise ctx.error(
+            f"attention modules in a list per decoder layer ({ctx.attention_lists[0]}) that "
+            f"also offset their cache index by {offset!r}",
+            line=ctx.classes[ctx.decoder_layer_class].line,
+            hint="extend converter/passes/flatten/cache_slots.py",
+        )
+    loops = stack_loops(
+        ctx, forwards[ctx.stack_class], offset, extra, all_caches=bool(ctx.attention_lists)
+    )
+    stack = add_params(loops, KVS)
     new_forward[ctx.stack_class] = stack
     for cls in above:
         adder = AddKwargs(ctx, cls, above | {ctx.stack_class}, KVS_ARGS)

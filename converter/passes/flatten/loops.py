@@ -17,7 +17,7 @@ import libcst.matchers as m
 
 from converter.analysis.ownership import child_class
 from converter.context import ConversionContext
-from converter.cst_helpers import code, dotted, nodes_of
+from converter.cst_helpers import called_module, code, dotted, nodes_of
 from converter.passes.flatten.cache_slots import offset_argument
 
 
@@ -30,7 +30,7 @@ class AddKwargs(cst.CSTTransformer):
         self.count = 0
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
-        name = dotted(updated.func) or ""
+        name = called_module(updated.func) or ""
         parts = name.split(".")
         hit = name in self.names or (
             parts[0] == "self"
@@ -78,9 +78,17 @@ def _nested(forward: cst.FunctionDef, loop: cst.For) -> bool:
     )
 
 
-def _rewrite(ctx, forward, loop: cst.For, offset: str | None, extra: str) -> cst.For:
+def _rewrite(
+    ctx, forward, loop: cst.For, offset: str | None, extra: str, all_caches: bool = False
+) -> cst.For:
     scope = f"{ctx.stack_class}.forward"
     enumerated = m.matches(loop.iter, m.Call(func=m.Name("enumerate")))
+    if all_caches:
+        pair = m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())])
+        if not m.matches(loop.target, pair if enumerated else m.Name()):
+            raise ctx.error("stack loop target is not a layer name", loop, scope=scope)
+        layer = loop.target.elements[1].value.value if enumerated else loop.target.value
+        return _pass_caches(ctx, loop, loop, layer, "kv_caches=kv_caches", scope, extra)
     if enumerated:
         if not m.matches(loop.target, m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())])):
             raise ctx.error(
@@ -101,11 +109,18 @@ def _rewrite(ctx, forward, loop: cst.For, offset: str | None, extra: str) -> cst
         )
     start = _sliced_from(loop.iter.args[0].value if enumerated else loop.iter)
     slot = _slot(ctx, loop, layer, index, start, offset)
+    return _pass_caches(ctx, loop, new_loop, layer, f"kv_cache=kv_caches[{slot}]", scope, extra)
+
+
+def _pass_caches(
+    ctx, loop: cst.For, new_loop: cst.For, layer: str, caches: str, scope: str, extra: str
+):
+    """`new_loop` with its one call of `layer` passing `caches` and the metadata."""
     adder = AddKwargs(
         ctx,
         ctx.stack_class,
         set(),
-        f"kv_cache=kv_caches[{slot}], input_metadata=input_metadata{extra}",
+        f"{caches}, input_metadata=input_metadata{extra}",
         {layer},
     )
     new_loop = new_loop.with_changes(body=new_loop.body.visit(adder))
@@ -115,10 +130,16 @@ def _rewrite(ctx, forward, loop: cst.For, offset: str | None, extra: str) -> cst
 
 
 def stack_loops(
-    ctx: ConversionContext, forward: cst.FunctionDef, offset: str | None = None, extra: str = ""
+    ctx: ConversionContext,
+    forward: cst.FunctionDef,
+    offset: str | None = None,
+    extra: str = "",
+    all_caches: bool = False,
 ) -> cst.FunctionDef:
-    """`forward` of the stack class with every loop over the stack passing its caches
-    (and `extra` keyword arguments: ``", positions=positions"``)."""
+    """`forward` of the stack class with every loop over the stack passing its caches:
+    each layer its own, or with `all_caches` every layer the whole list (layers whose
+    attentions each pick their own cache by index); and `extra` keyword arguments
+    (``", positions=positions"``)."""
     stack = m.Attribute(value=m.Name("self"), attr=m.Name(ctx.stack_attr))
     iterable = stack | m.Subscript(value=stack)
     loops = [
@@ -165,7 +186,7 @@ def stack_loops(
             scope=scope,
             hint="extend converter/passes/flatten/cache_slots.py",
         )
-    new = {id(loop): _rewrite(ctx, forward, loop, offset, extra) for loop in loops}
+    new = {id(loop): _rewrite(ctx, forward, loop, offset, extra, all_caches) for loop in loops}
 
     class _Swap(cst.CSTTransformer):
         def leave_For(self, original, updated):
