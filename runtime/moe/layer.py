@@ -48,7 +48,11 @@ class FusedMoE(nn.Module):
     ``limit_after_activation``, ``up_offset`` describe a clamped SwiGLU
     (`runtime.moe.activation`; gpt-oss: ``alpha=1.702, limit=7.0, up_offset=1.0``).
     ``apply_router_weight_on_input``: the routing weight scales the expert's input rather
-    than its output (Llama 4).
+    than its output (Llama 4). ``identity_experts``: that many more expert ids, ``E ..
+    E + identity_experts - 1``, are zero-computation experts that return their input
+    (LongCat-Flash's zero experts): a token's pairs routed there add ``w * x``. They hold no
+    weights; a checkpoint's in-projection may still carry rows for them (the source
+    allocates them unused), which load nowhere.
 
     Parallelism (`runtime.moe.partition`): tensor parallel shards every expert's
     intermediate dimension; ``expert_parallel=True`` (default: `init_parallel`'s option)
@@ -72,6 +76,7 @@ class FusedMoE(nn.Module):
         limit_after_activation: bool = False,
         up_offset: float = 0.0,
         apply_router_weight_on_input: bool = False,
+        identity_experts: int = 0,
         expert_parallel: bool | None = None,
         reduce_results: bool = True,
         params_dtype: torch.dtype | None = None,
@@ -91,6 +96,7 @@ class FusedMoE(nn.Module):
         self.layout = ExpertLayout(hidden_size, is_transposed, is_concatenated, has_gate)
         self.has_bias = has_bias
         self.apply_router_weight_on_input = apply_router_weight_on_input
+        self.identity_experts = identity_experts
         self.reduce_results = reduce_results
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
         self.partition = ExpertPartition.create(num_experts, intermediate_size, expert_parallel)
@@ -114,7 +120,9 @@ class FusedMoE(nn.Module):
 
     def _add(self, name: str, kind: str, is_bias: bool, *shape: int, dtype) -> None:
         param = make_param(*shape, dtype=dtype)
-        param.weight_loader = ExpertWeightLoader(kind, is_bias, self.layout, self.partition)
+        param.weight_loader = ExpertWeightLoader(
+            kind, is_bias, self.layout, self.partition, self.identity_experts
+        )
         param.module_list_size = self.num_experts  # experts a checkpoint must provide
         self.register_parameter(name, param)
 
@@ -126,6 +134,7 @@ class FusedMoE(nn.Module):
             f"has_gate={a.has_gate}, has_bias={self.has_bias}, "
             f"local_experts={p.num_local_experts}, local_intermediate={p.local_intermediate_size}"
             + (", expert_parallel=True" if p.expert_parallel else "")
+            + (f", identity_experts={self.identity_experts}" if self.identity_experts else "")
         )
 
     # A graph break under torch.compile (runtime/engine/compile.py): the expert kernels
@@ -143,6 +152,16 @@ class FusedMoE(nn.Module):
                 f"{tuple(hidden_states.shape)}"
             )
         self.routed_top_k = top_k_index.shape[1]
+        identity = None
+        if self.identity_experts:
+            # pairs routed to a zero-computation expert (ids >= E) add w * x, once over the
+            # ranks (rank 0, before the all-reduce); the kernels see them with weight 0
+            routed = top_k_index < self.num_experts  # [T, k]
+            if self.tp_rank == 0:
+                kept = top_k_weights.masked_fill(routed, 0).sum(-1, keepdim=True)  # [T, 1]
+                identity = hidden_states * kept.to(hidden_states.dtype)  # [T, H]
+            top_k_weights = top_k_weights.masked_fill(~routed, 0)
+            top_k_index = top_k_index.masked_fill(~routed, 0)
         w_in = getattr(self, self._in_name)
         b_in = getattr(self, f"{self._in_name}_bias") if self.has_bias else None
         b_down = self.down_proj_bias if self.has_bias else None
@@ -167,6 +186,8 @@ class FusedMoE(nn.Module):
                 hidden_states, w_in, self.down_proj, top_k_index, top_k_weights,
                 self.activation, **kwargs,
             )  # fmt: skip
+        if identity is not None:
+            out = out + identity
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out

@@ -50,10 +50,18 @@ class ExpertWeightLoader:
     ExpertWeightLoader(...)`` reads like the parallel layers' bound methods)."""
 
     def __init__(
-        self, kind: str, is_bias: bool, layout: ExpertLayout, partition: ExpertPartition
+        self,
+        kind: str,
+        is_bias: bool,
+        layout: ExpertLayout,
+        partition: ExpertPartition,
+        identity_experts: int = 0,
     ) -> None:
         self.kind, self.is_bias = kind, is_bias
         self.layout, self.partition = layout, partition
+        # zero-computation experts after the E real ones: an in-projection may carry
+        # unused rows for them (LongCat-Flash allocates gate_up_proj over all ids)
+        self.unused_rows = identity_experts if kind != DOWN else 0
 
     # transformers' full (unsharded) shape of this parameter
     def full_shape(self) -> tuple[int, ...]:
@@ -76,6 +84,8 @@ class ExpertWeightLoader:
     def __call__(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         full = self.full_shape()
         if shard_id is None:
+            if self.unused_rows and loaded.shape[0] == full[0] + self.unused_rows:
+                loaded = loaded.narrow(0, 0, full[0])  # the identity experts' rows: unused
             check_loaded_shape(loaded, full, param)
             first = self.partition.expert_start
             local = loaded.narrow(0, first, self.partition.num_local_experts)
@@ -87,6 +97,8 @@ class ExpertWeightLoader:
                 f"(one expert's tensor), got shard id {shard_id!r}"
             )
         index, part, num_parts, stack_dim, cat_dim = shard_id
+        if stack_dim == 0 and full[0] <= index < full[0] + self.unused_rows:
+            return  # an identity expert's unused row (see __init__)
         if stack_dim != 0 or not 0 <= index < full[0]:
             raise ValueError(
                 f"expert tensor {index} stacked along dim {stack_dim}: this parameter "

@@ -229,9 +229,10 @@ def test_unknown_layouts_stop_with_one_line(changes, words):
 
 def test_undecorated_experts_found_by_structure_stop():
     # 3-D parameters, called as experts(...), no decorator: found, and refused with
-    # the reason (its forward is not declared transformers' standard loop)
+    # the reason (its forward is not transformers' top-k loop: test_moe_topk_loop.py)
     message = _error(moe_source(flags="").replace("@use_experts_implementation\n", ""))
-    assert "TinyExperts holds 3-D expert parameters but does not declare" in message
+    assert "TinyExperts holds 3-D expert parameters without transformers' experts" in message
+    assert "has 0 for loops, not one over experts" in message
 
 
 def test_experts_without_3d_parameters_stop():

@@ -12,10 +12,13 @@ experts forward's order). Everything else of the MoE block stays the source's ow
 the router (softmax / sigmoid scores, top-k, grouped top-k, correction bias,
 normalisation, scaling), shared experts and their gates.
 
-An experts class FusedMoE cannot stand for (a post-expert norm, an activation module of
-its own, a gate function outside `gate.py`'s forms, parameters it does not hold, calls
-with other arguments) stops the conversion with one line: never a module that routes
-or computes experts differently from the source.
+A class without the decorator becomes FusedMoE only where its forward is transformers'
+top-k loop written out (`topk_loop.py`), its zero-computation experts (ids past the
+routed ones returning their input) becoming ``identity_experts=``. An experts class
+FusedMoE cannot stand for (a post-expert norm, an activation module of its own, a gate
+function outside `gate.py`'s forms, parameters it does not hold, calls with other
+arguments, an undecorated forward of another kind) stops the conversion with one line:
+never a module that routes or computes experts differently from the source.
 """
 
 from __future__ import annotations
@@ -101,14 +104,6 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
                 line=ctx.classes[name].line,
                 hint="FusedMoE stands for experts held as 3-D [experts, out, in] parameters; "
                 "experts kept in another layout need their own rewrite",
-            )
-        if not decorated:
-            raise ctx.error(
-                f"{name} holds 3-D expert parameters but does not declare transformers' "
-                "standard experts computation (@use_experts_implementation)",
-                line=ctx.classes[name].line,
-                hint="an undecorated experts forward may compute anything: convert it by hand "
-                "or add the decorator where its forward is transformers' top-k loop",
             )
         try:
             layouts[name] = read_layout(node, flags, decorated, ctx)
@@ -314,6 +309,8 @@ def fused_moe(layout: Layout, values: dict[str, cst.BaseExpression]) -> cst.Call
         args.append(arg(cst.Float(repr(float(gate.up_offset))), "up_offset"))
     if layout.weight_on_input:
         args.append(arg(cst.Name("True"), "apply_router_weight_on_input"))
+    if layout.identity_experts is not None:
+        args.append(arg(layout.identity_experts, "identity_experts"))
     return cst.Call(cst.Name("FusedMoE"), args)
 
 

@@ -26,6 +26,7 @@ import libcst.matchers as m
 from converter.context import ConversionContext
 from converter.cst_helpers import code, dotted, methods_of, one_line, self_attr
 from converter.passes.moe.gate import Gate, GateError, read_gate
+from converter.passes.moe.topk_loop import LoopError, TopkLoop, identity_children, read_topk_loop
 
 PARAMETER = m.Call(func=m.Attribute(attr=m.Name("Parameter")) | m.Name("Parameter"))
 TENSOR_CTORS = {"empty", "zeros", "ones", "randn", "rand"}
@@ -61,6 +62,8 @@ class Layout:
     gate: Gate
     init_params: list[cst.Param] = field(default_factory=list)
     weight_on_input: bool = False  # dense experts read as top-k (converter/passes/moe/dense.py)
+    # zero-computation experts after the E real ones (converter/passes/moe/topk_loop.py)
+    identity_experts: cst.BaseExpression | None = None
 
 
 def decorator_flags(
@@ -104,10 +107,41 @@ def parameter_shape(value: cst.BaseExpression) -> list[cst.BaseExpression] | Non
     return dims
 
 
+def _optional_parameters(stmt: cst.BaseStatement) -> list[cst.BaseStatement] | None:
+    """The body of ``if <cond>: self.p = nn.Parameter(...) ... else:
+    self.register_parameter("p", None) ...`` (the experts' weights, absent when the model
+    has no routed experts: LongCat-Flash), else None."""
+    if not isinstance(stmt, cst.If) or not isinstance(stmt.orelse, cst.Else):
+        return None
+    none = m.Expr(
+        m.Call(
+            func=m.Attribute(value=m.Name("self"), attr=m.Name("register_parameter")),
+            args=[m.Arg(m.SimpleString()), m.Arg(m.Name("None"))],
+        )
+    )
+    registered = set()
+    for line in stmt.orelse.body.body:
+        for small in line.body if isinstance(line, cst.SimpleStatementLine) else [line]:
+            if not m.matches(small, none):
+                return None
+            registered.add(small.value.args[0].value.evaluated_value)
+    assigned = set()
+    for line in stmt.body.body:
+        for small in line.body if isinstance(line, cst.SimpleStatementLine) else [line]:
+            attr = self_attr(small.targets[0].target) if isinstance(small, cst.Assign) else None
+            if attr is None or not m.matches(small.value, PARAMETER):
+                return None
+            assigned.add(attr)
+    return list(stmt.body.body) if assigned == registered else None
+
+
 def three_d_parameters(cls: cst.ClassDef) -> dict[str, list[cst.BaseExpression]]:
     init = methods_of(cls).get("__init__")
     found: dict[str, list[cst.BaseExpression]] = {}
+    statements = []
     for stmt in init.body.body if init else ():
+        statements += _optional_parameters(stmt) or [stmt]
+    for stmt in statements:
         for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
             if isinstance(small, cst.Assign) and len(small.targets) == 1:
                 attr = self_attr(small.targets[0].target)
@@ -126,6 +160,12 @@ class InitEnv:
         self.params: dict[str, cst.BaseExpression] = {}  # attr -> nn.Parameter(...) value
         self.init = init
         for stmt in init.body.body:
+            optional = _optional_parameters(stmt)
+            if optional is not None:  # the experts are built where the model has any
+                for line in optional:
+                    for small in line.body:
+                        self._statement(small, line)
+                continue
             if not isinstance(stmt, cst.SimpleStatementLine):
                 raise LayoutError(
                     "the experts' __init__ is not straight-line code",
@@ -241,8 +281,12 @@ def read_layout(
             hint="an experts layout FusedMoE does not know: map its parameters in converter/passes/moe/",
         )
     act_fn = _activations(env)
+    loop = TopkLoop(None, None)
+    identities = identity_children(init)  # beside a written-out loop: weightless, allowed
+    if not decorated:
+        loop = _undecorated_loop(cls, env, in_name, act_fn, identities)
     for attr, child in ctx.classes[name].children.items() if name in ctx.classes else ():
-        if attr not in act_fn:
+        if attr not in act_fn and (decorated or attr not in identities):
             raise LayoutError(
                 f"{name}.{attr} ({child.ctor}) has no place in FusedMoE",
                 cls,
@@ -254,7 +298,10 @@ def read_layout(
     text = {k: [one_line(d) for d in v] for k, v in shapes.items() if v is not None}
     e_in, a, b = w_in
     _, c, d = w_down
-    if text[in_name][0] != text["down_proj"][0]:
+    identity_experts = None
+    if loop.identity_from is not None:
+        identity_experts = _identity_count(name, cls, env, loop, e_in, w_down[0])
+    elif text[in_name][0] != text["down_proj"][0]:
         raise LayoutError(f"{name}: {in_name} and down_proj hold different expert counts", cls)
     transposed = flags["is_transposed"]
     if has_gate:
@@ -308,13 +355,57 @@ def read_layout(
     if activation is None:
         raise LayoutError(f"{name}: the activation is not one FusedMoE implements", cls)
     return Layout(
-        num_experts=e_in,
+        num_experts=w_down[0],
         hidden_size=hidden,
         intermediate_size=intermediate,
         activation=activation,
         flags=flags,
         gate=gate,
         init_params=list(init.params.params),
+        identity_experts=identity_experts,
+    )
+
+
+def _undecorated_loop(
+    cls, env: InitEnv, in_name: str, act_fn: dict, identities: set[str]
+) -> TopkLoop:
+    """An undecorated experts forward, accepted where it is transformers' top-k loop."""
+    name = cls.name.value
+    forward = methods_of(cls).get("forward")
+    modules = {k[len("self.") :] for k, v in env.values.items() if isinstance(v, cst.Call)}
+    sizes = {k[len("self.") :] for k in env.values if k.startswith("self.")}
+    sizes -= modules | set(env.params) | set(act_fn) | identities
+    try:
+        if forward is None:
+            raise LoopError(f"{name} has no forward", cls)
+        return read_topk_loop(forward, in_name, set(act_fn), identities, sizes)
+    except LoopError as e:
+        raise LayoutError(
+            f"{name} holds 3-D expert parameters without transformers' experts decorator "
+            f"(@use_experts_implementation), and {e}",
+            e.node,
+            hint="FusedMoE stands for transformers' top-k loop over the experts only; "
+            "another experts computation needs its own rewrite",
+        ) from None
+
+
+def _identity_count(name, cls, env: InitEnv, loop: TopkLoop, e_in, e_down):
+    """How many zero-computation experts follow the E real ones: the in-projection holds
+    ``E + <count>`` experts (their rows unused), E being the loop's bound and down_proj's."""
+    bound = one_line(env.resolve(cst.parse_expression(loop.identity_from)))
+    e_in = e_in.with_changes(lpar=[], rpar=[])
+    if (
+        one_line(e_down) == bound
+        and isinstance(e_in, cst.BinaryOperation)
+        and isinstance(e_in.operator, cst.Add)
+        and one_line(e_in.left) == bound
+    ):
+        return e_in.right
+    raise LayoutError(
+        f"{name}: experts from {loop.identity_from} on return their input, but the expert "
+        f"counts ({one_line(e_in)} in the in-projection, {one_line(e_down)} in down_proj) "
+        f"do not say how many there are (E + count)",
+        cls,
     )
 
 
