@@ -218,3 +218,24 @@ def test_gathered_projections_keep_all_heads_on_every_rank():
     assert "self.q_proj = ColumnParallelLinear(" in code and "gather_output=True" in code
     assert "PagedAttention(self.num_heads, self.head_dim" in code and "local_num_heads" not in code
     assert "input_is_parallel=False" in code
+
+
+def test_a_linear_feeding_a_column_parallel_one_stays_replicated():
+    """MLA's low-rank query (`q_a_proj` -> a norm over all its features -> `q_b_proj`):
+    the dataflow rule alone would make the first column-parallel; a plan or a name making
+    its consumer column-parallel too means its output must stay whole on every rank."""
+    source = SNIPPET.replace(
+        "        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)\n",
+        "        self.q_low = nn.Linear(config.hidden_size, 32, bias=False)\n"
+        "        self.q_low_norm = nn.LayerNorm(32)\n"
+        "        self.q_proj = nn.Linear(32, self.num_heads * self.head_dim, bias=False)\n",
+    ).replace(
+        "q = self.q_proj(hidden_states)",
+        "q = self.q_proj(self.q_low_norm(self.q_low(hidden_states)))",
+    )
+    code, ctx = convert(source)
+    assert "self.q_low = nn.Linear(config.hidden_size, 32, bias=False)" in code
+    assert ctx.tp_decisions["TinyAttention.q_low"] == (
+        "replicated (dataflow: feeds q_proj, column-parallel by its plan)"
+    )
+    assert ctx.tp_decisions["TinyAttention.q_proj"].startswith("colwise")

@@ -124,8 +124,13 @@ def _elementwise_attrs(info_children: dict, init: cst.FunctionDef | None) -> set
     return out
 
 
-def dataflow_styles(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, str], str]:
-    """(class, attr) -> "colwise" / "rowwise" for the linears the rule can pair."""
+def dataflow_styles(
+    module: cst.Module,
+    ctx: ConversionContext,
+    feeds: dict[tuple[str, str], set[str]] | None = None,
+) -> dict[tuple[str, str], str]:
+    """(class, attr) -> "colwise" / "rowwise" for the linears the rule can pair; `feeds`,
+    when given, gets the linears of the same class each linear's output reaches."""
     styles: dict[tuple[str, str], str] = {}
     if not ctx.decoder_layer_class:
         return styles
@@ -154,6 +159,9 @@ def dataflow_styles(module: cst.Module, ctx: ConversionContext) -> dict[tuple[st
         passthrough = None if attn_attrs else _elementwise_attrs(info.children, init)
         tracer = _Tracer(linears, attn_attrs, passthrough)
         tracer.statements(list(methods["forward"].body.body))
+        for a, b in tracer.edges:
+            if feeds is not None and a in linears and b in linears:
+                feeds.setdefault((cls, a), set()).add(b)
         producers = {a for a, b in tracer.edges if a in linears and (b in linears or b == ATTN)}
         consumers = {b for a, b in tracer.edges if b in linears and (a in linears or a == ATTN)}
         for attr in producers ^ consumers:  # a linear on both sides of a pair has no style

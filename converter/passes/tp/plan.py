@@ -171,7 +171,8 @@ def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, 
     tp_rules = ctx.rules.get("tp", {})
     names = {attr: style for style, attrs in tp_rules.get("styles", {}).items() for attr in attrs}
     token_names = set(tp_rules.get("embedding", {}).get("token", []))
-    flow = dataflow_styles(module, ctx)
+    feeds: dict[tuple[str, str], set[str]] = {}
+    flow = dataflow_styles(module, ctx, feeds)
     prefix = ctx.base_model_prefix or ctx.base_model_attr
 
     def relative(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
@@ -230,8 +231,31 @@ def resolve_plan(module: cst.Module, ctx: ConversionContext) -> dict[tuple[str, 
             )
         else:
             decisions[key] = Decision("replicated", "no rule names it")
+    _unpair_column_chains(decisions, feeds)
     _check_pairs(decisions, flow, ctx)
     return decisions
+
+
+def _unpair_column_chains(
+    decisions: dict[tuple[str, str], Decision], feeds: dict[tuple[str, str], set[str]]
+) -> None:
+    """A linear the dataflow rule made column-parallel whose output reaches a linear a plan
+    or a name made column-parallel too stays replicated: the rule paired it with a
+    consumer that takes the whole input (MLA's ``q_a_proj`` -> norm -> ``q_b_proj``, the
+    norm needing every feature of the low-rank query)."""
+    for key, decision in list(decisions.items()):
+        if decision.source != "dataflow" or decision.style != "colwise":
+            continue
+        consumers = [decisions.get((key[0], b)) for b in sorted(feeds.get(key, ()))]
+        column = [
+            b
+            for b, d in zip(sorted(feeds.get(key, ())), consumers, strict=True)
+            if d is not None and d.style.startswith("colwise") and d.source != "dataflow"
+        ]
+        if column:
+            decisions[key] = Decision(
+                "replicated", f"dataflow: feeds {', '.join(column)}, column-parallel by its plan"
+            )
 
 
 def _check_pairs(
