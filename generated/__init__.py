@@ -60,6 +60,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Jais2ForCausalLM": ("jais2", "Jais2ForCausalLM"),
     "Llama4ForCausalLM": ("llama4", "Llama4ForCausalLM"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "LongcatFlashForCausalLM": ("longcat_flash", "LongcatFlashForCausalLM"),
     "MiniCPM3ForCausalLM": ("minicpm3", "MiniCPM3ForCausalLM"),
     "Ministral3ForCausalLM": ("ministral3", "Ministral3ForCausalLM"),
     "MinistralForCausalLM": ("ministral", "MinistralForCausalLM"),

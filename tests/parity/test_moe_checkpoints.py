@@ -20,8 +20,9 @@ from runtime.engine.build_model import build_model
 from runtime.loader import iter_weights
 
 # per-expert originals of three families (w1/w3/w2 with a block rename, gate/up/down
-# with shared experts, MLA + dense prefix); gpt_oss's original is already fused
-FUSED = ["mixtral", "qwen2_moe", "deepseek_v3"]
+# with shared experts, MLA + dense prefix), and LongCat-Flash's gate_up_proj holding rows
+# for its zero experts too; gpt_oss's original is already fused
+FUSED = ["mixtral", "qwen2_moe", "deepseek_v3", "longcat_flash"]
 
 
 @pytest.mark.parametrize("model_type", FUSED)
