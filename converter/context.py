@@ -119,6 +119,10 @@ class ConversionContext:
     # the TP pass (passes/tp/): (fused attr, checkpoint attr, shard id) per fused projection,
     # e.g. ("qkv_proj", "q_proj", "q"), and "Class.attr" -> "style (source)".
     stacked_params: list[tuple[str, str, object]] = field(default_factory=list)
+    # the moe pass: (FusedMoE parameter, checkpoint tensor, shard id code) per 2-D experts
+    # tensor, relative to the module owning the experts ("experts.gate_up_proj",
+    # "experts.mlp.w1", "FlatExperts(0, 2)")
+    expert_checkpoint: list[tuple[str, str, str]] = field(default_factory=list)
     tp_decisions: dict[str, str] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
 

@@ -28,6 +28,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "CohereCompassForCausalLM": ("cohere_compass", "CohereCompassForCausalLM"),
     "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
     "CwmForCausalLM": ("cwm", "CwmForCausalLM"),
+    "DbrxForCausalLM": ("dbrx", "DbrxForCausalLM"),
     "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3ForCausalLM"),
     "DiffLlamaForCausalLM": ("diffllama", "DiffLlamaForCausalLM"),
     "DoryForCausalLM": ("dory", "DoryForCausalLM"),

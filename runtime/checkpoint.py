@@ -74,8 +74,9 @@ def load_checkpoint(
     ``weight_loader`` (so a chunk of a fused tensor is sharded as its own projection).
     Strict: one ValueError names every checkpoint key that matches no parameter and every
     parameter left unloaded, a module-list parameter with the keys of the entries it still
-    lacks (its ``module_list_size`` entries per source); a lenient loader turns a rename into
-    silently wrong logits. A loader error is prefixed with the parameter's name.
+    lacks (its ``module_list_size`` entries per source), a stacked parameter loaded in part
+    with the names of the shards it lacks; a lenient loader turns a rename into silently
+    wrong logits. A loader error is prefixed with the parameter's name.
     """
     params = dict(model.named_parameters())
     persistent = persistent_buffers(model)
@@ -173,9 +174,24 @@ def load_checkpoint(
         needed = {s for fused, _, s in stacked_params_mapping if fused in param_name}
         return None in got or (bool(needed) and needed <= got)
 
+    def lacking_shards(param_name: str) -> list[str]:
+        """The checkpoint names of a stacked parameter's shards not loaded, once some
+        were (nothing at all: the fused tensor may be what is missing)."""
+        got = shards.get(param_name)
+        if not got:
+            return []
+        return [
+            param_name.replace(fused, shard)
+            for fused, shard, s in stacked_params_mapping
+            if fused in param_name and s not in got
+        ]
+
     missing = []
     for param_name, param in params.items():
         if complete(param_name):
+            continue
+        if lacking := lacking_shards(param_name):
+            missing.append(f"{param_name} (no {', '.join(lacking)})")
             continue
         if param_name in entries:
             lacking = entries[param_name].lacking(getattr(param, "module_list_size", None))

@@ -4,7 +4,8 @@ The method comes from ``converter/render/templates/load_weights.py.jinja``, fill
 tables: transformers' checkpoint renames (`converter.hf.tables`: conversion_mapping.py
 for the LM class or model type, then the legacy table; plus the class's own
 ``_checkpoint_conversion_mapping``), its tensor converters (`converter.hf.converters`:
-chunk / concatenate, emitted only when the model has some), the stacked-params mapping the TP pass recorded,
+chunk / concatenate, emitted only when the model has some), the stacked-params mapping the TP pass recorded
+(and the moe pass, for experts held as 2-D tensors: `runtime.moe.FlatExperts` shard ids),
 the base-model prefix, ``_keys_to_ignore_on_load_unexpected`` and the tied keys.
 
 Tying follows transformers: ``_tied_weights_keys`` (a dict, target -> source) applies
@@ -78,7 +79,9 @@ def load_weights_source(ctx: ConversionContext) -> str:
         stacked=[
             (_str(f".{f}."), _str(f".{s}."), repr(i).replace("'", '"'))
             for f, s, i in ctx.stacked_params
-        ],
+        ]
+        # experts' 2-D tensors: parameter names end the key (no dot after them)
+        + [(_str(f".{f}"), _str(f".{s}"), i) for f, s, i in ctx.expert_checkpoint],
         converters=[_converter_entry(c.table()) for c in converters],
         prefix=_str(f"{prefix}." if prefix else ""),
         ignored=[_str(p) for p in ctx.keys_to_ignore_on_load_unexpected],
@@ -142,4 +145,7 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
         body.append(stmt)
     renamings, _ = checkpoint_transforms(ctx.lm_class, ctx.config_model_type or ctx.model_type)
     named = {r.constant for r in renamings if isinstance(r, NamedRenaming)}
-    return _add_imports(module.with_changes(body=body), named)
+    module = _add_imports(module.with_changes(body=body), named)
+    if ctx.expert_checkpoint:  # the shard id of experts' 2-D checkpoint tensors
+        module = add_import_from(module, {"FlatExperts"}, "runtime.moe")
+    return module

@@ -32,8 +32,10 @@ def select_moe_backend(device: torch.device) -> str:
 
 class FusedMoE(nn.Module):
     """The routed experts of a mixture-of-experts block, called as transformers' experts:
-    ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``,
-    token t's output being ``sum_j w[t, j] * expert_{index[t, j]}(x[t])`` with
+    ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``
+    (hidden states of any leading shape, ``[1, T, H]``, come back in that shape, as an
+    experts loop that flattens its input and restores it returns them), token t's output
+    being ``sum_j w[t, j] * expert_{index[t, j]}(x[t])`` with
     ``expert(x) = down(gate(act)(gate_up(x)))``.
 
     The layout flags are transformers' ``@use_experts_implementation`` ones and describe the
@@ -142,14 +144,21 @@ class FusedMoE(nn.Module):
     @torch.compiler.disable
     def forward(
         self,
-        hidden_states: torch.Tensor,  # [T, H]
+        hidden_states: torch.Tensor,  # [T, H], or [..., H] with T tokens in all
         top_k_index: torch.Tensor,  # [T, k] expert ids
         top_k_weights: torch.Tensor,  # [T, k]
-    ) -> torch.Tensor:  # [T, H]
-        if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_size:
+    ) -> torch.Tensor:  # hidden_states' shape
+        shape = hidden_states.shape
+        if hidden_states.dim() < 2 or shape[-1] != self.hidden_size:
             raise ValueError(
-                f"FusedMoE takes hidden_states [T, {self.hidden_size}], got "
-                f"{tuple(hidden_states.shape)}"
+                f"FusedMoE takes hidden_states [T, {self.hidden_size}] (or [..., "
+                f"{self.hidden_size}]), got {tuple(shape)}"
+            )
+        hidden_states = hidden_states.reshape(-1, self.hidden_size)  # [T, H]
+        if top_k_index.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"FusedMoE got {hidden_states.shape[0]} tokens but top_k_index "
+                f"{tuple(top_k_index.shape)}"
             )
         self.routed_top_k = top_k_index.shape[1]
         identity = None
@@ -190,7 +199,7 @@ class FusedMoE(nn.Module):
             out = out + identity
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
-        return out
+        return out.view(shape)
 
     def kernel_variant(self) -> tuple:
         """What the expert kernels compile for besides the token count: layers with the

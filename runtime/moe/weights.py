@@ -18,6 +18,12 @@ transformers' ``MergeModulelist`` / ``Concatenate`` converters would stack it
 way the tensor is placed by its coordinates in transformers' full parameter, so a piece
 lands exactly where transformers' own loading would have put it, then this rank keeps its
 experts (EP) and its intermediate slice (TP).
+
+Experts held as 2-D parameters, every expert's weight of one projection stacked along dim
+0 and viewed per expert by their own loop (DBRX's ``w1`` / ``v1`` / ``w2 [E * I, H]``),
+load with ``shard_id=FlatExperts(part, num_parts, transposed)``: the tensor is viewed as
+``[E, out, in]`` (``transposed``: ``[E, in, out]``, its own orientation, whatever the
+layer's flags say) and placed as part ``part`` of the gate/up features like the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +49,19 @@ class ExpertLayout:
     is_transposed: bool = False  # weights stored [E, in, out] instead of [E, out, in]
     is_concatenated: bool = True  # gate/up as [gate; up]; False: interleaved g0, u0, g1, ...
     has_gate: bool = True
+
+
+@dataclass(frozen=True)
+class FlatExperts:
+    """The shard id of a checkpoint tensor holding every expert's weight of one projection
+    as one 2-D tensor, the experts stacked along dim 0: ``[E * out, in]`` (``transposed``:
+    ``[E * in, out]``), as a loop viewing it ``.view(-1, out, in)[expert]`` reads it.
+    ``part`` of ``num_parts``: which block of the gate/up features it is (gate 0 and up 1
+    of 2 where the two are separate tensors; down is part 0 of 1)."""
+
+    part: int = 0
+    num_parts: int = 1
+    transposed: bool = False
 
 
 class ExpertWeightLoader:
@@ -83,18 +102,23 @@ class ExpertWeightLoader:
 
     def __call__(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         full = self.full_shape()
+        transposed = self.layout.is_transposed
         if shard_id is None:
             if self.unused_rows and loaded.shape[0] == full[0] + self.unused_rows:
                 loaded = loaded.narrow(0, 0, full[0])  # the identity experts' rows: unused
             check_loaded_shape(loaded, full, param)
             first = self.partition.expert_start
             local = loaded.narrow(0, first, self.partition.num_local_experts)
-            self._place(param, local, 0, full[self._feature_dim()], local_expert=0)
+            self._place(param, local, 0, full[self._feature_dim()], 0, transposed)
+            return
+        if isinstance(shard_id, FlatExperts):
+            self._load_flat(param, loaded, shard_id)
             return
         if not isinstance(shard_id, ModuleListShard):
             raise ValueError(
-                f"a FusedMoE parameter takes None (the fused tensor) or a ModuleListShard "
-                f"(one expert's tensor), got shard id {shard_id!r}"
+                f"a FusedMoE parameter takes None (the fused tensor), a ModuleListShard "
+                f"(one expert's tensor) or FlatExperts (every expert's, 2-D), got shard id "
+                f"{shard_id!r}"
             )
         index, part, num_parts, stack_dim, cat_dim = shard_id
         if stack_dim == 0 and full[0] <= index < full[0] + self.unused_rows:
@@ -122,7 +146,27 @@ class ExpertWeightLoader:
         if local is None:
             return  # another rank's expert (EP): accounted for, not held here
         width = piece[self._feature_dim() - 1] if self.kind != DOWN or self.is_bias else 0
-        self._place(param, loaded.unsqueeze(0), part * width, width, local_expert=local)
+        self._place(param, loaded.unsqueeze(0), part * width, width, local, transposed)
+
+    def _load_flat(self, param: nn.Parameter, loaded: torch.Tensor, shard: FlatExperts) -> None:
+        """Every expert's weight of one projection (or one gate/up part), 2-D."""
+        p, hidden = self.partition, self.layout.hidden_size
+        if self.is_bias:
+            raise ValueError("a bias does not load from a FlatExperts tensor")
+        if self.kind == DOWN:
+            if shard.num_parts != 1:
+                raise ValueError("down_proj is not concatenated from parts")
+            out, inner = hidden, p.intermediate_size
+        else:
+            rows = 2 * p.intermediate_size if self.kind == GATE_UP else p.intermediate_size
+            if not 0 <= shard.part < shard.num_parts or rows % shard.num_parts:
+                raise ValueError(f"{rows} features have no part {shard.part} of {shard.num_parts}")
+            out, inner = rows // shard.num_parts, hidden
+        a, b = (inner, out) if shard.transposed else (out, inner)
+        check_loaded_shape(loaded, (p.num_experts * a, b), param)
+        experts = loaded.reshape(p.num_experts, a, b)  # [E, out, in] or [E, in, out]
+        local = experts.narrow(0, p.expert_start, p.num_local_experts)
+        self._place(param, local, shard.part * out, out, 0, shard.transposed)
 
     def _place(
         self,
@@ -131,6 +175,7 @@ class ExpertWeightLoader:
         row_start: int,  # first gate/up feature row of transformers' fused axis covered
         num_rows: int,
         local_expert: int,
+        transposed: bool,  # `loaded` is [n, in, out] rather than [n, out, in]
     ) -> None:
         if loaded.is_floating_point() != param.is_floating_point():
             raise ValueError(
@@ -142,11 +187,11 @@ class ExpertWeightLoader:
             if self.is_bias:  # [n, H]: replicated (TP) or the expert's own (EP)
                 dst.copy_(loaded)
                 return
-            if self.layout.is_transposed:
+            if transposed:
                 loaded = loaded.transpose(1, 2)  # [n, H, I]
             dst.copy_(loaded.narrow(2, p.intermediate_start, p.local_intermediate_size))
             return
-        if self.layout.is_transposed and not self.is_bias:
+        if transposed and not self.is_bias:
             loaded = loaded.transpose(1, 2)  # [n, rows, H]
         rows = torch.arange(row_start, row_start + num_rows)  # transformers' feature rows
         held, keep = self._held_rows(rows)

@@ -46,6 +46,7 @@ from converter.passes.moe.experts import (
     read_layout,
     three_d_parameters,
 )
+from converter.passes.moe.flat_experts import read_flat_layout
 
 CALL_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
@@ -91,20 +92,12 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
                 "every token (converter/passes/moe/dense.py); this call shape needs its own rewrite",
             )
         if not three_d_parameters(node):
-            info = ctx.classes[name]
-            held = list(info.param_attrs) + [
-                f"{c.attr}.{p}"
-                for c in info.children.values()
-                if c.cls in ctx.classes
-                for p in ctx.classes[c.cls].param_attrs
-            ]
-            raise ctx.error(
-                f"{name} routes tokens to experts (a one-hot expert mask of its top-k index) "
-                f"but holds no 3-D expert parameters ({', '.join(held) or 'no parameters'})",
-                line=ctx.classes[name].line,
-                hint="FusedMoE stands for experts held as 3-D [experts, out, in] parameters; "
-                "experts kept in another layout need their own rewrite",
-            )
+            # 2-D parameters its own loop views per expert (flat_experts.py), or a stop
+            try:
+                layouts[name] = read_flat_layout(node, classes, ctx)
+            except LayoutError as e:
+                raise _error(ctx, name, e) from None
+            continue
         try:
             layouts[name] = read_layout(node, flags, decorated, ctx)
         except LayoutError as e:
@@ -118,13 +111,23 @@ def run(module: cst.Module, ctx: ConversionContext) -> cst.Module:
                 continue  # the experts class: FusedMoE stands where it was built
             stmt = _rewrite_owner(stmt, layouts, sites, ctx, classes)
         body.append(stmt)
-    for name in layouts:  # the ownership graph follows: the owners now build FusedMoE
+    for name, layout in layouts.items():  # the ownership graph follows: owners build FusedMoE
         for owner, attr in sites.get(name, []):
             child = ctx.classes[owner].children[attr]
             child.ctor, child.cls = "FusedMoE", None
+            # 2-D checkpoint tensors -> FusedMoE's parameters (load_weights' stacked table)
+            ctx.expert_checkpoint += [
+                (f"{attr}.{w.target}", f"{attr}.{w.path}", flat_shard_id(w)) for w in layout.flat
+            ]
         ctx.classes.pop(name, None)
         ctx.log.append(f"moe: {name} -> FusedMoE")
     return add_import_from(module.with_changes(body=body), {"FusedMoE"}, "runtime.moe")
+
+
+def flat_shard_id(w) -> str:
+    """The `runtime.moe.FlatExperts` shard id of one 2-D checkpoint tensor, as code."""
+    args = [str(w.part), str(w.num_parts)] + (["transposed=True"] if w.transposed else [])
+    return f"FlatExperts({', '.join(args)})"
 
 
 def _error(ctx: ConversionContext, name: str, e: LayoutError):

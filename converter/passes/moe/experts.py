@@ -65,6 +65,10 @@ class Layout:
     # zero-computation experts after the E real ones (converter/passes/moe/topk_loop.py)
     identity_experts: cst.BaseExpression | None = None
 
+    # experts held as 2-D parameters (`flat_experts.FlatWeight` each): which checkpoint
+    # tensor loads where; empty for 3-D experts (their parameters keep FusedMoE's names)
+    flat: list = field(default_factory=list)
+
 
 def decorator_flags(
     cls: cst.ClassDef, names: set[str]

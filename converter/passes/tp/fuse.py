@@ -201,6 +201,10 @@ def split_statement(fn: cst.FunctionDef, f: Fusion) -> cst.FunctionDef:
     return fn.with_changes(body=fn.body.with_changes(body=replaced))
 
 
+# methods of a tensor that keep its shape and layout (elementwise)
+ELEMENTWISE = ("clamp", "clip", "to", "float", "contiguous", "type_as")
+
+
 class LocalQKVSplit(cst.CSTTransformer):
     """``self.<qkv>(x)...split(sizes, dim=d)`` -> this rank's ``[q_size, kv_size, kv_size]``.
 
@@ -220,11 +224,15 @@ class LocalQKVSplit(cst.CSTTransformer):
         ) or (isinstance(node, cst.Name) and node.value in self.fed)
 
     def _is_output(self, node: cst.CSTNode) -> bool:
-        """The layer's output itself: a view or reshape of it (CodeGen's per-head
-        ``self.qkv(x).view(..., 3 * d)``) cuts heads, not the fused [Q|K|V], and keeps
-        the source's sizes."""
+        """The layer's output itself, or an elementwise function of it (DBRX's
+        ``qkv.clamp(min=-clip, max=clip)``), which keeps its [Q|K|V] layout: a view or
+        reshape of it (CodeGen's per-head ``self.qkv(x).view(..., 3 * d)``) cuts heads,
+        not the fused [Q|K|V], and keeps the source's sizes."""
         if isinstance(node, cst.Call):
-            return isinstance(node.func, cst.Attribute) and self_attr(node.func) == self.attr
+            func = node.func
+            if isinstance(func, cst.Attribute) and func.attr.value in ELEMENTWISE:
+                return self._is_output(func.value)
+            return isinstance(func, cst.Attribute) and self_attr(func) == self.attr
         return isinstance(node, cst.Name) and node.value in self.fed
 
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
