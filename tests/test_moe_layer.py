@@ -50,6 +50,19 @@ def test_sensitivity_every_layout_flag_matters():
         assert err > 1e-3, f"{flag} made no difference"
 
 
+def test_leading_dims_come_back():
+    """[1, T, H] in (an experts loop that flattens its input and restores it, DBRX):
+    the [T, H] result in that shape."""
+    spec = Spec(4, 8, 4)
+    layer = spec.layer()
+    HFWeights.random(spec, torch.float32).load_into(layer)
+    x = torch.randn(5, 8)
+    index = torch.tensor([[0, 1], [2, 3], [1, 1], [3, 0], [2, 2]])
+    weights = torch.rand(5, 2)
+    flat = layer(x, index, weights)
+    assert torch.equal(layer(x[None], index, weights), flat[None])
+
+
 def test_zero_tokens_and_empty_routing():
     layer = Spec(4, 8, 4).layer()
     HFWeights.random(Spec(4, 8, 4), torch.float32).load_into(layer)
@@ -62,6 +75,8 @@ def test_bad_input_is_one_clear_error():
         FusedMoE(4, 8, 4, activation="xielu")
     layer = FusedMoE(4, 8, 4)
     with pytest.raises(ValueError, match=r"takes hidden_states \[T, 8\]"):
+        layer(torch.randn(3, 6), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"got 3 tokens but top_k_index \(1, 3, 1\)"):
         layer(torch.randn(1, 3, 8), torch.zeros(1, 3, 1, dtype=torch.long), torch.ones(1, 3, 1))
     with pytest.raises(ValueError, match="HF2PAGED_MOE_BACKEND='cuda'"):
         import os

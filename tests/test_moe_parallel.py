@@ -1,5 +1,5 @@
 """FusedMoE at TP=2 and EP=2 over gloo against the single-process layer: each rank loads
-only its share (per-expert and fused checkpoints), and the ranks' outputs, summed by the
+only its share (per-expert, fused and, without biases, 2-D flat checkpoints), and the ranks' outputs, summed by the
 layer's all-reduce, equal the unsharded output (torch backend and Triton interpreter)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from distributed import run_distributed
 from moe_cases import HFWeights, Spec, routing
 from test_moe_checkpoint import Block, fused_checkpoint, load, per_expert_checkpoint
+from test_moe_flat_checkpoint import flat_checkpoint, load_flat
 
 SPECS = [
     # gpt-oss: interleaved, transposed, biases (the down bias added once under TP)
@@ -61,6 +62,14 @@ def _check(rank: int, world_size: int) -> list[tuple[str, float]]:
                 for a, b in zip(from_pieces.parameters(), from_fused.parameters())
             )
             results.append((f"{tag} pieces=fused", same))
+            if not spec.has_bias and spec.is_concatenated:  # 2-D tensors (DBRX): same share
+                from_flat = Block(spec, expert_parallel=expert_parallel)
+                load_flat(from_flat, *flat_checkpoint(weights, (i % 2 == 0, False, i % 2 == 1)))
+                same = max(
+                    (a - b).abs().max().item()
+                    for a, b in zip(from_pieces.parameters(), from_flat.parameters())
+                )
+                results.append((f"{tag} pieces=flat", same))
             for backend in ("torch", "triton"):
                 os.environ["HF2PAGED_MOE_BACKEND"] = backend
                 out = layer(x, index, route_w)
@@ -78,5 +87,5 @@ def test_tp2_and_ep2_match_the_single_process_layer():
             if tag.endswith("misses"):
                 assert -err > 1e-2, f"{tag}: only {-err}"
             else:
-                bound = 0.0 if tag.endswith(("held", "pieces=fused")) else 2e-5
+                bound = 0.0 if tag.endswith(("held", "pieces=fused", "pieces=flat")) else 2e-5
                 assert err <= bound, f"{tag}: {err}"

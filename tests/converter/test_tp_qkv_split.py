@@ -1,6 +1,7 @@
 """tp_fuse.LocalQKVSplit: a split of the fused [Q|K|V] layer's output uses this rank's
 sizes, also when the output was first bound to a name (OpenAI GPT's ``x = self.c_attn(x)``
-then ``x.split(...)``); a name rebound to something else is left alone."""
+then ``x.split(...)``, or an elementwise function of it); a name rebound to something else
+is left alone."""
 
 import libcst as cst
 
@@ -36,3 +37,12 @@ def test_split_of_a_per_head_view_keeps_the_source_sizes():
         "    a, b, c = w.split(self.d, dim=-1)\n"
     )
     assert _split(code) == code
+
+
+def test_split_after_an_elementwise_op_is_local():
+    """DBRX clamps the fused output (clip_qkv) before splitting it: still [Q|K|V]."""
+    out = _split(
+        "def forward(self, z):\n    z = self.blend(z)\n    z = z.clamp(min=lo, max=self.clip)\n"
+        "    a, b, c = z.split([self.h, self.kv, self.kv], dim=2)\n"
+    )
+    assert f"z.split({LOCAL}, dim=2)" in out

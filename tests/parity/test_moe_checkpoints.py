@@ -8,6 +8,8 @@
   saved from a converted model holds): loads one-to-one, at parity too.
 - A per-expert checkpoint missing one expert's tensor stops, naming the parameter and
   the expert it lacks; an expert index beyond the model's is an unknown key.
+- Experts stored as 2-D tensors (DBRX's ``mlp.w1 / v1 / w2``, test_parity_shipped.py at
+  parity): a missing one is named with the parameter it was to fill.
 """
 
 from __future__ import annotations
@@ -61,4 +63,19 @@ def test_an_expert_beyond_the_model_is_an_unknown_key(tiny_cases):
     extra = weights["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
     weights["model.layers.0.block_sparse_moe.experts.8.w2.weight"] = extra
     with pytest.raises(ValueError, match=r"experts\.8\.w2"):
+        model.load_weights(weights.items())
+
+
+def test_a_missing_2d_experts_tensor_is_named(tiny_cases):
+    case = tiny_cases("dbrx", "dbrx")
+    weights = dict(iter_weights(case.model_dir))
+    key = "transformer.blocks.1.ffn.experts.mlp.v1"
+    assert weights[key].dim() == 2, {k: tuple(v.shape) for k, v in weights.items()}
+    model = build_model(case.model_dir)
+    del weights[key]
+    with pytest.raises(
+        ValueError,
+        match=r"not loaded \['transformer\.blocks\.1\.ffn\.experts\.gate_up_proj "
+        r"\(no transformer\.blocks\.1\.ffn\.experts\.mlp\.v1\)'\]",
+    ):
         model.load_weights(weights.items())

@@ -2,7 +2,8 @@
 
 The converter keeps each router as the source's own code, so a generated module reads
 `norm_topk_prob`, the correction bias, `routed_scaling_factor`, grouped top-k, the top-k
-itself, the shared-expert gate and gpt-oss's SwiGLU clamp exactly where HF does. Each
+itself, the shared-expert gate, gpt-oss's SwiGLU clamp and DBRX's p-norm normalisation
+(and its clip_qkv) exactly where HF does. Each
 case builds the COMMITTED module from coverage's tiny checkpoint (the same one
 test_parity_shipped.py checks at parity) with one option flipped, in the config or in a
 loaded buffer / weight, and the logits must move far beyond the parity tolerance against
@@ -39,6 +40,19 @@ def _flip(field: str):
     return lambda config: {field: not getattr(config, field)}
 
 
+def _sub(sub: str, **values):
+    """Changes of a sub-config (DBRX's ffn_config / attn_config): a copy with `values`."""
+
+    def changes(config):
+        copy = type(getattr(config, sub))(**getattr(config, sub).to_dict())
+        for field, value in values.items():
+            assert hasattr(copy, field), f"{sub} has no {field}"
+            setattr(copy, field, value)
+        return {sub: copy}
+
+    return changes
+
+
 # (model type, generated module, what is flipped, config changes(config) or None,
 #  tweak(model) -> how many tensors it changed, or None)
 CASES = [
@@ -69,6 +83,25 @@ CASES = [
     ("qwen2_moe", "qwen2_moe", "shared_expert_gate", None, _zero("shared_expert_gate.weight")),
     # the clamp of gpt-oss's SwiGLU (FusedMoE limit=), tightened so it bites
     ("gpt_oss", "gpt_oss", "swiglu_limit", lambda c: {"swiglu_limit": 0.05}, None),
+    # DBRX: the p-norm normalisation of the top-k weights dropped, one expert instead of
+    # two, and the clamp of its fused QKV (clip_qkv) loosened until it never bites (None
+    # fails in HF's own code: torch.clamp needs a bound)
+    (
+        "dbrx",
+        "dbrx",
+        "moe_normalize_expert_weights",
+        _sub("ffn_config", moe_normalize_expert_weights=None),
+        None,
+    ),
+    (
+        "dbrx",
+        "dbrx",
+        "moe_normalize_expert_weights p",
+        _sub("ffn_config", moe_normalize_expert_weights=2.0),
+        None,
+    ),
+    ("dbrx", "dbrx", "moe_top_k", _sub("ffn_config", moe_top_k=1), None),
+    ("dbrx", "dbrx", "clip_qkv", _sub("attn_config", clip_qkv=1e6), None),
 ]
 
 

@@ -62,6 +62,8 @@ from converter.passes.moe.gate import Gate
 VIEWS = ("view", "reshape")
 MATMULS = ("matmul", "mm")
 LINEAR = ("linear",)
+# activations called as functions (torch.nn.functional.silu(x)): transformers' names
+FUNCTIONAL = ("silu", "gelu", "relu")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,11 @@ def read_flat_layout(
                 view.node,
             )
         if one_line(view.dims[0]) not in ("-1", one_line(count)):
-            raise LayoutError(f"{name}: {view.path} viewed as {view.dims[0]} experts", view.node)
+            raise LayoutError(
+                f"{name}: {view.path} viewed as {one_line(view.dims[0])} experts, declared "
+                f"{one_line(count)}",
+                view.node,
+            )
         sizes["E"].add(one_line(count))
         exprs.setdefault("E", count)
         target = "down_proj" if role == "down" else ("gate_up_proj" if has_gate else "up_proj")
@@ -133,7 +139,7 @@ def read_flat_layout(
         if len(found) != 1:
             what = {"I": "intermediate", "H": "hidden", "E": "expert count"}[key]
             raise LayoutError(f"{name}: the expert weights disagree on the {what} ({found})", cls)
-    acts = _activations(child_env)
+    acts = _activations(child_env) | {f"={f}": cst.SimpleString(f'"{f}"') for f in FUNCTIONAL}
     if act not in acts:
         raise LayoutError(
             f"{name}.{child}: self.{act} is not an activation FusedMoE implements "
@@ -328,7 +334,7 @@ def _evaluate(forward: cst.FunctionDef, symbols: dict[str, tuple]) -> tuple:
     env = dict(symbols)
     for stmt in forward.body.body:
         if not isinstance(stmt, cst.SimpleStatementLine):
-            return ("?", f"line `{one_line(stmt.children[0]) if stmt.children else ''}`")
+            return ("?", "a compound statement")
         for small in stmt.body:
             if isinstance(small, cst.Assign) and len(small.targets) == 1:
                 target = small.targets[0].target
@@ -356,7 +362,7 @@ def _term(node: cst.BaseExpression, env: dict[str, tuple]) -> tuple:
             return ("mul", left, right)
     if isinstance(node, cst.Call):
         func, args = node.func, [a.value for a in node.args if a.keyword is None]
-        short = (dotted(func) or "").rsplit(".", 1)[-1]
+        short = func.attr.value if isinstance(func, cst.Attribute) else dotted(func)
         if (dotted(func) or "").startswith("self.") and dotted(func).count(".") == 1:
             if len(args) == 1 and len(node.args) == 1:
                 return ("act", func.attr.value, _term(args[0], env))
@@ -365,6 +371,8 @@ def _term(node: cst.BaseExpression, env: dict[str, tuple]) -> tuple:
                 return ("mm", _term(func.value, env), _term(args[0], env))
         if short in MATMULS and len(args) == 2:
             return ("mm", _term(args[0], env), _term(args[1], env))
+        if short in FUNCTIONAL and len(args) == 1 and len(node.args) == 1:
+            return ("act", f"={short}", _term(args[0], env))
         if short in LINEAR and len(args) == 2 and len(node.args) == 2:
             return ("mm", _term(args[0], env), ("t", _term(args[1], env)))
         if isinstance(func, cst.Attribute) and short in ("t", "transpose"):
@@ -426,11 +434,14 @@ def _is_scaled(value: cst.BaseExpression, result: str, weights: str) -> bool:
 
 
 def _returns(value, zeros: set[str], assigns, hidden: str) -> bool:
-    """`value` is an accumulator, or one reshaped to (<hidden>.shape[0], -1, H)."""
-    if isinstance(value, cst.Name) and value.value in zeros:
-        return True
-    if isinstance(value, cst.Name) and len(assigns.get(value.value, [])) >= 1:
-        value = assigns[value.value][-1]
+    """`value` has the input's shape, as FusedMoE's output: the accumulator of an
+    input used as given, or one reshaped to ``(<input>.shape[0], -1, H)`` (DBRX's
+    ``[B, S, H]`` flattened for the loop and restored)."""
+    if isinstance(value, cst.Name) and value.value in assigns:
+        last = assigns[value.value][-1]
+        if value.value in zeros and len(assigns[value.value]) == 1:
+            return hidden not in assigns  # zeros_like(<input>), the input not reshaped
+        value = last
     if not (
         isinstance(value, cst.Call)
         and isinstance(value.func, cst.Attribute)
