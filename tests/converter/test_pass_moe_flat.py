@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 from snippets import code_of, prepare
-from test_pass_moe import moe_source
-
-from converter.errors import ConversionError
+from test_pass_moe import _error, moe_source
 
 # the computation module (its own __init__ parameters: `count` experts) and the loop
 FLAT = """
@@ -125,14 +123,6 @@ def test_the_generated_table_loads_through_flat_experts():
     assert '(".routed.gate_up_proj", ".routed.math.a", FlatExperts(0, 2))' in lm
     imports = [line for line in module.code.splitlines() if line.startswith("from runtime.moe")]
     assert any("FlatExperts" in line for line in imports), imports
-
-
-def _error(source: str) -> str:
-    with pytest.raises(ConversionError) as info:
-        prepare(source, through="moe")
-    message = str(info.value)
-    assert "\n" not in message and message.startswith("modeling_tiny.py:")
-    return message
 
 
 @pytest.mark.parametrize(
