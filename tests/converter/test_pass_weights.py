@@ -111,7 +111,8 @@ def test_strict_errors_name_everything():
     ckpt["gpt_neox.attn.extra.weight"] = torch.zeros(1)
     with pytest.raises(
         ValueError,
-        match=r"1 checkpoint key\(s\) match no parameter \['gpt_neox.attn.extra.weight'\]; 1 parameter\(s\) not loaded \['gpt_neox.attn.qkv_proj.weight'\]",
+        match=r"1 checkpoint key\(s\) match no parameter \['gpt_neox.attn.extra.weight'\]; 1 parameter\(s\) not loaded "
+        r"\['gpt_neox.attn.qkv_proj.weight \(no gpt_neox.attn.v_proj.weight\)'\]",
     ):
         model.load_weights(ckpt.items())
     ckpt = checkpoint()
