@@ -165,7 +165,7 @@ def _installed(model_type: str) -> bool:
 def display_path(path: Path) -> str:
     """`models/<type>/modeling_<type>.py` for installed files (stable across machines),
     the path as given otherwise."""
-    try:
-        return path.resolve().relative_to(transformers_root()).as_posix()
+    try:  # both sides resolved: transformers may sit behind a symlinked directory
+        return path.resolve().relative_to(transformers_root().resolve()).as_posix()
     except ValueError:
         return path.name
