@@ -30,13 +30,15 @@ class Source:
 
 @cache
 def transformers_root() -> Path:
-    """The installed transformers package directory (found without importing it)."""
+    """The installed transformers package directory (found without importing it), with
+    symlinks resolved: source paths are compared with it after `Path.resolve`, and a
+    symlinked install (a linked virtual environment) must give the same headers."""
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         raise ConversionError(
             "transformers is not installed", hint="pip install 'transformers==5.24.0'"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 @cache
@@ -165,7 +167,7 @@ def _installed(model_type: str) -> bool:
 def display_path(path: Path) -> str:
     """`models/<type>/modeling_<type>.py` for installed files (stable across machines),
     the path as given otherwise."""
-    try:  # both sides resolved: transformers may sit behind a symlinked directory
-        return path.resolve().relative_to(transformers_root().resolve()).as_posix()
+    try:
+        return path.resolve().relative_to(transformers_root()).as_posix()
     except ValueError:
         return path.name
