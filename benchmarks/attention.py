@@ -28,7 +28,12 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.attention.params import AttentionParams
-from runtime.attention.triton_config import DecodeConfig, choose_num_splits
+from runtime.attention.triton_config import (
+    DecodeConfig,
+    choose_num_splits,
+    decode_config,
+    kernel_target,
+)
 from runtime.attention.triton_ops import paged_attention
 from runtime.engine.step_inputs import StepInputs
 
@@ -179,9 +184,10 @@ def max_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     return (out.float() - expected).abs().max().item()
 
 
-def capture(fn: Callable) -> torch.cuda.CUDAGraph:
+def capture(fn: Callable, exact: bool = True) -> torch.cuda.CUDAGraph:
     """``fn`` captured in a CUDA graph (the decode path promises to be capturable);
-    checks that a replay reproduces an eager call bit for bit."""
+    checks that a replay reproduces an eager call: bit for bit, or for SDPA (whose
+    backends may pick another algorithm in a capture) to bf16 rounding."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -191,7 +197,11 @@ def capture(fn: Callable) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         out = fn()
     graph.replay()
-    assert torch.equal(out, fn()), "CUDA-graph replay differs from the eager call"
+    eager = fn()
+    if exact:
+        assert torch.equal(out, eager), "CUDA-graph replay differs from the eager call"
+    else:
+        torch.testing.assert_close(out, eager, atol=1e-2, rtol=1e-2)
     return graph
 
 
@@ -200,22 +210,33 @@ def decode_table(shapes, reps: int, bw: float) -> list[str]:
         "",
         "## Decode (default launch config)",
         "",
-        "| batch × context | block | splits | paged µs | paged µs, CUDA graph | SDPA µs (backend) "
-        "| paged TB/s | SDPA TB/s | paged speed / SDPA | paged % of copy | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Both sides are timed eagerly (a Python call per timing, its launch overhead "
+        "included where it outlasts the L2 flush) and as CUDA-graph replays (the kernels "
+        "alone: how the engine decodes). SDPA's backend is the fastest eager one; its "
+        "graph column replays that backend.",
+        "",
+        "| batch × context | block | splits | paged µs | SDPA µs (backend) | paged speed / SDPA "
+        "| paged µs, graph | SDPA µs, graph | speed / SDPA, graph | paged TB/s, graph "
+        "| paged % of copy, graph | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, ctx, block_size in shapes:
         sdpa, paged, expected, kv_bytes = decode_setup(batch, ctx, block_size)
         graph = capture(paged)
         times = interleaved({"paged": paged, "graph": graph.replay, **sdpa}, reps)
         backend = min(sdpa, key=times.get)
+        sdpa_graph = capture(sdpa[backend], exact=False)
+        graphs = interleaved({"graph": graph.replay, "sdpa": sdpa_graph.replay}, reps)
         us, sdpa_us = times["paged"], times[backend]
-        splits = choose_num_splits(batch, HKV, torch.device("cuda"), DecodeConfig())
+        g_us, g_sdpa = graphs["graph"], graphs["sdpa"]
+        cuda = torch.device("cuda")
+        cfg = decode_config(D, D, DTYPE, HQ // HKV, kernel_target(cuda))
+        splits = choose_num_splits(batch, HKV, cuda, cfg)
         lines.append(
-            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {times['graph']:.1f} | "
-            f"{sdpa_us:.1f} ({backend}) | "
-            f"{kv_bytes / us / 1e6:.3f} | {kv_bytes / sdpa_us / 1e6:.3f} | {sdpa_us / us:.3f} | "
-            f"{100 * kv_bytes / us / 1e6 / bw:.1f}% | {max_err(paged(), expected):.1e} |"
+            f"| {batch} × {ctx} | {block_size} | {splits} | {us:.1f} | {sdpa_us:.1f} ({backend}) "
+            f"| {sdpa_us / us:.3f} | {g_us:.1f} | {g_sdpa:.1f} | {g_sdpa / g_us:.3f} | "
+            f"{kv_bytes / g_us / 1e6:.3f} | {100 * kv_bytes / g_us / 1e6 / bw:.1f}% | "
+            f"{max_err(paged(), expected):.1e} |"
         )
         print(lines[-1], flush=True)
     return lines
@@ -252,7 +273,7 @@ NOTES = [
     "Notes: the copy bandwidth counts bytes read plus bytes written, and a read-only stream "
     "runs a little faster, so decode can pass 100% of it. Eager times include Python launch "
     "overhead wherever it outlasts the L2 flush (about 120 µs of GPU work) queued before "
-    "each call; the CUDA-graph column times the kernels alone.",
+    "each call; the graph columns time the kernels alone.",
 ]
 
 

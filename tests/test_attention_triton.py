@@ -16,6 +16,7 @@ from attention_cases import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import runtime.attention.triton_decode as triton_decode
 from runtime.attention import Alibi, PagedAttention
 from runtime.attention.reference import paged_attention_ref, reshape_and_cache_ref
 from runtime.attention.triton_config import DecodeConfig
@@ -28,9 +29,15 @@ from runtime.engine.step_inputs import StepInputs
     batch=batches(),
     block_n=st.sampled_from([16, 32, 64]),
     num_splits=st.sampled_from([None, 1, 3]),
+    merge=st.sampled_from(["reduce kernel", "fused", "fused, min 32"]),
 )
-def test_triton_matches_dense_and_reference(batch, block_n, num_splits):
-    out = run_triton(batch, num_splits=num_splits, decode_config=DecodeConfig(block_n=block_n))
+def test_triton_matches_dense_and_reference(batch, block_n, num_splits, merge):
+    config = DecodeConfig(
+        block_n=block_n,
+        max_fused_splits=0 if merge == "reduce kernel" else 8,
+        min_split_tokens=32 if merge.endswith("32") else 0,
+    )
+    out = run_triton(batch, num_splits=num_splits, decode_config=config)
     dtype = batch.query.dtype
     assert_close(out, dense_attention(batch), dtype)
     ref = paged_attention_ref(
@@ -68,6 +75,41 @@ def test_decode_only_batch_with_more_splits_than_blocks(dtype, window):
     batch.metadata.query_lens_cpu = None  # any host-list read would now sync
     out = run_triton(batch, num_splits=8, decode_config=DecodeConfig(block_n=16))
     assert_close(out, dense_attention(batch), dtype)
+
+
+@pytest.mark.parametrize("min_split", [0, 16, 48])
+def test_fused_merge_leaves_counters_zero_and_repeats_exactly(min_split):
+    # Sequences of 1..40 keys over 4 splits of >= min_split tokens: some use one split
+    # (written directly), others 2..4 (merged by the last to finish). The counters must
+    # be zero again after each launch, or the next launch would merge too early.
+    batch = make_batch(
+        [(n, 1) for n in (0, 7, 15, 16, 31, 39)],
+        num_heads=4, num_kv_heads=2, head_dim=64, block_size=4, dtype=torch.float32,
+    )  # fmt: skip
+    config = DecodeConfig(block_n=16, max_fused_splits=4, min_split_tokens=min_split)
+    first = run_triton(batch, num_splits=4, decode_config=config)
+    assert not triton_decode.split_counters(first.device, 1).any()
+    assert_close(first, dense_attention(batch), torch.float32)
+    assert torch.equal(run_triton(batch, num_splits=4, decode_config=config), first)
+
+
+def test_a_miscounted_merge_gives_wrong_results():
+    # Sensitivity of the test above: a counter left non-zero (as a launch that did not
+    # reset its pairs would leave it) makes a split merge before the others finished.
+    batch = make_batch(
+        [(39, 1)], num_heads=2, num_kv_heads=1, head_dim=64, block_size=4, dtype=torch.float32
+    )
+    config = DecodeConfig(block_n=16, max_fused_splits=4, min_split_tokens=0)
+    expected = dense_attention(batch)
+    out = run_triton(batch, num_splits=4, decode_config=config)
+    assert_close(out, expected, torch.float32)
+    counters = triton_decode.split_counters(out.device, 1)
+    counters[0] = 1
+    try:
+        out = run_triton(batch, num_splits=4, decode_config=config)
+        assert (out.float().cpu() - expected.float().cpu()).abs().max() > 1e-3
+    finally:
+        counters.zero_()
 
 
 def test_default_split_heuristic_runs_split_and_unsplit():

@@ -50,6 +50,18 @@ class DecodeConfig:
     max_stages: int = 3
     programs_per_sm: float = 2.0
     max_splits: int = 64
+    # Launches of up to this many splits merge them in the decode kernel, and there a
+    # split holds at least min_split_tokens (rounded up to block_n; 0: one iteration's),
+    # so a short sequence is not cut at all. More splits go through the reduce kernel
+    # (see triton_decode.py). H200, `attention_tune.py --min-split`
+    # (`benchmarks/results/attention-nvidia-h200-tune-min-split.md`), CUDA graphs, µs vs
+    # cuDNN SDPA's: with 16 sequences (2 splits) one split is faster up to 1024 tokens
+    # (16 x 512: 18.5 vs 20.7 µs cut in two, SDPA 18.5; 16 x 1024: 29.4 vs 30.9, SDPA
+    # 28.7), while at 2048 and 8192 tokens cutting in two stays as fast; merging 4..32
+    # splits in the kernel was 1-3 µs slower than the reduce kernel (1 x 32768: 52.3 vs
+    # 49.2; 4 x 1024: 16.5 vs 15.2).
+    max_fused_splits: int = 2
+    min_split_tokens: int = 1024
 
 
 @dataclass(frozen=True)

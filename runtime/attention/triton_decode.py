@@ -2,9 +2,20 @@
 
 One program per (sequence, KV head, split) handles all G query heads of that KV head
 with `tl.dot` (G padded to >= 16 rows), so every K/V byte is read once. Splits cut the
-context so that a few long sequences still fill the GPU; a reduce kernel merges the
-splits' partial outputs by log-sum-exp. With one split the first kernel writes the
-output directly. `shared/notes/paged-decode-spike.md` measured why each choice matters.
+context so that a few long sequences still fill the GPU; the launch fixes their count
+from the batch shape (a CUDA graph stays valid as sequences grow). One split writes the
+output directly. Several are merged by log-sum-exp, in one of two ways:
+
+- up to ``DecodeConfig.max_fused_splits``: in this kernel. The last split of a
+  (sequence, KV head) to finish merges them: each counts itself on a per-pair counter
+  (an atomic add after its partial results are stored) and the one that completes the
+  count reads the others' results. A sequence uses only the splits that hold at least
+  ``min_split_tokens`` tokens, so a short one is not cut at all. No second kernel runs,
+  which matters where a whole decode takes ~20 µs.
+- more: by `triton_reduce.decode_reduce_kernel`, one program per query head, which
+  merges many splits faster than one program could.
+
+`shared/notes/paged-decode-spike.md` measured why each choice matters.
 """
 
 from __future__ import annotations
@@ -38,9 +49,10 @@ from runtime.attention.triton_reduce import decode_reduce_kernel
 # variant for multiples of 16 and one for the rest).
 @triton.jit(do_not_specialize=["stride_bt"])
 def paged_decode_kernel(
-    out_ptr,  # [T, Hq, Dv] output (written here only when NUM_SPLITS == 1)
+    out_ptr,  # [T, Hq, Dv] output
     part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32 per-split normalised outputs
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32 per-split log2-sum-exp
+    counters_ptr,  # [>= B * NUM_KV_HEADS] int32, zero: splits of each pair finished
     query_ptr,  # [T, Hq, D], rows stride_qt apart
     cache_ptr,  # key view [num_blocks, BLOCK_SIZE, Hkv, D] (runtime.attention.kv_layout)
     block_tables_ptr,  # [num_seqs, max_blocks] int32, -1 padded
@@ -54,6 +66,7 @@ def paged_decode_kernel(
     window,
     chunk,  # attention chunk size (read only if HAS_CHUNK)
     alibi_scale,
+    min_split,  # fewest tokens per split (a multiple of BLOCK_N)
     stride_qt,
     stride_ot,
     stride_bt,
@@ -69,7 +82,9 @@ def paged_decode_kernel(
     STRIDE_HEAD: tl.constexpr,  # cache elements per KV head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # the most splits of one sequence (grid axis 2)
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
+    FUSED_MERGE: tl.constexpr,  # merge here (else the reduce kernel does)
     HAS_SEQ_IDS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
@@ -110,7 +125,11 @@ def paged_decode_kernel(
     if HAS_WINDOW or HAS_CHUNK:
         key_lo = first_visible_key(q_pos, window, chunk, HAS_WINDOW, HAS_CHUNK)
         lo = (key_lo // BLOCK_N) * BLOCK_N
+    # Splits past the last that holds keys (short sequences) have nothing to do.
     per_split = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if FUSED_MERGE:
+        per_split = tl.maximum(per_split, min_split)
+    num_active = tl.cdiv(seq_len - lo, per_split)  # 1..NUM_SPLITS
     start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -154,19 +173,111 @@ def paged_decode_kernel(
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
     out_mask = g_mask[:, None] & dv_mask[None, :]
+    o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    # Results of a split: normalised output and log2-sum-exp, (0, -inf) for one that saw
+    # no key (an empty split of the reduce kernel's path, or a padding row).
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    row = (b * (NUM_KV_HEADS * G) + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
+    part_ptrs = part_out_ptr + row[:, None] * HEAD_DIM_V + offs_dv[None, :]
     if NUM_SPLITS == 1:
-        # seq_len 0 (never built by InputMetadata) would see no key: write 0, not NaN.
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + token * stride_ot + heads[:, None] * HEAD_DIM_V + offs_dv[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # Empty splits (short sequences) store lse = -inf and weigh nothing in the reduce.
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        row = (b * (NUM_KV_HEADS * G) + heads).to(tl.int64) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=out_mask)
+    elif not FUSED_MERGE:
+        tl.store(part_ptrs, o, mask=out_mask)
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
+    elif num_active == 1:
+        if split == 0:
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif split < num_active:
+        tl.store(part_ptrs, o, mask=out_mask)
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        # Every thread's stores are done (barrier), then published at GPU scope with the
+        # count (release); the last split acquires them all.
+        tl.debug_barrier()
+        pair = b * NUM_KV_HEADS + kv_head
+        finished = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
+        if finished == num_active - 1:
+            tl.atomic_xchg(counters_ptr + pair, 0, sem="relaxed", scope="gpu")  # next launch
+            merge_splits(
+                out_ptr + token * stride_ot + kv_head * G * HEAD_DIM_V,
+                part_out_ptr,
+                part_lse_ptr,
+                (b * (NUM_KV_HEADS * G) + kv_head * G).to(tl.int64) * NUM_SPLITS,
+                num_active,
+                G,
+                HEAD_DIM_V,
+                BLOCK_DV,
+                NUM_SPLITS,
+                BLOCK_S,
+            )
+
+
+@triton.jit
+def merge_splits(
+    out_row_ptr,  # this token's output at the KV head's first query head [G, Dv]
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    first_row,  # int64 row of (this sequence, the KV head's first query head, split 0)
+    num_active,  # splits holding results
+    G: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Each query head's output: its splits' results weighted by exp2(lse). The loads
+    bypass L1 (``.cg``), which may hold another launch's results at these addresses."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s < num_active
+    dv_mask = offs_dv < HEAD_DIM_V
+    for g in tl.static_range(G):
+        row = first_row + g * NUM_SPLITS + offs_s  # [BLOCK_S]
+        lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S]
+        parts = tl.load(
+            part_out_ptr + row[:, None] * HEAD_DIM_V + offs_dv[None, :],
+            mask=s_mask[:, None] & dv_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [BLOCK_S, BLOCK_DV]
+        total = tl.sum(w, 0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(
+            out_row_ptr + g * HEAD_DIM_V + offs_dv, o.to(out_row_ptr.dtype.element_ty), mask=dv_mask
+        )
+
+
+# Per device: the split counters every decode launch shares (one stream per device runs
+# them, one launch at a time), and the buffers they outgrew, which CUDA graphs captured
+# earlier may still point at.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
+MIN_COUNTERS = 1 << 16  # (sequence, KV head) pairs: 512 sequences x 128 KV heads
+
+
+def split_counters(device: torch.device, pairs: int) -> torch.Tensor:
+    """Zeroed int32 counters for ``pairs`` (sequence, KV head) pairs. Each decode launch
+    leaves them zero again (the merging split resets its pair's), so one buffer serves
+    every launch on the device. It is allocated eagerly: a CUDA graph capture can record
+    a fill but not run it, so one that needs a larger buffer than exists stops with an
+    error (the engine decodes eagerly at its largest batch before it captures)."""
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= pairs:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"paged decode: a CUDA graph capture needs split counters for {pairs} "
+            "(sequence, KV head) pairs, more than any eager call allocated; run one "
+            "eager decode of this batch size before capturing"
+        )
+    if buf is not None:
+        _OUTGROWN.append(buf)
+    buf = torch.zeros(max(pairs, MIN_COUNTERS), dtype=torch.int32, device=device)
+    _COUNTERS[device] = buf
+    return buf
 
 
 def paged_decode(
@@ -220,6 +331,10 @@ def paged_decode(
     assert num_splits >= 1
     block_dv = triton.next_power_of_2(v_head_dim)
     part_out = part_lse = out  # unused placeholders when the kernel writes out directly
+    fused_merge = num_splits <= config.max_fused_splits
+    counters = seq_lens  # unused placeholder unless the kernel merges splits itself
+    if num_splits > 1 and fused_merge:
+        counters = split_counters(query.device, num_decode * num_kv_heads)
     if num_splits > 1:
         part_out = torch.empty(
             (num_decode, num_heads, num_splits, v_head_dim),
@@ -234,6 +349,7 @@ def paged_decode(
         out_ptr=out,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
+        counters_ptr=counters,
         query_ptr=query,
         cache_ptr=key_cache,
         block_tables_ptr=block_tables,
@@ -247,6 +363,7 @@ def paged_decode(
         window=sliding_window or 0,
         chunk=attention_chunk_size or 0,
         alibi_scale=float(alibi_scale),
+        min_split=triton.cdiv(config.min_split_tokens, config.block_n) * config.block_n,
         stride_qt=query.stride(0),
         stride_ot=out.stride(0),
         stride_bt=block_tables.stride(0),
@@ -263,6 +380,8 @@ def paged_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        FUSED_MERGE=fused_merge,
         HAS_SEQ_IDS=seq_ids is not None,
         HAS_WINDOW=sliding_window is not None,
         HAS_CHUNK=attention_chunk_size is not None,
@@ -273,7 +392,7 @@ def paged_decode(
         num_warps=config.num_warps,
         num_stages=decode_stages(num_decode * num_kv_heads * num_splits, query.device, config),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         decode_reduce_kernel[(num_decode, num_heads)](
             out_ptr=out,
             part_out_ptr=part_out,
