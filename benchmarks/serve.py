@@ -114,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     # What benchmarks/throughput.py's run_system and model_config need (the full shape, tp=1).
     args.tp, args.hf_batch_size, args.hf_generate_batches = 1, 64, 0
     args.num_layers = None
+    # Offline runs with the server's token budget, so that the two differ only by HTTP.
+    from runtime.engine.config import default_token_budget
+
+    args.max_num_batched_tokens = default_token_budget(torch.device(args.device).type, serving=True)
     return args
 
 
@@ -124,6 +128,7 @@ def serve_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
     cmd += ["--device", args.device, "--dtype", args.dtype, "--log-level", "warning"]
     cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     cmd += ["--max-waiting-requests", str(max(1024, 2 * args.num_requests))]
+    cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if not args.device.startswith("cuda"):  # hf2paged.bench.run_ours' CPU budget
         cmd += ["--kv-cache-memory-mib", str(CPU_KV_CACHE_BYTES >> 20)]
     return cmd

@@ -102,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="ours' token budget per step (default: the engine's, 16384 on a GPU)",
+    )  # fmt: skip
+    p.add_argument(
         "--system-timeout", type=float, default=1800, help="seconds per system before it is stopped"
     )
     p.add_argument(
@@ -210,6 +214,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_ours(
             model_config(args), workload, device=args.device, dtype=dtype, tp=args.tp,
             model_dir=args.model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=args.max_num_batched_tokens,
         )  # fmt: skip
     else:
         from benchmarks.hf_baselines import load_hf_model, run_hf_continuous, run_hf_static
@@ -259,6 +264,8 @@ def run_system(
         str(args.hf_generate_batches),
     ]
     cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if getattr(args, "max_num_batched_tokens", None) is not None:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

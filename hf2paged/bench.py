@@ -276,7 +276,9 @@ def _startup_note(llm, seconds: float) -> str:
         if not compiled:
             parts.append("model not compiled")
     detail = f" ({', '.join(parts)})" if parts else ""
-    return f"engine start-up {seconds:.1f} s{detail}"
+    budget = getattr(getattr(llm, "config", None), "max_num_batched_tokens", None)
+    budget = f"; token budget {budget} per step" if budget else ""
+    return f"engine start-up {seconds:.1f} s{detail}{budget}"
 
 
 def _triton_cache_entries() -> int:

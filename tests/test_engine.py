@@ -188,3 +188,16 @@ def test_interrupted_generate_leaves_nothing_behind(models) -> None:
     runner.execute = real
     assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].finished
     assert_no_leak(llm)
+
+
+def test_token_budget_defaults_offline_serving_and_cpu(models) -> None:
+    from runtime.engine.config import default_token_budget
+
+    assert default_token_budget("cuda") == 16384
+    assert default_token_budget("cuda", serving=True) == 8192
+    assert default_token_budget("cpu") == default_token_budget("cpu", serving=True) == 2048
+    llm = LLM(models(ARCHS[0])[0], kv_cache_memory_bytes=1 << 20)
+    try:
+        assert llm.config.max_num_batched_tokens == 2048  # this machine's CPU default
+    finally:
+        llm.close()

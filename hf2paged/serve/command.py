@@ -74,6 +74,13 @@ def serve(
         typer.Option(help="KV-cache size in MiB (default: from --gpu-memory-utilization on GPU)."),
     ] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Most requests in the running batch.")] = 256,
+    max_num_batched_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Most tokens one engine step runs, prompt chunks and decodes (default: 8192 "
+            "on a GPU, 2048 on the CPU; larger: more throughput, longer stalls for streams)."
+        ),
+    ] = None,
     max_waiting_requests: Annotated[
         int,
         typer.Option(help="Requests that may wait for the batch; beyond, 503 with Retry-After."),
@@ -112,7 +119,7 @@ def serve(
         check_remote_code(model, trust_remote_code)
         dtype_ = torch_dtype(dtype)
         check_device(device)
-        _check_options(tp, port, max_waiting_requests, log_level)
+        _check_options(tp, port, max_waiting_requests, log_level, max_num_batched_tokens)
     except ValueError as err:
         raise _fail(str(err), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -120,6 +127,7 @@ def serve(
     from hf2paged.serve.app import ServerConfig, build_app
     from runtime.engine import LLM
     from runtime.engine.async_llm import AsyncLLM
+    from runtime.engine.config import default_token_budget, resolve_device
     from runtime.engine.engine_process import EngineProcess
 
     gguf = gguf_of(model)
@@ -140,6 +148,8 @@ def serve(
             model_class=source.model_class, expert_parallel=expert_parallel,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
+            max_num_batched_tokens=max_num_batched_tokens
+            or default_token_budget(resolve_device(device).type, serving=True),
             enforce_eager=enforce_eager, max_model_len=max_model_len,
             kv_cache_memory_bytes=None if kv_cache_memory_mib is None else kv_cache_memory_mib << 20,
         )  # fmt: skip
@@ -159,13 +169,17 @@ def serve(
         engine.shutdown()
 
 
-def _check_options(tp: int, port: int, max_waiting: int, log_level: str) -> None:
+def _check_options(
+    tp: int, port: int, max_waiting: int, log_level: str, token_budget: int | None = None
+) -> None:
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     if not 0 <= port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {port}")
     if max_waiting < 1:
         raise ValueError(f"--max-waiting-requests must be >= 1, got {max_waiting}")
+    if token_budget is not None and token_budget < 1:
+        raise ValueError(f"--max-num-batched-tokens must be >= 1, got {token_budget}")
     if log_level not in LOG_LEVELS:
         raise ValueError(f"--log-level {log_level!r}; expected one of {', '.join(LOG_LEVELS)}")
 

@@ -28,6 +28,27 @@ def model_context_length(config) -> int | None:
     return None
 
 
+# The scheduler's token budget per step (max_num_batched_tokens) when none is given. On
+# a GPU a larger budget makes fewer, longer mixed prefill/decode steps: more throughput
+# offline, but every streaming client waits out each long step, so a server keeps it
+# smaller (vLLM chooses the same way: 16384 for its offline LLM class, 8192 for its
+# OpenAI server). One H200, throughput.py's workload, one engine
+# (benchmarks/results/engine-knobs-nvidia-h200*.md): Qwen3-0.6B shape 15,440 output tok/s
+# at 16384 vs 15,268 / 15,388 at 8192; Llama-3-8B shape 9,878 / 9,872 vs 9,807 / 9,861,
+# with its longest step 2x as long (a 16384-token step ~390 ms vs ~195 ms). On the CPU
+# a step's cost grows with its tokens and nothing is gained.
+TOKEN_BUDGET_OFFLINE = 16384
+TOKEN_BUDGET_SERVING = 8192
+TOKEN_BUDGET_CPU = 2048
+
+
+def default_token_budget(device_type: str, serving: bool = False) -> int:
+    """`max_num_batched_tokens` when none is given (see TOKEN_BUDGET_OFFLINE)."""
+    if device_type != "cuda":
+        return TOKEN_BUDGET_CPU
+    return TOKEN_BUDGET_SERVING if serving else TOKEN_BUDGET_OFFLINE
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.engine.block_manager import BlockManager
-from runtime.engine.config import EngineConfig, model_context_length, resolve_device, resolve_dtype
+from runtime.engine.config import (
+    EngineConfig,
+    default_token_budget,
+    model_context_length,
+    resolve_device,
+    resolve_dtype,
+)
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.loading import (
     CheckedRequest,
@@ -67,6 +73,10 @@ class LLM:
     costs one extra step of compute, dropped. Steps that sample with penalties (which
     read every token so far) run synchronously.
 
+    `max_num_batched_tokens`: the most tokens one step runs (prompt chunks and decodes);
+    default 16384 on a GPU (throughput; a server passes 8192, see
+    `runtime.engine.config.TOKEN_BUDGET_OFFLINE`), 2048 on the CPU.
+
     `expert_parallel`: with ``tensor_parallel_size > 1``, mixture-of-experts layers hold
     whole experts per rank (experts split evenly) instead of a slice of every expert;
     attention and dense layers stay tensor parallel.
@@ -114,7 +124,7 @@ class LLM:
                 )
             context = max_model_len
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = 8192 if device.type == "cuda" else 2048
+            max_num_batched_tokens = default_token_budget(device.type)
         self.config = EngineConfig(
             model=model_dir,
             tensor_parallel_size=tensor_parallel_size,

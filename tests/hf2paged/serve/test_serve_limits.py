@@ -89,6 +89,7 @@ def test_overload_gets_503_and_a_waiting_client_can_leave(limited) -> None:
         (["{model}", "--port", "70000"], "--port"),
         (["{model}", "--device", "gpu"], "--device"),
         (["{model}", "--max-model-len", "100000"], "max_model_len must be in [2, 128]"),
+        (["{model}", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
     ],
 )
 def test_command_errors_are_one_line(tiny_model, args, message) -> None:
