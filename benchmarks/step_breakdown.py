@@ -324,14 +324,41 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def kernel_category(kernel: str) -> str | None:
+    """The share a kernel's name alone tells: library GEMMs, the attention kernels, and
+    torch.compile's fused kernels (named after the ops they fuse), which run inside a
+    compiled block, where no module range marks what they do, or replay in a CUDA graph."""
+    if re.search(r"nvjet|gemm|cutlass|splitKreduce|xmma", kernel, re.IGNORECASE):
+        return "GEMM (projections, LM head)"
+    if "reshape_and_cache" in kernel:
+        return "attention: KV-cache write"
+    if re.search(r"paged_(decode|prefill)|decode_reduce|flash|cudnn|fmha", kernel):
+        return "attention: kernels"
+    if not kernel.startswith("triton_"):
+        return None
+    if "rsqrt" in kernel:
+        return "norms (RMSNorm / LayerNorm)"
+    if re.search(r"silu|gelu|sigmoid", kernel):
+        return "activation (SiLU-and-mul)"
+    if re.search(r"cat_mul_neg|neg_cat|rotary|cos|sin", kernel):
+        return "rotary + q/k/v reshapes (attention module's own ops)"
+    if "add" in kernel:
+        return "residual adds"
+    return None
+
+
 def category_of(scopes: list[str], kernel: str) -> str:
-    """The share a GPU kernel belongs to, from the module / host-phase ranges it was
-    launched in (innermost first) and its name. Class-name patterns, so every generated
-    architecture maps the same way."""
+    """The share a GPU kernel belongs to, from its name where that says (see
+    `kernel_category`), else from the module / host-phase ranges it was launched in
+    (innermost first). Class-name patterns, so every generated architecture maps the same
+    way."""
     mods = [s[5:] for s in scopes if s.startswith("mod::")]
     host = [s[6:] for s in scopes if s.startswith("host::")]
     if "sample" in host:
         return "sampling"
+    by_name = kernel_category(kernel)
+    if by_name is not None:
+        return by_name
     if not mods:
         if host and host[0] in ("upload", "input metadata", "graph inputs + replay"):
             return "input upload / copies"
@@ -340,10 +367,6 @@ def category_of(scopes: list[str], kernel: str) -> str:
         return "other (outside the model)"
     inner = mods[0]
     if "PagedAttention" in mods:
-        if "reshape_and_cache" in kernel:
-            return "attention: KV-cache write"
-        if re.search(r"paged_(decode|prefill)|decode_reduce", kernel):
-            return "attention: kernels"
         return "attention: layout copies, index uploads"
     if re.search(r"Linear|LMHead", inner):
         return "GEMM (projections, LM head)"

@@ -55,8 +55,10 @@ def test_kernels_take_the_category_of_their_innermost_module():
     assert kernels["paged_decode_kernel160"] == "attention: kernels"
     assert kernels["vectorized_elementwise_kernel320"] == "residual adds"
     assert kernels["argmax_kernel720"] == "sampling"
-    # Graph kernels: launched from the replay phase; the eager reference names them.
-    assert kernels["nvjet_gemm620"] == "input upload / copies"
+    # Graph kernels: launched from the replay phase; a GEMM is one by its name, the
+    # others take the eager reference's categories.
+    assert kernels["nvjet_gemm620"] == "GEMM (projections, LM head)"
+    assert kernels["vectorized_elementwise_kernel640"] == "input upload / copies"
 
 
 def test_graph_kernels_relabelled_in_order_and_busy_time_is_a_union(tmp_path):
@@ -100,3 +102,22 @@ def test_phases_are_exclusive():
     phases.pop()
     assert set(phases.step) == {"outer", "inner"}
     assert all(v >= 0 for v in phases.step.values())
+
+
+def test_compiled_and_replayed_kernels_are_named_by_what_they_fuse():
+    # Inside a compiled block no module range marks a kernel: its name says what it is.
+    layer = ["mod::LlamaDecoderLayer"]
+    names = {
+        "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_3": "norms",
+        "triton_poi_fused__unsafe_view_mul_silu_split_4": "activation",
+        "triton_poi_fused__unsafe_view_add_cat_mul_neg_paged_attention_select_slice": "rotary +",
+        "triton_poi_fused__unsafe_view_add_5": "residual adds",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float>": "GEMM",
+        "paged_prefill_kernel": "attention: kernels",
+    }
+    for name, category in names.items():
+        assert category_of(layer, name).startswith(category), name
+        assert category_of(["host::graph inputs + replay"], name).startswith(category), name
+    # a kernel whose name says nothing keeps its module's share
+    assert category_of(layer, "vectorized_elementwise_kernel") == "residual adds"
