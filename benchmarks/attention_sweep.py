@@ -332,7 +332,7 @@ def report(
         + str(shapes(None, smoke, "mixed"))
         + ", decode-only "
         + str(shapes(None, smoke, "decode"))
-        + " (split-KV with the reduce kernel).",
+        + " (split-KV: up to 2 splits merged in the decode kernel, more by the reduce kernel).",
         "",
         "| head dim | dtype | block | G | batch | extras | launch config | rel err | max abs | result |",
         "|---|---|---|---|---|---|---|---|---|---|",
