@@ -225,7 +225,7 @@ def worker(args) -> dict:
     device = "cpu" if host_only else args.device
     config = preset_config(args.model)
     workload = make_workload(args.num_requests, 100, 1024, 0, config.vocab_size)
-    kw = dict(max_num_batched_tokens=8192)
+    kw = dict(max_num_batched_tokens=args.max_num_batched_tokens)
     if host_only or device == "cpu":
         kw["kv_cache_memory_bytes"] = 1 << 30
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -645,7 +645,7 @@ def write_report(out: Path, args, results: dict, device_name: str, elapsed: floa
         f"benchmarks/step_breakdown.py {' '.join(sys.argv[1:])}` ({elapsed:.0f} s). Workload: "
         f"`benchmarks/throughput.py`'s ({args.num_requests} requests, lengths 100..1024, "
         f"greedy, ids only: no detokenization), first {args.steps} steps; "
-        "max_num_batched_tokens 8192.",
+        f"max_num_batched_tokens {args.max_num_batched_tokens}.",
         "",
         "## Host phases",
         "",
@@ -701,6 +701,10 @@ def main(argv=None) -> None:
         "(the instrumentation's own cost: compare its whole-run time with throughput.py's)",
     )  # fmt: skip
     p.add_argument(
+        "--max-num-batched-tokens", type=int, default=8192,
+        help="the engine's token budget per step (8192: the maps so far)",
+    )  # fmt: skip
+    p.add_argument(
         "--sync", action="store_true",
         help="the synchronous engine loop (async_scheduling=False), as before async scheduling",
     )  # fmt: skip
@@ -740,6 +744,7 @@ def main(argv=None) -> None:
                 cmd.append("--light")
             if args.sync:
                 cmd.append("--sync")
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
             if args.trace_out:
                 cmd += ["--trace-out", str(args.trace_out)]
             print(f"== {mode}", flush=True)
