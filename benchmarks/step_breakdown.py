@@ -324,34 +324,56 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+GEMM = "GEMM (projections, LM head)"
+NORMS = "norms (RMSNorm / LayerNorm)"
+ACTIVATION = "activation (SiLU-and-mul)"
+ATTENTION_OWN_OPS = "rotary + q/k/v reshapes (attention module's own ops)"
+RESIDUAL = "residual adds"
+GLUE = "other model glue (gather of logits rows, casts)"
+
+# (pattern, share), first match wins. By kernel name: library GEMMs and the attention
+# kernels anywhere; torch.compile's fused kernels (``triton_*``), named after the ops they
+# fuse. By the innermost module's class name: the same for every generated architecture.
+LIBRARY_KERNELS = [
+    (r"(?i)nvjet|gemm|cutlass|splitKreduce|xmma", GEMM),
+    (r"reshape_and_cache", "attention: KV-cache write"),
+    (r"paged_(decode|prefill)|decode_reduce|flash|cudnn|fmha", "attention: kernels"),
+]
+FUSED_KERNELS = [
+    (r"rsqrt", NORMS),
+    (r"silu|gelu|sigmoid", ACTIVATION),
+    (r"cat_mul_neg|neg_cat|rotary|cos|sin", ATTENTION_OWN_OPS),
+    (r"add", RESIDUAL),
+]
+MODULES = [
+    (r"Linear|LMHead", GEMM),
+    (r"Norm", NORMS),
+    (r"Rotary", "rotary (cos/sin tables)"),
+    (r"Attention", ATTENTION_OWN_OPS),
+    (r"MLP|FeedForward|FFN", ACTIVATION),
+    (r"Embedding", "embedding"),
+    (r"DecoderLayer|Block|Layer$", RESIDUAL),
+]
+
+
+def _first_match(table: list[tuple[str, str]], text: str) -> str | None:
+    return next((share for pattern, share in table if re.search(pattern, text)), None)
+
+
 def kernel_category(kernel: str) -> str | None:
     """The share a kernel's name alone tells: library GEMMs, the attention kernels, and
     torch.compile's fused kernels (named after the ops they fuse), which run inside a
     compiled block, where no module range marks what they do, or replay in a CUDA graph."""
-    if re.search(r"nvjet|gemm|cutlass|splitKreduce|xmma", kernel, re.IGNORECASE):
-        return "GEMM (projections, LM head)"
-    if "reshape_and_cache" in kernel:
-        return "attention: KV-cache write"
-    if re.search(r"paged_(decode|prefill)|decode_reduce|flash|cudnn|fmha", kernel):
-        return "attention: kernels"
-    if not kernel.startswith("triton_"):
-        return None
-    if "rsqrt" in kernel:
-        return "norms (RMSNorm / LayerNorm)"
-    if re.search(r"silu|gelu|sigmoid", kernel):
-        return "activation (SiLU-and-mul)"
-    if re.search(r"cat_mul_neg|neg_cat|rotary|cos|sin", kernel):
-        return "rotary + q/k/v reshapes (attention module's own ops)"
-    if "add" in kernel:
-        return "residual adds"
-    return None
+    share = _first_match(LIBRARY_KERNELS, kernel)
+    if share is None and kernel.startswith("triton_"):
+        share = _first_match(FUSED_KERNELS, kernel)
+    return share
 
 
 def category_of(scopes: list[str], kernel: str) -> str:
     """The share a GPU kernel belongs to, from its name where that says (see
     `kernel_category`), else from the module / host-phase ranges it was launched in
-    (innermost first). Class-name patterns, so every generated architecture maps the same
-    way."""
+    (innermost first)."""
     mods = [s[5:] for s in scopes if s.startswith("mod::")]
     host = [s[6:] for s in scopes if s.startswith("host::")]
     if "sample" in host:
@@ -363,26 +385,11 @@ def category_of(scopes: list[str], kernel: str) -> str:
         if host and host[0] in ("upload", "input metadata", "graph inputs + replay"):
             return "input upload / copies"
         if host and host[0] == "logits launch":
-            return "other model glue (gather of logits rows, casts)"
+            return GLUE
         return "other (outside the model)"
-    inner = mods[0]
     if "PagedAttention" in mods:
         return "attention: layout copies, index uploads"
-    if re.search(r"Linear|LMHead", inner):
-        return "GEMM (projections, LM head)"
-    if re.search(r"Norm", inner):
-        return "norms (RMSNorm / LayerNorm)"
-    if re.search(r"Rotary", inner):
-        return "rotary (cos/sin tables)"
-    if re.search(r"Attention", inner):
-        return "rotary + q/k/v reshapes (attention module's own ops)"
-    if re.search(r"MLP|FeedForward|FFN", inner):
-        return "activation (SiLU-and-mul)"
-    if re.search(r"Embedding", inner):
-        return "embedding"
-    if re.search(r"DecoderLayer|Block|Layer$", inner):
-        return "residual adds"
-    return "other model glue (gather of logits rows, casts)"
+    return _first_match(MODULES, mods[0]) or GLUE
 
 
 def _innermost(ranges_by_tid, tid, ts) -> list[str]:
