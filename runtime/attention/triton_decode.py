@@ -41,7 +41,7 @@ from runtime.attention.triton_config import (
     decode_stages,
     kernel_target,
 )
-from runtime.attention.triton_reduce import decode_reduce_kernel
+from runtime.attention.triton_reduce import decode_reduce_kernel, merge_head_splits
 
 
 # The block-table row stride is the widest table of the step, which changes every few
@@ -199,55 +199,19 @@ def paged_decode_kernel(
         finished = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
         if finished == num_active - 1:
             tl.atomic_xchg(counters_ptr + pair, 0, sem="relaxed", scope="gpu")  # next launch
-            merge_splits(
-                out_ptr + token * stride_ot + kv_head * G * HEAD_DIM_V,
-                part_out_ptr,
-                part_lse_ptr,
-                (b * (NUM_KV_HEADS * G) + kv_head * G).to(tl.int64) * NUM_SPLITS,
-                num_active,
-                G,
-                HEAD_DIM_V,
-                BLOCK_DV,
-                NUM_SPLITS,
-                BLOCK_S,
-            )
-
-
-@triton.jit
-def merge_splits(
-    out_row_ptr,  # this token's output at the KV head's first query head [G, Dv]
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, Dv] fp32
-    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
-    first_row,  # int64 row of (this sequence, the KV head's first query head, split 0)
-    num_active,  # splits holding results
-    G: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Each query head's output: its splits' results weighted by exp2(lse). The loads
-    bypass L1 (``.cg``), which may hold another launch's results at these addresses."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    s_mask = offs_s < num_active
-    dv_mask = offs_dv < HEAD_DIM_V
-    for g in tl.static_range(G):
-        row = first_row + g * NUM_SPLITS + offs_s  # [BLOCK_S]
-        lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        m = tl.max(lse, 0)
-        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S]
-        parts = tl.load(
-            part_out_ptr + row[:, None] * HEAD_DIM_V + offs_dv[None, :],
-            mask=s_mask[:, None] & dv_mask[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )  # [BLOCK_S, BLOCK_DV]
-        total = tl.sum(w, 0)
-        o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(
-            out_row_ptr + g * HEAD_DIM_V + offs_dv, o.to(out_row_ptr.dtype.element_ty), mask=dv_mask
-        )
+            first_row = (b * (NUM_KV_HEADS * G) + kv_head * G).to(tl.int64) * NUM_SPLITS
+            out_row = out_ptr + token * stride_ot + kv_head * G * HEAD_DIM_V
+            for g in tl.static_range(G):
+                # past L1, which may hold another launch's results at these addresses
+                o_g = merge_head_splits(
+                    part_out_ptr, part_lse_ptr, first_row + g * NUM_SPLITS, num_active,
+                    HEAD_DIM_V, BLOCK_DV, BLOCK_S, ".cg",
+                )  # fmt: skip
+                tl.store(
+                    out_row + g * HEAD_DIM_V + offs_dv,
+                    o_g.to(out_ptr.dtype.element_ty),
+                    mask=dv_mask,
+                )
 
 
 # Per device: the split counters every decode launch shares (one stream per device runs
