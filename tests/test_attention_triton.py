@@ -107,7 +107,9 @@ def test_a_miscounted_merge_gives_wrong_results():
     counters[0] = 1
     try:
         out = run_triton(batch, num_splits=4, decode_config=config)
-        assert (out.float().cpu() - expected.float().cpu()).abs().max() > 1e-3
+        # the early merge reads results not yet written: wrong values, or NaN from the
+        # uninitialised buffer (a NaN difference is never > 1e-3, so compare as a whole)
+        assert not torch.allclose(out.float().cpu(), expected.float().cpu(), atol=1e-3, rtol=0)
     finally:
         counters.zero_()
 
